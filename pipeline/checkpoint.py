@@ -1,0 +1,167 @@
+"""The one checkpoint writer and reader.
+
+Layout: DeepSpeed's own (``<dir>/<tag>/...``, ``<dir>/latest``) plus, per tag,
+``rank_<r>.pt`` (RNG states and data-stream position of each rank), ``meta.json`` (step,
+samples seen, world size) and ``config.yaml``, then ``COMPLETE`` written last. Nothing here
+reads a checkpoint without its marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    m = _TAG.match(tag)
+    if not m:
+        raise ValueError(f"not a checkpoint tag: {tag!r}")
+    return int(m.group(1))
+
+
+def complete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Tags of the complete checkpoints in ``ckpt_dir``, oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
+    return sorted(tags, key=step_of)
+
+
+def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def is_universal(tag_dir: str | os.PathLike) -> bool:
+    """A checkpoint converted by ``to_universal`` (loads on any world size)."""
+    return (Path(tag_dir) / "zero").is_dir()
+
+
+def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
+    """Convert a complete checkpoint to DeepSpeed's universal format for another world size.
+
+    Runs DeepSpeed's own ``ds_to_universal`` and carries our metadata and marker along;
+    resume from the returned tag dir with ``train.resume_from=<it>``.
+    """
+    import subprocess
+    import sys
+
+    src = Path(ckpt_dir) / tag
+    if not (src / MARKER).is_file():
+        raise FileNotFoundError(f"{src} is not a complete checkpoint (no {MARKER} marker)")
+    dst = Path(out_dir) / tag
+    subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src), "--output_folder", str(dst),
+         "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        check=True,
+    )
+    for name in ("meta.json", "config.yaml"):
+        shutil.copy2(src / name, dst / name)
+    _write_atomic(dst / MARKER, "")
+    return str(dst)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0) -> str:
+    """Save a checkpoint from every rank (all ranks must call this) and mark it complete."""
+    tag = tag_for(step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # universal_checkpoint_info lets ds_to_universal convert this for another world size.
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"universal_checkpoint_info": {}, "meta": meta})
+    tag_dir = Path(ckpt_dir) / tag
+    torch.save({**rank_state, "rng": rng_state()}, tag_dir / f"rank_{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        (tag_dir / "config.yaml").write_text(config_yaml)
+        _write_atomic(tag_dir / "meta.json", json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+        _write_atomic(tag_dir / MARKER, "")
+        if keep > 0:
+            for old in complete_tags(ckpt_dir)[:-keep]:
+                shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
+    """Load engine state (model, optimizer, scheduler) and this rank's own state.
+
+    Returns ``(meta, rank_state)``; ``rank_state`` is None when the rank file is absent
+    (resuming on another world size), and RNG states are then left alone.
+    """
+    tag_dir = Path(ckpt_dir) / tag
+    if not (tag_dir / MARKER).is_file():
+        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {MARKER} marker)")
+    path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    meta = json.loads((tag_dir / "meta.json").read_text()) if (tag_dir / "meta.json").is_file() else {}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank_file = tag_dir / f"rank_{rank}.pt"
+    rank_state = None
+    if rank_file.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+        rank_state = torch.load(rank_file, weights_only=False)
+        set_rng_state(rank_state.pop("rng"))
+    return meta, rank_state
+
+
+def load_fp32_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of a checkpoint, on CPU, through DeepSpeed's own utility.
+
+    Works for every ZeRO stage (for stage 0 the module's own weights are read).
+    """
+    tag_dir = Path(ckpt_dir) / tag
+    if not (tag_dir / MARKER).is_file():
+        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {MARKER} marker)")
+    if any(tag_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def export_safetensors(ckpt_dir: str, tag: str, out_path: str) -> str:
+    """Write a checkpoint's consolidated fp32 weights (timm names) as safetensors."""
+    from safetensors.torch import save_file
+
+    save_file(load_fp32_weights(ckpt_dir, tag), out_path, metadata={"format": "pt", "tag": tag})
+    return out_path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,278 @@
+"""The one typed configuration of a pre-training run, its loading and its validation.
+
+An experiment is an OmegaConf YAML file. Its optional ``include:`` list names other YAML
+files (relative to the including file, then to ``configs/``) that are merged first, in
+order; the experiment's own keys come next, then ``key=value`` overrides from the command
+line. Everything is merged onto the structured :class:`Config`, so an unknown key or a
+value of the wrong type fails at once, naming the key, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_prep.config import PrepConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_b16"
+    num_classes: int = 0  # 0: take it from the training index
+    img_size: Optional[int] = None  # None: the variant's own
+    patch_size: Optional[int] = None
+    pool: str = "token"  # token | gap
+    representation_size: Optional[int] = None  # the paper's pre-logits layer
+    dropout: float = 0.0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = "???"  # URL of a {split}_index.json written by data_prep
+    micro_batch_size: int = 64  # per rank and step
+    num_workers: int = 2  # dataloader processes per rank
+    shuffle_block: int = 4096  # encoded samples shuffled together (resumable block shuffle)
+    crop_min_area: float = 0.05  # inception crop
+    crop_max_area: float = 1.0
+    flip: bool = True
+    prefetch_factor: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.03  # decoupled; weight matrices only
+    grad_clip: float = 1.0  # global norm; 0 disables
+    warmup_steps: int = 10_000
+    schedule: str = "linear"  # linear | cosine
+    end_lr: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 4096
+    steps: int = 0  # total optimizer steps; 0: derive from epochs
+    epochs: float = 0.0
+    loss: str = "sigmoid"  # sigmoid (multi-hot, as the paper) | softmax
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    checkpoint_at_start: bool = True  # step 0: the random-init baseline for every eval
+    keep_checkpoints: int = 0  # 0 keeps all
+    peak_tflops: float = 0.0  # per device, for MFU; 0: look it up for known GPUs
+    log_sample_keys: bool = False  # write each step's sample keys (resume checks)
+    stop_at_step: int = 0  # checkpoint and stop here (time-boxed allocations); 0: run to the end
+    resume_from: Optional[str] = None  # a checkpoint tag dir to start from; None: latest in output_dir
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    fp16_initial_scale_power: int = 16
+    fp16_loss_scale_window: int = 1000
+    fp16_hysteresis: int = 2
+    fp16_min_loss_scale: float = 1.0
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 50_000_000
+    extra: dict[str, Any] = field(default_factory=dict)  # merged raw into the DS JSON
+
+
+@dataclass
+class FewShotConfig:
+    name: str = "digits"
+    train: str = "???"  # index URL of the pool k-shot sets are drawn from
+    test: str = "???"  # index URL of the held-out split
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    seeds: int = 3
+    l2: float = 1024.0
+    batch_size: int = 256
+    crop_ratio: float = 0.875  # resize to res/ratio, centre crop res (256 -> 224)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    fewshot: list[FewShotConfig] = field(default_factory=list)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    poll_seconds: float = 2.0
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite under output_dir
+    experiment: str = "vit-pretrain"
+    run_name: Optional[str] = None
+    run_id: Optional[str] = None  # set by the driver; resumes that run
+    system_metrics: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: $RAY_ADDRESS, else a local instance
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    storage_path: Optional[str] = None  # None: <output_dir>/ray
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class DemoConfig:
+    """Make the demo corpora on the spot (procedural glyphs, scikit-learn's digits)."""
+
+    enabled: bool = False
+    classes: int = 100
+    per_class: int = 128
+    image_size: int = 32
+    multi_label_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "vit"
+    output_dir: str = "runs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    prep: list[PrepConfig] = field(default_factory=list)  # data_prep jobs run before training
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its ``include:`` list merged underneath it."""
+    if path in seen:
+        raise ConfigError(f"include cycle through {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    node = OmegaConf.load(path)
+    includes = node.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    parts = []
+    for inc in includes:
+        candidates = [path.parent / inc, CONFIGS_DIR / inc]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(f"{path}: include {inc!r} not found (looked in {path.parent} and {CONFIGS_DIR})")
+        parts.append(_read_yaml(found.resolve(), seen + (path,)))
+    return OmegaConf.merge(*parts, node) if parts else node
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Compose, override and validate a config; raises :class:`ConfigError` naming the key."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [_read_yaml(Path(path).resolve())] if path else []
+        dotlist = [o for o in (overrides or []) if not o.startswith("--")]
+        for item in dotlist:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        cfg = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(dotlist))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        raise ConfigError(f"invalid config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that types alone cannot express; each failure names its key."""
+    from pipeline.model import VARIANTS
+
+    _require(cfg.model.name in VARIANTS, "model.name", f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(VARIANTS))}")
+    _require(cfg.model.pool in ("token", "gap"), "model.pool", f"must be token or gap, got {cfg.model.pool!r}")
+    _require(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
+    _require(cfg.train.loss in ("sigmoid", "softmax"), "train.loss", f"must be sigmoid or softmax, got {cfg.train.loss!r}")
+    _require(cfg.train.precision in ("bf16", "fp16", "fp32"), "train.precision", f"must be bf16, fp16 or fp32, got {cfg.train.precision!r}")
+    _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    _require(not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs zero_stage 3")
+    _require(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "optimizer offload needs zero_stage >= 1")
+    _require(cfg.optim.schedule in ("linear", "cosine"), "optim.schedule", f"must be linear or cosine, got {cfg.optim.schedule!r}")
+    _require(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
+    _require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", f"must be two values in [0, 1), got {list(cfg.optim.betas)}")
+    _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(cfg.train.steps > 0 or cfg.train.epochs > 0, "train.steps", "set train.steps or train.epochs")
+    _require(cfg.train.log_every > 0, "train.log_every", "must be positive")
+    _require(cfg.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    _require(0 < cfg.data.crop_min_area <= cfg.data.crop_max_area <= 1, "data.crop_min_area", "need 0 < crop_min_area <= crop_max_area <= 1")
+    _require(cfg.data.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
+    _require(cfg.ray.backend in ("auto", "nccl", "gloo"), "ray.backend", f"must be auto, nccl or gloo, got {cfg.ray.backend!r}")
+    batch_split(cfg, cfg.ray.num_workers)
+    for i, fs in enumerate(cfg.eval.fewshot):
+        _require(all(k > 0 for k in fs.shots), f"eval.fewshot.{i}.shots", "shot counts must be positive")
+        _require(fs.seeds > 0, f"eval.fewshot.{i}.seeds", "must be positive")
+
+
+def batch_split(cfg: DictConfig, world_size: int) -> int:
+    """Gradient-accumulation steps so that micro x accumulation x world = global batch."""
+    micro, glob = cfg.data.micro_batch_size, cfg.train.global_batch_size
+    per_step = micro * world_size
+    _require(
+        glob > 0 and glob % per_step == 0,
+        "train.global_batch_size",
+        f"{glob} is not a multiple of data.micro_batch_size x world size = {micro} x {world_size} = {per_step}",
+    )
+    return glob // per_step
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_flat_dict(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted keys -> scalar values (lists joined), for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, DictConfig):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, ListConfig):
+            if all(not isinstance(v, (DictConfig, ListConfig)) for v in node):
+                out[prefix[:-1]] = list(node)
+            else:
+                for i, v in enumerate(node):
+                    walk(v, f"{prefix}{i}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(cfg, "")
+    return out
+
+
+def from_container(data: dict) -> DictConfig:
+    """Rebuild a typed config from a plain dict (as shipped to Ray workers)."""
+    return OmegaConf.merge(OmegaConf.structured(Config), data)

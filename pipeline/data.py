@@ -1,0 +1,368 @@
+"""Streaming input pipeline over webdataset shards, driven by the shard index.
+
+Every rank runs ``num_workers`` dataloader processes; each (rank, worker) pair is one
+*reader*. A reader's stream is endless and deterministic in (seed, pass):
+
+* per pass the shard list is permuted by seed and dealt round-robin to the readers. When
+  there are fewer shards than readers, each shard is split into strided sub-shards first,
+  so no reader is ever empty;
+* the reader's samples are read as encoded bytes in blocks of ``shuffle_block``, each block
+  permuted by seed, and only then decoded (the shuffle holds bytes, not pixels);
+* every batch carries the reader's position (pass, samples consumed), so a checkpoint can
+  record where each reader stands and a resumed run continues with exactly the samples
+  the uninterrupted run would have seen next.
+
+Because streams never run dry and the trainer counts steps, every rank yields the same
+number of batches and no rank can hang at an epoch end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import posixpath
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The index JSON that data_prep writes (wids ``shardlist`` plus classes and totals)."""
+
+    url: str
+    shards: tuple[tuple[str, int], ...]  # (absolute url, nsamples)
+    classes: tuple[str, ...]
+    multi_label: bool
+
+    @property
+    def num_samples(self) -> int:
+        return sum(n for _, n in self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @classmethod
+    def load(cls, url: str) -> ShardIndex:
+        with fsspec.open(url, "r") as f:
+            data = json.load(f)
+        base = url.rsplit("/", 1)[0] if "/" in url else "."
+        shards = tuple(
+            (s["url"] if "://" in s["url"] or s["url"].startswith("/") else posixpath.join(base, s["url"]), int(s["nsamples"]))
+            for s in data["shardlist"]
+            if int(s["nsamples"]) > 0
+        )
+        if not shards:
+            raise ValueError(f"{url}: the index lists no non-empty shard")
+        return cls(url, shards, tuple(data.get("classes", ())), bool(data.get("multi_label", False)))
+
+
+# ---------------------------------------------------------------- reading samples
+
+
+def iter_tar_samples(url: str) -> Iterator[dict]:
+    """Samples of one tar shard in order: ``{"__key__": key, ext: bytes, ...}``.
+
+    Members of a sample are adjacent and share the key (the basename up to its first dot).
+    """
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        current: dict | None = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = posixpath.basename(member.name)
+            key, _, ext = base.partition(".")
+            data = tar.extractfile(member).read()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+        if current is not None:
+            yield current
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A shard, or every ``stride``-th sample of it starting at ``offset``."""
+
+    url: str
+    nsamples: int
+    stride: int = 1
+    offset: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(range(self.offset, self.nsamples, self.stride))
+
+    def samples(self, skip: int = 0) -> Iterator[dict]:
+        taken = 0
+        for i, sample in enumerate(iter_tar_samples(self.url)):
+            if i % self.stride != self.offset:
+                continue
+            if taken >= skip:
+                yield sample
+            taken += 1
+
+
+def make_units(index: ShardIndex, num_readers: int) -> list[Unit]:
+    stride = max(1, math.ceil(num_readers / len(index.shards)))
+    return [Unit(url, n, stride, j) for url, n in index.shards for j in range(stride)]
+
+
+def _rng(*parts: int) -> random.Random:
+    return random.Random(hash(tuple(parts)) & 0xFFFFFFFFFFFF)
+
+
+def reader_units(units: list[Unit], reader: int, num_readers: int, seed: int, pass_idx: int) -> list[Unit]:
+    order = list(range(len(units)))
+    _rng(seed, pass_idx, 7919).shuffle(order)
+    return [units[i] for i in order[reader::num_readers]]
+
+
+def reader_stream(
+    units: list[Unit], reader: int, num_readers: int, seed: int, block: int, start: tuple[int, int] = (0, 0)
+) -> Iterator[tuple[dict, tuple[int, int]]]:
+    """Endless ``(encoded sample, (pass, consumed after it))`` for one reader from ``start``."""
+    pass_idx, consumed = start
+    while True:
+        mine = reader_units(units, reader, num_readers, seed, pass_idx)
+        total = sum(u.size for u in mine)
+        if total == 0:
+            raise RuntimeError(f"reader {reader} of {num_readers} got no samples")
+        block_start = (consumed // block) * block
+        source = _samples_from(mine, block_start)
+        for b0 in range(block_start, total, block):
+            chunk = [next(source) for _ in range(min(block, total - b0))]
+            _rng(seed, pass_idx, reader, b0).shuffle(chunk)
+            for i in range(max(0, consumed - b0), len(chunk)):
+                yield chunk[i], (pass_idx, b0 + i + 1)
+        pass_idx, consumed = pass_idx + 1, 0
+
+
+def _samples_from(units: list[Unit], skip: int) -> Iterator[dict]:
+    for unit in units:
+        if skip >= unit.size:
+            skip -= unit.size
+            continue
+        yield from unit.samples(skip)
+        skip = 0
+
+
+# ---------------------------------------------------------------- decoding and transforms
+
+
+def sample_labels(sample: dict) -> list[int]:
+    if "json" in sample:
+        labels = json.loads(sample["json"]).get("labels")
+        if labels:
+            return [int(x) for x in labels]
+    return [int(sample["cls"])]
+
+
+def inception_crop_box(width: int, height: int, rng: random.Random, area: tuple[float, float]) -> tuple[int, int, int, int]:
+    """A random crop of ``area`` fraction and aspect ratio in [3/4, 4/3] (Inception style)."""
+    for _ in range(10):
+        target = width * height * rng.uniform(*area)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+            return x, y, x + w, y + h
+    side = min(width, height)
+    x, y = (width - side) // 2, (height - side) // 2
+    return x, y, x + side, y + side
+
+
+def decode_train(data: bytes, size: int, rng: random.Random, area: tuple[float, float], flip: bool) -> np.ndarray:
+    """Decode, inception-crop, flip and resize to ``size``: HWC uint8.
+
+    The crop is chosen on the header's size first so that large JPEGs decode at a reduced
+    scale (``draft``) whenever the crop still has at least ``size`` pixels per side.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        box = inception_crop_box(width, height, rng, area)
+        scale = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
+        if scale >= 2 and img.format == "JPEG":
+            img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+            fx, fy = img.size[0] / width, img.size[1] / height
+            box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_eval(data: bytes, size: int, crop_ratio: float) -> np.ndarray:
+    """Resize the shorter side to ``size / crop_ratio``, then centre-crop ``size``: HWC uint8."""
+    with Image.open(io.BytesIO(data)) as img:
+        resize = max(size, round(size / crop_ratio))
+        img.draft("RGB", (resize, resize))
+        img = img.convert("RGB")
+        w, h = img.size
+        s = resize / min(w, h)
+        img = img.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NHWC -> NCHW in [-1, 1] (done on the device, so workers ship bytes, not floats)."""
+    return images.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
+
+
+def multi_hot(labels: list[list[int]], num_classes: int) -> torch.Tensor:
+    out = torch.zeros(len(labels), num_classes)
+    for row, ls in enumerate(labels):
+        out[row, ls] = 1.0
+    return out
+
+
+# ---------------------------------------------------------------- the training stream
+
+
+@dataclass
+class StreamSpec:
+    index_url: str
+    rank: int
+    world_size: int
+    num_workers: int
+    batch_size: int
+    image_size: int
+    num_classes: int
+    seed: int
+    shuffle_block: int
+    crop_area: tuple[float, float]
+    flip: bool
+
+
+class _ReaderDataset(torch.utils.data.IterableDataset):
+    """Batches of one rank: each dataloader worker serves one logical reader."""
+
+    def __init__(self, spec: StreamSpec, positions: dict[int, tuple[int, int]], rotation: int):
+        self.spec, self.positions, self.rotation = spec, positions, rotation
+
+    def __iter__(self):
+        spec = self.spec
+        info = torch.utils.data.get_worker_info()
+        workers = max(1, spec.num_workers)
+        # The dataloader asks workers in turn starting at 0; rotating logical readers makes a
+        # resumed run ask the reader whose turn it was when the checkpoint was taken.
+        logical = ((info.id if info else 0) + self.rotation) % workers
+        reader = spec.rank * workers + logical
+        num_readers = spec.world_size * workers
+        index = ShardIndex.load(spec.index_url)
+        units = make_units(index, num_readers)
+        start = tuple(self.positions.get(logical, (0, 0)))
+        stream = reader_stream(units, reader, num_readers, spec.seed, spec.shuffle_block, start)
+        skipped = 0
+        while True:
+            images, labels, keys = [], [], []
+            pos = start
+            while len(images) < spec.batch_size:
+                sample, pos = next(stream)
+                rng = _rng(spec.seed, reader, pos[0], pos[1])
+                try:
+                    images.append(decode_train(sample["jpg"], spec.image_size, rng, spec.crop_area, spec.flip))
+                    labels.append(sample_labels(sample))
+                except Exception as e:  # a corrupt sample must never crash a rank
+                    skipped += 1
+                    log.warning("skipping sample %s of %s (%s); %d skipped so far", sample.get("__key__"), sample.get("__url__"), e, skipped)
+                    continue
+                keys.append(sample["__key__"])
+            yield {
+                "images": torch.from_numpy(np.stack(images)),
+                "targets": multi_hot(labels, spec.num_classes),
+                "keys": keys,
+                "reader": logical,
+                "position": pos,
+                "skipped": skipped,
+            }
+
+
+class TrainStream:
+    """Endless batches for one rank, with a resumable position.
+
+    ``state_dict()`` records batches consumed and each reader's position after the last
+    batch it delivered; ``TrainStream(spec, state)`` continues from there exactly.
+    """
+
+    def __init__(self, spec: StreamSpec, state: dict | None = None):
+        self.spec = spec
+        state = state or {}
+        if state and (state.get("world_size"), state.get("num_workers")) != (spec.world_size, spec.num_workers):
+            log.warning("data stream saved with world %s x workers %s, now %s x %s: starting the next pass fresh",
+                        state.get("world_size"), state.get("num_workers"), spec.world_size, spec.num_workers)
+            nxt = 1 + max((p[0] for p in state.get("positions", {}).values()), default=-1)
+            state = {"batches": 0, "positions": {w: (nxt, 0) for w in range(max(1, spec.num_workers))}}
+        self.batches = int(state.get("batches", 0))
+        self.positions = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
+        workers = max(1, spec.num_workers)
+        dataset = _ReaderDataset(spec, dict(self.positions), self.batches % workers)
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=spec.num_workers,
+            persistent_workers=False,
+            prefetch_factor=2 if spec.num_workers else None,
+        )
+        self._iter = iter(self.loader)
+        self.skipped = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iter)
+        self.batches += 1
+        self.positions[int(batch["reader"])] = tuple(int(x) for x in batch["position"])
+        self.skipped = int(batch["skipped"])
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "batches": self.batches,
+            "positions": {str(k): list(v) for k, v in self.positions.items()},
+            "world_size": self.spec.world_size,
+            "num_workers": self.spec.num_workers,
+        }
+
+
+# ---------------------------------------------------------------- evaluation sets
+
+
+def iter_eval_batches(index_url: str, image_size: int, batch_size: int, crop_ratio: float = 0.875) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every sample of a split in index order: ``(images in [-1, 1] NCHW, first label)``.
+
+    Corrupt samples are skipped with a warning.
+    """
+    index = ShardIndex.load(index_url)
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    for url, _ in index.shards:
+        for sample in iter_tar_samples(url):
+            try:
+                images.append(decode_eval(sample["jpg"], image_size, crop_ratio))
+                labels.append(sample_labels(sample)[0])
+            except Exception as e:
+                log.warning("skipping eval sample %s of %s (%s)", sample.get("__key__"), url, e)
+                continue
+            if len(images) == batch_size:
+                yield to_model_input(torch.from_numpy(np.stack(images))), torch.tensor(labels)
+                images, labels = [], []
+    if images:
+        yield to_model_input(torch.from_numpy(np.stack(images))), torch.tensor(labels)

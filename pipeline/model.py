@@ -1,0 +1,260 @@
+"""The Vision Transformer of Dosovitskiy et al. (arXiv 2010.11929) and its named variants.
+
+One file holds the model, its blocks, the registry of paper variants and the helpers that
+belong next to it (initialisation, position-embedding resizing, FLOP counting). Parameter
+names follow timm's ``VisionTransformer`` so that exported weights load there unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Shape of a ViT: the paper's Table 1 plus patch size and input resolution."""
+
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    patch_size: int = 16
+    img_size: int = 224
+
+
+# Paper Table 1 (Ti and S from the vit_jax configs, g from big_vision).
+_BASES = {
+    "ti": ViTSpec(width=192, depth=12, heads=3, mlp_dim=768),
+    "s": ViTSpec(width=384, depth=12, heads=6, mlp_dim=1536),
+    "b": ViTSpec(width=768, depth=12, heads=12, mlp_dim=3072),
+    "l": ViTSpec(width=1024, depth=24, heads=16, mlp_dim=4096),
+    "h": ViTSpec(width=1280, depth=32, heads=16, mlp_dim=5120),
+    "g": ViTSpec(width=1408, depth=40, heads=16, mlp_dim=6144),
+}
+
+VARIANTS: dict[str, ViTSpec] = {
+    f"vit_{base}{patch}": replace(spec, patch_size=patch)
+    for base, spec in _BASES.items()
+    for patch in (32, 16, 14, 8)
+}
+# A few-minute CPU model for the demo and the tests: 32x32 inputs in 4x4 patches.
+VARIANTS["vit_demo"] = ViTSpec(width=128, depth=4, heads=4, mlp_dim=512, patch_size=4, img_size=32)
+VARIANTS["vit_tiny_test"] = ViTSpec(width=32, depth=2, heads=2, mlp_dim=64, patch_size=4, img_size=16)
+
+
+class PatchEmbed(nn.Module):
+    """Image to a sequence of patch embeddings by a strided convolution."""
+
+    def __init__(self, img_size: int, patch_size: int, width: int, in_chans: int = 3):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid * self.grid
+        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(mlp_dim, width)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm encoder block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads, dropout)
+        self.norm2 = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = Mlp(width, mlp_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PreLogits(nn.Module):
+    """The optional representation layer (Dense + tanh) used during pre-training."""
+
+    def __init__(self, width: int, size: int):
+        super().__init__()
+        self.fc = nn.Linear(width, size)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token or global average pooling, as in the paper.
+
+    ``forward_features`` returns the pre-logits representation (what few-shot probes use);
+    ``forward`` adds the classifier head.
+    """
+
+    def __init__(
+        self,
+        spec: ViTSpec,
+        num_classes: int = 1000,
+        pool: str = "token",
+        representation_size: int | None = None,
+        dropout: float = 0.0,
+        head_bias_init: float = 0.0,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if pool not in ("token", "gap"):
+            raise ValueError(f"pool must be 'token' or 'gap', got {pool!r}")
+        self.spec = spec
+        self.pool = pool
+        self.grad_checkpointing = grad_checkpointing
+        self.num_prefix_tokens = 1 if pool == "token" else 0
+        width = spec.width
+        self.patch_embed = PatchEmbed(spec.img_size, spec.patch_size, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "token" else None
+        self.pos_embed = nn.Parameter(
+            torch.empty(1, self.patch_embed.num_patches + self.num_prefix_tokens, width)
+        )
+        self.pos_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(width, spec.heads, spec.mlp_dim, dropout) for _ in range(spec.depth)
+        )
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pre_logits = PreLogits(width, representation_size) if representation_size else None
+        self.num_features = representation_size or width
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else None
+        self.init_weights(head_bias_init)
+
+    @torch.no_grad()
+    def init_weights(self, head_bias_init: float = 0.0) -> None:
+        """The paper's (vit_jax) initialisation."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.normal_(module.bias, std=1e-6) if ".mlp." in f".{name}." else nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+                nn.init.trunc_normal_(module.weight, std=math.sqrt(1.0 / fan_in))  # lecun normal
+                nn.init.zeros_(module.bias)
+        if self.pre_logits is not None:
+            nn.init.trunc_normal_(self.pre_logits.fc.weight, std=math.sqrt(1.0 / self.spec.width))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.constant_(self.head.bias, head_bias_init)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        x = x[:, 0] if self.pool == "token" else x.mean(dim=1)
+        return self.pre_logits(x) if self.pre_logits is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        return self.head(x) if self.head is not None else x
+
+    def reset_head(self, num_classes: int) -> None:
+        """Drop the pre-training head (and pre-logits) for transfer; new head is zero-init."""
+        self.pre_logits = None
+        self.num_features = self.spec.width
+        self.head = nn.Linear(self.num_features, num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+
+def get_spec(name: str, **overrides) -> ViTSpec:
+    """The registered spec ``name`` with any non-None field overridden."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(VARIANTS))}")
+    known = {f.name for f in fields(ViTSpec)}
+    return replace(VARIANTS[name], **{k: v for k, v in overrides.items() if k in known and v is not None})
+
+
+def create_model(name: str, **kwargs) -> VisionTransformer:
+    """Build a registered variant, e.g. ``create_model("vit_l16", num_classes=21843)``.
+
+    Spec fields (width, depth, heads, mlp_dim, patch_size, img_size) may be overridden;
+    the rest go to :class:`VisionTransformer`.
+    """
+    spec_keys = {f.name for f in fields(ViTSpec)}
+    spec = get_spec(name, **{k: v for k, v in kwargs.items() if k in spec_keys})
+    return VisionTransformer(spec, **{k: v for k, v in kwargs.items() if k not in spec_keys})
+
+
+def count_params(name: str, **kwargs) -> int:
+    """Parameter count without allocating memory (built on the meta device)."""
+    with torch.device("meta"):
+        model = create_model(name, **kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(spec: ViTSpec, num_classes: int = 0, training: bool = True) -> float:
+    """Model FLOPs (multiply-add = 2) for one image; training counts forward + backward (3x)."""
+    n = (spec.img_size // spec.patch_size) ** 2 + 1
+    d, m = spec.width, spec.mlp_dim
+    per_layer = 2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d
+    total = spec.depth * per_layer + 2 * (n - 1) * 3 * spec.patch_size**2 * d + 2 * d * num_classes
+    return 3.0 * total if training else float(total)
+
+
+def resize_pos_embed(posemb: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize (1, prefix + g*g, D) position embeddings to a new grid by 2-D interpolation.
+
+    The class-token embedding is kept apart, as in the paper's fine-tuning at higher
+    resolution. Returns the input unchanged when the grid already matches.
+    """
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    old = int(math.isqrt(grid.shape[1]))
+    if old * old != grid.shape[1]:
+        raise ValueError(f"position embeddings of {grid.shape[1]} tokens are not a square grid")
+    if old == new_grid:
+        return posemb
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(posemb.dtype)
+    return torch.cat([prefix, grid], dim=1)

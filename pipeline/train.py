@@ -1,0 +1,349 @@
+"""The training loop: one DeepSpeed engine per rank, read top to bottom.
+
+Runs under any ``torch.distributed`` launcher (Ray Train, ``torchrun``, ``deepspeed``):
+``python -m pipeline.train <config.yaml> key=value ...`` (a ``--local_rank=N`` argument
+from the deepspeed launcher is accepted and ignored; the rank comes from the environment).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from pipeline import checkpoint
+from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
+from pipeline.data import ShardIndex, StreamSpec, TrainStream, to_model_input
+from pipeline.model import create_model, flops_per_image
+from pipeline.tracking import Tracker
+
+log = logging.getLogger("pipeline.train")
+
+# Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is 0.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def total_steps(cfg: DictConfig, num_samples: int) -> int:
+    if cfg.train.steps > 0:
+        return int(cfg.train.steps)
+    return max(1, int(cfg.train.epochs * num_samples // cfg.train.global_batch_size))
+
+
+def lr_at(cfg: DictConfig, step: int, total: int) -> float:
+    """Linear warmup from 0 to lr, then linear (or cosine) decay to end_lr at ``total``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    if o.schedule == "cosine":
+        return o.end_lr + (o.lr - o.end_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+    return o.lr + (o.end_lr - o.lr) * frac
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decoupled weight decay on weight matrices only (not biases, norms, tokens, pos-emb)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and name not in ("pos_embed", "cls_token") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
+    d = cfg.deepspeed
+    accum = batch_split(cfg, world_size)
+    zero: dict = {"stage": d.zero_stage}
+    if d.zero_stage >= 1:
+        zero.update(reduce_bucket_size=d.reduce_bucket_size, overlap_comm=d.overlap_comm, contiguous_gradients=True)
+    if d.zero_stage == 3:
+        # Without this, ZeRO-3 saves empty 16-bit module weights.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {
+            "enabled": cfg.train.precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": d.fp16_initial_scale_power,
+            "loss_scale_window": d.fp16_loss_scale_window,
+            "hysteresis": d.fp16_hysteresis,
+            "min_loss_scale": d.fp16_min_loss_scale,
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if d.zero_stage == 0:
+        out.pop("zero_optimization")
+    return _merge(out, dict(d.extra))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        base[k] = _merge(dict(base.get(k, {})), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """Sigmoid cross-entropy summed over classes (the paper's), or softmax cross-entropy."""
+    logits = logits.float()
+    if kind == "sigmoid":
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
+    return -(targets / targets.sum(-1, keepdim=True) * F.log_softmax(logits, -1)).sum(-1).mean()
+
+
+def _dist_setup() -> tuple[int, int, torch.device]:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accel.device_name() == "cuda":
+        accel.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(accel.device_name())
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _build_optimizer(cfg: DictConfig, model: torch.nn.Module, device: torch.device):
+    groups = param_groups(model, cfg.optim.weight_decay)
+    kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _peak_flops(cfg: DictConfig, device: torch.device) -> float:
+    if cfg.train.peak_tflops > 0:
+        return cfg.train.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    return 0.0
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread (some launchers): no preemption handling
+            pass
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    return create_model(
+        cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
+        pool=cfg.model.pool, representation_size=cfg.model.representation_size, dropout=cfg.model.dropout,
+        head_bias_init=-10.0 if cfg.train.loss == "sigmoid" else 0.0, grad_checkpointing=cfg.model.grad_checkpointing,
+    )
+
+
+def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, device: torch.device):
+    """Model, optimizer and schedule wrapped in a DeepSpeed engine (same init on every rank)."""
+    import deepspeed
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, num_classes)
+    optimizer = _build_optimizer(cfg, model, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr)
+    ds_config = deepspeed_config(cfg, world)
+    if cfg.train.resume_from and checkpoint.is_universal(cfg.train.resume_from):
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, scheduler
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train to ``total_steps``, resuming from the latest complete checkpoint if any.
+
+    Returns a summary (final step, loss, images/s) on every rank.
+    """
+    return _train(cfg)[0]
+
+
+def _train(cfg: DictConfig):
+    rank, world, device = _dist_setup()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", force=True)
+    preempt = _Preemption()
+    index = ShardIndex.load(cfg.data.train)
+    num_classes = cfg.model.num_classes or index.num_classes
+    steps = total_steps(cfg, index.num_samples)
+    accum = batch_split(cfg, world)
+    ckpt_dir = str(Path(cfg.output_dir) / "checkpoints")
+    engine, scheduler = build_engine(cfg, num_classes, steps, world, device)
+    model = engine.module
+    image_size = model.spec.img_size
+    torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # dropout differs per rank
+
+    meta, rank_state = {}, None
+    if cfg.train.resume_from:
+        src = Path(cfg.train.resume_from)
+        tag = src.name
+        meta, rank_state = checkpoint.load(engine, str(src.parent), tag)
+        log.info("started from %s at step %d", src, engine.global_steps)
+    elif (tag := checkpoint.latest_tag(ckpt_dir)) is not None:
+        meta, rank_state = checkpoint.load(engine, ckpt_dir, tag)
+        log.info("resumed from %s/%s at step %d", ckpt_dir, tag, engine.global_steps)
+    step = engine.global_steps
+    samples_seen = int(meta.get("samples_seen", 0))
+
+    spec = StreamSpec(
+        index_url=cfg.data.train, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+        batch_size=cfg.data.micro_batch_size, image_size=image_size, num_classes=num_classes, seed=cfg.train.seed,
+        shuffle_block=cfg.data.shuffle_block, crop_area=(cfg.data.crop_min_area, cfg.data.crop_max_area), flip=cfg.data.flip,
+    )
+    stream = TrainStream(spec, (rank_state or {}).get("data"))
+
+    tracker = None
+    if rank == 0:
+        # A resumed run keeps its MLflow run, so curves continue instead of restarting.
+        tracker = Tracker.start(cfg, run_id=cfg.tracking.run_id or meta.get("mlflow_run_id"))
+        if not (cfg.tracking.run_id or meta.get("mlflow_run_id")):
+            tracker.log_params(to_flat_dict(cfg))
+            tracker.log_text(to_yaml(cfg), "config.yaml")
+    monitor = _system_metrics(cfg, tracker)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
+    config_yaml = to_yaml(cfg)
+    keys_file = open(Path(cfg.output_dir) / f"sample_keys_rank{rank}.jsonl", "a") if cfg.train.log_sample_keys else None  # noqa: SIM115
+    flops = flops_per_image(model.spec, num_classes)
+    peak = _peak_flops(cfg, device)
+    tokens_per_image = (image_size // model.spec.patch_size) ** 2 + model.num_prefix_tokens
+
+    def save(at_step: int) -> None:
+        meta = {"samples_seen": samples_seen, "world_size": world, "total_steps": steps, "num_classes": num_classes,
+                "model": cfg.model.name, "image_size": image_size, "mlflow_run_id": tracker.run_id if tracker else None}
+        t = checkpoint.save(engine, ckpt_dir, at_step, meta, {"data": stream.state_dict()}, config_yaml, cfg.train.keep_checkpoints)
+        log.info("checkpoint %s/%s saved", ckpt_dir, t)
+
+    if step == 0 and cfg.train.checkpoint_at_start and not checkpoint.complete_tags(ckpt_dir):
+        save(0)
+
+    window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
+    last_loss = float("nan")
+    engine.train()
+    while step < steps:
+        for _ in range(accum):
+            batch = next(stream)
+            x = to_model_input(batch["images"].to(device, non_blocking=True), dtype)
+            loss = loss_fn(engine(x), batch["targets"].to(device), cfg.train.loss)
+            engine.backward(loss)
+            engine.step()
+            window_loss += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+            if keys_file:
+                keys_file.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
+        step = engine.global_steps
+        samples_seen += cfg.train.global_batch_size
+        window_n += 1
+        stop = torch.tensor(float(preempt.requested), device=device)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+
+        if step % cfg.train.log_every == 0 or step == steps:
+            dist.all_reduce(window_loss)
+            mem = torch.tensor(_memory_gib(device), device=device)
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+            dt = time.time() - t0
+            ips = (step - window_start) * cfg.train.global_batch_size / dt
+            last_loss = (window_loss[0] / window_loss[1]).item()
+            metrics = {
+                "train/loss": last_loss, "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/images_per_s": ips, "train/tokens_per_s": ips * tokens_per_image,
+                "train/memory_gib_max_rank": mem.item(), "train/samples_seen": samples_seen,
+                "train/skipped_samples": stream.skipped,
+            }
+            if peak:
+                metrics["train/mfu"] = ips * flops / (peak * world)
+            if rank == 0:
+                log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f images/s %.1f mem %.2fGiB",
+                         step, steps, last_loss, metrics["train/lr"], metrics["train/grad_norm"], ips, mem.item())
+                tracker.log_metrics(metrics, step)
+            window_loss.zero_()
+            window_n, t0, window_start = 0, time.time(), step
+
+        stop_here = stop.item() or step == cfg.train.stop_at_step
+        if step % cfg.train.checkpoint_every == 0 or step == steps or stop_here:
+            save(step)
+        if stop_here and step < steps:
+            log.info("stopping at step %d (train.stop_at_step); rerun the same command to resume", step)
+            break
+        if stop.item():
+            log.warning("SIGTERM: checkpoint saved at step %d; rerun the same command to resume", step)
+            break
+
+    if keys_file:
+        keys_file.close()
+    if monitor:
+        monitor.finish()
+    summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested),
+               "samples_seen": samples_seen, "run_id": tracker.run_id if tracker else None}
+    return summary, engine
+
+
+def _system_metrics(cfg: DictConfig, tracker: Tracker | None):
+    """MLflow's system-metrics sampler (CPU, memory, GPU) on the pre-training run, rank 0."""
+    if tracker is None or not cfg.tracking.system_metrics:
+        return None
+    try:
+        import mlflow
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mlflow.set_tracking_uri(tracker.uri)
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10, samples_before_logging=1)
+        monitor.start()
+        return monitor
+    except Exception as e:  # metrics are a nicety; never stop training for them
+        log.warning("system metrics disabled: %s", e)
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    path = argv[0] if argv and not ("=" in argv[0]) else None
+    cfg = load_config(path, argv[1:] if path else argv)
+    summary = train(cfg)
+    if dist.get_rank() == 0:
+        print(json.dumps(summary))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
