@@ -18,6 +18,7 @@ number of batches and no rank can hang at an epoch end.
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import logging
@@ -117,8 +118,20 @@ class Unit:
 
 
 def make_units(index: ShardIndex, num_readers: int) -> list[Unit]:
-    stride = max(1, math.ceil(num_readers / len(index.shards)))
-    return [Unit(url, n, stride, j) for url, n in index.shards for j in range(stride)]
+    """Shards, with any shard larger than a reader's share split into strided sub-shards.
+
+    Splitting shard ``s`` into ``ceil(n_s / share)`` parts gives at least ``num_readers``
+    non-empty units in all, so every reader gets data however few or uneven the shards.
+    Shards no larger than the share are read whole (no wasted I/O at scale).
+    """
+    share = index.num_samples / num_readers
+    if share < 1:
+        raise ValueError(f"{index.url}: {index.num_samples} samples cannot feed {num_readers} readers (ranks x workers)")
+    units = []
+    for url, n in index.shards:
+        stride = max(1, math.ceil(n / share - 1e-9))
+        units += [Unit(url, n, stride, j) for j in range(stride)]
+    return units
 
 
 def _rng(*parts: int) -> random.Random:
@@ -126,9 +139,16 @@ def _rng(*parts: int) -> random.Random:
 
 
 def reader_units(units: list[Unit], reader: int, num_readers: int, seed: int, pass_idx: int) -> list[Unit]:
+    """This pass's units of one reader: a seeded permutation dealt to balance sample counts."""
     order = list(range(len(units)))
     _rng(seed, pass_idx, 7919).shuffle(order)
-    return [units[i] for i in order[reader::num_readers]]
+    heap = [(0, r) for r in range(num_readers)]  # (samples so far, reader): least loaded first
+    owner = {}
+    for i in sorted(order, key=lambda i: -units[i].size):  # stable: ties keep the permuted order
+        load, r = heapq.heappop(heap)
+        owner[i] = r
+        heapq.heappush(heap, (load + units[i].size, r))
+    return [units[i] for i in order if owner[i] == reader]
 
 
 def reader_stream(
