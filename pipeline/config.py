@@ -192,7 +192,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         for item in dotlist:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
-        cfg = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(dotlist))
+        cfg = OmegaConf.merge(schema, *layers)
+        for item in dotlist:
+            key, raw = item.split("=", 1)
+            # update() walks list indices too (prep.0.shard_size=64), which a merge cannot.
+            OmegaConf.update(cfg, key.strip(), OmegaConf.from_dotlist([f"v={raw}"])["v"], merge=True)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)

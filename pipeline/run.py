@@ -56,7 +56,7 @@ def connect_ray(cfg: DictConfig) -> None:
     else:
         need = cfg.ray.num_workers * cfg.ray.cpus_per_worker + (cfg.eval.num_cpus if cfg.eval.enabled else 0)
         num_cpus = max(int(need + 0.999), os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env)
 
 
 def check_resources(cfg: DictConfig) -> None:
@@ -94,7 +94,7 @@ def prepare_data(cfg: DictConfig) -> list[dict]:
         if fs.exists(path):
             log.info("shards exist, skipping data_prep: %s", index)
             continue
-        summaries.append(run_prep(job))
+        summaries.append(run_prep(OmegaConf.to_object(job)))
     return summaries
 
 
