@@ -1,0 +1,157 @@
+"""The one typed configuration of a data-prep job.
+
+`PrepConfig` is an OmegaConf structured config: `load_config` merges a YAML file onto it,
+then `key=value` overrides, and `validate` checks the values once, before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+SOURCE_KINDS = ("auto", "folders", "manifest", "class_tars")
+RESIZE_MODES = ("none", "shorter", "longer")
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+@dataclass
+class HoldoutConfig:
+    """A split carved from the head of the shuffled order (big_vision holds out i21k's first
+    51,200). `count` wins over `fraction`; both 0 means no holdout split."""
+
+    name: str = "val"
+    count: int = 0
+    fraction: float = 0.0
+
+
+@dataclass
+class ImageConfig:
+    """What each image becomes inside a shard."""
+
+    resize_mode: str = "none"  # none | shorter | longer: which side `size` bounds
+    size: int = 0
+    quality: int = 95
+    keep_original: bool = True  # keep the source bytes of an RGB JPEG that needs no change
+    max_pixels: int = 89_478_485  # width*height above this is a `too_many_pixels` failure
+    resample: str = "bicubic"
+
+
+@dataclass
+class PrepConfig:
+    """A sharding job: where the corpus is, where shards go, and how they are made."""
+
+    source: str  # folder of class folders | JSONL/CSV manifest | folder of <class>.tar
+    output: str
+    source_kind: str = "auto"
+    classes_file: str | None = None  # one class name a line; line number = index
+    seed: int = 0
+    shard_size: int = 10000  # samples per shard
+    shard_bytes: int | None = None  # cap on a shard's estimated source bytes
+    assumed_sample_bytes: int = 110_000  # estimate for entries whose size the source omits
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    max_failure_fraction: float = 0.1
+    max_in_flight: int = 0  # shard tasks at once; 0 = 2x the cluster's CPUs
+    retries: int = 2
+    io_threads: int = 8  # reads in flight inside one shard task
+    ray_address: str | None = None
+    train_split: str = "train"
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec kwargs
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot be used; the message names the key."""
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> PrepConfig:
+    """Merge the YAML at `path` (if any) and `key=value` overrides onto `PrepConfig`,
+    validate, and return it. Raises `ConfigError` naming the offending key."""
+    try:
+        conf = OmegaConf.structured(PrepConfig)
+        if path:
+            conf = OmegaConf.merge(conf, OmegaConf.load(path))
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid data-prep config: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    assert isinstance(cfg, PrepConfig)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PrepConfig) -> None:
+    """Raise `ConfigError` naming the first key whose value cannot work."""
+
+    def bad(key: str, value: Any, why: str) -> None:
+        raise ConfigError(f"invalid data-prep config: {key}={value!r}: {why}")
+
+    if not cfg.source:
+        bad("source", cfg.source, "must name a folder, manifest or folder of tars")
+    if not cfg.output:
+        bad("output", cfg.output, "must name an output folder")
+    if cfg.source_kind not in SOURCE_KINDS:
+        bad("source_kind", cfg.source_kind, f"must be one of {SOURCE_KINDS}")
+    if cfg.shard_size < 1:
+        bad("shard_size", cfg.shard_size, "must be >= 1")
+    if cfg.shard_bytes is not None and cfg.shard_bytes < 1:
+        bad("shard_bytes", cfg.shard_bytes, "must be >= 1 or null")
+    if cfg.assumed_sample_bytes < 1:
+        bad("assumed_sample_bytes", cfg.assumed_sample_bytes, "must be >= 1")
+    if cfg.holdout.count < 0:
+        bad("holdout.count", cfg.holdout.count, "must be >= 0")
+    if not 0.0 <= cfg.holdout.fraction < 1.0:
+        bad("holdout.fraction", cfg.holdout.fraction, "must be in [0, 1)")
+    for key, name in (("holdout.name", cfg.holdout.name), ("train_split", cfg.train_split)):
+        if not name or any(c in name for c in "/.\\ ") or name.startswith("_"):
+            bad(key, name, "split names must be plain words (no '/', '.', spaces, leading '_')")
+    if cfg.holdout.name == cfg.train_split:
+        bad("holdout.name", cfg.holdout.name, "must differ from train_split")
+    img = cfg.image
+    if img.resize_mode not in RESIZE_MODES:
+        bad("image.resize_mode", img.resize_mode, f"must be one of {RESIZE_MODES}")
+    if img.resize_mode != "none" and img.size < 1:
+        bad("image.size", img.size, f"must be >= 1 with resize_mode={img.resize_mode}")
+    if not 1 <= img.quality <= 100:
+        bad("image.quality", img.quality, "must be in [1, 100]")
+    if img.max_pixels < 1:
+        bad("image.max_pixels", img.max_pixels, "must be >= 1")
+    if img.resample not in RESAMPLE_FILTERS:
+        bad("image.resample", img.resample, f"must be one of {RESAMPLE_FILTERS}")
+    if not 0.0 <= cfg.max_failure_fraction <= 1.0:
+        bad("max_failure_fraction", cfg.max_failure_fraction, "must be in [0, 1]")
+    if cfg.max_in_flight < 0:
+        bad("max_in_flight", cfg.max_in_flight, "must be >= 0")
+    if cfg.retries < 0:
+        bad("retries", cfg.retries, "must be >= 0")
+    if cfg.io_threads < 0:
+        bad("io_threads", cfg.io_threads, "must be >= 0")
+
+
+def with_absolute_paths(cfg: PrepConfig) -> PrepConfig:
+    """`cfg` with local relative paths made absolute against this process's folder, so that
+    Ray workers started elsewhere read and write the same files (URLs are left as they are)."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else os.path.abspath(path)
+
+    return replace(cfg, source=absolute(cfg.source), output=absolute(cfg.output),
+                   classes_file=absolute(cfg.classes_file))
+
+
+def fingerprint(cfg: PrepConfig) -> str:
+    """A hash of every setting that changes the output bytes. A rerun resumes an output only
+    when this matches the one its plan was made with."""
+    keys = ("source", "source_kind", "classes_file", "seed", "shard_size", "shard_bytes",
+            "assumed_sample_bytes", "holdout", "image", "train_split")
+    d = asdict(cfg)
+    blob = json.dumps({k: d[k] for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
