@@ -107,9 +107,44 @@ class FewShotConfig:
 
 
 @dataclass
+class FineTuneConfig:
+    """Fine-tuning transfer (paper B.1.1): SGD momentum, no weight decay, cosine, clip 1.
+
+    One run per lr in ``lrs`` on the train split less a dev part; the lr with the best dev
+    top-1 wins, then (``final_on_full_train``) one more run on the whole train split at that
+    lr gives the test top-1, as the paper reports it.
+    """
+
+    name: str = "digits"
+    train: str = "???"  # index URL of the train split (the dev part is carved from it)
+    test: str = "???"  # index URL of the split top-1 is reported on
+    num_classes: int = 0  # 0: from the train index
+    image_size: int = 384  # position embeddings are interpolated to this grid
+    steps: int = 500
+    warmup_steps: int = 500
+    batch_size: int = 512
+    micro_batch_size: int = 0  # per step of the engine; 0: batch_size (no accumulation)
+    lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
+    momentum: float = 0.9
+    grad_clip: float = 1.0
+    dev_fraction: float = 0.1  # paper: 10% Pets/Flowers, 2% CIFAR, 1% ImageNet
+    final_on_full_train: bool = True
+    precision: str = "bf16"  # bf16 | fp32
+    zero_stage: int = 0
+    crop_min_area: float = 0.05  # inception crop of the training images
+    flip: bool = True
+    crop_ratio: float = 1.0  # eval: resize the shorter side to image_size / ratio, centre crop
+    eval_batch_size: int = 256
+    shuffle_buffer: int = 10_000  # encoded samples
+    num_workers: int = 2  # decoding processes
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
     fewshot: list[FewShotConfig] = field(default_factory=list)
+    finetune: list[FineTuneConfig] = field(default_factory=list)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     poll_seconds: float = 2.0
@@ -122,6 +157,11 @@ class TrackingConfig:
     run_name: Optional[str] = None
     run_id: Optional[str] = None  # set by the driver; resumes that run
     system_metrics: bool = True
+    spool_dir: Optional[str] = None  # writes the server did not take; None: <output_dir>/mlflow_spool
+    http_timeout_s: int = 5  # per request, so a dead server costs seconds
+    http_max_retries: int = 1
+    flush_timeout_s: float = 120.0  # how long finishing a run waits for the spool to drain
+    register_model: Optional[str] = None  # register the final weights under this name
 
 
 @dataclass
@@ -197,6 +237,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             key, raw = item.split("=", 1)
             # update() walks list indices too (prep.0.shard_size=64), which a merge cannot.
             OmegaConf.update(cfg, key.strip(), OmegaConf.from_dotlist([f"v={raw}"])["v"], merge=True)
+        # Workers run elsewhere (Ray's session dir): every path derived from output_dir is absolute.
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)

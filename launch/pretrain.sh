@@ -1,0 +1,352 @@
+#!/usr/bin/env bash
+# Pre-train a ViT: get a Ray cluster, submit `python -m pipeline.run` to it with
+# `ray job submit`, stream the job's logs and exit with the job's exit code.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/pretrain.sh [--slurm | --address URL] [--dry-run] [--num-cpus N] [--upload]
+                          [--sbatch-args "ARGS"] [<experiment.yaml>] [key=value ...]
+
+Validates the config first (a bad one fails with exit code 2 before anything starts), then
+runs `python -m pipeline.run <experiment.yaml> key=value ...` as a Ray job.
+Default experiment: configs/experiment/demo.yaml. Relative output_dir values (the default
+is runs/<name>) are relative to the repository root.
+
+Where the job runs:
+  (default)       a local single-node Ray cluster started for this run only: head on
+                  127.0.0.1 with free ports and its own --temp-dir, stopped on exit
+                  (Ctrl-C included) without touching any other Ray on the machine.
+  --address URL   an existing cluster: its dashboard URL (http://head:8265) or GCS
+                  address (head:6379). Nothing is started; Ctrl-C stops the job.
+                  $RAY_ADDRESS selects this mode too.
+  --slurm         outside an allocation: sbatch launch/slurm/pretrain.sbatch with these
+                  arguments (plus --sbatch-args, e.g. "--nodes=4 --gpus-per-node=8
+                  --partition=gpu"). Inside one ($SLURM_JOB_ID set, as in that sbatch
+                  script or under salloc): Ray head on the first node, workers on the
+                  others (srun), then the job with ray.num_workers=<nodes x GPUs per node>
+                  ray.use_gpu=true when the nodes have GPUs (unless you set ray.* yourself).
+
+Options:
+  --dry-run       print every command instead of running it (the config is still checked)
+  --num-cpus N    CPUs Ray may use per node (default: local: the cores, or what the config
+                  needs if more; SLURM: $SLURM_CPUS_ON_NODE)
+  --upload        ship the repository to the cluster as the job's working_dir (for clusters
+                  that do not share this filesystem; set output_dir to shared storage)
+  -h, --help      this text
+
+Environment:
+  RAY_AUTH_MODE            token (default for clusters started here) or disabled; for
+                           --address it is set to token when the dashboard asks for one
+  PRETRAIN_RAY_TMPDIR      where the local cluster's temp dir is made (default /tmp; keep
+                           it short: Ray's socket paths must stay under 107 bytes)
+  PRETRAIN_WAIT_S          seconds to wait for the cluster's nodes (default 120 local,
+                           300 SLURM)
+  SLURM_HOSTNAMES          node names, comma or space separated, instead of expanding
+                           $SLURM_JOB_NODELIST with `scontrol show hostnames` (for tests and
+                           hosts without scontrol; a plain comma list in SLURM_JOB_NODELIST
+                           also works without scontrol)
+  PRETRAIN_HEAD_IP         the head's IP on SLURM (default: `hostname --ip-address` on it)
+  PRETRAIN_RAY_PORT, PRETRAIN_DASHBOARD_PORT   SLURM head ports (default 6379, 8265)
+  PRETRAIN_SRUN_ARGS       extra flags for the srun steps that run Ray (e.g. --overlap)
+EOF
+}
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MODE=local ADDRESS=${RAY_ADDRESS:-} DRY=0 NUM_CPUS='' UPLOAD=0 CONFIG='' SBATCH_ARGS=''
+OVERRIDES=()
+[[ -n $ADDRESS ]] && MODE=address
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --slurm) MODE=slurm ;;
+    --address) MODE=address ADDRESS=${2:?--address needs a URL}; shift ;;
+    --address=*) MODE=address ADDRESS=${1#*=} ;;
+    --dry-run) DRY=1 ;;
+    --num-cpus) NUM_CPUS=${2:?--num-cpus needs a number}; shift ;;
+    --num-cpus=*) NUM_CPUS=${1#*=} ;;
+    --upload) UPLOAD=1 ;;
+    --sbatch-args) SBATCH_ARGS=${2?--sbatch-args needs a string}; shift ;;
+    --sbatch-args=*) SBATCH_ARGS=${1#*=} ;;
+    -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *=*) OVERRIDES+=("$1") ;;
+    *) [[ -z $CONFIG ]] || { echo "error: two experiment configs: $CONFIG and $1" >&2; exit 2; }
+       CONFIG=$1 ;;
+  esac
+  shift
+done
+CONFIG=${CONFIG:-$REPO/configs/experiment/demo.yaml}
+[[ -f $CONFIG ]] || { echo "error: experiment config not found: $CONFIG" >&2; exit 2; }
+CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
+
+if [[ -f $REPO/.venv/bin/activate ]]; then
+  # shellcheck source=/dev/null
+  source "$REPO/.venv/bin/activate"
+fi
+PYTHON=$(command -v python3 || command -v python)
+RAY=$(dirname "$PYTHON")/ray
+[[ -x $RAY ]] || RAY=ray
+
+quote() {  # a word as the shell reads it, single-quoted only where needed
+  if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+say() {  # print a command; $SAY_TAIL (a redirection, a comment) is printed as it is
+  local w line='+'
+  for w in "$@"; do line+=" $(quote "$w")"; done
+  printf '%s%s\n' "$line" "${SAY_TAIL:-}"
+}
+run() { say "$@"; ((DRY)) || "$@"; }  # print, then run unless --dry-run
+die() { echo "error: $*" >&2; exit 1; }
+have_token() { [[ -n ${RAY_AUTH_TOKEN:-} || -s ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} ]]; }
+user_set() { local o; for o in "${OVERRIDES[@]}"; do [[ $o == "$1"=* ]] && return 0; done; return 1; }
+cluster() { "$PYTHON" "$REPO/launch/cluster.py" "$@"; }
+
+# Ray >= 2.5x turns token auth on for new clusters; clients must then send the token.
+use_token_auth() {
+  [[ ${RAY_AUTH_MODE:-} == disabled ]] && return 0
+  if ! have_token; then run "$RAY" get-auth-token --generate > /dev/null; fi
+  [[ ${RAY_AUTH_MODE:-} == token ]] || say export RAY_AUTH_MODE=token
+  export RAY_AUTH_MODE=token
+}
+
+gpu_overrides() {  # $1: total GPUs of the cluster
+  if (($1 > 0)) && ! user_set ray.num_workers && ! user_set ray.use_gpu; then
+    OVERRIDES+=("ray.num_workers=$1" ray.use_gpu=true)
+  fi
+}
+
+check_config() {  # validates, then sets NAME and OUTPUT_DIR
+  local out
+  out=$("$PYTHON" "$REPO/launch/validate.py" --print name --print output_dir --print ray.num_workers \
+    --print ray.cpus_per_worker --print eval.enabled --print eval.num_cpus "$CONFIG" "${OVERRIDES[@]}") || exit $?
+  local -a v
+  mapfile -t v <<< "$out"
+  NAME=${v[0]} OUTPUT_DIR=${v[1]}
+  CPUS_NEEDED=$(awk -v w="${v[2]}" -v c="${v[3]}" -v e="${v[4]}" -v ec="${v[5]}" \
+    'BEGIN { n = w * c + (e == "True" ? ec : 0); print (n == int(n)) ? n : int(n) + 1 }')
+  echo "config ok: $CONFIG ${OVERRIDES[*]}"
+}
+
+local_gpus() {
+  if [[ -n ${CUDA_VISIBLE_DEVICES+x} ]]; then
+    local -a ids
+    IFS=, read -ra ids <<< "$CUDA_VISIBLE_DEVICES"
+    echo "${#ids[@]}"
+  elif command -v nvidia-smi > /dev/null; then
+    nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+# --- the job and how it is submitted --------------------------------------------------
+JOB_ID='' SUBMIT_PID='' DASHBOARD=''
+submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with the job's code
+  JOB_ID=pretrain-$(tr -c 'A-Za-z0-9_-' '-' <<< "$NAME" | sed 's/-$//')-$(date +%Y%m%d-%H%M%S)
+  if ((!UPLOAD)) && [[ $OUTPUT_DIR != /* && $OUTPUT_DIR != *://* ]]; then
+    # Absolute, so that paths interpolated from ${output_dir} (data.train, ...) mean the same
+    # in Ray's workers, whose working directory is Ray's, not the repository.
+    OUTPUT_DIR=$REPO/$OUTPUT_DIR
+    OVERRIDES+=("output_dir=$OUTPUT_DIR")
+  fi
+  # The job's environment from this shell (not credentials: those belong to the cluster).
+  local -a entry=(env) runtime=()
+  local var
+  for var in MLFLOW_TRACKING_URI DS_ACCELERATOR AWS_ENDPOINT_URL AWS_DEFAULT_REGION FSSPEC_S3_ENDPOINT_URL \
+    NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME; do
+    [[ -z ${!var:-} ]] || entry+=("$var=${!var}")
+  done
+  if ((UPLOAD)); then
+    local rel=${CONFIG#"$REPO"/}
+    [[ $rel != "$CONFIG" ]] || die "--upload ships the repository: put $CONFIG inside $REPO"
+    [[ $OUTPUT_DIR == /* || $OUTPUT_DIR == *://* ]] ||
+      echo "warning: output_dir=$OUTPUT_DIR lands inside the job's temporary working_dir; pass output_dir=<shared path>" >&2
+    runtime=(--runtime-env-json "$(cluster upload-env "$REPO")")
+    entry+=(python -m pipeline.run "$rel" "${OVERRIDES[@]}")
+  else
+    # Same filesystem: the repo root as working directory (runs/<name> lands there), this
+    # python. bash -c 'cd "$0" && exec "$@"' needs no quoting of the words after it.
+    # shellcheck disable=SC2016
+    entry=(bash -c 'cd "$0" && exec "$@"' "$REPO" "${entry[@]}" "$PYTHON" -m pipeline.run "$CONFIG" "${OVERRIDES[@]}")
+  fi
+  local -a cmd=("$RAY" job submit --address "$DASHBOARD" --submission-id "$JOB_ID" "${runtime[@]}" -- "${entry[@]}")
+  say "${cmd[@]}"
+  ((DRY)) && return 0
+  "${cmd[@]}" &
+  SUBMIT_PID=$!
+  local rc=0
+  wait "$SUBMIT_PID" || rc=$?
+  SUBMIT_PID=
+  if ((rc != 0)); then
+    local code
+    code=$(cluster exit-code "$DASHBOARD" "$JOB_ID" 2> /dev/null || true)
+    [[ $code =~ ^[0-9]+$ && $code != 0 ]] && rc=$code
+  else
+    [[ $UPLOAD == 1 || $OUTPUT_DIR == *://* ]] || echo "outputs: $OUTPUT_DIR"
+  fi
+  JOB_ID=
+  return "$rc"
+}
+
+# --- teardown: only what this script started ------------------------------------------
+STARTED_PIDS=() RAY_TMP='' DRY_STOP=()
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if ((DRY)); then
+    ((${#DRY_STOP[@]} == 0)) || printf '+ %s\n' "${DRY_STOP[@]}"
+    exit "$rc"
+  fi
+  [[ -z $SUBMIT_PID ]] || kill "$SUBMIT_PID" 2> /dev/null || true
+  if [[ -n $JOB_ID && $MODE == address ]]; then
+    echo "stopping job $JOB_ID" >&2
+    "$RAY" job stop --no-wait --address "$DASHBOARD" "$JOB_ID" > /dev/null 2>&1 || true
+  fi
+  if ((${#STARTED_PIDS[@]})); then
+    echo "stopping the Ray processes started here (pids ${STARTED_PIDS[*]})" >&2
+    kill -TERM "${STARTED_PIDS[@]}" 2> /dev/null || true
+    local pid i
+    for pid in "${STARTED_PIDS[@]}"; do
+      for ((i = 0; i < 60; i++)); do kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
+      kill -KILL -- "-$pid" 2> /dev/null || kill -KILL "$pid" 2> /dev/null || true
+    done
+  fi
+  [[ -n $RAY_TMP && -d $RAY_TMP ]] && rm -rf "$RAY_TMP"
+  exit "$rc"
+}
+
+start_local() {
+  local need=${NUM_CPUS:-$(($(nproc) > CPUS_NEEDED ? $(nproc) : CPUS_NEEDED))}
+  local -a ports
+  read -ra ports <<< "$(cluster free-ports 4)"
+  use_token_auth
+  local parent=${PRETRAIN_RAY_TMPDIR:-/tmp}
+  if ((DRY)); then
+    RAY_TMP=$parent/pretrain-ray.XXXXXX
+    say mktemp -d "$RAY_TMP"
+  else
+    RAY_TMP=$(mktemp -d "$parent/pretrain-ray.XXXXXX")
+  fi
+  DASHBOARD=http://127.0.0.1:${ports[1]}
+  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 (Ray swaps a loopback
+  # --node-ip-address for the host's IP otherwise); no drain wait on SIGTERM.
+  local -a head_cmd=(env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+    setsid "$RAY" start --head --block --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1
+    --port "${ports[0]}" --dashboard-port "${ports[1]}" --ray-client-server-port "${ports[2]}"
+    --dashboard-agent-listen-port "${ports[3]}" --num-cpus "$need" --temp-dir "$RAY_TMP"
+    --disable-usage-stats)
+  SAY_TAIL=" > $RAY_TMP/head.log 2>&1 &" say "${head_cmd[@]}"
+  if ! ((DRY)); then
+    (cd "$REPO" && exec "${head_cmd[@]}") > "$RAY_TMP/head.log" 2>&1 &
+    STARTED_PIDS+=($!)
+  fi
+  wait_nodes 1 "${PRETRAIN_WAIT_S:-120}" || { tail -n 20 "$RAY_TMP/head.log" >&2; exit 1; }
+  DRY_STOP=("kill -TERM <pid of ray start --block>  # on exit: stops this cluster only (not ray stop: that stops every Ray on the host)"
+    "rm -rf $RAY_TMP")
+}
+
+wait_nodes() {  # $1 nodes within $2 seconds; gives up early when the head's process ended
+  local -a cmd=("$PYTHON" "$REPO/launch/cluster.py" wait-nodes "$DASHBOARD" "$1" --timeout "$2")
+  ((${#STARTED_PIDS[@]})) && cmd+=(--pid "${STARTED_PIDS[0]}")
+  run "${cmd[@]}"
+}
+
+slurm_hosts() {
+  if [[ -n ${SLURM_HOSTNAMES:-} ]]; then
+    local -a names
+    IFS=$', \t\n' read -ra names <<< "$SLURM_HOSTNAMES"
+    printf '%s\n' "${names[@]}"
+  elif command -v scontrol > /dev/null; then
+    scontrol show hostnames "${SLURM_JOB_NODELIST:?}"
+  elif [[ ${SLURM_JOB_NODELIST:?} != *\[* ]]; then
+    tr ',' '\n' <<< "$SLURM_JOB_NODELIST"
+  else
+    die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST without scontrol; set SLURM_HOSTNAMES"
+  fi
+}
+
+start_slurm() {
+  local names
+  names=$(slurm_hosts) || exit 1
+  local -a hosts
+  mapfile -t hosts <<< "$names"
+  [[ -n ${hosts[0]} ]] || die "no hosts in the SLURM allocation"
+  local head_host=${hosts[0]} cpus=${NUM_CPUS:-${SLURM_CPUS_ON_NODE:-$(nproc)}} gpus=${SLURM_GPUS_ON_NODE:-0}
+  local port=${PRETRAIN_RAY_PORT:-6379} dash=${PRETRAIN_DASHBOARD_PORT:-8265}
+  echo "slurm: head $head_host, workers ${hosts[*]:1}, ${#hosts[@]} node(s) x $cpus CPUs x $gpus GPUs"
+  gpu_overrides $((${#hosts[@]} * gpus))
+  check_config
+  local ip=${PRETRAIN_HEAD_IP:-}
+  if [[ -z $ip ]]; then
+    say srun --nodes=1 --ntasks=1 -w "$head_host" hostname --ip-address
+    if ((DRY)); then ip="<ip of $head_host>"; else
+      ip=$(srun --nodes=1 --ntasks=1 -w "$head_host" hostname --ip-address | awk '{print $1}')
+    fi
+  fi
+  use_token_auth
+  # Workers on other nodes get the token from srun's environment when $HOME is not shared.
+  if [[ ${RAY_AUTH_MODE:-} == token && -z ${RAY_AUTH_TOKEN:-} ]]; then
+    # shellcheck disable=SC2016 # printed, not expanded
+    say export 'RAY_AUTH_TOKEN=$(ray get-auth-token)'
+    ((DRY)) || { RAY_AUTH_TOKEN=$("$RAY" get-auth-token 2> /dev/null); export RAY_AUTH_TOKEN; }
+  fi
+  RAY_TMP=/tmp/ray-slurm-${SLURM_JOB_ID:-0}  # node-local on every node; one per job
+  DASHBOARD=http://$ip:$dash
+  local -a step=(srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus") srun_extra
+  read -ra srun_extra <<< "${PRETRAIN_SRUN_ARGS:-}"
+  step+=("${srun_extra[@]}")
+  local -a common=(--num-cpus "$cpus" --num-gpus "$gpus" --temp-dir "$RAY_TMP" --block --disable-usage-stats)
+  local -a cmd=("${step[@]}" -w "$head_host" env RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 "$RAY" start --head
+    --node-ip-address "$ip" --port "$port" --dashboard-host "$ip" --dashboard-port "$dash" "${common[@]}")
+  SAY_TAIL=" &" say "${cmd[@]}"
+  if ! ((DRY)); then "${cmd[@]}" & STARTED_PIDS+=($!); fi
+  local host
+  for host in "${hosts[@]:1}"; do
+    cmd=("${step[@]}" -w "$host" "$RAY" start --address "$ip:$port" "${common[@]}")
+    SAY_TAIL=" &" say "${cmd[@]}"
+    if ! ((DRY)); then "${cmd[@]}" & STARTED_PIDS+=($!); fi
+  done
+  wait_nodes "${#hosts[@]}" "${PRETRAIN_WAIT_S:-300}"
+  DRY_STOP=("kill -TERM <pids of the srun steps above>  # on exit: each ray start --block stops its node")
+}
+
+sbatch_submit() {
+  local -a extra
+  read -ra extra <<< "$SBATCH_ARGS"
+  check_config
+  run mkdir -p "$REPO/runs/slurm"
+  run env PRETRAIN_REPO="$REPO" sbatch --chdir "$REPO" --output "$REPO/runs/slurm/%x-%j.out" "${extra[@]}" \
+    "$REPO/launch/slurm/pretrain.sbatch" "$CONFIG" "${OVERRIDES[@]}"
+}
+
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+case $MODE in
+  local)
+    gpu_overrides "$(local_gpus)"
+    check_config
+    start_local
+    ;;
+  address)
+    check_config
+    DASHBOARD=$ADDRESS
+    if ! ((DRY)); then
+      auth=$(cluster probe "$ADDRESS" --timeout 5) || exit 1
+      if [[ $auth == token || ($auth == unknown && -z ${RAY_AUTH_MODE:-}) ]] && have_token; then
+        export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
+      elif [[ $auth == token && ${RAY_AUTH_MODE:-} != disabled ]]; then
+        die "$ADDRESS asks for a Ray auth token: put it in ~/.ray/auth_token or \$RAY_AUTH_TOKEN"
+      fi
+    fi
+    ;;
+  slurm)
+    if [[ -z ${SLURM_JOB_ID:-} ]]; then
+      sbatch_submit
+      exit 0
+    fi
+    start_slurm
+    ;;
+esac
+submit

@@ -1,0 +1,249 @@
+"""launch/pretrain.sh: dry runs for every mode, fast failures, and real Ray job round trips.
+
+The slow tests start Ray clusters of their own (own ports, own --temp-dir, a token in the
+environment rather than in ~/.ray) and stop them, leaving any other Ray on the host alone.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+PRETRAIN = ROOT / "launch" / "pretrain.sh"
+RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+# The tiniest real pre-training job: 400 glyphs, 2 steps of one worker, no evaluation.
+TINY = ["train.steps=2", "train.checkpoint_every=2", "demo.per_class=4", "eval.enabled=false",
+        "ray.num_workers=1", "data.micro_batch_size=16", "train.global_batch_size=16",
+        "tracking.system_metrics=false"]
+TOKEN = secrets.token_hex(32)
+
+
+@pytest.fixture
+def ray_tmp():
+    """A parent dir for pretrain.sh's Ray temp dir, short enough for Ray's socket paths."""
+    path = Path(tempfile.mkdtemp(prefix="ptl.", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def launch_env(ray_tmp: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SLURM_", "MLFLOW_"))}
+    # A token in the environment: token auth without writing ~/.ray/auth_token.
+    env.update(RAY_AUTH_TOKEN=TOKEN, RAY_AUTH_MODE="token", DS_ACCELERATOR="cpu")
+    if ray_tmp is not None:
+        env["PRETRAIN_RAY_TMPDIR"] = str(ray_tmp)
+    env.update(extra)
+    return env
+
+
+def pretrain(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PRETRAIN), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.timeout(30)
+def test_help_describes_every_mode():
+    out = subprocess.run([str(PRETRAIN), "--help"], capture_output=True, text=True, check=True).stdout
+    for word in ("--slurm", "--address", "--dry-run", "--num-cpus", "configs/experiment/demo.yaml", "SLURM_HOSTNAMES"):
+        assert word in out
+
+
+@pytest.mark.timeout(60)
+def test_dry_run_local_prints_start_submit_and_stop_and_starts_nothing(ray_tmp):
+    r = pretrain("--dry-run", "train.steps=4", env=launch_env(ray_tmp))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    start = next(line for line in lines if " start --head " in line)
+    assert "--node-ip-address 127.0.0.1" in start and "--dashboard-host 127.0.0.1" in start
+    assert f"--temp-dir {ray_tmp}/pretrain-ray." in start
+    submit = next(line for line in lines if " job submit " in line)
+    assert "-m pipeline.run" in submit and str(ROOT / "configs/experiment/demo.yaml") in submit
+    # The default output_dir (runs/demo) is made absolute under the repo: the job's files land there.
+    assert submit.endswith(f"train.steps=4 output_dir={ROOT}/runs/demo")
+    assert any(line.startswith("+ kill -TERM") for line in lines[lines.index(submit):])
+    assert list(ray_tmp.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hosts_from", ["SLURM_HOSTNAMES", "plain SLURM_JOB_NODELIST"])
+def test_dry_run_slurm_puts_the_head_on_the_first_node_and_a_worker_per_gpu(hosts_from):
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_ON_NODE": "16"}
+    if hosts_from == "SLURM_HOSTNAMES":
+        slurm.update(SLURM_JOB_NODELIST="gpu-[07-09]", SLURM_HOSTNAMES="gpu-07,gpu-08,gpu-09")
+    elif shutil.which("scontrol"):
+        pytest.skip("scontrol is installed: it, not the comma fallback, expands the node list")
+    else:
+        slurm.update(SLURM_JOB_NODELIST="gpu-07,gpu-08,gpu-09")
+    r = pretrain("--slurm", "--dry-run", "data.micro_batch_size=8", "train.global_batch_size=96",
+                 env=launch_env(**slurm))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "head gpu-07, workers gpu-08 gpu-09, 3 node(s) x 16 CPUs x 4 GPUs" in out
+    starts = [line for line in out.splitlines() if " start " in line and line.startswith("+ srun")]
+    assert len(starts) == 3
+    assert "-w gpu-07" in starts[0] and "--head" in starts[0]
+    assert all("--num-gpus 4" in s and "--num-cpus 16" in s for s in starts)
+    assert {s.split(" -w ")[1].split()[0] for s in starts[1:]} == {"gpu-08", "gpu-09"}
+    assert all("--address '<ip of gpu-07>:6379'" in s for s in starts[1:])
+    assert "wait-nodes 'http://<ip of gpu-07>:8265' 3" in out
+    submit = next(line for line in out.splitlines() if " job submit " in line)
+    assert "train.global_batch_size=96 ray.num_workers=12 ray.use_gpu=true" in submit
+
+
+@pytest.mark.timeout(60)
+def test_slurm_outside_an_allocation_submits_the_sbatch_script():
+    r = pretrain("--slurm", "--dry-run", "--sbatch-args", "--nodes=3 --gpus-per-node=4", env=launch_env())
+    assert r.returncode == 0, r.stderr
+    sbatch = next(line for line in r.stdout.splitlines() if " sbatch " in line)
+    assert "--nodes=3 --gpus-per-node=4" in sbatch
+    assert str(ROOT / "launch/slurm/pretrain.sbatch") in sbatch
+
+
+@pytest.mark.timeout(60)
+def test_bad_config_fails_fast_naming_the_key_and_starts_no_ray(ray_tmp):
+    t0 = time.monotonic()
+    r = pretrain("train.loss=bogus", env=launch_env(ray_tmp))
+    assert r.returncode == 2
+    assert "config error" in r.stderr and "train.loss" in r.stderr
+    assert list(ray_tmp.iterdir()) == []
+    assert not processes_mentioning(str(ray_tmp))
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_address_is_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}"
+    r = pretrain("--address", url, *TINY, env=launch_env())
+    assert r.returncode != 0
+    assert f"no Ray dashboard answers at {url}" in r.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_train_dist_dry_run_prints_the_launcher_command(launcher, tiny_shards):
+    r = subprocess.run([str(ROOT / "launch/train_dist.sh"), "--dry-run", "--launcher", launcher, "--nproc", "2",
+                        f"data.train={tiny_shards}"], env=launch_env(), capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stderr
+    expected = {"torchrun": "torchrun --standalone --nproc_per_node 2 -m pipeline.train",
+                "deepspeed": "deepspeed --num_gpus 2 --master_port "}[launcher]
+    assert expected in r.stdout and "ray.num_workers=2" in r.stdout
+
+
+@pytest.mark.timeout(30)
+def test_mlflow_server_dry_run_prints_the_tracking_uri(tmp_path):
+    r = subprocess.run([str(ROOT / "launch/mlflow_server.sh"), "--dry-run", "--dir", str(tmp_path), "--port", "5123"],
+                       capture_output=True, text=True, timeout=25)
+    assert r.returncode == 0, r.stderr
+    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5123" in r.stdout
+    assert f"--backend-store-uri sqlite:///{tmp_path}/mlflow.db --artifacts-destination {tmp_path}/mlartifacts" in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_launch_scripts_are_shellcheck_clean():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not on PATH (apt-get install shellcheck)")
+    scripts = sorted((ROOT / "launch").rglob("*.sh")) + sorted((ROOT / "launch").rglob("*.sbatch"))
+    names = {p.relative_to(ROOT / "launch").as_posix() for p in scripts}
+    assert {"pretrain.sh", "train_dist.sh", "mlflow_server.sh", "slurm/pretrain.sbatch"} <= names
+    r = subprocess.run(["shellcheck", "-s", "bash", *map(str, scripts)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A one-node Ray cluster started here, as `ray start --head` would be on a real head."""
+    tmp = Path(tempfile.mkdtemp(prefix="ptc.", dir="/tmp"))
+    port, dash, client, agent = (free_port() for _ in range(4))
+    env = launch_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+         "--port", str(port), "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent), "--num-cpus", "2", "--temp-dir", str(tmp),
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        subprocess.run([sys.executable, str(ROOT / "launch/cluster.py"), "wait-nodes", url, "1", "--timeout", "120",
+                        "--pid", str(head.pid)], env=env, check=True, timeout=150)
+        yield url
+    finally:
+        head.terminate()
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_job_round_trip_on_an_existing_cluster(ray_cluster, tmp_path):
+    r = pretrain("--address", ray_cluster, *TINY, f"output_dir={tmp_path}/run", env=launch_env(), timeout=280)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "pre-training summary" in r.stdout
+    assert f"outputs: {tmp_path}/run" in r.stdout
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_jobs_exit_code_is_the_launchers(ray_cluster, tmp_path):
+    # Valid config, impossible on a 2-CPU cluster: pipeline.run exits 2 once connected.
+    r = pretrain("--address", ray_cluster, *TINY, "ray.cpus_per_worker=64", f"output_dir={tmp_path}/run",
+                 env=launch_env(), timeout=110)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ray.cpus_per_worker" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_local_mode_stops_its_own_cluster_when_interrupted(ray_tmp, tmp_path):
+    log = tmp_path / "pretrain.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(PRETRAIN), *TINY, "train.steps=1000", f"output_dir={tmp_path}/run"],
+                                env=launch_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Running entrypoint" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(1)
+        assert "Running entrypoint" in log.read_text(), log.read_text()[-3000:]
+        [temp_dir] = ray_tmp.iterdir()
+        assert processes_mentioning(str(temp_dir))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(ray_tmp.iterdir()) == []
+    leftovers = [str(temp_dir), f"output_dir={tmp_path}/run"]  # Ray's processes, the job's driver
+    deadline = time.monotonic() + 20
+    while any(map(processes_mentioning, leftovers)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not any(map(processes_mentioning, leftovers))
