@@ -3,18 +3,46 @@
 Everything is logged with explicit run ids and explicit steps through ``MlflowClient``, so
 a resumed run appends to the same run without duplicated or rewound curves, and several
 processes (training rank 0, eval tasks) can log to one run.
+
+The tracking server is a service that may be down or restarting. A write it does not take
+(connection refused, timeout, 5xx) is appended, with every later write of the process, to
+a spool: an append-only JSONL journal per process under the spool directory. A background
+thread replays the journal in order once the server answers, and ``flush``/``finish`` drain
+it. Replay is idempotent, so a record sent twice (a crash between sending it and noting it
+sent) lands once: metrics keep the timestamp taken when they were logged (the store drops
+an identical (key, value, timestamp, step) row), params and tags are set to the same value,
+artifacts overwrite the same path, and a child run made offline carries a client reference
+tag that replay looks up before creating it. A journal left by a process that died is
+delivered by any other process using the same spool directory (``python -m
+pipeline.evaluate sync`` does it by hand).
 """
 
 from __future__ import annotations
 
+import atexit
+import fcntl
+import json
+import logging
 import os
+import shutil
+import socket
+import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+log = logging.getLogger(__name__)
+
 PARENT_TAG = "mlflow.parentRunId"
+CLIENT_REF_TAG = "pipeline.client_ref"  # lets replay find a run it created before
+PENDING = "pending:"  # prefix of the id of a run created while the server was away
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": 5, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1}
+_RETRY_SECONDS = (1.0, 30.0)  # background replay: first wait, longest wait
 
 
 def tracking_uri(cfg) -> str:
@@ -26,22 +54,59 @@ def tracking_uri(cfg) -> str:
     return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
-class Tracker:
-    """Logs to one MLflow run (``run_id``) of one tracking store."""
+def spool_dir(cfg) -> str:
+    """Where a run's undelivered writes wait: ``tracking.spool_dir`` or the run dir's."""
+    return cfg.tracking.spool_dir or str(Path(cfg.output_dir).resolve() / "mlflow_spool")
 
-    def __init__(self, uri: str, run_id: str):
-        self.uri, self.run_id = uri, run_id
-        self.client = MlflowClient(tracking_uri=uri)
+
+def default_spool_dir() -> str:
+    return os.environ.get("PIPELINE_MLFLOW_SPOOL") or str(Path(tempfile.gettempdir()) / "vit-mlflow-spool")
+
+
+def configure_http(timeout_s: int | None = None, max_retries: int | None = None) -> None:
+    """Short MLflow HTTP timeouts and few retries (defaults: 120 s, 7 retries, minutes of backoff).
+
+    Values given here win; otherwise an operator's environment wins over ours.
+    """
+    for key, default in _HTTP_ENV.items():
+        os.environ.setdefault(key, str(default))
+    if timeout_s is not None:
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+    if max_retries is not None:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(int(max_retries))
+
+
+class Tracker:
+    """Logs to one MLflow run (``run_id``) of one tracking store, spooling through outages."""
+
+    def __init__(self, uri: str, run_id: str, spool_dir: str | None = None, flush_timeout_s: float = 120.0):
+        configure_http()
+        self.uri, self._run_id = uri, run_id
+        self.client = _client(uri)
+        self.journal = _journal(spool_dir or default_spool_dir())
+        self.flush_timeout_s = flush_timeout_s
+        self._experiment_id: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        """The run's id; a run created offline gets its server id once replay made it."""
+        return self.journal.resolve(self._run_id)
 
     @classmethod
     def start(cls, cfg, run_id: str | None = None) -> Tracker:
-        """Create the pre-training run, or resume ``run_id`` (or ``cfg.tracking.run_id``)."""
+        """Create the pre-training run, or resume ``run_id`` (or ``cfg.tracking.run_id``).
+
+        Resuming works while the server is away (the status change is spooled); creating a
+        run needs the server, since its id goes into every checkpoint.
+        """
+        configure_http(cfg.tracking.http_timeout_s, cfg.tracking.http_max_retries)
         uri = tracking_uri(cfg)
-        client = MlflowClient(tracking_uri=uri)
         run_id = run_id or cfg.tracking.run_id
         if run_id:
-            client.update_run(run_id, status="RUNNING")
-            return cls(uri, run_id)
+            tracker = cls(uri, run_id, spool_dir(cfg), cfg.tracking.flush_timeout_s)
+            tracker._write({"op": "update_run", "run": run_id, "status": "RUNNING"})
+            return tracker
+        client = _client(uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             artifacts = None
@@ -51,49 +116,577 @@ class Tracker:
         else:
             exp_id = exp.experiment_id
         run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags={"pipeline.kind": "pretrain"})
-        return cls(uri, run.info.run_id)
+        return cls(uri, run.info.run_id, spool_dir(cfg), cfg.tracking.flush_timeout_s)
+
+    # ------------------------------------------------------------ writes (spooled when offline)
 
     def log_params(self, params: dict) -> None:
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        items = [[k, _param_value(v)] for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self._write({"op": "log_batch", "run": self._run_id, "params": items[i : i + 100]})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [[k, float(v), now, int(step)] for k, v in metrics.items()]
+        self._write({"op": "log_batch", "run": self._run_id, "metrics": batch})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / Path(artifact_file).name
+            path.write_text(text)
+            self.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, path, artifact_path)
+        self._write({"op": "log_artifact", "run": self._run_id, "file": str(path), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self._write({"op": "log_batch", "run": self._run_id, "tags": [[k, str(v)] for k, v in tags.items()]})
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        """Mark the run ended and wait (``flush_timeout_s``) for the spool to drain."""
+        self._write({"op": "set_terminated", "run": self._run_id, "status": status, "end_time": int(time.time() * 1000)})
+        self.flush(self.flush_timeout_s)
 
     def child(self, name: str, tags: dict[str, str]) -> Tracker:
-        """A nested run under this one (``mlflow.parentRunId`` set), e.g. one eval."""
-        parent = self.client.get_run(self.run_id)
-        run = self.client.create_run(
-            parent.info.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id, **{k: str(v) for k, v in tags.items()}}
-        )
-        return Tracker(self.uri, run.info.run_id)
+        """A nested run under this one (``mlflow.parentRunId`` set), e.g. one eval.
+
+        Made offline when the server is away: its writes are spooled under a pending id.
+        """
+        ref = uuid.uuid4().hex
+        record = {"op": "create_run", "ref": PENDING + ref, "parent": self._run_id, "experiment_id": self._experiment(),
+                  "run_name": name, "tags": {CLIENT_REF_TAG: ref, **{k: str(v) for k, v in tags.items()}},
+                  "start_time": int(time.time() * 1000)}
+        created = self._write(record)
+        # An eval's child never waits for the server: its spool drains in the background.
+        child = Tracker(self.uri, created or record["ref"], str(self.journal.dir), flush_timeout_s=0.0)
+        child._experiment_id = record["experiment_id"]
+        return child
+
+    def register_model(self, name: str, artifact_path: str) -> None:
+        """Register ``runs:/<run>/<artifact_path>`` as a new version of model ``name`` (once)."""
+        self._write({"op": "register", "run": self._run_id, "name": name, "artifact_path": artifact_path})
+
+    def _write(self, record: dict) -> str | None:
+        """Send ``record`` now, or spool it when the server is away or earlier ones wait."""
+        record["uri"] = self.uri
+        j = self.journal
+        with j.lock:
+            if not j.idle():
+                j.append(record)
+                return None
+            try:
+                return _apply(record, j.refs)
+            except Exception as e:
+                if not _transient(e):
+                    raise
+                log.warning("MLflow at %s did not take a write (%s); spooling to %s until it answers", self.uri, _short(e), j.path_hint())
+                j.append(record)
+                return None
+
+    # ------------------------------------------------------------ delivery
+
+    def flush(self, timeout: float | None = 0.0) -> bool:
+        """Deliver this process's spool and those dead processes left for this server; True when none is left.
+
+        ``timeout`` 0 tries once; None waits as long as it takes.
+        """
+        return self.journal.flush(timeout, self.uri)
+
+    def pending(self) -> int:
+        """Writes of this process not delivered yet."""
+        return len(self.journal.queue)
+
+    def close(self) -> None:
+        """Try once more, then let other processes deliver what is left (the spool stays)."""
+        self.journal.flush(0.0)
+
+    # ------------------------------------------------------------ reads (need the server)
 
     def children(self, extra_filter: str = "") -> list:
         """Child runs of this run, e.g. to skip checkpoints that were evaluated already."""
-        parent = self.client.get_run(self.run_id)
         query = f"tags.`{PARENT_TAG}` = '{self.run_id}'" + (f" and {extra_filter}" if extra_filter else "")
-        return self.client.search_runs([parent.info.experiment_id], filter_string=query, max_results=10_000)
+        return self.client.search_runs([self._experiment(required=True)], filter_string=query, max_results=10_000)
+
+    def spooled_children(self) -> list[dict]:
+        """Tags of child runs of this run waiting in the spool, with ``status`` once ended."""
+        return self.journal.spooled_children(self.run_id)
 
     def metric_history(self, key: str) -> list:
         return self.client.get_metric_history(self.run_id, key)
+
+    def _experiment(self, required: bool = False) -> str | None:
+        if self._experiment_id is None and not self.run_id.startswith(PENDING):
+            try:
+                self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            except Exception as e:
+                if required or not _transient(e):
+                    raise
+        return self._experiment_id
+
+
+class SystemMetrics:
+    """CPU, memory, disk, network and GPU use, sampled into ``system/...`` metrics of a run.
+
+    MLflow's monitors do the sampling; logging goes through the tracker, so samples taken
+    while the server is away are spooled (MLflow's own ``SystemMetricsMonitor`` stops for
+    good at the first failed request), and the step is whole seconds since the run started,
+    so a resumed run continues its curves instead of restarting them at step 0.
+    """
+
+    def __init__(self, tracker: Tracker, interval_s: float = 10.0, node: str | None = None):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.tracker, self.interval_s = tracker, interval_s
+        self.prefix = "system/" + (f"{node}/" if node else "")
+        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        try:
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            self.monitors.append(GPUMonitor())
+        except Exception:  # no NVIDIA GPU or no pynvml
+            pass
+        try:
+            self.t0 = tracker.client.get_run(tracker.run_id).info.start_time / 1000
+        except Exception:
+            self.t0 = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        """Collect once and log; a failure is logged and sampling goes on."""
+        try:
+            metrics = {}
+            for m in self.monitors:
+                m.collect_metrics()
+                metrics.update(m.aggregate_metrics())
+                m.clear_metrics()
+            self.tracker.log_metrics({self.prefix + k: v for k, v in metrics.items()}, int(time.time() - self.t0))
+        except Exception as e:
+            log.warning("system metrics sample failed: %s", e)
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def log_final_weights(tracker: Tracker, ckpt_dir: str, tag: str, register_as: str | None = None) -> str:
+    """Log a checkpoint's consolidated fp32 weights (safetensors) with its config and meta.
+
+    Artifacts go to ``final_weights/`` of the tracker's run; with ``register_as`` that folder
+    becomes a new version of that registered model (once per run). Returns the artifact path.
+    """
+    from pipeline import checkpoint
+
+    artifact_path = "final_weights"
+    tag_dir = Path(ckpt_dir) / tag
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "model.safetensors"
+        checkpoint.export_safetensors(ckpt_dir, tag, str(out))
+        tracker.log_artifact(str(out), artifact_path)
+    for name in ("config.yaml", "meta.json"):
+        if (tag_dir / name).is_file():
+            tracker.log_artifact(str(tag_dir / name), artifact_path)
+    tracker.set_tags({"pipeline.final_checkpoint": tag})
+    if register_as:
+        tracker.register_model(register_as, artifact_path)
+    return artifact_path
+
+
+# ---------------------------------------------------------------- applying one write
+
+
+_CLIENTS: dict[str, MlflowClient] = {}
+
+
+def _client(uri: str) -> MlflowClient:
+    if uri not in _CLIENTS:
+        _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
+    return _CLIENTS[uri]
+
+
+def _apply(record: dict, refs: dict[str, str]) -> str | None:
+    """Perform one write; idempotent, so a replayed record lands once. Returns a created run's id."""
+    client = _client(record["uri"])
+    op = record["op"]
+    run = refs.get(record.get("run"), record.get("run"))
+    if op == "log_batch":
+        client.log_batch(
+            run,
+            metrics=[Metric(k, v, ts, step) for k, v, ts, step in record.get("metrics", [])],
+            params=[Param(k, v) for k, v in record.get("params", [])],
+            tags=[RunTag(k, v) for k, v in record.get("tags", [])],
+        )
+    elif op == "log_artifact":
+        if not Path(record["file"]).exists():
+            raise _Permanent(f"artifact file {record['file']} is gone")
+        _with_timeout(int(os.environ.get("PIPELINE_MLFLOW_ARTIFACT_TIMEOUT", 600)),
+                      client.log_artifact, run, record["file"], record.get("artifact_path"))
+    elif op == "set_terminated":
+        client.set_terminated(run, status=record["status"], end_time=record.get("end_time"))
+    elif op == "update_run":
+        client.update_run(run, status=record["status"])
+    elif op == "create_run":
+        return _create_run(client, record, refs)
+    elif op == "register":
+        _register(client, run, record["name"], record["artifact_path"])
+    else:
+        raise ValueError(f"unknown spool record op {op!r}")
+    return None
+
+
+def _create_run(client: MlflowClient, record: dict, refs: dict[str, str]) -> str:
+    parent = refs.get(record["parent"], record["parent"])
+    if parent.startswith(PENDING):
+        raise _Permanent(f"parent run {parent} was never created")
+    exp = record.get("experiment_id") or client.get_run(parent).info.experiment_id
+    ref = record["tags"][CLIENT_REF_TAG]
+    found = client.search_runs([exp], filter_string=f"tags.`{CLIENT_REF_TAG}` = '{ref}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(exp, start_time=record.get("start_time"), run_name=record.get("run_name"),
+                                   tags={PARENT_TAG: parent, **record["tags"]}).info.run_id
+    refs[record["ref"]] = run_id
+    return run_id
+
+
+def _register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> None:
+    source = f"runs:/{run_id}/{artifact_path}"
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    if any(v.source == source for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")):
+        return
+    client.create_model_version(name, source=source, run_id=run_id, tags={"pipeline.artifact_path": artifact_path})
+
+
+_ENV_LOCK = threading.Lock()
+
+
+def _with_timeout(seconds: int, fn, *args):
+    """Artifacts (large weights) get a longer HTTP timeout than the other requests."""
+    with _ENV_LOCK:
+        old = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(seconds, int(old or 0)))
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_TIMEOUT", None)
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = old
+
+
+_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+
+
+class _Permanent(Exception):
+    """A spooled record that can never be sent (its run was never created, its file is gone)."""
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth retrying later: the server (or the network, or the store) is away, not the request wrong."""
+    if isinstance(e, MlflowException):
+        # Connection refused, timeouts and exhausted retries come as INTERNAL_ERROR too.
+        return e.error_code in _TRANSIENT_CODES
+    import requests
+
+    return isinstance(e, (OSError, requests.exceptions.RequestException))
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return s if len(s) < 200 else s[:197] + "..."
 
 
 def _param_value(v) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+# ---------------------------------------------------------------- the spool
+
+
+class _Journal:
+    """This process's spool file in one directory, and delivery of it and of orphans.
+
+    ``<host>-<pid>-<rand>.jsonl`` holds the records (appended, fsync'd); ``.state.json``
+    beside it the last delivered ``seq`` and the ids replay gave to runs made offline. The
+    owner holds an exclusive ``flock`` on its file for life, so a file whose lock can be
+    taken belongs to a dead (or closed) process and may be delivered by anyone.
+    """
+
+    def __init__(self, directory: str):
+        self.dir = Path(directory)
+        self.lock = threading.RLock()
+        self._delivering = threading.Lock()
+        self.queue: list[dict] = []
+        self.refs: dict[str, str] = {}
+        self.seq = 0
+        self.path: Path | None = None
+        self._fh = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+
+    def path_hint(self) -> str:
+        return str(self.path or self.dir)
+
+    def idle(self) -> bool:
+        return not self.queue
+
+    def resolve(self, run_id: str) -> str:
+        return self.refs.get(run_id, run_id)
+
+    def append(self, record: dict) -> None:
+        with self.lock:
+            if record["op"] == "log_artifact":
+                record = {**record, "file": self._keep(record["file"])}
+            self.seq += 1
+            record = {**record, "seq": self.seq}
+            fh = self._open()
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+            self.queue.append(record)
+        self._start_thread()
+
+    def _open(self):
+        if self._fh is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+            tmp = self.dir / (name + ".new")
+            fh = open(tmp, "a")  # noqa: SIM115 -- held (and locked) for the process's life
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            os.replace(tmp, self.dir / name)  # visible to others only once locked
+            self._fh, self.path = fh, self.dir / name
+        return self._fh
+
+    def _keep(self, path: str) -> str:
+        """A copy of an artifact file in the spool (the original is often a temp file)."""
+        dst = self.dir / "blobs" / uuid.uuid4().hex / Path(path).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dst)
+        return str(dst)
+
+    # ------------------------------------------------------------ delivery
+
+    def deliver(self) -> bool:
+        """Send queued records in order; stop at the first transient failure. True if none left.
+
+        The network calls run outside ``lock``, so logging goes on (into the queue) meanwhile.
+        """
+        with self._delivering:
+            while True:
+                with self.lock:
+                    if not self.queue:
+                        return True
+                    record = self.queue[0]
+                try:
+                    _apply(record, self.refs)
+                except Exception as e:
+                    if _transient(e):
+                        return False
+                    _reject(self.path, record, e)
+                with self.lock:
+                    self.queue.pop(0)
+                    _write_state(self.path, record["seq"], self.refs)
+                _drop_blob(record)
+
+    def flush(self, timeout: float | None, uri: str | None = None) -> bool:
+        deadline = None if timeout is None else time.time() + timeout
+        wait = _RETRY_SECONDS[0]
+        while True:
+            own = self.deliver()
+            others = deliver_orphans(self.dir, exclude=self.path, uri=uri)
+            if own and others:
+                return True
+            if deadline is not None and time.time() + wait > deadline:
+                if not own and timeout:
+                    log.warning("%d MLflow writes still spooled in %s; they are sent when the server answers "
+                                "(or run: python -m pipeline.evaluate sync %s)", len(self.queue), self.path, self.dir)
+                return False
+            time.sleep(wait)
+            wait = min(wait * 2, _RETRY_SECONDS[1])
+
+    def _start_thread(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+
+        def loop():
+            wait = _RETRY_SECONDS[0]
+            while self.queue:
+                self._wake.wait(wait)
+                self._wake.clear()
+                uri = self.queue[0]["uri"] if self.queue else None
+                if uri and server_up(uri) and self.deliver():
+                    log.info("MLflow at %s is back; spooled writes delivered", uri)
+                    return
+                wait = min(wait * 2, _RETRY_SECONDS[1])
+
+        self._thread = threading.Thread(target=loop, name="mlflow-spool", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """At exit: one last try; an undelivered file stays for another process to deliver."""
+        with self.lock:
+            if self._fh is None:
+                return
+            if self.queue:
+                self.deliver()
+            done = not self.queue
+            fh, self._fh = self._fh, None
+            if done:
+                _remove(self.path)
+            fh.close()  # releases the lock
+
+    def spooled_children(self, parent: str) -> list[dict]:
+        out: dict[str, dict] = {}
+        for path in sorted(self.dir.glob("*.jsonl")) if self.dir.is_dir() else []:
+            for record in _read_records(path):
+                if record["op"] == "create_run" and self.resolve(record["parent"]) == parent:
+                    out[record["ref"]] = dict(record["tags"])
+                elif record["op"] == "set_terminated" and record["run"] in out:
+                    out[record["run"]]["status"] = record["status"]
+        return list(out.values())
+
+
+def server_up(uri: str, timeout: float = 2.0) -> bool:
+    """Whether an HTTP tracking server answers ``/health`` (other stores: assume yes)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=timeout).status_code == 200
+    except requests.exceptions.RequestException:
+        return False
+
+
+def deliver_orphans(directory: str | os.PathLike, exclude: Path | None = None, uri: str | None = None) -> bool:
+    """Deliver the journals of dead processes in ``directory`` (those for ``uri`` only, if
+    given); True if none is left."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return True
+    clean = True
+    for path in sorted(directory.glob("*.jsonl")):
+        if path == exclude:
+            continue
+        try:
+            fh = open(path, "a")  # noqa: SIM115
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its process is alive and delivers it itself
+            fh.close()
+            continue
+        try:
+            clean &= _deliver_file(path, uri)
+        finally:
+            fh.close()
+    return clean
+
+
+def _deliver_file(path: Path, uri: str | None = None) -> bool:
+    if not path.exists():  # delivered and removed by another process meanwhile
+        return True
+    state = _read_state(path)
+    refs = state["refs"]
+    records = [r for r in _read_records(path) if r["seq"] > state["delivered"]]
+    if uri is not None and records and records[0]["uri"] != uri:
+        return True  # another server's: left to its own processes (or to `sync`)
+    for record in records:
+        try:
+            _apply(record, refs)
+        except Exception as e:
+            if _transient(e):
+                return False
+            _reject(path, record, e)
+        _write_state(path, record["seq"], refs)
+        _drop_blob(record)
+    _remove(path)
+    log.info("delivered the spooled MLflow writes of %s", path.name)
+    return True
+
+
+def _read_records(path: Path) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash mid-write: never sent
+                break
+    return records
+
+
+def _state_path(path: Path) -> Path:
+    return path.with_name(path.name + ".state.json")
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return json.loads(_state_path(path).read_text())
+    except FileNotFoundError:
+        return {"delivered": 0, "refs": {}}
+
+
+def _write_state(path: Path | None, seq: int, refs: dict[str, str]) -> None:
+    if path is None:
+        return
+    tmp = _state_path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"delivered": seq, "refs": refs}))
+    os.replace(tmp, _state_path(path))
+
+
+def _reject(path: Path | None, record: dict, e: Exception) -> None:
+    """A record the server refuses for good (e.g. a changed param) is set aside, not retried."""
+    log.error("MLflow refused a spooled %s write (%s); kept in %s.rejected", record["op"], _short(e), path)
+    if path is not None:
+        with open(path.with_name(path.name + ".rejected"), "a") as f:
+            f.write(json.dumps({**record, "error": _short(e)}) + "\n")
+
+
+def _drop_blob(record: dict) -> None:
+    if record["op"] == "log_artifact" and "/blobs/" in record["file"]:
+        shutil.rmtree(Path(record["file"]).parent, ignore_errors=True)
+
+
+def _remove(path: Path | None) -> None:
+    if path is None:
+        return
+    for p in (path, _state_path(path)):
+        p.unlink(missing_ok=True)
+
+
+_JOURNALS: dict[tuple[int, str], _Journal] = {}
+_JOURNALS_LOCK = threading.Lock()
+
+
+def _journal(directory: str) -> _Journal:
+    """The one journal of this process for ``directory`` (trackers of a process share it)."""
+    key = (os.getpid(), str(Path(directory).resolve()))
+    with _JOURNALS_LOCK:
+        if key not in _JOURNALS:
+            _JOURNALS[key] = _Journal(key[1])
+        return _JOURNALS[key]
+
+
+@atexit.register
+def _close_journals() -> None:
+    for (pid, _), j in list(_JOURNALS.items()):
+        if pid == os.getpid():
+            try:
+                j.close()
+            except Exception as e:  # exiting anyway; the file stays for another process
+                log.warning("closing MLflow spool %s: %s", j.path_hint(), e)

@@ -1,0 +1,218 @@
+"""Transfer evaluation from the command line (console script ``vit-eval``).
+
+    python -m pipeline.evaluate watch <checkpoint dir URL> [config.yaml] [key=value ...]
+        [--run-id ID] [--tracking-uri URI] [--once] [--until-final] [--no-ray] [--spool-dir DIR]
+    python -m pipeline.evaluate checkpoint <checkpoint dir URL> <tag> [config.yaml] [key=value ...] [...]
+    python -m pipeline.evaluate sync [spool dir]
+
+The eval config is the pre-training config saved with the checkpoints (its ``eval`` and
+``tracking`` sections), then ``config.yaml`` (e.g. ``configs/eval/finetune_digits.yaml``),
+then ``key=value`` overrides. The run logged to is ``--run-id``, else the config's
+``tracking.run_id``, else ``mlflow_run_id`` of the checkpoint's meta.json; the server is
+``--tracking-uri``, else $MLFLOW_TRACKING_URI, else the config's ``tracking.uri``, else
+``mlflow_uri`` of meta.json.
+
+``watch`` polls the directory (local path or any fsspec URL) and evaluates each complete
+checkpoint once (a restarted watcher skips what MLflow already records); ``--once`` does
+one pass, waits for it and exits; ``--until-final`` exits after the last pre-training step.
+``sync`` delivers MLflow writes left in a spool by processes that ended during an outage.
+Exit status: 0 done, 1 an evaluation failed, 2 a bad config or argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.config import Config, ConfigError, _read_yaml
+
+log = logging.getLogger("pipeline.evaluate")
+
+
+def _meta_and_config(url: str, tag: str) -> tuple[dict, DictConfig | None]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    base = f"{root.rstrip('/')}/{tag}"
+    with fs.open(f"{base}/meta.json", "r") as f:
+        meta = json.load(f)
+    cfg = None
+    if fs.exists(f"{base}/config.yaml"):
+        with fs.open(f"{base}/config.yaml", "r") as f:
+            cfg = OmegaConf.create(f.read())
+    return meta, cfg
+
+
+def resolve(url: str, tag: str | None, path: str | None, overrides: list[str]) -> tuple[DictConfig, dict]:
+    """The full config (checkpoint's, then file, then overrides) and the checkpoint's meta."""
+    meta, saved = _meta_and_config(url, tag) if tag else ({}, None)
+    try:
+        cfg = OmegaConf.structured(Config)
+        if saved is not None:
+            cfg = OmegaConf.merge(cfg, saved)
+        if path:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path).resolve()))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, raw = item.split("=", 1)
+            OmegaConf.update(cfg, key.strip(), OmegaConf.from_dotlist([f"v={raw}"])["v"], merge=True)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config key {getattr(e, 'full_key', None) or getattr(e, 'key', None)!r}: {e}") from None
+    from pipeline.evaluate.runner import validate_eval
+
+    validate_eval(cfg.eval)
+    return cfg, meta
+
+
+def _tracking(args, cfg: DictConfig, meta: dict) -> tuple[str | None, str | None]:
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or meta.get("mlflow_uri")
+    run_id = args.run_id or cfg.tracking.run_id or meta.get("mlflow_run_id")
+    return uri, run_id
+
+
+def _connect_ray(cfg: DictConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL") if k in os.environ}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, runtime_env={"env_vars": env}, **({} if address else {"dashboard_host": "127.0.0.1"}))
+
+
+def cmd_watch(args) -> int:
+    from pipeline.evaluate.watch import Watcher, complete_tags
+
+    tags = complete_tags(args.ckpt_dir)
+    while not tags and not args.config:  # the config and run id come with the first checkpoint
+        if args.once:
+            print(f"no complete checkpoint in {args.ckpt_dir} and no config given", file=sys.stderr)
+            return 2
+        time.sleep(args.poll_seconds or 5.0)
+        tags = complete_tags(args.ckpt_dir)
+    cfg, meta = resolve(args.ckpt_dir, tags[0] if tags else None, args.config, args.overrides)
+    uri, run_id = _tracking(args, cfg, meta)
+    if not (uri and run_id):
+        raise ConfigError("watch needs a tracking URI and a run id (--tracking-uri/--run-id, the config or meta.json)")
+    if args.poll_seconds:
+        cfg.eval.poll_seconds = args.poll_seconds
+    use_ray = not args.no_ray
+    if use_ray:
+        _connect_ray(cfg)
+    watcher = Watcher(cfg.eval, args.ckpt_dir, uri, run_id, spool_dir=args.spool_dir, use_ray=use_ray)
+    log.info("watching %s for run %s at %s", args.ckpt_dir, run_id, uri)
+    try:
+        while True:
+            watcher.poll()
+            if args.once or (args.until_final and _final_evaluated(args.ckpt_dir, watcher)):
+                break
+            time.sleep(cfg.eval.poll_seconds)
+    except KeyboardInterrupt:
+        log.info("stopping; evaluations in flight are waited for")
+    watcher.finish()
+    watcher.tracker.flush(cfg.tracking.flush_timeout_s)
+    for tag, err in watcher.failed.items():
+        print(f"evaluation of {tag} failed: {err}", file=sys.stderr)
+    return 1 if watcher.failed else 0
+
+
+def _final_evaluated(url: str, watcher) -> bool:
+    """Whether the checkpoint of the last pre-training step is evaluated and nothing runs."""
+    from pipeline.checkpoint import step_of
+    from pipeline.evaluate.watch import complete_tags
+
+    tags = complete_tags(url)
+    if not tags or tags[-1] not in (watcher.done or ()) or watcher.pending:
+        return False
+    meta, _ = _meta_and_config(url, tags[-1])
+    return bool(meta.get("total_steps")) and step_of(tags[-1]) >= meta["total_steps"]
+
+
+def cmd_checkpoint(args) -> int:
+    from pipeline.evaluate.watch import evaluate_url
+
+    cfg, meta = resolve(args.ckpt_dir, args.tag, args.config, args.overrides)
+    uri, run_id = _tracking(args, cfg, meta)
+    result = evaluate_url(cfg.eval, args.ckpt_dir, args.tag, uri, run_id, args.spool_dir)
+    print(json.dumps(_jsonable(result), indent=2))
+    return 0
+
+
+def cmd_sync(args) -> int:
+    from pipeline.tracking import default_spool_dir, deliver_orphans
+
+    directory = args.spool_dir or default_spool_dir()
+    ok = deliver_orphans(directory)
+    print(f"{directory}: {'everything delivered' if ok else 'some writes are still waiting for the server'}")
+    return 0 if ok else 1
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items() if k != "confusion"}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("rest", nargs="*", help="[config.yaml] [key=value ...]")
+        sp.add_argument("--run-id", help="the pre-training run to log to (default: from the config or meta.json)")
+        sp.add_argument("--tracking-uri")
+        sp.add_argument("--spool-dir", help="where writes wait while the server is away")
+
+    w = sub.add_parser("watch", help="evaluate every complete checkpoint of a directory, once")
+    w.add_argument("ckpt_dir")
+    common(w)
+    w.add_argument("--once", action="store_true", help="one pass, wait for it, exit")
+    w.add_argument("--until-final", action="store_true", help="exit once the last pre-training step is evaluated")
+    w.add_argument("--no-ray", action="store_true", help="evaluate in this process instead of Ray tasks")
+    w.add_argument("--poll-seconds", type=float, default=0.0)
+    c = sub.add_parser("checkpoint", help="evaluate one checkpoint")
+    c.add_argument("ckpt_dir")
+    c.add_argument("tag")
+    common(c)
+    s = sub.add_parser("sync", help="deliver spooled MLflow writes of ended processes")
+    s.add_argument("spool_dir", nargs="?")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = parser()
+    args, extra = p.parse_known_args(argv)  # key=value may also follow the options
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    rest = getattr(args, "rest", []) + extra
+    args.config = rest[0] if rest and "=" not in rest[0] else None
+    args.overrides = rest[1:] if args.config else rest
+    try:
+        return {"watch": cmd_watch, "checkpoint": cmd_checkpoint, "sync": cmd_sync}[args.command](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

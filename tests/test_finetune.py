@@ -1,0 +1,126 @@
+"""Fine-tuning transfer (paper B.1.1) on a one-rank DeepSpeed engine, on scikit-learn's digits."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_watcher import make_checkpoints, write_digits_shards
+
+from pipeline import checkpoint
+from pipeline.config import Config, FineTuneConfig, _read_yaml
+from pipeline.data import ShardIndex, iter_tar_samples
+from pipeline.evaluate.finetune import (
+    build_engine,
+    eval_batches,
+    finetune_eval,
+    in_dev,
+    load_for_finetune,
+    lr_factor,
+)
+from pipeline.model import resize_pos_embed
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return write_digits_shards(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A 16 px vit_tiny_test with a pre-logits layer, as pre-trained (ZeRO-2, one rank)."""
+    return make_checkpoints(tmp_path_factory.mktemp("pretrain"), [0], representation_size=24)
+
+
+def digits_finetune(digits, **overrides):
+    """configs/eval/finetune_digits.yaml, with the shards of this test."""
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(CONFIGS / "eval" / "finetune_digits.yaml"), {"output_dir": "/unused"})
+    ft = cfg.eval.finetune[0]
+    ft.train, ft.test = digits
+    return OmegaConf.merge(ft, overrides)
+
+
+@pytest.mark.timeout(120)
+def test_the_model_is_rebuilt_at_the_new_resolution_with_interpolated_positions_and_a_zero_head(ckpt):
+    pretrained = checkpoint.load_fp32_weights(ckpt, "step_00000000")
+    model = load_for_finetune(ckpt, "step_00000000", num_classes=10, image_size=24)
+    assert model.spec.img_size == 24 and model.patch_embed.grid == 6
+    assert model.pre_logits is None and model.num_features == 32  # pre-logits dropped with the head
+    assert model.head.out_features == 10 and not model.head.weight.any() and not model.head.bias.any()
+    pos = model.pos_embed.detach()
+    assert pos.shape == (1, 1 + 36, 32)
+    assert torch.equal(pos[:, :1], pretrained["pos_embed"][:, :1])  # the class token's own embedding
+    assert torch.allclose(pos, resize_pos_embed(pretrained["pos_embed"], 6, 1))
+    assert torch.equal(model.blocks[1].mlp.fc2.weight.detach(), pretrained["blocks.1.mlp.fc2.weight"])
+    assert model(torch.zeros(2, 3, 24, 24)).shape == (2, 10)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        load_for_finetune(ckpt, "step_00000000", num_classes=10, image_size=26)
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert lr_factor(10 + 45 // 2, 10, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 90)))
+    assert lr_factor(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr_factor(s, 10, 100) >= lr_factor(s + 1, 10, 100) for s in range(10, 100))
+
+
+def test_the_dev_part_is_a_fixed_fraction_of_the_train_split_and_the_same_every_time(digits):
+    train, _ = digits
+    keys = [s["__key__"] for url, _ in ShardIndex.load(train).shards for s in iter_tar_samples(url)]
+    dev = [k for k in keys if in_dev(k, 0.15)]
+    assert 0.11 < len(dev) / len(keys) < 0.19
+    assert dev == [k for k in keys if in_dev(k, 0.15)]
+    assert dev != [k for k in keys if in_dev(k, 0.15, seed=1)]
+    assert not any(in_dev(k, 0.0) for k in keys)
+    assert sum(len(y) for _, y in eval_batches(train, 16, 100, 1.0, dev_fraction=0.15)) == len(dev)
+
+
+@pytest.mark.timeout(120)
+def test_the_engine_is_deepspeed_with_sgd_momentum_no_weight_decay_clipping_and_the_schedule(ckpt, digits):
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline.evaluate.finetune import init_single_rank
+
+    init_single_rank()
+    ft = digits_finetune(digits, image_size=24, steps=10, warmup_steps=2, batch_size=8, micro_batch_size=4)
+    engine = build_engine(load_for_finetune(ckpt, "step_00000000", 10, 24), ft, lr=0.03)
+    assert isinstance(engine, DeepSpeedEngine)
+    assert engine.gradient_clipping() == 1.0 and engine.gradient_accumulation_steps() == 2
+    (group,) = engine.optimizer.param_groups
+    assert group["momentum"] == 0.9 and group["weight_decay"] == 0.0 and not group["nesterov"]
+    assert engine.get_lr()[0] == pytest.approx(0.03 * 0.5)  # first warmup step of 2
+    engine.destroy()
+
+
+@pytest.mark.timeout(180)
+def test_finetuning_on_digits_picks_an_lr_on_dev_and_beats_chance_on_test(ckpt, digits):
+    ft = digits_finetune(digits, image_size=24, batch_size=16, lrs=[0.01, 0.1])
+    assert ft.steps == 30 and ft.dev_fraction == 0.15 and ft.final_on_full_train
+    result = finetune_eval(ft, ckpt, "step_00000000")
+    assert set(result["dev_top1"]) == {0.01, 0.1}
+    assert result["best_lr"] == max(result["dev_top1"], key=result["dev_top1"].get)
+    assert set(result["curves"]) == {"lr_0.01", "lr_0.1", "final"} and len(result["curves"]["final"]) == 30
+    assert result["test_samples"] == 500 and result["confusion"].sum() == 500
+    assert result["top1"] > 0.15, result  # chance is 0.1 (sd 0.013 on 500 images); ~0.2 after 30 steps from random init
+    assert np.trace(result["confusion"]) / 500 == pytest.approx(result["top1"])
+
+
+def test_the_paper_transfer_configs_hold_the_papers_numbers():
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(CONFIGS / "eval" / "finetune_paper.yaml"),
+                          _read_yaml(CONFIGS / "eval" / "fewshot_paper.yaml"))
+    steps = {ft.name: ft.steps for ft in cfg.eval.finetune}
+    assert steps == {"imagenet": 20_000, "cifar10": 10_000, "cifar100": 10_000, "pets": 500, "flowers102": 500}
+    for ft in cfg.eval.finetune:
+        assert OmegaConf.to_object(ft).__class__ is FineTuneConfig
+        assert ft.batch_size == 512 and ft.image_size == 384 and list(ft.lrs) == [0.001, 0.003, 0.01, 0.03]
+        assert ft.momentum == 0.9 and ft.grad_clip == 1.0 and ft.train.endswith("train_index.json")
+    assert [fs.name for fs in cfg.eval.fewshot] == list(steps)
+    assert all(list(fs.shots) == [1, 5, 10, 25] and fs.seeds == 3 and fs.l2 == 1024 for fs in cfg.eval.fewshot)
