@@ -117,7 +117,8 @@ gpu_overrides() {  # $1: total GPUs of the cluster
 
 check_config() {  # validates, then sets NAME and OUTPUT_DIR
   local out
-  out=$("$PYTHON" "$REPO/launch/validate.py" --print name --print output_dir --print ray.num_workers \
+  # From the repo: a relative output_dir (runs/<name>) is made absolute under it.
+  out=$(cd "$REPO" && "$PYTHON" "$REPO/launch/validate.py" --print name --print output_dir --print ray.num_workers \
     --print ray.cpus_per_worker --print eval.enabled --print eval.num_cpus "$CONFIG" "${OVERRIDES[@]}") || exit $?
   local -a v
   mapfile -t v <<< "$out"
@@ -143,10 +144,10 @@ local_gpus() {
 JOB_ID='' SUBMIT_PID='' DASHBOARD=''
 submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with the job's code
   JOB_ID=pretrain-$(tr -c 'A-Za-z0-9_-' '-' <<< "$NAME" | sed 's/-$//')-$(date +%Y%m%d-%H%M%S)
-  if ((!UPLOAD)) && [[ $OUTPUT_DIR != /* && $OUTPUT_DIR != *://* ]]; then
-    # Absolute, so that paths interpolated from ${output_dir} (data.train, ...) mean the same
-    # in Ray's workers, whose working directory is Ray's, not the repository.
-    OUTPUT_DIR=$REPO/$OUTPUT_DIR
+  if ((!UPLOAD)) && [[ $OUTPUT_DIR != *://* ]]; then
+    # Absolute (resolved under the repo by check_config), so that paths interpolated from
+    # ${output_dir} (data.train, ...) mean the same in Ray's workers, whose working
+    # directory is Ray's, not the repository.
     OVERRIDES+=("output_dir=$OUTPUT_DIR")
   fi
   # The job's environment from this shell (not credentials: those belong to the cluster).

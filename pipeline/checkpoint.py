@@ -71,8 +71,10 @@ def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
          "--num_extract_workers", "1", "--num_merge_workers", "1"],
         check=True,
     )
-    for name in ("meta.json", "config.yaml"):
-        shutil.copy2(src / name, dst / name)
+    # Rank files too: their data-stream positions tell a resume on another world size where
+    # the next pass starts (see ``load``).
+    for path in [src / "meta.json", src / "config.yaml", *sorted(src.glob("rank_*.pt"))]:
+        shutil.copy2(path, dst / path.name)
     _write_atomic(dst / MARKER, "")
     return str(dst)
 
@@ -117,8 +119,12 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
 def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
     """Load engine state (model, optimizer, scheduler) and this rank's own state.
 
-    Returns ``(meta, rank_state)``; ``rank_state`` is None when the rank file is absent
-    (resuming on another world size), and RNG states are then left alone.
+    Returns ``(meta, rank_state)``. On the world size it was saved with, ``rank_state`` is this
+    rank's own (data-stream position; RNG states restored). On another world size (a universal
+    checkpoint) it holds only ``{"data": ...}`` merged from every saved rank, RNG states are
+    left alone, and the data stream, seeing another world size, starts at the pass after the
+    furthest one any reader had begun: the rest of an interrupted pass is skipped, no sample
+    of it is repeated. ``rank_state`` is None when no rank file is there.
     """
     tag_dir = Path(ckpt_dir) / tag
     if not (tag_dir / MARKER).is_file():
@@ -133,7 +139,17 @@ def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
     if rank_file.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
         rank_state = torch.load(rank_file, weights_only=False)
         set_rng_state(rank_state.pop("rng"))
+    elif rank_files := sorted(tag_dir.glob("rank_*.pt")):
+        rank_state = {"data": _merged_data_state(rank_files)}
     return meta, rank_state
+
+
+def _merged_data_state(rank_files: list[Path]) -> dict:
+    """Every saved reader's position in one data-stream state (as saved: old world size)."""
+    states = [torch.load(f, weights_only=False).get("data") or {} for f in rank_files]
+    positions = [pos for s in states for pos in s.get("positions", {}).values()]
+    return {"batches": 0, "positions": {str(i): list(p) for i, p in enumerate(positions)},
+            "world_size": states[0].get("world_size"), "num_workers": states[0].get("num_workers")}
 
 
 def load_fp32_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:

@@ -9,6 +9,18 @@
 5. trains on a Ray Train ``TorchTrainer`` worker group, one DeepSpeed engine per worker,
    while a watcher evaluates every finished checkpoint as Ray tasks;
 6. waits for the last evaluations and prints a summary and the command to open the UI.
+
+Recovery:
+- a worker that dies (SIGKILL, OOM, a lost node): Ray Train restarts the worker group up to
+  ``ray.max_failures`` times and every worker resumes from the latest complete checkpoint;
+  rank 0 does not log again the steps the MLflow run already has (no duplicated curves);
+- the driver dies: rerun the same command (same ``name``/``output_dir``): training resumes from
+  the latest checkpoint and ``<output_dir>/mlflow_run_id`` continues the same MLflow run;
+- SIGTERM to this driver (preemption, ``scancel``, ``kill``): it writes ``<output_dir>/STOP``, the
+  workers checkpoint at the next step boundary and exit, and the job exits with status
+  ``EXIT_STOPPED`` (3) after printing how to resume (rerun the same command);
+- ``ray.storage_path`` on object storage (s3://...): checkpoints are also uploaded there (marker
+  last) and a worker whose local dir lacks the latest one downloads it (``pipeline.storage``).
 """
 
 from __future__ import annotations
@@ -25,6 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import ConfigError, load_config, to_flat_dict, to_yaml
 
 log = logging.getLogger("pipeline.run")
+
+EXIT_STOPPED = 3  # stopped on request (SIGTERM) with a checkpoint saved: rerun the same command to resume
 
 
 def _train_worker(config: dict) -> None:
@@ -52,11 +66,30 @@ def connect_ray(cfg: DictConfig) -> None:
             env[var] = os.environ[var]
     runtime_env = {"env_vars": env}
     if address:
+        _check_reachable(address)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         need = cfg.ray.num_workers * cfg.ray.cpus_per_worker + (cfg.eval.num_cpus if cfg.eval.enabled else 0)
         num_cpus = max(int(need + 0.999), os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", runtime_env=runtime_env)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A quick TCP check of a ``host:port`` Ray address: ``ray.init`` retries an unreachable GCS
+    for about a minute before it fails."""
+    import socket
+
+    if address == "auto" or "://" in address and not address.startswith("ray://"):
+        return  # "auto" (a local cluster's address file) or a job-server URL: left to Ray
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"ray.address: cannot reach a Ray cluster at {address} ({e}); "
+                          "start one (ray start --head) or fix ray.address / $RAY_ADDRESS") from None
 
 
 def check_resources(cfg: DictConfig) -> None:
@@ -102,8 +135,18 @@ def fit(cfg: DictConfig) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline import storage as object_storage
+
     backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if cfg.ray.use_gpu else "gloo")
     storage = cfg.ray.storage_path or str((Path(cfg.output_dir) / "ray").resolve())
+    storage_fs = None
+    if object_storage.is_remote(storage):
+        # Through fsspec (s3fs honours AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL), as our own uploads.
+        import fsspec
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, storage = fsspec.core.url_to_fs(storage)
+        storage_fs = PyFileSystem(FSSpecHandler(fs))
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=OmegaConf.to_container(cfg, resolve=True),
@@ -111,14 +154,16 @@ def fit(cfg: DictConfig) -> None:
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
         ),
-        run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+        run_config=RunConfig(name=cfg.name, storage_path=storage, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
     )
     trainer.fit()
 
 
 def run_job(cfg: DictConfig) -> dict:
+    from pipeline import checkpoint
     from pipeline.evaluate.watch import Watcher
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, log_final_weights, spool_dir
 
     t_start = time.time()
     out = Path(cfg.output_dir).resolve()
@@ -126,6 +171,7 @@ def run_job(cfg: DictConfig) -> dict:
     OmegaConf.update(cfg, "output_dir", str(out))
     connect_ray(cfg)
     check_resources(cfg)
+    stop_file = _install_stop_handler(out)
     prep = prepare_data(cfg)
 
     run_id_file = out / "mlflow_run_id"
@@ -140,32 +186,65 @@ def run_job(cfg: DictConfig) -> dict:
     (out / "config.yaml").write_text(to_yaml(cfg))
 
     watcher = None
-    if cfg.eval.enabled and cfg.eval.fewshot:
-        watcher = Watcher(cfg.eval, str(out / "checkpoints"), tracker.uri, tracker.run_id)
+    if cfg.eval.enabled and (cfg.eval.fewshot or cfg.eval.finetune):
+        watcher = Watcher(cfg.eval, str(out / "checkpoints"), tracker.uri, tracker.run_id, spool_dir=spool_dir(cfg))
         watcher.start()
     status = "FAILED"
     try:
         t_train = time.time()
         fit(cfg)
         train_seconds = time.time() - t_train
-        status = "FINISHED"
+        done = json.loads((out / "train_summary.json").read_text())
+        stopped = stop_file.exists() and done["step"] < done["total_steps"]  # a graceful stop (SIGTERM) before the end
+        status = "KILLED" if stopped else "FINISHED"
     finally:
         evals = watcher.finish() if watcher else {}
+        if status == "FINISHED" and (last := checkpoint.latest_tag(out / "checkpoints")):
+            log_final_weights(tracker, str(out / "checkpoints"), last, register_as=cfg.tracking.register_model)
         tracker.finish(status)
     train_summary = json.loads((out / "train_summary.json").read_text())
     summary = _summary(cfg, tracker, prep, train_summary, evals, train_seconds, time.time() - t_start)
+    summary["stopped"] = stopped
+    stop_file.unlink(missing_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
+    if summary["stopped"]:
+        print(f"\nstopped on request at step {summary['final_step']} of {train_summary.get('total_steps', '?')}, "
+              f"checkpoint saved in {out / 'checkpoints'}; to resume, rerun the same command "
+              f"(same name and output_dir): {' '.join(sys.argv)}", flush=True)
     return summary
+
+
+def _install_stop_handler(out: Path) -> Path:
+    """SIGTERM to the driver becomes a graceful stop: ``<output_dir>/STOP``, which every training
+    worker checks at each step boundary (``pipeline.train.stop_requested``). Replaces Ray's own
+    driver handler (exit at once). A stale STOP file of an earlier run is removed first."""
+    import signal
+
+    from pipeline.train import STOP_FILE
+
+    stop_file = out / STOP_FILE
+    stop_file.unlink(missing_ok=True)
+
+    def handler(signum, frame):
+        if not stop_file.exists():
+            stop_file.write_text(f"signal {signum} at {time.time():.0f}\n")
+            print("SIGTERM: stopping at the next step boundary after a checkpoint (send SIGKILL to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGTERM, handler)
+    return stop_file
 
 
 def _summary(cfg, tracker, prep, train_summary, evals, train_seconds, total_seconds) -> dict:
     ips = [m.value for m in tracker.metric_history("train/images_per_s")]
     by_step = sorted(evals.values(), key=lambda r: r["step"])
-    fewshot = {}
+    fewshot, finetune = {}, {}
     for r in by_step:
-        for name, res in r["fewshot"].items():
+        for name, res in r.get("fewshot", {}).items():
             fewshot.setdefault(name, {})[r["step"]] = {int(k): v["mean"] for k, v in res.items()}
+        for name, res in r.get("finetune", {}).items():
+            finetune.setdefault(name, {})[r["step"]] = res["top1"]
     return {
         "run_id": tracker.run_id,
         "tracking_uri": tracker.uri,
@@ -177,6 +256,7 @@ def _summary(cfg, tracker, prep, train_summary, evals, train_seconds, total_seco
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,
         "fewshot": fewshot,
+        "finetune": finetune,
     }
 
 
@@ -191,6 +271,10 @@ def _print_summary(s: dict) -> None:
         for step, acc in steps.items():
             label = "random init" if step == 0 else f"step {step}"
             print(f"few-shot {name:<10} {label:>12}: " + "  ".join(f"{k}-shot {v:.3f}" for k, v in sorted(acc.items())))
+    for name, steps in s.get("finetune", {}).items():
+        for step, top1 in steps.items():
+            label = "random init" if step == 0 else f"step {step}"
+            print(f"fine-tune {name:<9} {label:>12}: top-1 {top1:.3f}")
     uri = s["tracking_uri"]
     print(f"MLflow run {s['run_id']}; open the UI with:\n  mlflow ui --backend-store-uri {uri}")
 
@@ -201,15 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
         cfg = load_config(path, argv[1:] if path else argv)
+        from pipeline.evaluate.runner import validate_eval
+
+        validate_eval(cfg.eval)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        run_job(cfg)
+        summary = run_job(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_STOPPED if summary.get("stopped") else 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pipeline import checkpoint
 from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
 from pipeline.data import ShardIndex, StreamSpec, TrainStream, to_model_input
 from pipeline.model import create_model, flops_per_image
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, tracking_uri
 
 log = logging.getLogger("pipeline.train")
 
@@ -175,6 +175,18 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     )
 
 
+def resume_source(cfg: DictConfig) -> tuple[str, str] | None:
+    """``(checkpoint dir, tag)`` to start from: the run's own latest complete checkpoint (a rerun
+    after a stop or preemption keeps its progress), else ``train.resume_from``, else None."""
+    own = str(Path(cfg.output_dir) / "checkpoints")
+    if (tag := checkpoint.latest_tag(own)) is not None:
+        return own, tag
+    if cfg.train.resume_from:
+        src = Path(cfg.train.resume_from)
+        return str(src.parent), src.name
+    return None
+
+
 def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, device: torch.device):
     """Model, optimizer and schedule wrapped in a DeepSpeed engine (same init on every rank)."""
     import deepspeed
@@ -184,7 +196,8 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     optimizer = _build_optimizer(cfg, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr)
     ds_config = deepspeed_config(cfg, world)
-    if cfg.train.resume_from and checkpoint.is_universal(cfg.train.resume_from):
+    src = resume_source(cfg)
+    if src and checkpoint.is_universal(Path(*src)):
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, scheduler
@@ -207,20 +220,17 @@ def _train(cfg: DictConfig):
     steps = total_steps(cfg, index.num_samples)
     accum = batch_split(cfg, world)
     ckpt_dir = str(Path(cfg.output_dir) / "checkpoints")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # every rank writes here (sample keys) before any save
+    _sync_from_storage(cfg, ckpt_dir)  # recovery: object-storage checkpoint newer than the local ones
     engine, scheduler = build_engine(cfg, num_classes, steps, world, device)
     model = engine.module
     image_size = model.spec.img_size
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # dropout differs per rank
 
     meta, rank_state = {}, None
-    if cfg.train.resume_from:
-        src = Path(cfg.train.resume_from)
-        tag = src.name
-        meta, rank_state = checkpoint.load(engine, str(src.parent), tag)
-        log.info("started from %s at step %d", src, engine.global_steps)
-    elif (tag := checkpoint.latest_tag(ckpt_dir)) is not None:
-        meta, rank_state = checkpoint.load(engine, ckpt_dir, tag)
-        log.info("resumed from %s/%s at step %d", ckpt_dir, tag, engine.global_steps)
+    if (src := resume_source(cfg)) is not None:
+        meta, rank_state = checkpoint.load(engine, *src)
+        log.info("resumed from %s/%s at step %d", *src, engine.global_steps)
     step = engine.global_steps
     samples_seen = int(meta.get("samples_seen", 0))
 
@@ -229,15 +239,19 @@ def _train(cfg: DictConfig):
         batch_size=cfg.data.micro_batch_size, image_size=image_size, num_classes=num_classes, seed=cfg.train.seed,
         shuffle_block=cfg.data.shuffle_block, crop_area=(cfg.data.crop_min_area, cfg.data.crop_max_area), flip=cfg.data.flip,
     )
+    rng = checkpoint.rng_state()
     stream = TrainStream(spec, (rank_state or {}).get("data"))
+    checkpoint.set_rng_state(rng)  # the DataLoader seeds its workers from the global RNG: keep dropout's stream exact on resume
 
     tracker = None
     if rank == 0:
         # A resumed run keeps its MLflow run, so curves continue instead of restarting.
-        tracker = Tracker.start(cfg, run_id=cfg.tracking.run_id or meta.get("mlflow_run_id"))
-        if not (cfg.tracking.run_id or meta.get("mlflow_run_id")):
+        run_id = _mlflow_run_to_resume(cfg, meta)
+        tracker = Tracker.start(cfg, run_id=run_id)
+        if not run_id:
             tracker.log_params(to_flat_dict(cfg))
             tracker.log_text(to_yaml(cfg), "config.yaml")
+    logged_upto = _last_logged_step(tracker) if tracker is not None else 0  # recovery: steps logged before a restart
     monitor = _system_metrics(cfg, tracker)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
     config_yaml = to_yaml(cfg)
@@ -248,9 +262,11 @@ def _train(cfg: DictConfig):
 
     def save(at_step: int) -> None:
         meta = {"samples_seen": samples_seen, "world_size": world, "total_steps": steps, "num_classes": num_classes,
-                "model": cfg.model.name, "image_size": image_size, "mlflow_run_id": tracker.run_id if tracker else None}
+                "model": cfg.model.name, "image_size": image_size, "mlflow_run_id": tracker.run_id if tracker else None,
+                "mlflow_uri": tracker.uri if tracker else None}
         t = checkpoint.save(engine, ckpt_dir, at_step, meta, {"data": stream.state_dict()}, config_yaml, cfg.train.keep_checkpoints)
         log.info("checkpoint %s/%s saved", ckpt_dir, t)
+        _upload_to_storage(cfg, ckpt_dir, t)  # recovery: mirror to object storage, marker last
 
     if step == 0 and cfg.train.checkpoint_at_start and not checkpoint.complete_tags(ckpt_dir):
         save(0)
@@ -271,7 +287,7 @@ def _train(cfg: DictConfig):
         step = engine.global_steps
         samples_seen += cfg.train.global_batch_size
         window_n += 1
-        stop = torch.tensor(float(preempt.requested), device=device)
+        stop = torch.tensor(float(preempt.requested or stop_requested(cfg)), device=device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
 
         if step % cfg.train.log_every == 0 or step == steps:
@@ -290,7 +306,7 @@ def _train(cfg: DictConfig):
             }
             if peak:
                 metrics["train/mfu"] = ips * flops / (peak * world)
-            if rank == 0:
+            if rank == 0 and step > logged_upto:  # steps redone after a restart were logged already
                 log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f images/s %.1f mem %.2fGiB",
                          step, steps, last_loss, metrics["train/lr"], metrics["train/grad_norm"], ips, mem.item())
                 tracker.log_metrics(metrics, step)
@@ -304,7 +320,9 @@ def _train(cfg: DictConfig):
             log.info("stopping at step %d (train.stop_at_step); rerun the same command to resume", step)
             break
         if stop.item():
-            log.warning("SIGTERM: checkpoint saved at step %d; rerun the same command to resume", step)
+            preempt.requested = True
+            log.warning("stop requested (SIGTERM or %s file): checkpoint saved at step %d; rerun the same command to resume",
+                        STOP_FILE, step)
             break
 
     if keys_file:
@@ -314,6 +332,68 @@ def _train(cfg: DictConfig):
     summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested),
                "samples_seen": samples_seen, "run_id": tracker.run_id if tracker else None}
     return summary, engine
+
+
+# ---------------------------------------------------------------- recovery (see pipeline/run.py)
+
+STOP_FILE = "STOP"  # <output_dir>/STOP: the driver's graceful-stop request (written on SIGTERM)
+
+
+def stop_requested(cfg: DictConfig) -> bool:
+    """Whether the driver asked for a graceful stop (checkpoint at this step boundary, exit)."""
+    return (Path(cfg.output_dir) / STOP_FILE).exists()
+
+
+def _last_logged_step(tracker: Tracker) -> int:
+    """The highest step of ``train/loss`` already in the run (steps redone after a restart are not
+    logged again); 0 when the store cannot be read."""
+    try:
+        return max((m.step for m in tracker.metric_history("train/loss")), default=0)
+    except Exception as e:  # an unreachable server: log everything, the store keeps the last value
+        log.warning("could not read the logged steps of run %s: %s", tracker.run_id, e)
+        return 0
+
+
+def _sync_from_storage(cfg: DictConfig, ckpt_dir: str) -> None:
+    """Each node's local rank 0 fetches the latest complete object-storage checkpoint when its
+    own checkpoint dir has none as new; everybody waits for it."""
+    from pipeline import storage
+
+    remote = storage.remote_ckpt_dir(cfg)
+    if remote is None:
+        return
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        storage.download_latest(remote, ckpt_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _upload_to_storage(cfg: DictConfig, ckpt_dir: str, tag: str) -> None:
+    """Each node's local rank 0 uploads its files, then global rank 0 the marker (all ranks call)."""
+    from pipeline import storage
+
+    remote = storage.remote_ckpt_dir(cfg)
+    if remote is None:
+        return
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        storage.upload(ckpt_dir, tag, remote, marker=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        storage.upload(ckpt_dir, tag, remote, marker=True)
+
+
+def _mlflow_run_to_resume(cfg: DictConfig, meta: dict) -> str | None:
+    """The configured MLflow run, else the checkpoint's run when it lives in this run's tracking
+    store; a checkpoint carried to another store (e.g. a universal one in a new output_dir) starts
+    a new run there instead of failing on an unknown run id."""
+    if cfg.tracking.run_id:
+        return cfg.tracking.run_id
+    run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
+    if run_id and uri is not None and uri != tracking_uri(cfg):
+        log.warning("checkpoint's MLflow run %s is in %s, not in %s: starting a new run", run_id, uri, tracking_uri(cfg))
+        return None
+    return run_id
 
 
 def _system_metrics(cfg: DictConfig, tracker: Tracker | None):
