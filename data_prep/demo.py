@@ -64,7 +64,7 @@ def _place(
     ctrl = ctrl + rng.normal(0.0, 0.03, ctrl.shape)
     angle = rng.uniform(-0.3, 0.3)
     c, s = np.cos(angle), np.sin(angle)
-    scale = size * rng.uniform(0.8, 1.15) * np.array([rng.uniform(0.85, 1.0), 1.0])
+    scale = size * rng.uniform(0.8, 1.15) * np.array([rng.uniform(0.7, 1.0), 1.0])
     shift = rng.uniform(-0.06, 0.06, 2)
     return ctrl @ np.array([[c, s], [-s, c]]) * scale + centre + shift
 
@@ -73,17 +73,17 @@ def _draw(strokes: list[np.ndarray], rng: np.random.Generator, out_size: int) ->
     """Render strokes (canvas units) as bright on black, degraded like the upsampled digits."""
     if rng.random() < 0.5:
         # The digits' own path: a binary 32x32 bitmap, 4x4 block averages, bilinear up.
-        canvas, width = _BITMAP, int(rng.integers(2, 5))
+        canvas, width = _BITMAP, int(rng.integers(3, 6))
         img = Image.new("L", (canvas, canvas), 0)
         _stroke(ImageDraw.Draw(img), strokes, canvas, width)
         img = img.resize((_DIGIT_GRID, _DIGIT_GRID), Image.BOX)
         return img.resize((out_size, out_size), Image.BILINEAR)
     canvas = 2 * out_size
-    width = max(1, round(rng.uniform(0.05, 0.13) * canvas))
+    width = max(1, round(rng.uniform(0.09, 0.16) * canvas))
     img = Image.new("L", (canvas, canvas), 0)
     _stroke(ImageDraw.Draw(img), strokes, canvas, width)
     img = img.resize((out_size, out_size), Image.BOX)
-    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.6) * out_size / 32))
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 2.0) * out_size / 32))
 
 
 def _stroke(draw: ImageDraw.ImageDraw, strokes: list[np.ndarray], canvas: int, width: int) -> None:
@@ -97,7 +97,7 @@ def render_glyph(
 ) -> Image.Image:
     """One sample (RGB, size x size) showing each template once; two share the canvas."""
     if len(templates) == 1:
-        placed = [_place(templates[0], rng, 0.8, np.array([0.5, 0.5]))]
+        placed = [_place(templates[0], rng, 0.9, np.array([0.5, 0.5]))]
     else:
         # Side by side, in random order, each at half the size.
         order = rng.permutation(len(templates))
