@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,10 +30,10 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "vit_b16"
     num_classes: int = 0  # 0: take it from the training index
-    img_size: Optional[int] = None  # None: the variant's own
-    patch_size: Optional[int] = None
+    img_size: int | None = None  # None: the variant's own
+    patch_size: int | None = None
     pool: str = "token"  # token | gap
-    representation_size: Optional[int] = None  # the paper's pre-logits layer
+    representation_size: int | None = None  # the paper's pre-logits layer
     dropout: float = 0.0
     grad_checkpointing: bool = False
 
@@ -77,7 +77,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0: look it up for known GPUs
     log_sample_keys: bool = False  # write each step's sample keys (resume checks)
     stop_at_step: int = 0  # checkpoint and stop here (time-boxed allocations); 0: run to the end
-    resume_from: Optional[str] = None  # a checkpoint tag dir to start from; None: latest in output_dir
+    resume_from: str | None = None  # a checkpoint tag dir to start from; None: latest in output_dir
 
 
 @dataclass
@@ -152,26 +152,26 @@ class EvalConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite under output_dir
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under output_dir
     experiment: str = "vit-pretrain"
-    run_name: Optional[str] = None
-    run_id: Optional[str] = None  # set by the driver; resumes that run
+    run_name: str | None = None
+    run_id: str | None = None  # set by the driver; resumes that run
     system_metrics: bool = True
-    spool_dir: Optional[str] = None  # writes the server did not take; None: <output_dir>/mlflow_spool
+    spool_dir: str | None = None  # writes the server did not take; None: <output_dir>/mlflow_spool
     http_timeout_s: int = 5  # per request, so a dead server costs seconds
     http_max_retries: int = 1
     flush_timeout_s: float = 120.0  # how long finishing a run waits for the spool to drain
-    register_model: Optional[str] = None  # register the final weights under this name
+    register_model: str | None = None  # register the final weights under this name
 
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # None: $RAY_ADDRESS, else a local instance
+    address: str | None = None  # None: $RAY_ADDRESS, else a local instance
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
-    storage_path: Optional[str] = None  # None: <output_dir>/ray
+    storage_path: str | None = None  # None: <output_dir>/ray
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
 
 

@@ -416,7 +416,7 @@ def _system_metrics(cfg: DictConfig, tracker: Tracker | None):
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    path = argv[0] if argv and not ("=" in argv[0]) else None
+    path = argv[0] if argv and "=" not in argv[0] else None
     cfg = load_config(path, argv[1:] if path else argv)
     summary = train(cfg)
     if dist.get_rank() == 0:

@@ -56,6 +56,15 @@ def write_shards(out: Path, num_classes: int = 4, per_shard: list[int] | None = 
     return str(path)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """A test must not leak environment (mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> str:
     return write_shards(tmp_path_factory.mktemp("shards"))

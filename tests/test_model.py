@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from pipeline.model import VARIANTS, count_params, create_model, flops_per_image, get_spec, resize_pos_embed
+from pipeline.model import (
+    VARIANTS,
+    count_params,
+    create_model,
+    flops_per_image,
+    get_spec,
+    resize_pos_embed,
+)
 
 # Paper Table 1 (B, L, H) and vit_jax/big_vision for Ti, S, g; 224 px, 1000-class head.
 PAPER_PARAMS = {"vit_ti16": 5.7e6, "vit_s16": 22.1e6, "vit_b16": 86e6, "vit_l16": 307e6, "vit_h14": 632e6, "vit_g14": 1.0e9}

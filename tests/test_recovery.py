@@ -22,9 +22,8 @@ import time
 
 import psutil
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT
+from mlflow.tracking import MlflowClient
 
 TINY = [
     "demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.global_batch_size=32",

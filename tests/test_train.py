@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port, write_shards
 
 WORKER = ROOT / "tests" / "workers" / "ds_check.py"
@@ -17,6 +16,7 @@ WORKER = ROOT / "tests" / "workers" / "ds_check.py"
 
 def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # each run's own sqlite store
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", *args]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
