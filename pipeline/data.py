@@ -26,7 +26,7 @@ import math
 import posixpath
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -365,16 +365,25 @@ class TrainStream:
 # ---------------------------------------------------------------- evaluation sets
 
 
-def iter_eval_batches(index_url: str, image_size: int, batch_size: int, crop_ratio: float = 0.875) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every sample of a split in index order: ``(images in [-1, 1] NCHW, first label)``.
+def iter_eval_batches(
+    index_url: str, image_size: int, batch_size: int, crop_ratio: float = 0.875,
+    keep: Callable[[str], bool] | None = None, raw: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every sample of a split in index order (those whose key ``keep`` accepts):
+    ``(images, first label)``, images in [-1, 1] NCHW, or uint8 NHWC when ``raw``.
 
     Corrupt samples are skipped with a warning.
     """
-    index = ShardIndex.load(index_url)
+    def batch(images: list[np.ndarray], labels: list[int]):
+        x = torch.from_numpy(np.stack(images))
+        return (x if raw else to_model_input(x)), torch.tensor(labels)
+
     images: list[np.ndarray] = []
     labels: list[int] = []
-    for url, _ in index.shards:
+    for url, _ in ShardIndex.load(index_url).shards:
         for sample in iter_tar_samples(url):
+            if keep is not None and not keep(sample["__key__"]):
+                continue
             try:
                 images.append(decode_eval(sample["jpg"], image_size, crop_ratio))
                 labels.append(sample_labels(sample)[0])
@@ -382,7 +391,7 @@ def iter_eval_batches(index_url: str, image_size: int, batch_size: int, crop_rat
                 log.warning("skipping eval sample %s of %s (%s)", sample.get("__key__"), url, e)
                 continue
             if len(images) == batch_size:
-                yield to_model_input(torch.from_numpy(np.stack(images))), torch.tensor(labels)
+                yield batch(images, labels)
                 images, labels = [], []
     if images:
-        yield to_model_input(torch.from_numpy(np.stack(images))), torch.tensor(labels)
+        yield batch(images, labels)

@@ -38,8 +38,8 @@ from pipeline import checkpoint
 from pipeline.config import from_container
 from pipeline.data import (
     ShardIndex,
-    decode_eval,
     decode_train,
+    iter_eval_batches,
     iter_tar_samples,
     sample_labels,
     to_model_input,
@@ -139,23 +139,9 @@ class TrainBatches(torch.utils.data.IterableDataset):
 
 def eval_batches(index_url: str, image_size: int, batch_size: int, crop_ratio: float,
                  dev_fraction: float = 0.0, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every sample of a split (only its dev part when ``dev_fraction`` > 0), in index order."""
-    images, labels = [], []
-    for url, _ in ShardIndex.load(index_url).shards:
-        for sample in iter_tar_samples(url):
-            if dev_fraction > 0 and not in_dev(sample["__key__"], dev_fraction, seed):
-                continue
-            try:
-                images.append(decode_eval(sample["jpg"], image_size, crop_ratio))
-                labels.append(sample_labels(sample)[0])
-            except Exception as e:
-                log.warning("skipping eval sample %s of %s (%s)", sample.get("__key__"), url, e)
-                continue
-            if len(images) == batch_size:
-                yield torch.from_numpy(np.stack(images)), torch.tensor(labels)
-                images, labels = [], []
-    if images:
-        yield torch.from_numpy(np.stack(images)), torch.tensor(labels)
+    """Every sample of a split (only its dev part when ``dev_fraction`` > 0), in index order, uint8 NHWC."""
+    keep = (lambda key: in_dev(key, dev_fraction, seed)) if dev_fraction > 0 else None
+    return iter_eval_batches(index_url, image_size, batch_size, crop_ratio, keep=keep, raw=True)
 
 
 @torch.no_grad()
