@@ -75,15 +75,9 @@ while (($#)); do
   esac
   shift
 done
-CONFIG=${CONFIG:-$REPO/configs/experiment/demo.yaml}
-[[ -f $CONFIG ]] || { echo "error: experiment config not found: $CONFIG" >&2; exit 2; }
-CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
-
-if [[ -f $REPO/.venv/bin/activate ]]; then
-  # shellcheck source=/dev/null
-  source "$REPO/.venv/bin/activate"
-fi
-PYTHON=$(command -v python3 || command -v python)
+# shellcheck source=launch/common.sh
+source "$REPO/launch/common.sh"
+resolve_config_and_python
 RAY=$(dirname "$PYTHON")/ray
 [[ -x $RAY ]] || RAY=ray
 
