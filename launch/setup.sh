@@ -1,46 +1,75 @@
 #!/usr/bin/env bash
 # Set up the project in ./.venv: torch first (the CPU build where no GPU is present, so an
 # unpinned torch never pulls a multi-GB CUDA build; a machine with a GPU keeps or gets a
-# CUDA build), then this package and its dependencies.
+# CUDA build), then this package and its dependencies with the installed torch pinned, so
+# no later resolver step can swap it for another build.
 #
-#   launch/setup.sh          # runtime
-#   launch/setup.sh --dev    # + test tools (pytest, moto, s3fs, ruff; shellcheck via apt-get when root)
+#   launch/setup.sh            # runtime
+#   launch/setup.sh --dev      # + test tools (pytest, moto, s3fs, ruff; shellcheck via apt-get when root)
+#   launch/setup.sh --fresh    # delete .venv first (what CI does)
+#   launch/setup.sh --locked   # install the known-good versions of requirements.lock
+#   launch/setup.sh --venv DIR # another venv directory (default .venv)
 #
 # Environment: PYTHON (interpreter for the venv, default python3), TORCH_INDEX_URL (a
 # wheel index for torch, e.g. PyTorch's CPU index on machines without a local CPU wheel).
+# Writes DIR/freeze.txt (the exact versions installed) and prints the venv's size.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-dev=0
-for arg in "$@"; do
-  case "$arg" in
+dev=0 fresh=0 locked=0 venv=.venv
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dev) dev=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
+    --fresh) fresh=1 ;;
+    --locked) locked=1 ;;
+    --venv) venv=${2:?--venv needs a directory}; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
+  shift
 done
 
-if [ ! -x .venv/bin/python ]; then
-  "${PYTHON:-python3}" -m venv .venv
+start=$(date +%s)
+if [ "$fresh" = 1 ]; then rm -rf "$venv"; fi
+if [ ! -x "$venv/bin/python" ]; then
+  "${PYTHON:-python3}" -m venv "$venv"
 fi
-py=.venv/bin/python
-"$py" -m pip install -q --upgrade pip
+py=$venv/bin/python
+"$py" -m pip install -q --upgrade "pip<27"
 
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 if ! "$py" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if has_gpu; then
     "$py" -m pip install -q "torch>=2.4,<2.15"
   else
     "$py" -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   fi
 fi
 
-if [ "$dev" = 1 ]; then
-  "$py" -m pip install -q -e ".[dev]"
-  if ! command -v shellcheck >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null) || echo "setup.sh: could not install shellcheck" >&2
-  fi
-else
-  "$py" -m pip install -q -e .
+# Pin the torch that is now installed (e.g. 2.13.0+cpu) for every later install: pip 26
+# otherwise replaces a CPU build with the newest CUDA one that the package's range allows.
+torch_version=$("$py" -c "import torch; print(torch.__version__)")
+constraints=$venv/constraints.txt
+echo "torch==$torch_version" >"$constraints"
+if [ "$locked" = 1 ]; then
+  grep -v -i -E '^(torch|vit-pretrain)[ =]' requirements.lock >>"$constraints"
 fi
+
+extra=""
+if [ "$dev" = 1 ]; then extra="[dev]"; fi
+"$py" -m pip install -q -c "$constraints" -e ".$extra"
+if [ "$dev" = 1 ] && ! command -v shellcheck >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null) || echo "setup.sh: could not install shellcheck" >&2
+fi
+
+now=$("$py" -c "import torch; print(torch.__version__)")
+if [ "$now" != "$torch_version" ]; then
+  echo "setup.sh: torch changed from $torch_version to $now during the install" >&2
+  exit 1
+fi
+"$py" -m pip freeze --exclude-editable >"$venv/freeze.txt"
+if [ "$dev" = 1 ]; then echo "setup.sh: installed (pip freeze):"; sed 's/^/  /' "$venv/freeze.txt"; fi
+size=$(du -sm "$venv" | cut -f1)
 "$py" -c "import torch, deepspeed, ray, mlflow, webdataset; print(f'ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}, mlflow {mlflow.__version__}')"
+echo "setup.sh: $venv is ${size} MB, set up in $(( $(date +%s) - start )) s; exact versions in $venv/freeze.txt"

@@ -198,3 +198,20 @@ def test_a_checkpoint_from_another_tracking_store_starts_a_new_mlflow_run(tmp_pa
     assert _mlflow_run_to_resume(cfg, {}) is None
     cfg.tracking.run_id = "set-by-the-driver"
     assert _mlflow_run_to_resume(cfg, {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) == "set-by-the-driver"
+
+
+def test_the_zero_to_fp32_script_in_a_checkpoint_dir_runs_in_our_venv(runs, tmp_path):
+    """DeepSpeed writes ``zero_to_fp32.py`` into every checkpoint dir; it must work as shipped."""
+    ckpt_dir = runs["root"] / "Z2" / "checkpoints"
+    script = ckpt_dir / "zero_to_fp32.py"
+    assert script.is_file()
+    out = tmp_path / "fp32"
+    proc = subprocess.run([sys.executable, str(script), str(ckpt_dir), str(out), "--tag", TAG4, "--safe_serialization"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in out.glob("*.safetensors"):
+        weights.update(load_file(f))
+    assert "head.weight" in weights and all(v.dtype.is_floating_point for v in weights.values())
