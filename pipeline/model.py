@@ -28,7 +28,8 @@ class ViTSpec:
     img_size: int = 224
 
 
-# Paper Table 1 (Ti and S from the vit_jax configs, g from big_vision).
+# Paper Table 1 has B, L and H only. Ti and S are DeiT's (Touvron et al. 2021), as in the
+# vit_jax/big_vision configs; g is ViT-g/14 of "Scaling Vision Transformers" (Zhai et al. 2021).
 _BASES = {
     "ti": ViTSpec(width=192, depth=12, heads=3, mlp_dim=768),
     "s": ViTSpec(width=384, depth=12, heads=6, mlp_dim=1536),
@@ -124,7 +125,8 @@ class VisionTransformer(nn.Module):
     """ViT with a class token or global average pooling, as in the paper.
 
     ``forward_features`` returns the pre-logits representation (what few-shot probes use);
-    ``forward`` adds the classifier head.
+    ``forward`` adds the classifier head. ``head_bias_init`` -10 with the sigmoid loss is
+    big_vision's i21k/JFT recipe (its ``vit_i21k.py`` config), not something the paper states.
     """
 
     def __init__(
@@ -164,7 +166,13 @@ class VisionTransformer(nn.Module):
     def init_weights(self, head_bias_init: float = 0.0) -> None:
         """The paper's (vit_jax) initialisation."""
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and name.endswith("attn.qkv"):
+                # vit_jax has three (D, D) Dense kernels for q, k and v, each Xavier-uniform on its
+                # own; one bound over the fused (3D, D) matrix would be sqrt(2)x smaller.
+                for part in module.weight.chunk(3, dim=0):
+                    nn.init.xavier_uniform_(part)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.normal_(module.bias, std=1e-6) if ".mlp." in f".{name}." else nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Conv2d):
@@ -242,12 +250,21 @@ def flops_per_image(spec: ViTSpec, num_classes: int = 0, training: bool = True) 
     return 3.0 * total if training else float(total)
 
 
-def resize_pos_embed(posemb: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+POS_EMBED_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def resize_pos_embed(posemb: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1,
+                     interpolation: str = "bilinear") -> torch.Tensor:
     """Resize (1, prefix + g*g, D) position embeddings to a new grid by 2-D interpolation.
 
     The class-token embedding is kept apart, as in the paper's fine-tuning at higher
     resolution. Returns the input unchanged when the grid already matches.
+    ``bilinear`` is vit_jax's ``scipy.ndimage.zoom(grid, order=1)``, which maps corner onto
+    corner: that is ``align_corners=True`` (``False`` differs from it by up to ~0.7 of the
+    values' scale); ``bicubic`` is timm's (``align_corners=False``).
     """
+    if interpolation not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {POS_EMBED_INTERPOLATIONS}, got {interpolation!r}")
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
     old = int(math.isqrt(grid.shape[1]))
     if old * old != grid.shape[1]:
@@ -255,6 +272,6 @@ def resize_pos_embed(posemb: torch.Tensor, new_grid: int, num_prefix_tokens: int
     if old == new_grid:
         return posemb
     grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode=interpolation, align_corners=interpolation == "bilinear")
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, -1).to(posemb.dtype)
     return torch.cat([prefix, grid], dim=1)

@@ -104,3 +104,32 @@ def test_bad_model_arguments_are_clear_errors():
         create_model("vit_xxl16")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         create_model("vit_b16", img_size=100)
+
+
+def test_q_k_and_v_are_each_xavier_uniform_square_matrices():
+    # vit_jax: three (D, D) kernels; a fused (3D, D) Xavier bound would be sqrt(2)x smaller.
+    torch.manual_seed(0)
+    d = 384
+    qkv = create_model("vit_s16", num_classes=0).blocks[0].attn.qkv
+    bound, std = math.sqrt(6 / (d + d)), math.sqrt(2 / (d + d))
+    for part in qkv.weight.detach().chunk(3, dim=0):
+        assert part.shape == (d, d)
+        assert part.abs().max().item() <= bound
+        assert part.abs().max().item() > 0.99 * bound  # not the fused bound sqrt(6 / 4D)
+        assert abs(part.std().item() - std) / std < 0.02
+    assert torch.count_nonzero(qkv.bias) == 0
+
+
+def test_bilinear_position_embedding_resize_is_vit_jax_scipy_zoom():
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 14 * 14, 8, dtype=torch.float64)
+    grid = pe[0, 1:].reshape(14, 14, 8).numpy()
+    want = scipy_ndimage.zoom(grid, (24 / 14, 24 / 14, 1), order=1).reshape(1, 24 * 24, 8)
+    got = resize_pos_embed(pe, 24, interpolation="bilinear")
+    assert torch.equal(got[:, 0], pe[:, 0])
+    assert torch.allclose(got[:, 1:], torch.from_numpy(want), atol=1e-5)
+    bicubic = resize_pos_embed(pe, 24, interpolation="bicubic")
+    assert not torch.allclose(bicubic[:, 1:], torch.from_numpy(want), atol=1e-2)
+    with pytest.raises(ValueError, match="interpolation"):
+        resize_pos_embed(pe, 24, interpolation="nearest")
