@@ -1,0 +1,188 @@
+"""Published weights load into our model: logits match a numpy forward pass written from the
+vit_jax / big_vision parameter layout itself (models_vit.py, big_vision/models/vit.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import erf
+
+from pipeline.weights import load_pretrained
+
+D, HEADS, MLP, DEPTH, PATCH, GRID, CLASSES, REP = 48, 4, 64, 2, 4, 4, 5, 24
+
+
+def flax_params(rng: np.random.Generator, big_vision: bool = False, token: bool = True) -> dict[str, np.ndarray]:
+    """Random parameters under the names and shapes vit_jax (or big_vision) saves."""
+    def r(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    hd = D // HEADS
+    mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1") if big_vision else (
+        "MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    p = {"embedding/kernel": r(PATCH, PATCH, 3, D), "embedding/bias": r(D),
+         "Transformer/encoder_norm/scale": 1 + r(D), "Transformer/encoder_norm/bias": r(D),
+         "pre_logits/kernel": r(D, REP), "pre_logits/bias": r(REP),
+         "head/kernel": r(REP, CLASSES), "head/bias": r(CLASSES)}
+    if token:
+        p["cls"] = r(1, 1, D)
+    tokens = GRID * GRID + (token and not big_vision)
+    p["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = r(1, tokens, D)
+    for i in range(DEPTH):
+        b = f"Transformer/encoderblock_{i}/"
+        p.update({b + "LayerNorm_0/scale": 1 + r(D), b + "LayerNorm_0/bias": r(D),
+                  b + f"{ln2}/scale": 1 + r(D), b + f"{ln2}/bias": r(D),
+                  b + f"{mha}/out/kernel": r(HEADS, hd, D), b + f"{mha}/out/bias": r(D),
+                  b + f"{mlp}/Dense_0/kernel": r(D, MLP), b + f"{mlp}/Dense_0/bias": r(MLP),
+                  b + f"{mlp}/Dense_1/kernel": r(MLP, D), b + f"{mlp}/Dense_1/bias": r(D)})
+        for n in ("query", "key", "value"):
+            p[b + f"{mha}/{n}/kernel"], p[b + f"{mha}/{n}/bias"] = r(D, HEADS, hd), r(HEADS, hd)
+    return p
+
+
+def _ln(x, scale, bias):
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-6) * scale + bias
+
+
+def _gelu(x, approximate=False):
+    if approximate:  # flax nn.gelu's default
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
+
+
+def flax_forward(p, images_nhwc, big_vision=False, approximate_gelu=False):
+    """The ViT forward pass read straight off the flax layout, in float64 numpy."""
+    p = {k: v.astype(np.float64) for k, v in p.items()}
+    mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1") if big_vision else (
+        "MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    n, h, w, c = images_nhwc.shape
+    patches = images_nhwc.reshape(n, h // PATCH, PATCH, w // PATCH, PATCH, c).transpose(0, 1, 3, 2, 4, 5)
+    x = np.einsum("nijabc,abcd->nijd", patches, p["embedding/kernel"]) + p["embedding/bias"]  # VALID conv, HWIO
+    x = x.reshape(n, -1, D)
+    token = "cls" in p
+    if big_vision:
+        x = x + p["pos_embedding"]
+        if token:
+            x = np.concatenate([np.tile(p["cls"], (n, 1, 1)), x], axis=1)
+    else:
+        if token:
+            x = np.concatenate([np.tile(p["cls"], (n, 1, 1)), x], axis=1)
+        x = x + p["Transformer/posembed_input/pos_embedding"]
+    for i in range(DEPTH):
+        b = f"Transformer/encoderblock_{i}/"
+        y = _ln(x, p[b + "LayerNorm_0/scale"], p[b + "LayerNorm_0/bias"])
+        q, k, v = (np.einsum("nld,dhk->nlhk", y, p[b + f"{mha}/{m}/kernel"]) + p[b + f"{mha}/{m}/bias"]
+                   for m in ("query", "key", "value"))
+        logits = np.einsum("nqhk,nlhk->nhql", q / math.sqrt(D // HEADS), k)
+        att = np.exp(logits - logits.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        o = np.einsum("nhql,nlhk->nqhk", att, v)
+        x = x + np.einsum("nqhk,hkd->nqd", o, p[b + f"{mha}/out/kernel"]) + p[b + f"{mha}/out/bias"]
+        y = _ln(x, p[b + f"{ln2}/scale"], p[b + f"{ln2}/bias"])
+        y = _gelu(y @ p[b + f"{mlp}/Dense_0/kernel"] + p[b + f"{mlp}/Dense_0/bias"], approximate_gelu)
+        x = x + y @ p[b + f"{mlp}/Dense_1/kernel"] + p[b + f"{mlp}/Dense_1/bias"]
+    x = _ln(x, p["Transformer/encoder_norm/scale"], p["Transformer/encoder_norm/bias"])
+    x = x[:, 0] if token else x.mean(1)
+    x = np.tanh(x @ p["pre_logits/kernel"] + p["pre_logits/bias"])
+    return x @ p["head/kernel"] + p["head/bias"]
+
+
+def _logits(model, images_nhwc):
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2).float()).double().numpy()
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(1).standard_normal((3, GRID * PATCH, GRID * PATCH, 3)).astype(np.float32)
+
+
+@pytest.mark.parametrize("token", [True, False])
+def test_vit_jax_npz_gives_the_logits_of_its_own_layout(tmp_path, images, token):
+    p = flax_params(np.random.default_rng(0), token=token)
+    path = tmp_path / "ViT-test.npz"
+    np.savez(path, **p)
+    model = load_pretrained(str(path))
+    assert model.spec.heads == HEADS and model.spec.depth == DEPTH and model.pool == ("token" if token else "gap")
+    want = flax_forward(p, images.astype(np.float64))
+    assert np.allclose(_logits(model, images), want, atol=1e-4, rtol=1e-4)
+    # The file stands alone: a training-state prefix is stripped the same way.
+    np.savez(tmp_path / "state.npz", **{f"opt/target/{k}": v for k, v in p.items()})
+    assert np.allclose(_logits(load_pretrained(str(tmp_path / "state.npz")), images), want, atol=1e-4, rtol=1e-4)
+
+
+def test_flax_tanh_gelu_differs_from_ours_by_little(images):
+    p = flax_params(np.random.default_rng(0))
+    exact = flax_forward(p, images.astype(np.float64))
+    tanh = flax_forward(p, images.astype(np.float64), approximate_gelu=True)
+    assert 0 < np.abs(exact - tanh).max() < 1e-2 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_big_vision_npz_gives_the_logits_of_its_own_layout(tmp_path, images, scanned):
+    p = flax_params(np.random.default_rng(2), big_vision=True)
+    saved = dict(p)
+    if scanned:  # scan_layers: one stacked "encoderblock" with a leading depth axis
+        saved = {k: v for k, v in p.items() if "encoderblock_" not in k}
+        for name in {k.split("/", 2)[2] for k in p if "encoderblock_" in k}:
+            saved[f"Transformer/encoderblock/{name}"] = np.stack([p[f"Transformer/encoderblock_{i}/{name}"] for i in range(DEPTH)])
+    np.savez(tmp_path / "bv.npz", **{f"params/{k}": v for k, v in saved.items()})
+    model = load_pretrained(str(tmp_path / "bv.npz"))
+    assert np.allclose(_logits(model, images), flax_forward(p, images.astype(np.float64), big_vision=True), atol=1e-4, rtol=1e-4)
+
+
+def timm_state(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same parameters under timm's names and torch layouts (as timm's _load_weights maps them)."""
+    s = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1), "patch_embed.proj.bias": p["embedding/bias"],
+         "cls_token": p["cls"], "pos_embed": p["Transformer/posembed_input/pos_embedding"],
+         "norm.weight": p["Transformer/encoder_norm/scale"], "norm.bias": p["Transformer/encoder_norm/bias"],
+         "pre_logits.fc.weight": p["pre_logits/kernel"].T, "pre_logits.fc.bias": p["pre_logits/bias"],
+         "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]}
+    for i in range(DEPTH):
+        b, t = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        m = b + "MultiHeadDotProductAttention_1/"
+        s[t + "norm1.weight"], s[t + "norm1.bias"] = p[b + "LayerNorm_0/scale"], p[b + "LayerNorm_0/bias"]
+        s[t + "norm2.weight"], s[t + "norm2.bias"] = p[b + "LayerNorm_2/scale"], p[b + "LayerNorm_2/bias"]
+        s[t + "attn.qkv.weight"] = np.concatenate([p[m + f"{n}/kernel"].reshape(D, D).T for n in ("query", "key", "value")])
+        s[t + "attn.qkv.bias"] = np.concatenate([p[m + f"{n}/bias"].reshape(-1) for n in ("query", "key", "value")])
+        s[t + "attn.proj.weight"], s[t + "attn.proj.bias"] = p[m + "out/kernel"].reshape(D, D).T, p[m + "out/bias"]
+        for r in (0, 1):
+            s[t + f"mlp.fc{r + 1}.weight"] = p[b + f"MlpBlock_3/Dense_{r}/kernel"].T
+            s[t + f"mlp.fc{r + 1}.bias"] = p[b + f"MlpBlock_3/Dense_{r}/bias"]
+    return {k: np.ascontiguousarray(v) for k, v in s.items()}
+
+
+def test_timm_safetensors_gives_the_same_logits(tmp_path, images):
+    from safetensors.numpy import save_file
+
+    p = flax_params(np.random.default_rng(3))
+    save_file(timm_state(p), str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="heads"):  # width 48 is no registered variant's
+        load_pretrained(str(tmp_path / "model.safetensors"))
+    model = load_pretrained(str(tmp_path / "model.safetensors"), heads=HEADS)
+    assert np.allclose(_logits(model, images), flax_forward(p, images.astype(np.float64)), atol=1e-4, rtol=1e-4)
+
+
+def test_loading_at_a_higher_resolution_resizes_position_embeddings(tmp_path):
+    p = flax_params(np.random.default_rng(4))
+    np.savez(tmp_path / "w.npz", **p)
+    model = load_pretrained(str(tmp_path / "w.npz"), img_size=2 * GRID * PATCH, interpolation="bilinear")
+    assert model.pos_embed.shape == (1, 1 + (2 * GRID) ** 2, D)
+    assert torch.equal(model.pos_embed[0, 0], torch.from_numpy(p["Transformer/posembed_input/pos_embedding"][0, 0]))
+    model.reset_head(3)
+    assert model(torch.zeros(1, 3, 2 * GRID * PATCH, 2 * GRID * PATCH)).shape == (1, 3)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        load_pretrained(str(tmp_path / "w.npz"), img_size=GRID * PATCH + 1)
+
+
+def test_unknown_files_are_clear_errors(tmp_path):
+    np.savez(tmp_path / "other.npz", foo=np.zeros(3))
+    with pytest.raises(ValueError, match="not a ViT checkpoint"):
+        load_pretrained(str(tmp_path / "other.npz"))
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"\.npz"):
+        load_pretrained(str(tmp_path / "w.bin"))
