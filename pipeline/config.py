@@ -67,7 +67,10 @@ class TrainConfig:
     global_batch_size: int = 4096
     steps: int = 0  # total optimizer steps; 0: derive from epochs
     epochs: float = 0.0
-    loss: str = "sigmoid"  # sigmoid (multi-hot, as the paper) | softmax
+    # sigmoid (multi-hot) | softmax. Sigmoid with head bias -10 is big_vision's i21k/JFT recipe
+    # (configs/vit_i21k.py), not stated in the paper.
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0  # mix targets with uniform e/K (the paper tunes it for ImageNet-1k from scratch)
     precision: str = "bf16"  # bf16 | fp16 | fp32
     seed: int = 0
     log_every: int = 50
@@ -260,6 +263,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.model.pool in ("token", "gap"), "model.pool", f"must be token or gap, got {cfg.model.pool!r}")
     _require(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
     _require(cfg.train.loss in ("sigmoid", "softmax"), "train.loss", f"must be sigmoid or softmax, got {cfg.train.loss!r}")
+    _require(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {cfg.train.label_smoothing}")
     _require(cfg.train.precision in ("bf16", "fp16", "fp32"), "train.precision", f"must be bf16, fp16 or fp32, got {cfg.train.precision!r}")
     _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     _require(not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs zero_stage 3")

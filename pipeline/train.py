@@ -102,9 +102,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
-    """Sigmoid cross-entropy summed over classes (the paper's), or softmax cross-entropy."""
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sigmoid cross-entropy summed over classes (the paper's), or softmax cross-entropy.
+
+    ``label_smoothing`` e mixes the targets with the uniform e/K over the K classes (optax's
+    ``smooth_labels``): softmax targets become (1-e) y/|y| + e/K, each sigmoid target (1-e) y + e/K.
+    """
     logits = logits.float()
+    if label_smoothing:
+        k = logits.shape[-1]
+        if kind == "sigmoid":
+            targets = targets * (1 - label_smoothing) + label_smoothing / k
+        else:
+            targets = targets / targets.sum(-1, keepdim=True) * (1 - label_smoothing) + label_smoothing / k
     if kind == "sigmoid":
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
     return -(targets / targets.sum(-1, keepdim=True) * F.log_softmax(logits, -1)).sum(-1).mean()
@@ -278,7 +288,7 @@ def _train(cfg: DictConfig):
         for _ in range(accum):
             batch = next(stream)
             x = to_model_input(batch["images"].to(device, non_blocking=True), dtype)
-            loss = loss_fn(engine(x), batch["targets"].to(device), cfg.train.loss)
+            loss = loss_fn(engine(x), batch["targets"].to(device), cfg.train.loss, cfg.train.label_smoothing)
             engine.backward(loss)
             engine.step()
             window_loss += torch.stack([loss.detach().float(), torch.ones((), device=device)])
