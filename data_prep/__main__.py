@@ -1,6 +1,7 @@
 """`python -m data_prep <config.yaml> key=value ... [--dry-run]`: run a data-prep job.
 
-Exit status: 0 done, 1 the job failed (too many bad samples, a shard task failed), 2 the
+Exit status: 0 done, 1 the job failed (too many bad samples: as soon as that is certain or
+overwhelmingly likely, see `data_prep.failures.FailureWatch`; a shard task failed), 2 the
 config or the source is unusable (nothing was started).
 """
 

@@ -57,7 +57,8 @@ class PrepConfig:
     assumed_sample_bytes: int = 110_000  # estimate for entries whose size the source omits
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
-    max_failure_fraction: float = 0.1
+    max_failure_fraction: float = 0.1  # more failed samples than this fails the job, early if sure
+    shard_give_up_after: int = 100  # a shard whose first this-many samples all fail stops; 0 = never
     max_in_flight: int = 0  # shard tasks at once; 0 = 2x the cluster's CPUs
     retries: int = 2
     io_threads: int = 8  # reads in flight inside one shard task
@@ -128,6 +129,8 @@ def validate(cfg: PrepConfig) -> None:
         bad("image.resample", img.resample, f"must be one of {RESAMPLE_FILTERS}")
     if not 0.0 <= cfg.max_failure_fraction <= 1.0:
         bad("max_failure_fraction", cfg.max_failure_fraction, "must be in [0, 1]")
+    if cfg.shard_give_up_after < 0:
+        bad("shard_give_up_after", cfg.shard_give_up_after, "must be >= 0")
     if cfg.max_in_flight < 0:
         bad("max_in_flight", cfg.max_in_flight, "must be >= 0")
     if cfg.retries < 0:

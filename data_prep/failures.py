@@ -22,7 +22,16 @@ Counted inside a shard task (the entry's key is left unused in the shard):
 
 Not failures: CMYK, palette, LA/RGBA (composited on white), 16-bit and 1-channel images
 are converted to RGB and counted under `converted_modes` in the shard stats.
+
+`FailureWatch` is the rule that stops a job early when too many samples fail.
 """
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 BAD_MANIFEST_LINE = "bad_manifest_line"
 UNKNOWN_LABEL = "unknown_label"
@@ -56,3 +65,96 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+STOP_DELTA = 1e-6  # chance, per check, that the "likely" rule stops a job that would pass
+
+
+def rate_floor(failed: int, seen: int, delta: float = STOP_DELTA) -> float:
+    """A failure rate that the samples not yet read exceed with probability at least
+    1 - `delta`, when the `seen` ones are a uniform random sample of all (Hoeffding's
+    inequality, which also holds for sampling without replacement)."""
+    if seen <= 0:
+        return 0.0
+    return max(0.0, failed / seen - math.sqrt(math.log(1 / delta) / (2 * seen)))
+
+
+@dataclass
+class FailureWatch:
+    """Tells, as shards finish, whether a job is bound to exceed `max_fraction`.
+
+    With L samples listed, K failures known for certain (found while planning or in finished
+    shards), R planned samples in no finished shard, and f of n samples failed among those
+    read by shard tasks (finished shards, and the first samples of shards that gave up):
+    - certain: K > max_fraction * L (failures only grow);
+    - overwhelmingly likely: K + R * rate_floor(f, n) > max_fraction * L.
+    The plan is a seeded uniform shuffle, so the samples read are a uniform random sample of
+    the planned ones, and the second rule stops a job that would have passed with probability
+    at most `STOP_DELTA` per check (S * STOP_DELTA for a job checked after each of S shards).
+    It assumes that a sample fails for what it is (its path, its bytes), not for when it was
+    read: a storage outage during the first shards breaks that, and the stop message then
+    shows mostly `read_error`.
+    """
+
+    listed: int
+    max_fraction: float
+    remaining: int
+    certain: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    seen: int = 0
+    seen_failed: int = 0
+    partial: dict[Any, dict[str, Any]] = field(default_factory=dict)  # shards that gave up
+    finished_shards: int = 0
+
+    def finished(self, key: Any, stats: dict[str, Any]) -> None:
+        """Count a shard whose `_stats.json` is written (this run's or an earlier one's)."""
+        self.partial.pop(key, None)
+        self.finished_shards += 1
+        self.remaining -= stats["count"]
+        self.seen += stats["count"]
+        self.seen_failed += stats["count"] - stats["successes"]
+        self.certain.update(stats["failures"])
+        for reason, example in stats["examples"].items():
+            self.examples.setdefault(reason, example)
+
+    def gave_up(self, key: Any, stats: dict[str, Any]) -> None:
+        """Count the first samples of a shard that gave up (it will be redone, so its failures
+        are evidence, not yet certain)."""
+        self.partial[key] = stats
+        for reason, example in stats["examples"].items():
+            self.examples.setdefault(reason, example)
+
+    def verdict(self, extra_seen: int = 0, extra_failed: int = 0) -> str | None:
+        """`"certain"`, `"likely"` (the rule above) or None; `extra_*` asks "what if these
+        more samples were read and failed"."""
+        limit = self.max_fraction * self.listed
+        known = sum(self.certain.values())
+        if known > limit:
+            return "certain"
+        seen = self.seen + sum(p["count"] for p in self.partial.values()) + extra_seen
+        failed = (self.seen_failed + extra_failed
+                  + sum(p["count"] - p["successes"] for p in self.partial.values()))
+        if known + self.remaining * rate_floor(failed, seen) > limit:
+            return "likely"
+        return None
+
+    def message(self, source: str, verdict: str, shards_total: int) -> str:
+        """Why the job stopped: the rule that fired, the counts, each reason with an example,
+        and what was kept."""
+        by_reason = Counter(self.certain)
+        for p in self.partial.values():
+            by_reason.update(p["failures"])
+        seen = self.seen + sum(p["count"] for p in self.partial.values())
+        failed = self.seen_failed + sum(p["count"] - p["successes"] for p in self.partial.values())
+        how = ("is exceeded" if verdict == "certain" else
+               f"will be exceeded (probability of error < {STOP_DELTA:g}: rule in "
+               "data_prep.failures.FailureWatch)")
+        reasons = "; ".join(f"{r}: {n} (e.g. {self.examples.get(r, '?')})"
+                            for r, n in sorted(by_reason.items()))
+        return (f"data prep of {source} stopped early: max_failure_fraction={self.max_fraction}"
+                f" {how}: {sum(self.certain.values())} of {self.listed} listed samples failed "
+                f"for certain, {failed} of the {seen} read so far failed "
+                f"({failed / max(seen, 1):.1%}). Failures by reason: {reasons}. "
+                f"{self.finished_shards} of {shards_total} shards finished and are kept; fix "
+                f"the source and rerun the same command to resume (a shard's _stats.json marks "
+                f"it done: delete it, or the output, to redo it)")

@@ -4,6 +4,11 @@ bounded number in flight, then the index files.
 A rerun of the same config on the same output resumes: shards whose `_stats.json` exists are
 skipped, the others are redone from the saved plan, and the result is byte-identical to an
 uninterrupted run (apart from the timings inside `_stats.json`).
+
+Too many bad samples stop the job as soon as that is certain or overwhelmingly likely
+(`data_prep.failures.FailureWatch`), not after the last shard: a shard task whose first
+`shard_give_up_after` samples all fail gives up and reports them, and the driver checks the
+rule after every shard and stops scheduling; finished shards are kept for a resume.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ray
 from tqdm import tqdm
 
 from .config import PrepConfig, validate, with_absolute_paths
+from .failures import FailureWatch
 from .index import write_indexes
 from .plan import PLAN_DIR, Plan, build_plan, load_plan, shard_name
 from .shard import write_shard
@@ -27,13 +33,13 @@ log = logging.getLogger("data_prep")
 
 
 class FailureFractionExceeded(RuntimeError):
-    """More samples failed than `max_failure_fraction` allows; shards and stats are kept,
-    the index files are not written."""
+    """More samples failed (or are bound to fail) than `max_failure_fraction` allows;
+    finished shards and their stats are kept, the index files are not written."""
 
 
 @ray.remote(num_cpus=1)
-def _shard_task(cfg: PrepConfig, split: str, index: int) -> dict[str, Any]:
-    return write_shard(cfg, split, index)
+def _shard_task(cfg: PrepConfig, split: str, index: int, give_up_after: int) -> dict[str, Any]:
+    return write_shard(cfg, split, index, give_up_after)
 
 
 def run_prep(cfg: PrepConfig) -> dict[str, Any]:
@@ -43,8 +49,9 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
     Uses the running Ray if `ray.is_initialized()`, else `ray.init(address=cfg.ray_address)`
     (None: `RAY_ADDRESS` or a new local instance), and shuts down only a Ray it started.
     Raises `ValueError` for a bad config or a missing/empty source before any task starts,
-    `FailureFractionExceeded` when too many samples fail, `RuntimeError` when a shard task
-    fails after its retries.
+    `FailureFractionExceeded` when too many samples fail (as soon as that is certain or
+    overwhelmingly likely, see `FailureWatch`), `RuntimeError` when a shard task fails after
+    its retries.
     """
     validate(cfg)
     cfg = with_absolute_paths(cfg)
@@ -61,8 +68,14 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
         log.info("removed %d partial files left by an interrupted run", removed)
     done = list_names(fs, root)
     todo = [(s, i) for s, i in plan.shards() if shard_name(s, i) + "_stats.json" not in done]
-    new_stats, shard_seconds = _run_shards(cfg, plan, todo) if todo else ({}, 0.0)
-    stats = _collect_stats(cfg, plan, new_stats)
+    earlier = _read_stats(cfg, sorted(set(plan.shards()) - set(todo)))
+    watch = FailureWatch(listed=plan.listed, max_fraction=cfg.max_failure_fraction,
+                         remaining=sum(sp.num_samples for sp in plan.splits.values()),
+                         certain=Counter(plan.failures), examples=dict(plan.examples))
+    for key, shard_stats in earlier.items():
+        watch.finished(key, shard_stats)
+    new_stats, shard_seconds = _run_shards(cfg, plan, todo, watch) if todo else ({}, 0.0)
+    stats = _by_split(plan, {**earlier, **new_stats})
     summary = _summary(cfg, plan, stats, todo, new_stats, start, shard_seconds)
     _check_failures(cfg, plan, summary["failures"], summary["examples"])
     write_indexes(cfg, plan, stats)
@@ -75,25 +88,26 @@ def _protocols(cfg: PrepConfig, url: str) -> tuple[str, ...]:
     return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
-def _run_shards(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]]
+def _run_shards(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch
                 ) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=cfg.ray_address)
     try:
-        return _submit_all(cfg, plan, todo)
+        return _submit_all(cfg, plan, todo, watch)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]]
+def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch
                 ) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
-    """One task per shard, at most `max_in_flight` at once (`ray.wait` backpressure)."""
+    """One task per shard, at most `max_in_flight` at once (`ray.wait` backpressure); raises
+    `FailureFractionExceeded`, cancelling the tasks in flight, as soon as `watch` says so."""
     max_in_flight = cfg.max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     task = _shard_task.options(max_retries=cfg.retries, retry_exceptions=True)
     cfg_ref = ray.put(cfg)
-    pending = deque(todo)
+    pending = deque((key, _give_up_after(cfg, watch)) for key in todo)
     in_flight: dict[ray.ObjectRef, tuple[str, int]] = {}
     results: dict[tuple[str, int], dict[str, Any]] = {}
     failed = 0
@@ -101,19 +115,24 @@ def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]]
     start = time.perf_counter()
     with tqdm(total=total, unit="img", desc="data_prep", smoothing=0.1) as bar:
         while pending or in_flight:
+            _check_watch(cfg, plan, watch, in_flight)
             while pending and len(in_flight) < max_in_flight:
-                split, index = pending.popleft()
-                in_flight[task.remote(cfg_ref, split, index)] = (split, index)
+                (split, index), give_up = pending.popleft()
+                in_flight[task.remote(cfg_ref, split, index, give_up)] = (split, index)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 split, index = in_flight.pop(ref)
                 try:
                     stats = ray.get(ref)
                 except Exception as e:
-                    for other in in_flight:
-                        ray.cancel(other)
+                    _cancel(in_flight)
                     raise RuntimeError(f"data-prep shard {shard_name(split, index)} failed "
                                        f"after {cfg.retries} retries: {e}") from e
+                if stats.get("gave_up"):
+                    watch.gave_up((split, index), stats)
+                    pending.appendleft(((split, index), 0))  # redone in full unless we stop
+                    continue
+                watch.finished((split, index), stats)
                 results[(split, index)] = stats
                 failed += stats["count"] - stats["successes"]
                 bar.update(stats["count"])
@@ -121,18 +140,42 @@ def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]]
     return results, time.perf_counter() - start
 
 
-def _collect_stats(cfg: PrepConfig, plan: Plan, new: dict[tuple[str, int], dict[str, Any]]
-                   ) -> dict[str, list[dict[str, Any]]]:
-    """Every shard's stats, per split in shard order: this run's, and earlier runs' read back."""
+def _give_up_after(cfg: PrepConfig, watch: FailureWatch) -> int:
+    """`cfg.shard_give_up_after`, or 0 where that many failed samples could not stop the job
+    (e.g. `max_failure_fraction` near 1): a give-up would then only cost a redo."""
+    n = cfg.shard_give_up_after
+    return n if n and watch.verdict(extra_seen=n, extra_failed=n) else 0
+
+
+def _check_watch(cfg: PrepConfig, plan: Plan, watch: FailureWatch,
+                 in_flight: dict[ray.ObjectRef, tuple[str, int]]) -> None:
+    verdict = watch.verdict()
+    if verdict:
+        _cancel(in_flight)
+        raise FailureFractionExceeded(watch.message(cfg.source, verdict, len(plan.shards())))
+
+
+def _cancel(in_flight: dict[ray.ObjectRef, tuple[str, int]]) -> None:
+    """Cancel the shard tasks in flight; a cancelled task leaves no tar and no stats."""
+    for ref in in_flight:
+        ray.cancel(ref)
+
+
+def _read_stats(cfg: PrepConfig, keys: list[tuple[str, int]]
+                ) -> dict[tuple[str, int], dict[str, Any]]:
+    """The `_stats.json` of shards finished by earlier runs."""
     fs, root = open_fs(cfg.output, cfg.storage_options)
-    old = [key for key in plan.shards() if key not in new]
 
     def read(key: tuple[str, int]) -> dict[str, Any]:
         return json.loads(fs.cat_file(join(root, shard_name(*key) + "_stats.json")))
 
-    everything = dict(new)
-    everything.update(zip(old, ordered_map(read, old, cfg.io_threads), strict=True))
-    return {split: [everything[(split, i)] for i in range(sp.num_shards)]
+    return dict(zip(keys, ordered_map(read, keys, cfg.io_threads), strict=True))
+
+
+def _by_split(plan: Plan, stats: dict[tuple[str, int], dict[str, Any]]
+              ) -> dict[str, list[dict[str, Any]]]:
+    """Every shard's stats, per split in shard order."""
+    return {split: [stats[(split, i)] for i in range(sp.num_shards)]
             for split, sp in plan.splits.items()}
 
 

@@ -30,10 +30,20 @@ TAR_MODE = 0o444
 READ_CHUNK = 8
 
 
-def write_shard(cfg: PrepConfig, split: str, index: int) -> dict[str, Any]:
+class _GiveUp(Exception):
+    """The shard's first samples all failed: stop, and let the tar's staging discard it."""
+
+
+def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0
+                ) -> dict[str, Any]:
     """Make `{split}-{index:06d}.tar` and then its `_stats.json` in `cfg.output`; return the
     stats: count, successes, failures by reason, bytes, md5sum, seconds, ... (all but the
-    timings `seconds` and `cpu_seconds` are the same on every run)."""
+    timings `seconds` and `cpu_seconds` are the same on every run).
+
+    With `give_up_after` > 0, a shard whose first `give_up_after` samples all fail stops
+    there and writes nothing (no tar, no stats, so a rerun redoes it); the stats returned
+    then count only those samples and carry `"gave_up": True`. The driver uses this to stop
+    a job over a wrong image root within seconds instead of a whole shard's time."""
     start, cpu_start = time.perf_counter(), time.process_time()
     name = shard_name(split, index)
     records = read_shard_plan(cfg, split, index)
@@ -42,29 +52,35 @@ def write_shard(cfg: PrepConfig, split: str, index: int) -> dict[str, Any]:
     examples: dict[str, str] = {}
     converted: Counter = Counter()
     kept_original = successes = 0
-    with staged_file(fs, join(root, name + ".tar")) as f:
-        out = _HashingWriter(f)
-        writer = wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_USER,
-                               group=TAR_USER, mode=TAR_MODE)
-        for rec, data in _read_all(cfg, records):
-            try:
-                if isinstance(data, SampleError):
-                    raise data
-                img = process_image(data, cfg.image)
-            except SampleError as e:
-                failures[e.reason] += 1
-                examples.setdefault(e.reason, f"{sample_source(rec)}: {e.detail}")
-                continue
-            writer.write(_sample(rec, img.data, img.width, img.height))
-            successes += 1
-            kept_original += img.kept_original
-            if img.mode != "RGB":
-                converted[img.mode] += 1
-        writer.close()
+    gave_up = False
+    try:
+        with staged_file(fs, join(root, name + ".tar")) as f:
+            out = _HashingWriter(f)
+            writer = wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_USER,
+                                   group=TAR_USER, mode=TAR_MODE)
+            for seen, (rec, data) in enumerate(_read_all(cfg, records), 1):
+                try:
+                    if isinstance(data, SampleError):
+                        raise data
+                    img = process_image(data, cfg.image)
+                except SampleError as e:
+                    failures[e.reason] += 1
+                    examples.setdefault(e.reason, f"{sample_source(rec)}: {e.detail}")
+                    if seen == give_up_after and successes == 0:
+                        raise _GiveUp from None
+                    continue
+                writer.write(_sample(rec, img.data, img.width, img.height))
+                successes += 1
+                kept_original += img.kept_original
+                if img.mode != "RGB":
+                    converted[img.mode] += 1
+            writer.close()
+    except _GiveUp:
+        gave_up = True
     stats = {
         "shard": name + ".tar",
         "split": split,
-        "count": len(records),
+        "count": give_up_after if gave_up else len(records),
         "successes": successes,
         "failures": dict(sorted(failures.items())),
         "examples": dict(sorted(examples.items())),
@@ -75,6 +91,8 @@ def write_shard(cfg: PrepConfig, split: str, index: int) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 3),
         "cpu_seconds": round(time.process_time() - cpu_start, 3),
     }
+    if gave_up:
+        return {**stats, "bytes": 0, "md5sum": "", "gave_up": True}
     write_bytes(fs, join(root, name + "_stats.json"), json.dumps(stats, indent=1).encode())
     return stats
 

@@ -309,6 +309,63 @@ def test_the_whole_job_runs_in_process_on_memory_storage():
     mem.rm("/mp", recursive=True)
 
 
+def missing_manifest(root: Path, n: int, good_every: int = 0) -> Path:
+    """A JSONL manifest of `n` paths that do not exist, but every `good_every`-th, which
+    is a real JPEG."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        if good_every and i % good_every == 0:
+            (root / "img" / f"{i}.jpg").write_bytes(jpeg(seed=i))
+        lines.append(json.dumps({"path": f"img/{i}.jpg", "label": "x"}))
+    (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "m.jsonl"
+
+
+def test_a_shard_whose_first_samples_all_fail_gives_up_and_writes_nothing(tmp_path):
+    cfg = cfg_for(missing_manifest(tmp_path, 30), tmp_path / "out", shard_size=30)
+    build_plan(cfg)
+    stats = write_shard(cfg, "train", 0, give_up_after=10)
+    assert stats["gave_up"] is True and stats["count"] == 10 and stats["successes"] == 0
+    assert stats["failures"] == {F.MISSING_FILE: 10}
+    assert str(tmp_path / "img") in stats["examples"][F.MISSING_FILE]
+    assert sorted(os.listdir(tmp_path / "out")) == ["_plan"], "no tar, no stats, no temp file"
+    assert write_shard(cfg, "train", 0)["failures"] == {F.MISSING_FILE: 30}
+    assert (tmp_path / "out" / "train-000000_stats.json").exists()
+
+
+def test_a_shard_with_one_good_sample_among_its_first_does_not_give_up(tmp_path):
+    cfg = cfg_for(missing_manifest(tmp_path, 30, good_every=7), tmp_path / "out", shard_size=30)
+    build_plan(cfg)
+    stats = write_shard(cfg, "train", 0, give_up_after=29)
+    assert "gave_up" not in stats and stats["count"] == 30 and stats["successes"] == 5
+
+
+def test_failure_watch_stops_when_certain_or_overwhelmingly_likely():
+    watch = F.FailureWatch(listed=1000, max_fraction=0.1, remaining=1000)
+    assert watch.verdict() is None
+    watch.finished("a", {"count": 100, "successes": 91, "failures": {F.MISSING_FILE: 9},
+                         "examples": {F.MISSING_FILE: "/x/0.jpg: gone"}})
+    assert watch.verdict() is None, "9% failed: within 10%"
+    watch.gave_up("b", {"count": 100, "successes": 0, "failures": {F.MISSING_FILE: 100},
+                        "examples": {}})
+    assert watch.verdict() == "likely", "109 of 200 read failed: the rest will exceed 10%"
+    message = watch.message("/m.jsonl", "likely", 10)
+    assert "missing_file: 109 (e.g. /x/0.jpg: gone)" in message
+    assert "1 of 10 shards finished and are kept" in message
+    watch.finished("b", {"count": 100, "successes": 100, "failures": {}, "examples": {}})
+    assert watch.verdict() is None, "the redone shard was fine after all"
+    watch.finished("c", {"count": 100, "successes": 8, "failures": {F.READ_ERROR: 92},
+                         "examples": {}})
+    assert watch.verdict() == "certain" and 101 > 0.1 * 1000
+    # A few failed samples are weak evidence: Hoeffding's margin is wide for small n.
+    small = F.FailureWatch(listed=10_000, max_fraction=0.5, remaining=10_000)
+    small.gave_up("a", {"count": 5, "successes": 0, "failures": {F.MISSING_FILE: 5},
+                        "examples": {}})
+    assert small.verdict() is None
+    assert F.rate_floor(100, 100) > 0.73 and F.rate_floor(5, 5) == 0.0
+
+
 # ---------------------------------------------------------------- on Ray
 
 
@@ -553,6 +610,46 @@ def test_too_many_failures_raise_and_the_cli_exits_non_zero(ray_cluster, tmp_pat
     assert main([f"source={manifest}", f"output={out}", f"classes_file={classes}",
                  "max_failure_fraction=0.2", "image.max_pixels=50000"]) == 1
     assert "max_failure_fraction" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_manifest_of_missing_paths_stops_in_seconds_and_the_cli_exits_1(ray_cluster, tmp_path):
+    manifest = missing_manifest(tmp_path, 4000)
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "data_prep", f"source={manifest}",
+                           f"output={out}", "shard_size=1000"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=100)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: data prep of {manifest} stopped early: "
+                            "max_failure_fraction=0.1 will be exceeded")
+    assert f"missing_file: 100 (e.g. {tmp_path / 'img'}" in error
+    assert "0 of 4 shards finished" in error
+    assert not list(out.glob("*.tar")) and not list(out.glob("*_stats.json"))
+    assert not (out / "train_index.json").exists()
+    print(f"missing-paths job of 4000 samples stopped after {seconds:.1f} s (with Python start)")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_stopped_job_keeps_its_finished_shards_and_a_rerun_resumes(ray_cluster, tmp_path):
+    from data_prep.job import FailureFractionExceeded
+
+    manifest = missing_manifest(tmp_path, 200, good_every=10)
+    out = tmp_path / "out"
+    cfg = cfg_for(manifest, out, shard_size=20, max_in_flight=1, shard_give_up_after=0)
+    with pytest.raises(FailureFractionExceeded, match="1 of 10 shards finished and are kept"):
+        run_prep(cfg)
+    assert [p.name for p in out.glob("*_stats.json")] == ["train-000000_stats.json"]
+    assert not (out / "train_index.json").exists()
+    summary = run_prep(cfg_for(manifest, out, shard_size=20, max_in_flight=1,
+                               max_failure_fraction=0.95))
+    assert summary["shards_skipped"] == 1 and summary["shards_run"] == 9
+    assert summary["samples"] == 20 and summary["failures"] == {F.MISSING_FILE: 180}
 
 
 @pytest.mark.slow
