@@ -2,8 +2,9 @@
 
 ``python launch/validate.py [--print KEY ...] <experiment.yaml> [key=value ...]``
 
-Exits 0 when the config composes and validates (printing the resolved value of each
-``--print`` key, one per line, in order), or 2 with ``config error: <key>: ...`` on stderr.
+Exits 0 when the config composes and validates and every path it reads exists or is made
+by the run itself (``pipeline.config.check_paths``), printing the resolved value of each
+``--print`` key, one per line, in order; else 2 with ``config error: <key>: ...`` on stderr.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError, check_paths, load_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -26,6 +27,7 @@ def main(argv: list[str]) -> int:
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
         cfg = load_config(path, argv[1:] if path else argv)
+        check_paths(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

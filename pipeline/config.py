@@ -286,6 +286,86 @@ def validate(cfg: DictConfig) -> None:
         _require(fs.seeds > 0, f"eval.fewshot.{i}.seeds", "must be positive")
 
 
+# What ``demo.enabled`` draws under output_dir before the prep jobs run (pipeline.run.prepare_data).
+DEMO_CORPORA = ("corpus/glyphs", "corpus/digits")
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming every key whose path must exist and does not: the
+    training and evaluation indexes, ``train.resume_from``, and the sources and class files of
+    the ``prep`` jobs that still have to run. Paths that this run makes first are not checked:
+    what a ``prep`` job writes (an index must be one of its splits) and, with
+    ``demo.enabled``, the demo corpora. Existence is asked of fsspec, so URLs (s3://...) work;
+    a store that cannot be asked is an error naming the key too. Run it before anything
+    starts; it does I/O, so :func:`load_config` does not."""
+    problems = []
+    for key, url in _required_paths(cfg):
+        problem = _path_problem(cfg, url)
+        if problem:
+            problems.append(f"{key}: {url} {problem}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _required_paths(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(key, path) of every path the run reads; an unset mandatory one is an error now."""
+    keys = ["data.train"] + (["train.resume_from"] if cfg.train.resume_from else [])
+    if cfg.eval.enabled:
+        keys += [f"eval.{kind}.{i}.{split}" for kind in ("fewshot", "finetune")
+                 for i in range(len(cfg.eval[kind])) for split in ("train", "test")]
+    for i, job in enumerate(cfg.prep):
+        if not _exists(f"{job.output.rstrip('/')}/{job.train_split}_index.json"):  # else skipped
+            keys += [f"prep.{i}.source"] + ([f"prep.{i}.classes_file"] if job.classes_file else [])
+    paths = []
+    for key in keys:
+        try:
+            paths.append((key, str(OmegaConf.select(cfg, key, throw_on_missing=True))))
+        except OmegaConfBaseException:
+            raise ConfigError(f"{key}: must be set (a path)") from None
+    return paths
+
+
+def _path_problem(cfg: DictConfig, url: str) -> str | None:
+    """Why ``url`` will not be there when the run reads it, or None."""
+    target = _normal(url)
+    if cfg.demo.enabled and any(_under(target, _normal(f"{cfg.output_dir}/{d}")) for d in DEMO_CORPORA):
+        return None
+    for j, job in enumerate(cfg.prep):
+        out = _normal(job.output)
+        if not _under(target, out):
+            continue
+        splits = [job.train_split] + ([job.holdout.name] if job.holdout.count or job.holdout.fraction else [])
+        name = target[len(out):].lstrip("/")
+        if name.endswith("_index.json") and "/" not in name and name[: -len("_index.json")] not in splits:
+            return f"is not an index that prep.{j} writes (its splits: {', '.join(splits)})"
+        return None
+    try:
+        return None if _exists(url, strict=True) else "does not exist"
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, a missing fsspec backend: all stop the run
+        return f"cannot be checked: {type(e).__name__}: {e}"
+
+
+def _exists(url: str, strict: bool = False) -> bool:
+    """Whether fsspec finds ``url``; an error asking is raised with ``strict``, else False."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+    except Exception:
+        if strict:
+            raise
+        return False
+
+
+def _normal(url: str) -> str:
+    return url.rstrip("/") if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + "/")
+
+
 def batch_split(cfg: DictConfig, world_size: int) -> int:
     """Gradient-accumulation steps so that micro x accumulation x world = global batch."""
     micro, glob = cfg.data.micro_batch_size, cfg.train.global_batch_size

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import ConfigError, load_config, to_flat_dict, to_yaml
+from pipeline.config import ConfigError, check_paths, load_config, to_flat_dict, to_yaml
 
 log = logging.getLogger("pipeline.run")
 
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.evaluate.runner import validate_eval
 
         validate_eval(cfg.eval)
+        check_paths(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, batch_split, load_config, to_flat_dict
+from pipeline.config import ConfigError, batch_split, check_paths, load_config, to_flat_dict
 from pipeline.train import deepspeed_config, lr_at, param_groups
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -79,3 +79,67 @@ def test_deepspeed_config_for_each_stage_and_precision():
     assert ds["train_batch_size"] == 128 and ds["gradient_accumulation_steps"] == 1
     off = deepspeed_config(load_config(CONFIGS / "experiment" / "demo.yaml", ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"]), 1)
     assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and off["gradient_accumulation_steps"] == 2
+
+
+def demo(tmp_path: Path, *overrides: str):
+    return load_config(CONFIGS / "experiment" / "demo.yaml", [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_paths_the_run_makes_itself_pass_the_path_check(tmp_path):
+    check_paths(demo(tmp_path))  # demo corpora drawn, then sharded by the prep jobs: nothing exists yet
+    check_paths(demo(tmp_path, "eval.enabled=false", "eval.fewshot.0.train=/nonexistent/x.json"))
+
+
+@pytest.mark.parametrize("override,key,why", [
+    ("data.train=/nonexistent/train_index.json", "data.train", "does not exist"),
+    ("eval.fewshot.0.train=/nonexistent/x.json", "eval.fewshot.0.train", "does not exist"),
+    ("eval.fewshot.0.test={out}/shards/digits/val_index.json", "eval.fewshot.0.test",
+     "is not an index that prep.1 writes (its splits: train, test)"),
+    ("eval.finetune=[{{name: d, train: {out}/shards/digits/train_index.json, test: /nonexistent/t.json}}]",
+     "eval.finetune.0.test", "does not exist"),
+    ("train.resume_from=/nonexistent/step_00000100", "train.resume_from", "does not exist"),
+    ("demo.enabled=false", "prep.0.source", "does not exist"),
+])
+def test_a_path_that_will_not_exist_fails_the_check_naming_its_key(tmp_path, override, key, why):
+    cfg = demo(tmp_path, override.format(out=tmp_path / "run"))
+    with pytest.raises(ConfigError) as e:
+        check_paths(cfg)
+    first = str(e.value).splitlines()[0]
+    assert first.startswith(f"{key}: ") and first.endswith(why)
+
+
+def test_an_existing_index_passes_and_s3_urls_are_asked_of_fsspec(tmp_path, tiny_shards, monkeypatch):
+    import fsspec
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(k, "testing")
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+        s3 = s3fs.S3FileSystem(endpoint_url=endpoint)
+        s3.mkdir("bucket")
+        s3.pipe_file("bucket/digits/train_index.json", b"{}")
+        check_paths(demo(tmp_path, f"data.train={tiny_shards}",
+                         "eval.fewshot.0.train=s3://bucket/digits/train_index.json"))
+        with pytest.raises(ConfigError, match=r"^eval\.fewshot\.0\.test: s3://bucket/digits/test_index.json does not exist$"):
+            check_paths(demo(tmp_path, "eval.fewshot.0.test=s3://bucket/digits/test_index.json"))
+    finally:
+        server.stop()
+
+
+def test_pipeline_run_exits_2_naming_the_missing_path_before_starting_ray(tmp_path, capsys):
+    import ray
+
+    from pipeline.run import main
+
+    assert main([str(CONFIGS / "experiment" / "demo.yaml"), f"output_dir={tmp_path / 'run'}",
+                 "eval.fewshot.0.train=/nonexistent/x.json"]) == 2
+    assert "config error: eval.fewshot.0.train: /nonexistent/x.json does not exist" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "run").exists()

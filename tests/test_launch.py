@@ -133,6 +133,18 @@ def test_bad_config_fails_fast_naming_the_key_and_starts_no_ray(ray_tmp):
 
 
 @pytest.mark.timeout(60)
+def test_a_missing_eval_index_fails_fast_naming_the_key_and_starts_no_ray(ray_tmp):
+    t0 = time.monotonic()
+    r = pretrain("eval.fewshot.0.train=/nonexistent/x.json", env=launch_env(ray_tmp))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "config error: eval.fewshot.0.train: /nonexistent/x.json does not exist" in r.stderr
+    assert "config ok" not in r.stdout
+    assert list(ray_tmp.iterdir()) == []
+    assert not processes_mentioning(str(ray_tmp))
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.timeout(60)
 def test_unreachable_address_is_a_clear_error():
     url = f"http://127.0.0.1:{free_port()}"
     r = pretrain("--address", url, *TINY, env=launch_env())
