@@ -127,7 +127,7 @@ class FineTuneConfig:
     warmup_steps: int = 500
     batch_size: int = 512
     micro_batch_size: int = 0  # per step of the engine; 0: batch_size (no accumulation)
-    lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])
+    lrs: list[float] = field(default_factory=lambda: [0.001, 0.003, 0.01, 0.03])  # paper Table 4; ImageNet: 0.003-0.06
     momentum: float = 0.9
     grad_clip: float = 1.0
     dev_fraction: float = 0.1  # paper: 10% Pets/Flowers, 2% CIFAR, 1% ImageNet
@@ -138,6 +138,8 @@ class FineTuneConfig:
     flip: bool = True
     crop_ratio: float = 1.0  # eval: resize the shorter side to image_size / ratio, centre crop
     eval_batch_size: int = 256
+    dropout: float = 0.0  # vit_jax fine-tunes L/16 and H/14 with 0.1 (its model configs' dropout_rate)
+    pos_embed_interpolation: str = "bilinear"  # bilinear (vit_jax's scipy zoom, order 1) | bicubic (timm)
     shuffle_buffer: int = 10_000  # encoded samples
     num_workers: int = 2  # decoding processes
     seed: int = 0
@@ -204,6 +206,9 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     prep: list[PrepConfig] = field(default_factory=list)  # data_prep jobs run before training
+    # Published weights (vit_jax/big_vision .npz, timm .safetensors) that `python -m
+    # pipeline.evaluate pretrained` evaluates in place of a checkpoint; pre-training ignores it.
+    init: str | None = None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:

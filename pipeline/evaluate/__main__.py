@@ -16,6 +16,10 @@ then ``key=value`` overrides. The run logged to is ``--run-id``, else the config
 checkpoint once (a restarted watcher skips what MLflow already records); ``--once`` does
 one pass, waits for it and exits; ``--until-final`` exits after the last pre-training step.
 ``sync`` delivers MLflow writes left in a spool by processes that ended during an outage.
+``pretrained [config.yaml] init=<file> [key=value ...]`` runs the config's few-shot and
+fine-tuning evaluations on published weights (vit_jax/big_vision ``.npz``, timm
+``.safetensors``; see ``pipeline.weights``) instead of a checkpoint and prints the results
+(nothing is logged to MLflow).
 Exit status: 0 done, 1 an evaluation failed, 2 a bad config or argument.
 """
 
@@ -158,6 +162,31 @@ def cmd_sync(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_pretrained(args) -> int:
+    import torch
+
+    from pipeline.evaluate.fewshot import ridge_fewshot
+    from pipeline.evaluate.finetune import finetune_eval
+    from pipeline.evaluate.runner import fewshot_features
+    from pipeline.weights import load_pretrained
+
+    cfg, _ = resolve("", None, args.config, args.overrides)
+    if not cfg.init:
+        raise ConfigError("init: name the weights to evaluate, e.g. init=ViT-B_16.npz")
+    results: dict = {"init": cfg.init, "fewshot": {}, "finetune": {}}
+    if cfg.eval.fewshot:
+        model = load_pretrained(cfg.init).eval().to("cuda" if torch.cuda.is_available() else "cpu")
+        for fs in cfg.eval.fewshot:
+            (train_x, train_y), (test_x, test_y) = fewshot_features(model, fs, model.spec.img_size)
+            results["fewshot"][fs.name] = ridge_fewshot(train_x, train_y, test_x, test_y, shots=tuple(fs.shots),
+                                                        seeds=fs.seeds, l2=fs.l2)
+        del model
+    for ft in cfg.eval.finetune:
+        results["finetune"][ft.name] = finetune_eval(ft, None, None, init=cfg.init)
+    print(json.dumps(_jsonable(results), indent=2))
+    return 0
+
+
 def _jsonable(x):
     import numpy as np
 
@@ -193,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
     common(c)
     s = sub.add_parser("sync", help="deliver spooled MLflow writes of ended processes")
     s.add_argument("spool_dir", nargs="?")
+    x = sub.add_parser("pretrained", help="evaluate published weights (init=<file>) instead of a checkpoint")
+    x.add_argument("rest", nargs="*", help="[config.yaml] init=<file> [key=value ...]")
     return p
 
 
@@ -208,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args.config = rest[0] if rest and "=" not in rest[0] else None
     args.overrides = rest[1:] if args.config else rest
     try:
-        return {"watch": cmd_watch, "checkpoint": cmd_checkpoint, "sync": cmd_sync}[args.command](args)
+        return {"watch": cmd_watch, "checkpoint": cmd_checkpoint, "sync": cmd_sync, "pretrained": cmd_pretrained}[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

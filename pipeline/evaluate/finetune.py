@@ -10,6 +10,11 @@ then, as in the paper, one run on the whole train split at that lr gives the tes
 
 The engine is DeepSpeed's, as in pre-training (precision and ZeRO stage from the config);
 inside an eval task it runs on its own single-rank process group (gloo on CPU).
+
+The images a split stores must be at least the fine-tuning resolution: a split that data_prep
+shrank below it (e.g. shorter side 256 for a 384 px fine-tune) would upsample every crop, so
+that is refused before any training (:func:`check_stored_size`). Images whose originals are
+smaller (CIFAR's 32 px) are upsampled as in the paper.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import socket
 import time
 import zlib
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from pipeline import checkpoint
 from pipeline.config import from_container
@@ -45,17 +52,31 @@ from pipeline.data import (
     to_model_input,
 )
 from pipeline.evaluate.fewshot import confusion_matrix
-from pipeline.model import VisionTransformer, create_model, get_spec, resize_pos_embed
+from pipeline.model import (
+    POS_EMBED_INTERPOLATIONS,
+    VisionTransformer,
+    create_model,
+    get_spec,
+    resize_pos_embed,
+)
 
 log = logging.getLogger(__name__)
 
 
-def load_for_finetune(ckpt_dir: str, tag: str, num_classes: int, image_size: int) -> VisionTransformer:
+def load_for_finetune(ckpt_dir: str | None, tag: str | None, num_classes: int, image_size: int,
+                      interpolation: str = "bilinear", dropout: float = 0.0, init: str | None = None) -> VisionTransformer:
     """A complete checkpoint's model at ``image_size`` with a new zero-init ``num_classes`` head.
 
     The consolidated fp32 weights are loaded strictly, position embeddings interpolated to
-    the new patch grid; then the pre-training head and pre-logits are replaced.
+    the new patch grid (``interpolation``); then the pre-training head and pre-logits are
+    replaced. ``init`` names published weights (``pipeline.weights``) to start from instead.
     """
+    if init:
+        from pipeline.weights import load_pretrained
+
+        model = load_pretrained(init, img_size=image_size, interpolation=interpolation, dropout=dropout)
+        model.reset_head(num_classes)
+        return model
     tag_dir = Path(ckpt_dir) / tag
     cfg = from_container(OmegaConf.to_container(OmegaConf.load(tag_dir / "config.yaml")))
     meta = json.loads((tag_dir / "meta.json").read_text())
@@ -64,10 +85,10 @@ def load_for_finetune(ckpt_dir: str, tag: str, num_classes: int, image_size: int
         raise ValueError(f"fine-tuning image_size {image_size} is not a multiple of the patch size {patch} of {tag_dir}")
     model = create_model(
         cfg.model.name, num_classes=meta["num_classes"], img_size=image_size, patch_size=cfg.model.patch_size,
-        pool=cfg.model.pool, representation_size=cfg.model.representation_size,
+        pool=cfg.model.pool, representation_size=cfg.model.representation_size, dropout=dropout,
     )
     state = checkpoint.load_fp32_weights(ckpt_dir, tag)
-    state["pos_embed"] = resize_pos_embed(state["pos_embed"], image_size // patch, model.num_prefix_tokens)
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], image_size // patch, model.num_prefix_tokens, interpolation)
     model.load_state_dict(state)
     model.reset_head(num_classes)
     return model
@@ -244,17 +265,20 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
     return module, curve
 
 
-def finetune_eval(ft: DictConfig, ckpt_dir: str, tag: str) -> dict:
-    """Fine-tune one checkpoint on one dataset: lr picked on dev, top-1 on the test split.
+def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: str | None = None) -> dict:
+    """Fine-tune one checkpoint (or published weights ``init``) on one dataset: lr picked on
+    dev, top-1 on the test split.
 
     Returns ``{"top1", "best_lr", "dev_top1": {lr: acc}, "curves": {label: [(step, loss)]},
     "confusion", "num_classes", "test_samples", "seconds"}``.
     """
     t_start = time.time()
     check(ft)
+    for split in (ft.train, ft.test):
+        check_stored_size(split, ft.image_size, f"eval.finetune[{ft.name}]")
     device = init_single_rank()
     num_classes = ft.num_classes or ShardIndex.load(ft.train).num_classes
-    base = load_for_finetune(ckpt_dir, tag, num_classes, ft.image_size)
+    base = load_for_finetune(ckpt_dir, tag, num_classes, ft.image_size, ft.pos_embed_interpolation, ft.dropout, init)
     lrs = [float(x) for x in ft.lrs]
     dev_top1, curves, kept = {}, {}, None
     if len(lrs) > 1 and ft.dev_fraction > 0:
@@ -293,9 +317,53 @@ def check(ft: DictConfig) -> None:
         (ft.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {ft.zero_stage}"),
         (0 < ft.crop_min_area <= 1, f"crop_min_area must be in (0, 1], got {ft.crop_min_area}"),
         (ft.image_size > 0, "image_size must be positive"),
+        (0 <= ft.dropout < 1, f"dropout must be in [0, 1), got {ft.dropout}"),
+        (ft.pos_embed_interpolation in POS_EMBED_INTERPOLATIONS,
+         f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, got {ft.pos_embed_interpolation!r}"),
     ]
     for ok, message in problems:
         if not ok:
             from pipeline.config import ConfigError
 
             raise ConfigError(f"{key}: {message}")
+
+
+def check_stored_size(index_url: str, image_size: int, key: str, samples: int = 64) -> None:
+    """Refuse a split whose images data_prep shrank below ``image_size``.
+
+    Reads the first ``samples`` samples of the first shard: the stored JPEG's size (its
+    header) against the original size data_prep recorded in the sample's ``.json``. A sample
+    stored with a shorter side under ``image_size`` while its original was larger means the
+    split was prepared for a lower resolution: every fine-tuning crop would be upsampled.
+    Without a recorded original size, a small stored image is only warned about.
+    """
+    url = ShardIndex.load(index_url).shards[0][0]
+    shrunk, unknown, seen = [], [], 0
+    for sample in itertools.islice(iter_tar_samples(url), samples):
+        if "jpg" not in sample:
+            continue
+        seen += 1
+        with Image.open(BytesIO(sample["jpg"])) as img:
+            stored = min(img.size)
+        if stored >= image_size:
+            continue
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        if "width" in meta and "height" in meta:
+            if min(meta["width"], meta["height"]) > stored:
+                shrunk.append((sample["__key__"], stored, min(meta["width"], meta["height"])))
+        else:
+            unknown.append((sample["__key__"], stored))
+    if shrunk:
+        from pipeline.config import ConfigError
+
+        k, stored, original = shrunk[0]
+        raise ConfigError(
+            f"{key}: {index_url} stores images shrunk below the fine-tuning resolution {image_size} "
+            f"({len(shrunk)} of the first {seen} samples; e.g. {k}: shorter side {stored}, originally {original}); "
+            f"every crop would be upsampled. Prepare the split again with image.size >= {image_size} "
+            "(or image.resize_mode=none) in its data_prep config")
+    if unknown:
+        log.warning("%s: %s has %d of the first %d images with a shorter side under the fine-tuning resolution %d "
+                    "(e.g. %s: %d px) and no recorded original size: if data_prep shrank them, prepare the split "
+                    "again at >= %d px", key, index_url, len(unknown), seen, image_size, unknown[0][0], unknown[0][1],
+                    image_size)
