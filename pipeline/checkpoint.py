@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -19,28 +18,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MARKER = "COMPLETE"
-_TAG = re.compile(r"^step_(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(tag: str) -> int:
-    m = _TAG.match(tag)
-    if not m:
-        raise ValueError(f"not a checkpoint tag: {tag!r}")
-    return int(m.group(1))
+from pipeline.rundir import MARKER, Checkpoints, step_of, tag_for  # noqa: F401  (tags are the run dir's)
 
 
 def complete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
-    """Tags of the complete checkpoints in ``ckpt_dir``, oldest first."""
-    root = Path(ckpt_dir)
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
-    return sorted(tags, key=step_of)
+    """Tags of the complete checkpoints in a local ``ckpt_dir``, oldest first."""
+    return Checkpoints(str(ckpt_dir)).complete_tags()
 
 
 def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:

@@ -195,7 +195,8 @@ class DemoConfig:
 @dataclass
 class Config:
     name: str = "vit"
-    output_dir: str = "runs/${name}"
+    output_dir: str = "runs/${name}"  # this host's scratch dir (a local path on every host)
+    run_dir: str = ""  # the run's records (pipeline.rundir); "": <ray.storage_path>/<name>, else output_dir
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -246,7 +247,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             # update() walks list indices too (prep.0.shard_size=64), which a merge cannot.
             OmegaConf.update(cfg, key.strip(), OmegaConf.from_dotlist([f"v={raw}"])["v"], merge=True)
         # Workers run elsewhere (Ray's session dir): every path derived from output_dir is absolute.
+        _require("://" not in cfg.output_dir, "output_dir",
+                 f"{cfg.output_dir!r} is a URL; output_dir is each host's local scratch dir. Put the run on object "
+                 "storage with ray.storage_path=<url> (checkpoints, records and demo shards then live in <url>/<name>)")
         cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+        if cfg.ray.storage_path and "://" not in cfg.ray.storage_path:
+            cfg.ray.storage_path = str(Path(cfg.ray.storage_path).expanduser().resolve())
+        if not cfg.run_dir:
+            from pipeline.rundir import run_dir_url
+
+            cfg.run_dir = run_dir_url(cfg.output_dir, cfg.ray.storage_path, cfg.name)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)

@@ -14,13 +14,17 @@ Recovery:
 - a worker that dies (SIGKILL, OOM, a lost node): Ray Train restarts the worker group up to
   ``ray.max_failures`` times and every worker resumes from the latest complete checkpoint;
   rank 0 does not log again the steps the MLflow run already has (no duplicated curves);
-- the driver dies: rerun the same command (same ``name``/``output_dir``): training resumes from
-  the latest checkpoint and ``<output_dir>/mlflow_run_id`` continues the same MLflow run;
-- SIGTERM to this driver (preemption, ``scancel``, ``kill``): it writes ``<output_dir>/STOP``, the
-  workers checkpoint at the next step boundary and exit, and the job exits with status
+- the driver dies: rerun the same command (same ``name`` and storage): training resumes from
+  the run dir's latest checkpoint and its ``mlflow_run_id`` continues the same MLflow run;
+- SIGTERM to this driver (preemption, ``scancel``, ``kill``): it writes the run dir's ``STOP``,
+  the workers checkpoint at the next step boundary and exit, and the job exits with status
   ``EXIT_STOPPED`` (3) after printing how to resume (rerun the same command);
-- ``ray.storage_path`` on object storage (s3://...): checkpoints are also uploaded there (marker
-  last) and a worker whose local dir lacks the latest one downloads it (``pipeline.storage``).
+- hosts without a shared disk: ``ray.storage_path=s3://...`` puts the run dir there
+  (``pipeline.rundir``): checkpoints (marker last), evaluation records, the MLflow run id and
+  the demo's shards; a worker on any host fetches the checkpoint it resumes from.
+
+Before it exits, every evaluation recorded in the run dir is shown in MLflow; if the server
+does not take them, the job says which and how to deliver them, and exits ``EXIT_UNDELIVERED``.
 """
 
 from __future__ import annotations
@@ -39,19 +43,37 @@ from pipeline.config import ConfigError, check_paths, load_config, to_flat_dict,
 log = logging.getLogger("pipeline.run")
 
 EXIT_STOPPED = 3  # stopped on request (SIGTERM) with a checkpoint saved: rerun the same command to resume
+EXIT_UNDELIVERED = 4  # trained and evaluated, but MLflow lacks some evaluations (see the message)
 
 
 def _train_worker(config: dict) -> None:
-    """Body of each Ray Train worker: the plain training loop on Ray's process group."""
+    """Body of each Ray Train worker: the plain training loop on Ray's process group.
+
+    Every complete checkpoint is reported to Ray Train with a pointer checkpoint (the tag in
+    the run dir; ``pipeline.rundir`` says why the files are not Ray's), so ``fit()``'s
+    ``Result`` carries the last step and loss; the final report adds ``finished``/``preempted``.
+    """
+    import tempfile
+
+    import ray.train
+
     from pipeline.config import from_container
     from pipeline.train import train
 
     cfg = from_container(config)
-    summary = train(cfg)
-    import torch.distributed as dist
 
-    if dist.get_rank() == 0:
-        (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps(summary))
+    def report(metrics: dict, final: dict | None = None) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "pointer.json").write_text(json.dumps({"run_dir": cfg.run_dir, "tag": metrics["tag"]}))
+            is_rank0 = ray.train.get_context().get_world_rank() == 0
+            ckpt = ray.train.Checkpoint.from_directory(d) if is_rank0 else None
+            ray.train.report({**metrics, **(final or {})}, checkpoint=ckpt)
+
+    summary = train(cfg, on_checkpoint=report)
+    from pipeline.rundir import tag_for
+
+    report({"step": summary["step"], "tag": tag_for(summary["step"]), "loss": summary["loss"], "total_steps": summary["total_steps"]},
+           final={"finished": summary["step"] >= summary["total_steps"], "preempted": summary["preempted"]})
 
 
 def connect_ray(cfg: DictConfig) -> None:
@@ -131,16 +153,17 @@ def prepare_data(cfg: DictConfig) -> list[dict]:
     return summaries
 
 
-def fit(cfg: DictConfig) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def fit(cfg: DictConfig):
+    """Train on a Ray Train worker group; returns Ray's ``Result`` (metrics of the last report)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import storage as object_storage
+    from pipeline.rundir import is_local
 
     backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if cfg.ray.use_gpu else "gloo")
-    storage = cfg.ray.storage_path or str((Path(cfg.output_dir) / "ray").resolve())
+    storage = cfg.run_dir  # Ray's own files under <run>/ray
     storage_fs = None
-    if object_storage.is_remote(storage):
+    if not is_local(storage):
         # Through fsspec (s3fs honours AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL), as our own uploads.
         import fsspec
         from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -154,104 +177,154 @@ def fit(cfg: DictConfig) -> None:
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
         ),
-        run_config=RunConfig(name=cfg.name, storage_path=storage, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures)),
+        run_config=RunConfig(name="ray", storage_path=storage, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    trainer.fit()
+    return trainer.fit()
 
 
 def run_job(cfg: DictConfig) -> dict:
-    from pipeline import checkpoint
     from pipeline.evaluate.watch import Watcher
-    from pipeline.tracking import Tracker, log_final_weights, spool_dir
+    from pipeline.rundir import RunDir
+    from pipeline.tracking import Tracker, log_final_weights
 
     t_start = time.time()
-    out = Path(cfg.output_dir).resolve()
+    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.update(cfg, "output_dir", str(out))
+    run = RunDir(cfg.run_dir)
+    if (finished := _finished_summary(cfg, run)) is not None:
+        print(f"run {cfg.name} is finished (step {finished['final_step']} of {finished['total_steps']}, {run.url}); "
+              "its summary:", flush=True)
+        _print_summary(finished)
+        return finished
     connect_ray(cfg)
     check_resources(cfg)
-    stop_file = _install_stop_handler(out)
+    _install_stop_handler(run)
     prep = prepare_data(cfg)
 
-    run_id_file = out / "mlflow_run_id"
-    resumed = run_id_file.exists() and not cfg.tracking.run_id
-    tracker = Tracker.start(cfg, run_id=run_id_file.read_text().strip() if resumed else None)
-    run_id_file.write_text(tracker.run_id)
+    resumed = bool(run.mlflow_run_id) and not cfg.tracking.run_id
+    tracker = Tracker.start(cfg, run_id=run.mlflow_run_id if resumed else None)
+    run.mlflow_run_id = tracker.run_id
     OmegaConf.update(cfg, "tracking.run_id", tracker.run_id)
     OmegaConf.update(cfg, "tracking.uri", tracker.uri)
     if not resumed:
         tracker.log_params(to_flat_dict(cfg))
         tracker.log_text(to_yaml(cfg), "config.yaml")
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    run.write_text("config.yaml", to_yaml(cfg))
 
     watcher = None
     if cfg.eval.enabled and (cfg.eval.fewshot or cfg.eval.finetune):
-        watcher = Watcher(cfg.eval, str(out / "checkpoints"), tracker.uri, tracker.run_id, spool_dir=spool_dir(cfg))
+        watcher = Watcher(cfg.eval, run, tracker.uri, tracker.run_id)
         watcher.start()
-    status = "FAILED"
+    status, result = "FAILED", None
+    t_train = time.time()
     try:
-        t_train = time.time()
-        fit(cfg)
-        train_seconds = time.time() - t_train
-        done = json.loads((out / "train_summary.json").read_text())
-        stopped = stop_file.exists() and done["step"] < done["total_steps"]  # a graceful stop (SIGTERM) before the end
-        status = "KILLED" if stopped else "FINISHED"
+        result = fit(cfg)
+        status = "FINISHED" if (result.metrics or {}).get("finished") else "KILLED"
     finally:
-        evals = watcher.finish() if watcher else {}
-        if status == "FINISHED" and (last := checkpoint.latest_tag(out / "checkpoints")):
-            log_final_weights(tracker, str(out / "checkpoints"), last, register_as=cfg.tracking.register_model)
+        if watcher:
+            watcher.finish()
+        if status == "FINISHED" and (last := run.checkpoints.latest()):
+            _log_final_weights(log_final_weights, tracker, run, last, cfg.tracking.register_model)
         tracker.finish(status)
-    train_summary = json.loads((out / "train_summary.json").read_text())
-    summary = _summary(cfg, tracker, prep, train_summary, evals, train_seconds, time.time() - t_start)
-    summary["stopped"] = stopped
-    stop_file.unlink(missing_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    train_seconds = time.time() - t_train
+    final = result.metrics or {}
+    summary = _summary(run, tracker, prep, final, train_seconds, time.time() - t_start)
+    summary["stopped"] = status == "KILLED"
+    summary["finished"] = status == "FINISHED"
+    run.clear_stop()
+    summary["undelivered"] = _undelivered(run, tracker, watcher)
+    run.write_summary(summary)
     _print_summary(summary)
     if summary["stopped"]:
-        print(f"\nstopped on request at step {summary['final_step']} of {train_summary.get('total_steps', '?')}, "
-              f"checkpoint saved in {out / 'checkpoints'}; to resume, rerun the same command "
-              f"(same name and output_dir): {' '.join(sys.argv)}", flush=True)
+        print(f"\nstopped on request at step {summary['final_step']} of {summary['total_steps']}, checkpoint saved in "
+              f"{run.checkpoints.url}; to resume, rerun the same command (same name and storage): {' '.join(sys.argv)}", flush=True)
     return summary
 
 
-def _install_stop_handler(out: Path) -> Path:
-    """SIGTERM to the driver becomes a graceful stop: ``<output_dir>/STOP``, which every training
-    worker checks at each step boundary (``pipeline.train.stop_requested``). Replaces Ray's own
-    driver handler (exit at once). A stale STOP file of an earlier run is removed first."""
+def _finished_summary(cfg: DictConfig, run) -> dict | None:
+    """The summary of this run when it already trained to its end with this config."""
+    summary = run.summary()
+    if not summary or not summary.get("finished"):
+        return None
+    tag = run.checkpoints.latest()
+    if tag is None or (cfg.train.steps and cfg.train.steps != summary.get("total_steps")):
+        return None
+    return summary if summary.get("final_step") == int(tag.split("_")[1]) else None
+
+
+def _log_final_weights(log_final_weights, tracker, run, tag: str, register_as: str | None) -> None:
+    """The consolidated weights of the last checkpoint as MLflow artifacts (from a local copy
+    when the run dir is remote)."""
+    import shutil
+    import tempfile
+
+    from pipeline.rundir import local_path
+
+    if run.checkpoints.local:
+        log_final_weights(tracker, local_path(run.checkpoints.url), tag, register_as=register_as)
+        return
+    tmp = tempfile.mkdtemp(prefix="vit-final-")
+    try:
+        run.checkpoints.fetch(tag, tmp)
+        log_final_weights(tracker, tmp, tag, register_as=register_as)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _undelivered(run, tracker, watcher) -> dict:
+    """What MLflow still lacks: evaluation records and training writes left in the spool."""
+    from pipeline.evaluate.record import publish_pending
+
+    evals = publish_pending(run, tracker.uri, tracker.run_id)
+    return {"evaluations": [f"{tag}/{name}" for tag, name in evals], "writes": tracker.pending()}
+
+
+def _install_stop_handler(run) -> None:
+    """SIGTERM or SIGINT to the driver becomes a graceful stop: the run dir's ``STOP``, which
+    training rank 0 checks at each step boundary. Replaces Ray's own driver handler (exit at
+    once). A stale STOP of an earlier process is removed first; a second signal exits at once."""
     import signal
 
-    from pipeline.train import STOP_FILE
-
-    stop_file = out / STOP_FILE
-    stop_file.unlink(missing_ok=True)
+    run.clear_stop()
 
     def handler(signum, frame):
-        if not stop_file.exists():
-            stop_file.write_text(f"signal {signum} at {time.time():.0f}\n")
-            print("SIGTERM: stopping at the next step boundary after a checkpoint (send SIGKILL to stop at once)",
-                  file=sys.stderr, flush=True)
+        if run.stop_requested():
+            print(f"signal {signum} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        run.request_stop(f"signal {signum} at {time.time():.0f}")
+        print(f"signal {signum}: stopping at the next step boundary after a checkpoint (signal again to stop at once)",
+              file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, handler)
-    return stop_file
+    signal.signal(signal.SIGINT, handler)
 
 
-def _summary(cfg, tracker, prep, train_summary, evals, train_seconds, total_seconds) -> dict:
-    ips = [m.value for m in tracker.metric_history("train/images_per_s")]
-    by_step = sorted(evals.values(), key=lambda r: r["step"])
+def _summary(run, tracker, prep, final: dict, train_seconds: float, total_seconds: float) -> dict:
+    """The run's summary from its records: every evaluation of every checkpoint (this process's
+    or an earlier one's, random init first) and the last step and loss Ray reported."""
+    try:
+        ips = [m.value for m in tracker.metric_history("train/images_per_s")]
+    except Exception:  # the server may be away; throughput is then left out
+        ips = []
     fewshot, finetune = {}, {}
-    for r in by_step:
-        for name, res in r.get("fewshot", {}).items():
-            fewshot.setdefault(name, {})[r["step"]] = {int(k): v["mean"] for k, v in res.items()}
-        for name, res in r.get("finetune", {}).items():
-            finetune.setdefault(name, {})[r["step"]] = res["top1"]
+    for _tag, recs in sorted(run.eval_records().items()):
+        for rec in recs.values():
+            if rec["protocol"] == "fewshot_linear":
+                fewshot.setdefault(rec["dataset"], {})[rec["step"]] = {
+                    int(k.removesuffix("shot")): v for k, v in rec["metrics"].items() if k.endswith("shot")}
+            else:
+                finetune.setdefault(rec["dataset"], {})[rec["step"]] = rec["metrics"]["top1"]
     return {
         "run_id": tracker.run_id,
         "tracking_uri": tracker.uri,
+        "run_dir": run.url,
         "shards_written": sum(s.get("shards", 0) if isinstance(s.get("shards"), int) else sum(s.get("shards", {}).values()) for s in prep),
         "prep": prep,
-        "final_step": train_summary["step"],
-        "final_loss": train_summary["loss"],
+        "final_step": final.get("step"),
+        "final_loss": final.get("loss"),
+        "total_steps": final.get("total_steps"),
         "images_per_s": sum(ips) / len(ips) if ips else None,
         "train_seconds": train_seconds,
         "total_seconds": total_seconds,
@@ -263,20 +336,27 @@ def _summary(cfg, tracker, prep, train_summary, evals, train_seconds, total_seco
 def _print_summary(s: dict) -> None:
     print("\n==== pre-training summary ====")
     print(f"shards written      : {s['shards_written']}")
-    print(f"final step / loss   : {s['final_step']} / {s['final_loss']:.4f}")
+    loss = s["final_loss"]
+    print(f"final step / loss   : {s['final_step']} / {loss if loss is None else f'{loss:.4f}'}")
     if s["images_per_s"]:
         print(f"images/s (mean)     : {s['images_per_s']:.1f}")
     print(f"training time       : {s['train_seconds']:.0f}s (job {s['total_seconds']:.0f}s)")
     for name, steps in s["fewshot"].items():
-        for step, acc in steps.items():
-            label = "random init" if step == 0 else f"step {step}"
-            print(f"few-shot {name:<10} {label:>12}: " + "  ".join(f"{k}-shot {v:.3f}" for k, v in sorted(acc.items())))
+        for step, acc in sorted(steps.items(), key=lambda t: int(t[0])):
+            label = "random init" if int(step) == 0 else f"step {step}"
+            print(f"few-shot {name:<10} {label:>12}: " + "  ".join(f"{k}-shot {v:.3f}" for k, v in sorted(acc.items(), key=lambda t: int(t[0]))))
     for name, steps in s.get("finetune", {}).items():
         for step, top1 in steps.items():
-            label = "random init" if step == 0 else f"step {step}"
+            label = "random init" if int(step) == 0 else f"step {step}"
             print(f"fine-tune {name:<9} {label:>12}: top-1 {top1:.3f}")
     uri = s["tracking_uri"]
     print(f"MLflow run {s['run_id']}; open the UI with:\n  mlflow ui --backend-store-uri {uri}")
+    left = s.get("undelivered") or {}
+    if left.get("evaluations") or left.get("writes"):
+        print(f"\nNOT IN MLFLOW YET: {len(left.get('evaluations', []))} evaluation(s) {', '.join(left.get('evaluations', []))} "
+              f"and {left.get('writes', 0)} spooled write(s): the tracking server at {uri} did not take them. They are kept "
+              f"in {s['run_dir']}; deliver them when it is back with:\n  python -m pipeline.evaluate sync {s['run_dir']}",
+              file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    return EXIT_STOPPED if summary.get("stopped") else 0
+    if summary.get("stopped"):
+        return EXIT_STOPPED
+    left = summary.get("undelivered") or {}
+    return EXIT_UNDELIVERED if left.get("evaluations") or left.get("writes") else 0
 
 
 if __name__ == "__main__":

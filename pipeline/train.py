@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from pipeline import checkpoint
+from pipeline import checkpoint, rundir
 from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
 from pipeline.data import ShardIndex, StreamSpec, TrainStream, to_model_input
 from pipeline.model import create_model, flops_per_image
@@ -185,15 +185,23 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     )
 
 
+def local_ckpt_dir(cfg: DictConfig) -> str:
+    """This host's staging dir: DeepSpeed writes and reads checkpoint files here."""
+    return str(Path(cfg.output_dir) / "checkpoints")
+
+
 def resume_source(cfg: DictConfig) -> tuple[str, str] | None:
-    """``(checkpoint dir, tag)`` to start from: the run's own latest complete checkpoint (a rerun
-    after a stop or preemption keeps its progress), else ``train.resume_from``, else None."""
-    own = str(Path(cfg.output_dir) / "checkpoints")
+    """``(local checkpoint dir, tag)`` to start from: the run's own latest complete checkpoint
+    (a rerun after a stop or preemption keeps its progress), else ``train.resume_from``, else
+    None. Call :func:`fetch_resume_checkpoint` first so the run dir's latest is here."""
+    own = local_ckpt_dir(cfg)
     if (tag := checkpoint.latest_tag(own)) is not None:
         return own, tag
     if cfg.train.resume_from:
-        src = Path(cfg.train.resume_from)
-        return str(src.parent), src.name
+        src = cfg.train.resume_from.rstrip("/")
+        if not rundir.is_local(src):  # a tag dir on object storage: its local copy
+            return own, src.rsplit("/", 1)[1]
+        return str(Path(src).parent), Path(src).name
     return None
 
 
@@ -213,15 +221,17 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     return engine, scheduler
 
 
-def train(cfg: DictConfig) -> dict:
-    """Train to ``total_steps``, resuming from the latest complete checkpoint if any.
+def train(cfg: DictConfig, on_checkpoint=None) -> dict:
+    """Train to ``total_steps``, resuming from the run's latest complete checkpoint if any.
 
-    Returns a summary (final step, loss, images/s) on every rank.
+    ``on_checkpoint(metrics)`` is called on every rank after each complete checkpoint
+    (``step``, ``tag``, ``loss``, ``total_steps``; Ray Train reports them). Returns a summary
+    (final step, loss, images/s) on every rank.
     """
-    return _train(cfg)[0]
+    return _train(cfg, on_checkpoint)[0]
 
 
-def _train(cfg: DictConfig):
+def _train(cfg: DictConfig, on_checkpoint=None):
     rank, world, device = _dist_setup()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", force=True)
     preempt = _Preemption()
@@ -229,9 +239,10 @@ def _train(cfg: DictConfig):
     num_classes = cfg.model.num_classes or index.num_classes
     steps = total_steps(cfg, index.num_samples)
     accum = batch_split(cfg, world)
-    ckpt_dir = str(Path(cfg.output_dir) / "checkpoints")
+    ckpt_dir = local_ckpt_dir(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # every rank writes here (sample keys) before any save
-    _sync_from_storage(cfg, ckpt_dir)  # recovery: object-storage checkpoint newer than the local ones
+    run = rundir.RunDir(cfg.run_dir)
+    fetch_resume_checkpoint(cfg, run)  # recovery: the run dir's latest checkpoint onto this host
     engine, scheduler = build_engine(cfg, num_classes, steps, world, device)
     model = engine.module
     image_size = model.spec.img_size
@@ -275,14 +286,16 @@ def _train(cfg: DictConfig):
                 "model": cfg.model.name, "image_size": image_size, "mlflow_run_id": tracker.run_id if tracker else None,
                 "mlflow_uri": tracker.uri if tracker else None}
         t = checkpoint.save(engine, ckpt_dir, at_step, meta, {"data": stream.state_dict()}, config_yaml, cfg.train.keep_checkpoints)
-        log.info("checkpoint %s/%s saved", ckpt_dir, t)
-        _upload_to_storage(cfg, ckpt_dir, t)  # recovery: mirror to object storage, marker last
+        publish_checkpoint(run, ckpt_dir, t, cfg.train.keep_checkpoints)
+        log.info("checkpoint %s/%s complete", run.checkpoints.url, t)
+        if on_checkpoint is not None:
+            on_checkpoint({"step": at_step, "tag": t, "loss": last_loss, "total_steps": steps})
 
+    last_loss = float("nan")
     if step == 0 and cfg.train.checkpoint_at_start and not checkpoint.complete_tags(ckpt_dir):
         save(0)
 
     window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
-    last_loss = float("nan")
     engine.train()
     while step < steps:
         for _ in range(accum):
@@ -297,7 +310,7 @@ def _train(cfg: DictConfig):
         step = engine.global_steps
         samples_seen += cfg.train.global_batch_size
         window_n += 1
-        stop = torch.tensor(float(preempt.requested or stop_requested(cfg)), device=device)
+        stop = torch.tensor(float(preempt.requested or (rank == 0 and run.stop_requested())), device=device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
 
         if step % cfg.train.log_every == 0 or step == steps:
@@ -331,8 +344,8 @@ def _train(cfg: DictConfig):
             break
         if stop.item():
             preempt.requested = True
-            log.warning("stop requested (SIGTERM or %s file): checkpoint saved at step %d; rerun the same command to resume",
-                        STOP_FILE, step)
+            log.warning("stop requested (SIGTERM or %s/%s): checkpoint saved at step %d; rerun the same command to resume",
+                        run.url, rundir.STOP, step)
             break
 
     if keys_file:
@@ -346,14 +359,6 @@ def _train(cfg: DictConfig):
 
 # ---------------------------------------------------------------- recovery (see pipeline/run.py)
 
-STOP_FILE = "STOP"  # <output_dir>/STOP: the driver's graceful-stop request (written on SIGTERM)
-
-
-def stop_requested(cfg: DictConfig) -> bool:
-    """Whether the driver asked for a graceful stop (checkpoint at this step boundary, exit)."""
-    return (Path(cfg.output_dir) / STOP_FILE).exists()
-
-
 def _last_logged_step(tracker: Tracker) -> int:
     """The highest step of ``train/loss`` already in the run (steps redone after a restart are not
     logged again); 0 when the store cannot be read."""
@@ -364,33 +369,38 @@ def _last_logged_step(tracker: Tracker) -> int:
         return 0
 
 
-def _sync_from_storage(cfg: DictConfig, ckpt_dir: str) -> None:
-    """Each node's local rank 0 fetches the latest complete object-storage checkpoint when its
-    own checkpoint dir has none as new; everybody waits for it."""
-    from pipeline import storage
-
-    remote = storage.remote_ckpt_dir(cfg)
-    if remote is None:
-        return
+def fetch_resume_checkpoint(cfg: DictConfig, run: rundir.RunDir) -> None:
+    """Each host's local rank 0 copies the run dir's latest complete checkpoint (or an object-
+    storage ``train.resume_from``) into its staging dir when it has none as new; all wait."""
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        storage.download_latest(remote, ckpt_dir)
+        own = local_ckpt_dir(cfg)
+        local = checkpoint.latest_tag(own)
+        if run.checkpoints.url != own and (tag := run.checkpoints.latest()) is not None:
+            if local is None or checkpoint.step_of(local) < checkpoint.step_of(tag):
+                run.checkpoints.fetch(tag, own)
+                local = tag
+        if local is None and cfg.train.resume_from and not rundir.is_local(cfg.train.resume_from):
+            parent, tag = cfg.train.resume_from.rstrip("/").rsplit("/", 1)
+            rundir.Checkpoints(parent).fetch(tag, own)
     if dist.is_initialized():
         dist.barrier()
 
 
-def _upload_to_storage(cfg: DictConfig, ckpt_dir: str, tag: str) -> None:
-    """Each node's local rank 0 uploads its files, then global rank 0 the marker (all ranks call)."""
-    from pipeline import storage
-
-    remote = storage.remote_ckpt_dir(cfg)
-    if remote is None:
+def publish_checkpoint(run: rundir.RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
+    """Put a saved checkpoint into the run dir when that is not this host's staging dir: every
+    host's local rank 0 its files, then, after a barrier, global rank 0 the marker (all ranks
+    call this)."""
+    if run.checkpoints.url == ckpt_dir:
         return
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        storage.upload(ckpt_dir, tag, remote, marker=False)
+        run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=False)
     if dist.is_initialized():
         dist.barrier()
     if not dist.is_initialized() or dist.get_rank() == 0:
-        storage.upload(ckpt_dir, tag, remote, marker=True)
+        run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=True)
+        run.checkpoints.keep_latest(keep)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _mlflow_run_to_resume(cfg: DictConfig, meta: dict) -> str | None:

@@ -1,4 +1,5 @@
-"""Every complete checkpoint is evaluated once, recorded as child runs on a real MLflow server.
+"""Every complete checkpoint is evaluated once, recorded in the run dir and shown as child runs
+on a real MLflow server (also after an outage of that server).
 
 Checkpoints are real: a world-size-1 DeepSpeed ZeRO-2 engine (gloo) saved with
 ``pipeline.checkpoint.save``; the transfer set is scikit-learn's digits, sharded.
@@ -26,6 +27,7 @@ from pipeline import checkpoint
 from pipeline.config import EvalConfig
 from pipeline.evaluate.runner import evaluate_checkpoint
 from pipeline.evaluate.watch import Watcher
+from pipeline.rundir import RunDir
 from pipeline.tracking import PARENT_TAG, Tracker, log_final_weights
 
 
@@ -122,18 +124,19 @@ def child_runs(client: MlflowClient, run_id: str) -> list:
 def test_no_partial_checkpoint_and_none_twice_across_watcher_restarts(server, digits, ckpts, tmp_path):
     client = MlflowClient(server.uri)
     _, run_id = new_run(client, "watch")
-    ckdir = tmp_path / "checkpoints"
+    run = RunDir(str(tmp_path / "run"))
+    ckdir = tmp_path / "run" / "checkpoints"
     copy_tags(ckpts, ckdir, ["step_00000000"], run_id)
     copy_tags(ckpts, ckdir, ["step_00000002"], run_id, complete=False)
     cfg = eval_cfg(digits)
 
-    watcher = Watcher(cfg, str(ckdir), server.uri, run_id, spool_dir=str(tmp_path / "spool"), use_ray=False)
+    watcher = Watcher(cfg, run, server.uri, run_id, use_ray=False)
     watcher.poll()
     watcher.poll()
     assert set(watcher.results) == {"step_00000000"} and not watcher.failed  # step 2 has no marker yet
 
-    restarted = Watcher(cfg, str(ckdir), server.uri, run_id, spool_dir=str(tmp_path / "spool"), use_ray=False)
-    assert restarted.done == {"step_00000000"}  # read back from MLflow
+    restarted = Watcher(cfg, run, server.uri, run_id, use_ray=False)
+    assert restarted.done == {"step_00000000"}  # read back from the run's records
     restarted.poll()
     assert restarted.results == {}
 
@@ -150,7 +153,7 @@ def test_no_partial_checkpoint_and_none_twice_across_watcher_restarts(server, di
     steps = sorted(int(c.data.tags["eval.checkpoint_step"]) for c in child_runs(client, run_id))
     assert steps == [0, 2]
     assert sorted(m.step for m in client.get_metric_history(run_id, "fewshot/digits/5shot")) == [0, 2]
-    assert Watcher(cfg, str(ckdir), server.uri, run_id, use_ray=False).done == {"step_00000000", "step_00000002"}
+    assert Watcher(cfg, run, server.uri, run_id, use_ray=False).done == {"step_00000000", "step_00000002"}
 
 
 @pytest.mark.timeout(240)
@@ -158,7 +161,8 @@ def test_each_evaluation_is_a_child_run_with_artifacts_and_a_parent_step_metric(
     client = MlflowClient(server.uri)
     _, run_id = new_run(client, "children")
     cfg = eval_cfg(digits, finetune=True)
-    result = evaluate_checkpoint(cfg, ckpts, "step_00000004", server.uri, run_id, spool_dir=str(tmp_path / "spool"))
+    run = RunDir(str(tmp_path / "run"))
+    result = evaluate_checkpoint(cfg, ckpts, "step_00000004", run, server.uri, run_id)
     assert set(result["fewshot"]) == {"digits"} and set(result["finetune"]) == {"digits"}
 
     children = {c.data.tags["eval.protocol"]: c for c in child_runs(client, run_id)}
@@ -176,7 +180,8 @@ def test_each_evaluation_is_a_child_run_with_artifacts_and_a_parent_step_metric(
         assert [m.step for m in client.get_metric_history(run_id, key)] == [4], key
     assert [a.path for a in client.list_artifacts(run_id, "transfer")] == ["transfer/fewshot_vs_step.png"]
 
-    again = evaluate_checkpoint(cfg, ckpts, "step_00000004", server.uri, run_id)
+    assert set(run.eval_records()["step_00000004"]) == {"fewshot-digits", "finetune-digits"}
+    again = evaluate_checkpoint(cfg, ckpts, "step_00000004", run, server.uri, run_id)
     assert again["fewshot"] == {} and again["finetune"] == {}
     assert len(child_runs(client, run_id)) == 2
 
@@ -194,11 +199,44 @@ def test_a_remote_checkpoint_dir_is_copied_locally_and_only_complete_ones_are_ev
     fs.put(str(local) + "/", "/bucket/run/checkpoints/", recursive=True)
     url = "memory://bucket/run/checkpoints"
 
-    watcher = Watcher(eval_cfg(digits), url, server.uri, run_id, spool_dir=str(tmp_path / "spool"), use_ray=False)
+    watcher = Watcher(eval_cfg(digits), RunDir("memory://bucket/run"), server.uri, run_id, use_ray=False)
     watcher.poll()
     assert set(watcher.results) == {"step_00000000"} and not watcher.failed
     (child,) = child_runs(client, run_id)
     assert child.data.tags["eval.checkpoint_path"] == f"{url}/step_00000000"
+    assert fs.exists("/bucket/run/evals/step_00000000/fewshot-digits.json")
+
+
+@pytest.mark.timeout(300)
+def test_evaluations_made_while_mlflow_is_down_are_kept_and_shown_once_when_it_is_back(digits, ckpts, tmp_path):
+    srv = MlflowServer(tmp_path / "outage_server").start()
+    try:
+        client = MlflowClient(srv.uri)
+        _, run_id = new_run(client, "outage")
+        run = RunDir(str(tmp_path / "run"))
+        run.mlflow_run_id = run_id  # as the job's driver writes it
+        copy_tags(ckpts, tmp_path / "run" / "checkpoints", ["step_00000000", "step_00000002"], run_id)
+        srv.stop()
+        watcher = Watcher(eval_cfg(digits), run, srv.uri, run_id, use_ray=False)
+        watcher.poll()
+        watcher.poll()
+        assert watcher.done == {"step_00000000", "step_00000002"}  # evaluated, with MLflow down
+        assert sorted(watcher.unshown) == [("step_00000000", "fewshot-digits"), ("step_00000002", "fewshot-digits")]
+
+        srv.start()
+        sync = [sys.executable, "-m", "pipeline.evaluate", "sync", str(tmp_path / "run"), "--tracking-uri", srv.uri,
+                "--spool-dir", str(tmp_path / "no-spool")]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        for _ in range(2):  # a second sync finds nothing to do and duplicates nothing
+            proc = subprocess.run(sync, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+            assert "every evaluation is in MLflow" in proc.stdout
+        steps = sorted(int(c.data.tags["eval.checkpoint_step"]) for c in child_runs(client, run_id))
+        assert steps == [0, 2]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "fewshot/digits/5shot")) == [0, 2]
+        assert run.unshown_evals() == []
+    finally:
+        srv.stop()
 
 
 @pytest.mark.timeout(120)

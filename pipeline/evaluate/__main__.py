@@ -1,9 +1,12 @@
 """Transfer evaluation from the command line (console script ``vit-eval``).
 
-    python -m pipeline.evaluate watch <checkpoint dir URL> [config.yaml] [key=value ...]
-        [--run-id ID] [--tracking-uri URI] [--once] [--until-final] [--no-ray] [--spool-dir DIR]
-    python -m pipeline.evaluate checkpoint <checkpoint dir URL> <tag> [config.yaml] [key=value ...] [...]
-    python -m pipeline.evaluate sync [spool dir]
+    python -m pipeline.evaluate watch <run dir URL> [config.yaml] [key=value ...]
+        [--run-id ID] [--tracking-uri URI] [--once] [--until-final] [--no-ray]
+    python -m pipeline.evaluate checkpoint <run dir URL> <tag> [config.yaml] [key=value ...] [...]
+    python -m pipeline.evaluate sync [run dir URL] [--spool-dir DIR]
+
+A run dir URL is a local path or any fsspec URL (``pipeline.rundir``); its ``checkpoints``
+dir is accepted too.
 
 The eval config is the pre-training config saved with the checkpoints (its ``eval`` and
 ``tracking`` sections), then ``config.yaml`` (e.g. ``configs/eval/finetune_digits.yaml``),
@@ -12,10 +15,11 @@ then ``key=value`` overrides. The run logged to is ``--run-id``, else the config
 ``--tracking-uri``, else $MLFLOW_TRACKING_URI, else the config's ``tracking.uri``, else
 ``mlflow_uri`` of meta.json.
 
-``watch`` polls the directory (local path or any fsspec URL) and evaluates each complete
-checkpoint once (a restarted watcher skips what MLflow already records); ``--once`` does
-one pass, waits for it and exits; ``--until-final`` exits after the last pre-training step.
-``sync`` delivers MLflow writes left in a spool by processes that ended during an outage.
+``watch`` polls the run's checkpoints and evaluates each complete one once (what was
+evaluated is the run dir's records, so a restarted watcher skips it); ``--once`` does one
+pass, waits for it and exits; ``--until-final`` exits after the last pre-training step.
+``sync`` shows in MLflow the evaluations the run dir holds and MLflow lacks, and delivers
+MLflow writes left in a spool by processes that ended during an outage.
 ``pretrained [config.yaml] init=<file> [key=value ...]`` runs the config's few-shot and
 fine-tuning evaluations on published weights (vit_jax/big_vision ``.npz``, timm
 ``.safetensors``; see ``pipeline.weights``) instead of a checkpoint and prints the results
@@ -95,18 +99,28 @@ def _connect_ray(cfg: DictConfig) -> None:
     ray.init(address=address, runtime_env={"env_vars": env}, **({} if address else {"dashboard_host": "127.0.0.1"}))
 
 
-def cmd_watch(args) -> int:
-    from pipeline.evaluate.watch import Watcher, complete_tags
+def _run_of(url: str):
+    """The run dir of a URL naming a run dir or its ``checkpoints`` dir."""
+    from pipeline.rundir import RunDir
 
-    tags = complete_tags(args.ckpt_dir)
+    url = url.rstrip("/")
+    return RunDir.of_checkpoints(url) if url.endswith("/checkpoints") else RunDir(url)
+
+
+def cmd_watch(args) -> int:
+    from pipeline.evaluate.watch import Watcher
+
+    run = _run_of(args.ckpt_dir)
+    tags = run.checkpoints.complete_tags()
     while not tags and not args.config:  # the config and run id come with the first checkpoint
         if args.once:
-            print(f"no complete checkpoint in {args.ckpt_dir} and no config given", file=sys.stderr)
+            print(f"no complete checkpoint in {run.checkpoints.url} and no config given", file=sys.stderr)
             return 2
         time.sleep(args.poll_seconds or 5.0)
-        tags = complete_tags(args.ckpt_dir)
-    cfg, meta = resolve(args.ckpt_dir, tags[0] if tags else None, args.config, args.overrides)
+        tags = run.checkpoints.complete_tags()
+    cfg, meta = resolve(run.checkpoints.url, tags[0] if tags else None, args.config, args.overrides)
     uri, run_id = _tracking(args, cfg, meta)
+    run_id = run_id or run.mlflow_run_id
     if not (uri and run_id):
         raise ConfigError("watch needs a tracking URI and a run id (--tracking-uri/--run-id, the config or meta.json)")
     if args.poll_seconds:
@@ -114,52 +128,67 @@ def cmd_watch(args) -> int:
     use_ray = not args.no_ray
     if use_ray:
         _connect_ray(cfg)
-    watcher = Watcher(cfg.eval, args.ckpt_dir, uri, run_id, spool_dir=args.spool_dir, use_ray=use_ray)
-    log.info("watching %s for run %s at %s", args.ckpt_dir, run_id, uri)
+    watcher = Watcher(cfg.eval, run, uri, run_id, use_ray=use_ray)
+    log.info("watching %s for run %s at %s", run.checkpoints.url, run_id, uri)
     try:
         while True:
             watcher.poll()
-            if args.once or (args.until_final and _final_evaluated(args.ckpt_dir, watcher)):
+            if args.once or (args.until_final and _final_evaluated(run, watcher)):
                 break
             time.sleep(cfg.eval.poll_seconds)
     except KeyboardInterrupt:
         log.info("stopping; evaluations in flight are waited for")
     watcher.finish()
-    watcher.tracker.flush(cfg.tracking.flush_timeout_s)
     for tag, err in watcher.failed.items():
         print(f"evaluation of {tag} failed: {err}", file=sys.stderr)
-    return 1 if watcher.failed else 0
+    if watcher.unshown:
+        print(f"{len(watcher.unshown)} evaluation(s) not in MLflow yet (kept in {run.url}); deliver them with: "
+              f"python -m pipeline.evaluate sync {run.url}", file=sys.stderr)
+    return 1 if watcher.failed or watcher.unshown else 0
 
 
-def _final_evaluated(url: str, watcher) -> bool:
+def _final_evaluated(run, watcher) -> bool:
     """Whether the checkpoint of the last pre-training step is evaluated and nothing runs."""
-    from pipeline.checkpoint import step_of
-    from pipeline.evaluate.watch import complete_tags
+    from pipeline.rundir import step_of
 
-    tags = complete_tags(url)
-    if not tags or tags[-1] not in (watcher.done or ()) or watcher.pending:
+    tags = run.checkpoints.complete_tags()
+    if not tags or tags[-1] not in watcher.done or watcher.pending:
         return False
-    meta, _ = _meta_and_config(url, tags[-1])
+    meta, _ = _meta_and_config(run.checkpoints.url, tags[-1])
     return bool(meta.get("total_steps")) and step_of(tags[-1]) >= meta["total_steps"]
 
 
 def cmd_checkpoint(args) -> int:
-    from pipeline.evaluate.watch import evaluate_url
+    from pipeline.evaluate.watch import evaluate_tag
 
-    cfg, meta = resolve(args.ckpt_dir, args.tag, args.config, args.overrides)
+    run = _run_of(args.ckpt_dir)
+    cfg, meta = resolve(run.checkpoints.url, args.tag, args.config, args.overrides)
     uri, run_id = _tracking(args, cfg, meta)
-    result = evaluate_url(cfg.eval, args.ckpt_dir, args.tag, uri, run_id, args.spool_dir)
+    result = evaluate_tag(cfg.eval, run.url, args.tag, uri, run_id or run.mlflow_run_id)
     print(json.dumps(_jsonable(result), indent=2))
     return 0
 
 
 def cmd_sync(args) -> int:
+    """Show in MLflow every evaluation the run dir holds and MLflow lacks; deliver spooled writes."""
+    from pipeline.evaluate.record import publish_pending
     from pipeline.tracking import default_spool_dir, deliver_orphans
 
+    ok = True
+    if args.run_dir:
+        run = _run_of(args.run_dir)
+        saved = OmegaConf.create(run.read_text("config.yaml") or "{}")
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or OmegaConf.select(saved, "tracking.uri")
+        run_id = args.run_id or run.mlflow_run_id
+        if not (uri and run_id):
+            raise ConfigError(f"sync: no MLflow run id or tracking URI for {run.url} (pass --run-id / --tracking-uri)")
+        left = publish_pending(run, uri, run_id)
+        print(f"{run.url}: {'every evaluation is in MLflow' if not left else f'{len(left)} evaluation(s) still not in MLflow at {uri}'}")
+        ok = not left
     directory = args.spool_dir or default_spool_dir()
-    ok = deliver_orphans(directory)
-    print(f"{directory}: {'everything delivered' if ok else 'some writes are still waiting for the server'}")
-    return 0 if ok else 1
+    delivered = deliver_orphans(directory)
+    print(f"{directory}: {'everything delivered' if delivered else 'some writes are still waiting for the server'}")
+    return 0 if ok and delivered else 1
 
 
 def cmd_pretrained(args) -> int:
@@ -220,8 +249,11 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("ckpt_dir")
     c.add_argument("tag")
     common(c)
-    s = sub.add_parser("sync", help="deliver spooled MLflow writes of ended processes")
-    s.add_argument("spool_dir", nargs="?")
+    s = sub.add_parser("sync", help="show a run's evaluations MLflow lacks; deliver spooled writes of ended processes")
+    s.add_argument("run_dir", nargs="?", help="a run dir URL (its records are shown in MLflow)")
+    s.add_argument("--spool-dir")
+    s.add_argument("--run-id")
+    s.add_argument("--tracking-uri")
     x = sub.add_parser("pretrained", help="evaluate published weights (init=<file>) instead of a checkpoint")
     x.add_argument("rest", nargs="*", help="[config.yaml] init=<file> [key=value ...]")
     return p
