@@ -100,12 +100,24 @@ def _run_shards(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch:
             ray.shutdown()
 
 
+def _placement(cfg: PrepConfig) -> dict[str, Any]:
+    """A local source or output path is a path on this host only: on a cluster of several
+    hosts its shard tasks run here (object-store URLs run anywhere)."""
+    local = [url for url in (cfg.source, cfg.output) if "://" not in url or url.startswith("file://")]
+    if not local or len([n for n in ray.nodes() if n.get("Alive")]) < 2:
+        return {}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    log.info("%s is local to this host: shard tasks run on this node", local[0])
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch
                 ) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
     """One task per shard, at most `max_in_flight` at once (`ray.wait` backpressure); raises
     `FailureFractionExceeded`, cancelling the tasks in flight, as soon as `watch` says so."""
     max_in_flight = cfg.max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    task = _shard_task.options(max_retries=cfg.retries, retry_exceptions=True)
+    task = _shard_task.options(max_retries=cfg.retries, retry_exceptions=True, **_placement(cfg))
     cfg_ref = ray.put(cfg)
     pending = deque((key, _give_up_after(cfg, watch)) for key in todo)
     in_flight: dict[ray.ObjectRef, tuple[str, int]] = {}

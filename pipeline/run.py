@@ -55,12 +55,16 @@ def _train_worker(config: dict) -> None:
     """
     import tempfile
 
+    import ray
     import ray.train
 
     from pipeline.config import from_container
     from pipeline.train import train
 
     cfg = from_container(config)
+    ctx = ray.train.get_context()
+    print(f"training worker rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()} "
+          f"({ray.util.get_node_ip_address()})", flush=True)
 
     def report(metrics: dict, final: dict | None = None) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -83,7 +87,8 @@ def connect_ray(cfg: DictConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not cfg.ray.use_gpu else "cuda")}
-    for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL"):
+    for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL",
+                "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         if var in os.environ:
             env[var] = os.environ[var]
     runtime_env = {"env_vars": env}

@@ -27,12 +27,14 @@ def demo_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    return out, proc.stdout
+    rerun = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return out, proc.stdout, rerun
 
 
 @pytest.mark.timeout(480)
 def test_demo_logs_a_pretraining_run_with_step_metrics_and_child_eval_runs(demo_run):
-    out, stdout = demo_run
+    out, stdout, _ = demo_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_step"] == 4
     assert summary["shards_written"] == 3 + 2 + 1  # 160 glyphs / 64 per shard; digits: 1297 train / 1000, 500 test
@@ -67,3 +69,15 @@ def test_a_bad_config_fails_before_anything_starts(tmp_path):
     assert proc.returncode == 2
     assert "train.global_batch_size" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.timeout(480)
+def test_the_summary_lists_every_evaluation_and_a_finished_run_rerun_says_so(demo_run):
+    out, stdout, rerun = demo_run
+    fewshot = [line for line in stdout.splitlines() if line.startswith("few-shot digits")]
+    assert [line.split(":")[0].split()[-1] for line in fewshot] == ["init", "2", "4"], stdout[-3000:]
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "is finished (step 4 of 4" in rerun.stdout
+    assert [line for line in rerun.stdout.splitlines() if line.startswith("few-shot digits")] == fewshot
+    records = sorted(p.name for p in (out / "evals").glob("step_*/*.json"))
+    assert records == ["fewshot-digits.json"] * 3

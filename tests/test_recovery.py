@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -104,13 +103,21 @@ def jobs():
         job.kill()
 
 
-def _mlflow(out) -> tuple[MlflowClient, str]:
-    run_id = (out / "mlflow_run_id").read_text().strip()
+def _mlflow(out, run_dir=None) -> tuple[MlflowClient, str]:
+    from pipeline.rundir import RunDir
+
+    run_id = RunDir(run_dir or str(out)).mlflow_run_id
     return MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"), run_id
 
 
-def _assert_one_run_with_steps(out, last: int):
-    client, run_id = _mlflow(out)
+def _summary(run_dir) -> dict:
+    from pipeline.rundir import RunDir
+
+    return RunDir(str(run_dir)).summary()
+
+
+def _assert_one_run_with_steps(out, last: int, run_dir=None):
+    client, run_id = _mlflow(out, run_dir)
     runs = client.search_runs([client.get_run(run_id).info.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
     for key in ("train/loss", "train/lr"):
@@ -145,7 +152,7 @@ def test_a_sigkilled_worker_is_restarted_and_resumes_without_duplicate_metrics(t
           f"{t_first - t_kill:.1f}s after the SIGKILL")
     assert first == done + 1
     assert done - restart_ckpt <= 3  # train.checkpoint_every
-    assert json.loads((out / "summary.json").read_text())["final_step"] == 12
+    assert _summary(out)["final_step"] == 12
     run = _assert_one_run_with_steps(out, 12)
     assert run.info.status == "FINISHED"
 
@@ -188,7 +195,9 @@ def s3():
 @pytest.mark.timeout(330)
 def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a_driver_kill(tmp_path, jobs, s3):
     env, fs = s3
+    os.environ.update(env)  # this process reads the run dir on S3 too (restored after the test)
     out = tmp_path / "run"
+    run_dir = "s3://ckpts/ray/demo"  # <ray.storage_path>/<name>: the run's records
     args = (out, "ray.storage_path=s3://ckpts/ray")
     job = Job(*args, env=_env(**env))
     jobs.append(job)
@@ -198,14 +207,14 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
     text = job.text()
     assert rc == 3, text[-6000:]
     assert "to resume, rerun the same command" in text
-    stopped = json.loads((out / "summary.json").read_text())["final_step"]
+    stopped = _summary(run_dir)["final_step"]
     assert 4 <= stopped < 12
     tag = f"step_{stopped:08d}"
     assert (out / "checkpoints" / tag / "COMPLETE").exists()
     fs.invalidate_cache()
     assert fs.exists(f"ckpts/ray/demo/checkpoints/{tag}/COMPLETE")
-    assert not (out / "STOP").exists()
-    client, run_id = _mlflow(out)
+    assert not fs.exists("ckpts/ray/demo/STOP")
+    client, run_id = _mlflow(out, run_dir)
     assert client.get_run(run_id).info.status == "KILLED"
 
     # Another node (no local checkpoints): the rerun of the same command resumes from S3.
@@ -215,7 +224,7 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
     again = Job(*args, env=_env(**env))
     jobs.append(again)
     again.wait_for(lambda: any(s >= stopped + 1 for _, s in again.steps()), 150, "a new step")
-    assert f"checkpoint {tag} downloaded from s3://ckpts/ray/demo/checkpoints" in again.text()
+    assert f"checkpoint {tag} fetched from s3://ckpts/ray/demo/checkpoints" in again.text()
     assert f"resumed from {out / 'checkpoints'}/{tag}" in again.text()
     assert min(s for _, s in again.steps()) == stopped + 1
 
@@ -229,8 +238,8 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
     jobs.append(third)
     assert third.wait(150) == 0, third.text()[-6000:]
     assert "resumed from" in third.text()
-    assert json.loads((out / "summary.json").read_text())["final_step"] == 12
-    run = _assert_one_run_with_steps(out, 12)
+    assert _summary(run_dir)["final_step"] == 12
+    run = _assert_one_run_with_steps(out, 12, run_dir)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     fs.invalidate_cache()
     assert fs.exists("ckpts/ray/demo/checkpoints/step_00000012/COMPLETE"), fs.find("ckpts/ray/demo/checkpoints")

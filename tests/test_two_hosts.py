@@ -1,0 +1,230 @@
+"""Two hosts that share no disk: the demo trains across them with its run dir on S3.
+
+The hosts are network namespaces on a bridge (../shared/CLUSTER.md), each with a private
+tmpfs over the same path (its "local disk"): nothing one host writes there is visible to
+the other. Host 1 runs the Ray head, a moto S3 server and an MLflow server, reached by
+address (not 127.0.0.1); host 2 runs a Ray worker. Only what the fixture started is
+stopped, by pid, and its namespaces and links are deleted even when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = [pytest.mark.slow]
+
+
+def _can_make_hosts() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for network namespaces"
+    if not shutil.which("ip") or not shutil.which("unshare") or not shutil.which("nsenter"):
+        return "needs iproute2 (ip) and util-linux (unshare, nsenter)"
+    probe = f"vtp{uuid.uuid4().hex[:6]}"
+    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None if ok else "this machine refuses `ip netns add`"
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+def _wait_port(host: str, port: int, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout}s")
+
+
+class Host:
+    """A network namespace with a private tmpfs at ``disk``, its own host name and an
+    /etc/hosts that resolves it to its address (as on a real host: gloo advertises the
+    address its host name resolves to), entered through a holder process."""
+
+    def __init__(self, name: str, addr: str, disk: str, bridge: str, logs: Path):
+        self.name, self.addr, self.disk, self.logs = name, addr, disk, logs
+        self.procs: list[subprocess.Popen] = []
+        _sh("ip", "netns", "add", name)
+        veth = f"v{name}"[:15]
+        _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name)
+        _sh("ip", "link", "set", veth, "master", bridge, "up")
+        _sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", "eth0")
+        _sh("ip", "-n", name, "link", "set", "eth0", "up")
+        _sh("ip", "-n", name, "link", "set", "lo", "up")
+        self.veth = veth
+        # The holder owns this host's mount namespace (its private disk) for every later process.
+        self.holder = subprocess.Popen(
+            ["ip", "netns", "exec", name, "unshare", "-m", "-u", "--propagation", "private", "sh", "-c",
+             f"hostname {name} && mount -t tmpfs none {disk} && "
+             f"printf '127.0.0.1 localhost\\n{addr} {name}\\n' > {disk}/hosts && mount --bind {disk}/hosts /etc/hosts && "
+             "echo ready && exec sleep infinity"],
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert self.holder.stdout.readline().strip() == "ready"
+
+    def popen(self, cmd: list[str], env: dict, log: str) -> subprocess.Popen:
+        out = open(self.logs / f"{self.name}-{log}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(["nsenter", "-t", str(self.holder.pid), "-m", "-n", "-u", f"--wd={ROOT}", "--", *cmd], env=env, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m", "-n", "-u", f"--wd={ROOT}", "--", *cmd], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process this host started (their process groups), then the holder."""
+        for proc in [*self.procs, self.holder]:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def remove(self) -> None:
+        self.kill_all()
+        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _can_make_hosts()
+    if reason:
+        print(f"two-host tests skipped: {reason}")
+        pytest.skip(reason)
+    tag = uuid.uuid4().hex[:5]
+    net = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
+    bridge = f"vbr{tag}"
+    logs = tmp_path_factory.mktemp("two_hosts")
+    disk = f"/tmp/vhd{tag}"  # short: Ray's socket paths live under it
+    os.makedirs(disk, exist_ok=True)
+    hosts: list[Host] = []
+    try:
+        _sh("ip", "link", "add", bridge, "type", "bridge")
+        _sh("ip", "addr", "add", f"{net}.254/24", "dev", bridge)  # this test process reaches the hosts
+        _sh("ip", "link", "set", bridge, "up")
+        h1 = Host(f"vh1{tag}", f"{net}.1", disk, bridge, logs)
+        hosts.append(h1)
+        h2 = Host(f"vh2{tag}", f"{net}.2", disk, bridge, logs)
+        hosts.append(h2)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled",
+               "RAY_DEDUP_LOGS": "0", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        env.pop("RAY_ADDRESS", None)
+        s3 = f"http://{h1.addr}:9000"
+        moto = h1.popen([sys.executable, "-m", "moto.server", "-H", h1.addr, "-p", "9000"], env, "moto")
+        mlflow_dir = logs / "mlflow"
+        mlflow_dir.mkdir()
+        mlflow = h1.popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                           "--artifacts-destination", str(mlflow_dir / "artifacts"), "--host", h1.addr, "--port", "5000",
+                           "--workers", "1"], {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, "mlflow")
+        env.update({"AWS_ENDPOINT_URL": s3, "FSSPEC_S3_ENDPOINT_URL": s3, "MLFLOW_TRACKING_URI": f"http://{h1.addr}:5000"})
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+        head = h1.popen([ray, "start", "--head", "--block", "--node-ip-address", h1.addr, "--port", "6379", "--num-cpus", "1",
+                         "--temp-dir", f"{disk}/ray", "--dashboard-host", h1.addr, "--include-dashboard", "false",
+                         "--disable-usage-stats"], env, "ray-head")
+        _wait_port(h1.addr, 6379, 90, "ray head", head)
+        worker = h2.popen([ray, "start", "--block", "--address", f"{h1.addr}:6379", "--node-ip-address", h2.addr,
+                           "--num-cpus", "1", "--disable-usage-stats"], env, "ray-worker")
+        _wait_port(h1.addr, 9000, 60, "moto", moto)
+        _wait_port(h1.addr, 5000, 150, "mlflow server", mlflow)
+        import boto3
+
+        boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="runs")
+        status = _wait_nodes(h1, env, 2, 90)
+        assert worker.poll() is None, status
+        yield {"h1": h1, "h2": h2, "env": env, "s3": s3, "disk": disk, "logs": logs, "mlflow": f"http://{h1.addr}:5000"}
+    finally:
+        for host in reversed(hosts):
+            host.remove()
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        shutil.rmtree(disk, ignore_errors=True)
+
+
+def _wait_nodes(h1: Host, env: dict, n: int, timeout: float) -> str:
+    code = ("import ray; ray.init(address='auto', logging_level='ERROR'); "
+            "print(sum(1 for x in ray.nodes() if x['Alive']))")
+    end, out = time.time() + timeout, ""
+    while time.time() < end:
+        proc = h1.run([sys.executable, "-c", code], {**env, "RAY_ADDRESS": f"{h1.addr}:6379"}, 60)
+        out = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+        if out == str(n):
+            return out
+        time.sleep(2)
+    raise RuntimeError(f"the Ray cluster did not reach {n} nodes: {out}")
+
+
+def _s3fs(url: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": url, "region_name": "us-east-1"})
+
+
+TINY = ["demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.steps=4", "train.global_batch_size=32",
+        "data.micro_batch_size=16", "optim.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=2",
+        "eval.fewshot.0.shots=[1,5]", "eval.fewshot.0.seeds=1", "eval.poll_seconds=0.5", "tracking.system_metrics=false",
+        "data.num_workers=0"]
+
+
+@pytest.mark.timeout(900)
+def test_the_demo_trains_across_two_hosts_with_private_disks_through_s3(cluster):
+    h1, env = cluster["h1"], cluster["env"]
+    t0 = time.time()
+    proc = h1.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={cluster['disk']}/run",
+                   "ray.storage_path=s3://runs/two", f"ray.address={h1.addr}:6379", "eval.num_cpus=1", *TINY],
+                  env, timeout=780)
+    wall = time.time() - t0
+    text = proc.stdout + proc.stderr
+    (cluster["logs"] / "job.log").write_text(text)
+    assert proc.returncode == 0, text[-8000:]
+    print(f"\ntwo-host demo: {wall:.0f}s wall; " + " | ".join(x.strip() for x in proc.stdout.splitlines() if x.startswith("few-shot")))
+
+    nodes = set(re.findall(r"training worker rank \d on node (\w+)", text))
+    assert len(nodes) == 2, f"the two training workers ran on {nodes}"
+
+    fs = _s3fs(cluster["s3"])
+    for step in (0, 2, 4):
+        tag = f"step_{step:08d}"
+        assert fs.exists(f"runs/two/demo/checkpoints/{tag}/COMPLETE"), fs.find("runs/two/demo/checkpoints")
+        assert fs.exists(f"runs/two/demo/evals/{tag}/fewshot-digits.json")
+        assert fs.exists(f"runs/two/demo/evals/{tag}/fewshot-digits.mlflow")  # shown in MLflow
+    # Both ranks' ZeRO shards reached S3, from their own hosts.
+    shards = [p for p in fs.find("runs/two/demo/checkpoints/step_00000004") if "optim_states" in p]
+    assert len(shards) == 2, shards
+    assert fs.exists("runs/two/demo/shards/glyphs/train_index.json")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster["mlflow"])
+    run_id = fs.cat("runs/two/demo/mlflow_run_id").decode().strip()
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4]
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert sorted(int(c.data.tags["eval.checkpoint_step"]) for c in children) == [0, 2, 4]
+    # Nothing of the run is on host 2's disk but its scratch copy; host 1's scratch is not on the shared one.
+    assert not Path(cluster["disk"], "run").exists()
