@@ -216,10 +216,15 @@ def decode_train(data: bytes, size: int, rng: random.Random, area: tuple[float, 
         box = inception_crop_box(width, height, rng, area)
         scale = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
         if scale >= 2 and img.format == "JPEG":
-            img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
-            fx, fy = img.size[0] / width, img.size[1] / height
-            box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR, box=box)
+            # libjpeg scales by 1/2, 1/4 or 1/8, the largest not past `scale`; the returned box
+            # is the original extent in drafted pixels (exactly 1/k: the last block is partial).
+            drafted = img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+            if drafted is not None:
+                k = width / drafted[1][2]
+                box = tuple(c / k for c in box)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        img = img.resize((size, size), Image.BILINEAR, box=box)
     if flip and rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img, dtype=np.uint8)
