@@ -1,0 +1,190 @@
+"""The MLflow UI shows a pipeline run: its metric charts drawn and its eval child runs listed.
+
+A small real run is logged the way the pipeline logs one (``pipeline.tracking.Tracker``: a
+parent run with step metrics, a child run per evaluated checkpoint) into a sqlite store,
+served by a real ``mlflow server`` on 127.0.0.1, and looked at by Debian's Chromium,
+headless: ``--dump-dom`` gives the DOM after the page has rendered, ``--screenshot`` a PNG.
+Screenshots go to ``tests/artifacts/`` (git-ignored); each test prints where.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+STEPS = (0, 100, 200, 300, 400)
+SHOTS = {0: 0.38, 100: 0.52, 200: 0.59, 300: 0.63, 400: 0.65}  # digits 10-shot, as the demo measured
+# Headless, no sandbox (root in a container), no network beyond 127.0.0.1, no first-run UI.
+# --run-all-compositor-stages-before-draw: without it the charts, drawn only once in view, stay
+# spinners under --virtual-time-budget (seen with Chromium 156 and MLflow 3.17).
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--hide-scrollbars", "--run-all-compositor-stages-before-draw"]
+WINDOW = "--window-size=1600,1300"  # tall enough that every chart is in view: charts out of view stay spinners
+RENDER_MS = 30_000  # virtual time the page gets to fetch and draw before the DOM is taken
+ML = "workflowType=machine_learning"  # MLflow 3's UI opens in its GenAI view unless told otherwise
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium; installed with apt-get when missing and we are root, else a skip."""
+    path = shutil.which("chromium")
+    if path:
+        return path
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("chromium is not installed, and installing it needs root and apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
+    if subprocess.run(install, env=env, capture_output=True, timeout=300).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=120)
+        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            pytest.skip(f"apt-get install chromium failed: {r.stderr[-500:]}")
+    return shutil.which("chromium") or pytest.skip("apt-get installed chromium but it is not on PATH")
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory) -> dict:
+    """A pre-training run with `train/loss` and `fewshot/digits/10shot` step metrics and two
+    eval child runs, logged through the pipeline's Tracker into a fresh sqlite store."""
+    from pipeline.config import load_config
+    from pipeline.tracking import Tracker
+
+    out = tmp_path_factory.mktemp("mlflow")
+    db = out / "mlflow.db"
+    cfg = load_config(None, ["data.train=unused", f"output_dir={out}", "train.steps=400", "name=ui-demo",
+                             f"tracking.uri=sqlite:///{db}", "tracking.experiment=vit-ui-test"])
+    parent = Tracker.start(cfg)
+    parent.log_params({"model.name": "vit_demo", "train.steps": 400})
+    children = []
+    for step in STEPS:
+        parent.log_metrics({"train/loss": 4.6 * 0.6 ** (step / 100), "train/lr": 1e-3}, step)
+        parent.log_metrics({"fewshot/digits/10shot": SHOTS[step]}, step)
+        if step in (0, 400):
+            name = f"eval step_{step:08d}"
+            child = parent.child(name, {"eval.checkpoint_tag": f"step_{step:08d}", "eval.protocol": "fewshot_linear",
+                                        "eval.dataset": "digits"})
+            child.log_metrics({"fewshot/digits/10shot": SHOTS[step]}, step)
+            child.finish()
+            children.append((name, child.run_id))
+    parent.finish()
+    exp_id = parent.client.get_run(parent.run_id).info.experiment_id
+    for _, run_id in children:
+        assert parent.client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+    return {"db": db, "experiment_id": exp_id, "run_id": parent.run_id, "children": children}
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(logged_run, tmp_path_factory) -> str:
+    """`mlflow server` over the run's store on a free 127.0.0.1 port; stopped by its pid."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path_factory.mktemp("mlflow-server") / "server.log", "wb")
+    # No job-runner processes (MLflow 3 starts seven otherwise): this server only serves the UI.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{logged_run['db']}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, Path(log.name).read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 90 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its uvicorn worker
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        log.close()
+
+
+def render(chromium: str, url: str, shot: str) -> str:
+    """The DOM of `url` after Chromium rendered it for RENDER_MS of virtual time (also saved
+    as tests/artifacts/<shot>.html), and a screenshot of it saved as tests/artifacts/<shot>.png."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    png = ARTIFACTS / f"{shot}.png"
+    png.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={RENDER_MS}", WINDOW]
+        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+    (ARTIFACTS / f"{shot}.html").write_text(dom.stdout)
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={RENDER_MS}", WINDOW]
+        subprocess.run([chromium, *flags, f"--screenshot={png}", url],
+                       capture_output=True, timeout=120, check=True)
+    assert png.stat().st_size > 10_000, f"{png}: an empty screenshot"
+    print(f"screenshot of {url}: {png}")
+    return dom.stdout
+
+
+def text_of(dom: str) -> str:
+    """The visible text of a DOM, whitespace collapsed."""
+    body = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # room for installing chromium on first use
+def test_the_run_page_shows_its_last_metrics_and_names_its_child_runs(chromium, mlflow_ui, logged_run):
+    exp, run = logged_run["experiment_id"], logged_run["run_id"]
+    text = text_of(render(chromium, f"{mlflow_ui}/#/experiments/{exp}/runs/{run}?{ML}", "run_overview"))
+    assert "ui-demo" in text and "Status Finished" in text
+    assert "fewshot/digits/10shot 0.65" in text and re.search(r"train/loss 0\.59\d*", text)
+    children = re.search(r"Child runs (.*?) Source", text).group(1)
+    assert sorted(children.split(" , ")) == sorted(name for name, _ in logged_run["children"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # room for installing chromium on first use
+def test_the_model_metrics_page_draws_every_chart_with_every_step(chromium, mlflow_ui, logged_run):
+    exp, run = logged_run["experiment_id"], logged_run["run_id"]
+    dom = render(chromium, f"{mlflow_ui}/#/experiments/{exp}/runs/{run}/model-metrics?{ML}", "run_model_metrics")
+    text = text_of(dom)
+    assert "fewshot/digits (1)" in text and "train (2)" in text
+    assert "spin-spinning" not in dom, "a chart is still a spinner"
+    assert dom.count('data-testid="draggable-chart-cards-grid"') >= 2
+    # Plotly draws a marker per logged point: 3 metrics x 5 steps.
+    assert dom.count('class="point"') == 3 * len(STEPS)
+    for legend in ("ui-demo (fewshot/digits/10shot)", "ui-demo (train/loss)", "ui-demo (train/lr)"):
+        assert legend in text
+    assert "0.65" in text and "Step" in text  # the 10-shot axis reaches the last value
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # room for installing chromium on first use
+def test_the_runs_list_shows_the_run_and_its_child_runs(chromium, mlflow_ui, logged_run):
+    exp = logged_run["experiment_id"]
+    nested = text_of(render(chromium, f"{mlflow_ui}/#/experiments/{exp}/runs?{ML}", "runs_list"))
+    assert "ui-demo" in nested and "3 matching runs" in nested  # children folded under the parent
+    # Sorted by name, MLflow lists child runs as rows of their own.
+    by_name = "orderByKey=tags.%60mlflow.runName%60&orderByAsc=true"
+    flat = text_of(render(chromium, f"{mlflow_ui}/#/experiments/{exp}/runs?{ML}&{by_name}", "runs_list_by_name"))
+    assert "Sort: Run Name" in flat
+    names = [name for name, _ in logged_run["children"]] + ["ui-demo"]
+    assert [flat.index(name) for name in sorted(names)] == sorted(flat.index(name) for name in names)
