@@ -195,7 +195,10 @@ def resume_source(cfg: DictConfig) -> tuple[str, str] | None:
     (a rerun after a stop or preemption keeps its progress), else ``train.resume_from``, else
     None. Call :func:`fetch_resume_checkpoint` first so the run dir's latest is here."""
     own = local_ckpt_dir(cfg)
-    if (tag := checkpoint.latest_tag(own)) is not None:
+    run = rundir.RunDir(cfg.run_dir)
+    # The run dir decides: a tag in this host's scratch dir that the run dir lacks is another run's.
+    tag = checkpoint.latest_tag(own) if run.checkpoints.url == own else run.checkpoints.latest()
+    if tag is not None:
         return own, tag
     if cfg.train.resume_from:
         src = cfg.train.resume_from.rstrip("/")
@@ -375,10 +378,10 @@ def fetch_resume_checkpoint(cfg: DictConfig, run: rundir.RunDir) -> None:
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         own = local_ckpt_dir(cfg)
         local = checkpoint.latest_tag(own)
-        if run.checkpoints.url != own and (tag := run.checkpoints.latest()) is not None:
-            if local is None or checkpoint.step_of(local) < checkpoint.step_of(tag):
-                run.checkpoints.fetch(tag, own)
-                local = tag
+        if run.checkpoints.url != own:
+            local = run.checkpoints.latest()
+            if local is not None:
+                run.checkpoints.fetch(local, own)  # a complete local copy is kept as it is
         if local is None and cfg.train.resume_from and not rundir.is_local(cfg.train.resume_from):
             parent, tag = cfg.train.resume_from.rstrip("/").rsplit("/", 1)
             rundir.Checkpoints(parent).fetch(tag, own)

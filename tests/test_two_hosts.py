@@ -70,11 +70,15 @@ class Host:
         _sh("ip", "-n", name, "link", "set", "eth0", "up")
         _sh("ip", "-n", name, "link", "set", "lo", "up")
         self.veth = veth
-        # The holder owns this host's mount namespace (its private disk) for every later process.
+        self.boot()
+
+    def boot(self) -> None:
+        """(Re)start the holder, which owns this host's mount namespace: a fresh, empty disk."""
         self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", name, "unshare", "-m", "-u", "--propagation", "private", "sh", "-c",
-             f"hostname {name} && mount -t tmpfs none {disk} && "
-             f"printf '127.0.0.1 localhost\\n{addr} {name}\\n' > {disk}/hosts && mount --bind {disk}/hosts /etc/hosts && "
+            ["ip", "netns", "exec", self.name, "unshare", "-m", "-u", "--propagation", "private", "sh", "-c",
+             f"hostname {self.name} && mount -t tmpfs none {self.disk} && "
+             f"printf '127.0.0.1 localhost\\n{self.addr} {self.name}\\n' > {self.disk}/hosts && "
+             f"mount --bind {self.disk}/hosts /etc/hosts && "
              "echo ready && exec sleep infinity"],
             stdout=subprocess.PIPE, text=True, start_new_session=True)
         assert self.holder.stdout.readline().strip() == "ready"
@@ -91,7 +95,21 @@ class Host:
                               capture_output=True, text=True, timeout=timeout)
 
     def kill_all(self) -> None:
-        """SIGKILL every process this host started (their process groups), then the holder."""
+        """SIGKILL every process this host started (their process groups and descendants), then
+        the holder: the host is gone, and its disk with it."""
+        import psutil
+
+        family = []
+        for proc in self.procs:
+            try:
+                family += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         for proc in [*self.procs, self.holder]:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -101,6 +119,7 @@ class Host:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
+        self.procs = []
 
     def remove(self) -> None:
         self.kill_all()
@@ -157,7 +176,7 @@ def cluster(tmp_path_factory):
                      aws_secret_access_key="testing").create_bucket(Bucket="runs")
         status = _wait_nodes(h1, env, 2, 90)
         assert worker.poll() is None, status
-        yield {"h1": h1, "h2": h2, "env": env, "s3": s3, "disk": disk, "logs": logs, "mlflow": f"http://{h1.addr}:5000"}
+        yield {"h1": h1, "h2": h2, "env": env, "ray": ray, "s3": s3, "disk": disk, "logs": logs, "mlflow": f"http://{h1.addr}:5000"}
     finally:
         for host in reversed(hosts):
             host.remove()
@@ -228,3 +247,4 @@ def test_the_demo_trains_across_two_hosts_with_private_disks_through_s3(cluster)
     assert sorted(int(c.data.tags["eval.checkpoint_step"]) for c in children) == [0, 2, 4]
     # Nothing of the run is on host 2's disk but its scratch copy; host 1's scratch is not on the shared one.
     assert not Path(cluster["disk"], "run").exists()
+
