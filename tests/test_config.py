@@ -124,12 +124,12 @@ def test_an_existing_index_passes_and_s3_urls_are_asked_of_fsspec(tmp_path, tiny
             monkeypatch.setenv(k, "testing")
         monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
         s3 = s3fs.S3FileSystem(endpoint_url=endpoint)
-        s3.mkdir("bucket")
-        s3.pipe_file("bucket/digits/train_index.json", b"{}")
+        s3.mkdir("pathcheck")  # moto backends are process-wide: a bucket no other test uses
+        s3.pipe_file("pathcheck/digits/train_index.json", b"{}")
         check_paths(demo(tmp_path, f"data.train={tiny_shards}",
-                         "eval.fewshot.0.train=s3://bucket/digits/train_index.json"))
-        with pytest.raises(ConfigError, match=r"^eval\.fewshot\.0\.test: s3://bucket/digits/test_index.json does not exist$"):
-            check_paths(demo(tmp_path, "eval.fewshot.0.test=s3://bucket/digits/test_index.json"))
+                         "eval.fewshot.0.train=s3://pathcheck/digits/train_index.json"))
+        with pytest.raises(ConfigError, match=r"^eval\.fewshot\.0\.test: s3://pathcheck/digits/test_index.json does not exist$"):
+            check_paths(demo(tmp_path, "eval.fewshot.0.test=s3://pathcheck/digits/test_index.json"))
     finally:
         server.stop()
 
