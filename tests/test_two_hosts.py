@@ -248,3 +248,43 @@ def test_the_demo_trains_across_two_hosts_with_private_disks_through_s3(cluster)
     # Nothing of the run is on host 2's disk but its scratch copy; host 1's scratch is not on the shared one.
     assert not Path(cluster["disk"], "run").exists()
 
+
+
+@pytest.mark.timeout(900)
+def test_losing_a_host_restarts_the_group_from_the_latest_checkpoint_in_s3(cluster):
+    h1, h2, env = cluster["h1"], cluster["h2"], cluster["env"]
+    fs = _s3fs(cluster["s3"])
+    job = h1.popen([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={cluster['disk']}/loss",
+                    "name=hostloss", "ray.storage_path=s3://runs/two", f"ray.address={h1.addr}:6379", "ray.max_failures=3",
+                    "eval.enabled=false", *TINY, "train.steps=12", "train.checkpoint_every=3"], env, "hostloss-job")
+    log = cluster["logs"] / f"{h1.name}-hostloss-job.log"
+    steps = re.compile(r"step (\d+)/12 loss")
+    end = time.time() + 400
+    while not (fs.exists("runs/two/hostloss/checkpoints/step_00000003/COMPLETE") and
+               any(int(m) >= 4 for m in steps.findall(log.read_text()))):
+        assert job.poll() is None and time.time() < end, log.read_text()[-5000:]
+        time.sleep(0.5)
+        fs.invalidate_cache()
+    before = len(log.read_text())
+    t_kill = time.time()
+    h2.kill_all()  # its raylet, its workers (one training rank among them) and the host's disk
+    h2.boot()
+    h2.popen([cluster["ray"], "start", "--block", "--address", f"{h1.addr}:6379", "--node-ip-address", h2.addr,
+              "--num-cpus", "1", "--disable-usage-stats"], env, "ray-worker-again")
+    while not (steps.search(log.read_text()[before:]) and "resumed from" in log.read_text()[before:]):
+        assert job.poll() is None and time.time() < end + 300, log.read_text()[-6000:]
+        time.sleep(0.5)
+    t_first = time.time()
+    assert job.wait(400) == 0, log.read_text()[-6000:]
+    after = log.read_text()[before:]
+    resumed = int(re.search(r"resumed from \S+/step_(\d+)", after).group(1))
+    print(f"\nhost 2 killed after step >= 4; resumed from checkpoint step {resumed} in S3; first new step "
+          f"{t_first - t_kill:.0f}s after the kill")
+    assert resumed >= 3 and fs.exists(f"runs/two/hostloss/checkpoints/step_{resumed:08d}/COMPLETE")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster["mlflow"])
+    run_id = fs.cat("runs/two/hostloss/mlflow_run_id").decode().strip()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 13))
+    assert client.get_run(run_id).info.status == "FINISHED"
