@@ -192,7 +192,7 @@ def fit(cfg: DictConfig):
 def run_job(cfg: DictConfig) -> dict:
     from pipeline.evaluate.watch import Watcher
     from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker, log_final_weights
+    from pipeline.tracking import Tracker, log_final_weights, spool_dir
 
     t_start = time.time()
     out = Path(cfg.output_dir)
@@ -239,7 +239,7 @@ def run_job(cfg: DictConfig) -> dict:
     summary["stopped"] = status == "KILLED"
     summary["finished"] = status == "FINISHED"
     run.clear_stop()
-    summary["undelivered"] = _undelivered(run, tracker, watcher)
+    summary["undelivered"] = _undelivered(run, tracker, spool_dir(cfg))
     run.write_summary(summary)
     _print_summary(summary)
     if summary["stopped"]:
@@ -278,12 +278,13 @@ def _log_final_weights(log_final_weights, tracker, run, tag: str, register_as: s
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _undelivered(run, tracker, watcher) -> dict:
-    """What MLflow still lacks: evaluation records and training writes left in the spool."""
+def _undelivered(run, tracker, spool: str) -> dict:
+    """What MLflow still lacks: evaluation records, and writes left in the spool (this
+    process's and those of training processes that ended)."""
     from pipeline.evaluate.record import publish_pending
 
     evals = publish_pending(run, tracker.uri, tracker.run_id)
-    return {"evaluations": [f"{tag}/{name}" for tag, name in evals], "writes": tracker.pending()}
+    return {"evaluations": [f"{tag}/{name}" for tag, name in evals], "spool": None if tracker.flush(0.0) else spool}
 
 
 def _install_stop_handler(run) -> None:
@@ -357,11 +358,13 @@ def _print_summary(s: dict) -> None:
     uri = s["tracking_uri"]
     print(f"MLflow run {s['run_id']}; open the UI with:\n  mlflow ui --backend-store-uri {uri}")
     left = s.get("undelivered") or {}
-    if left.get("evaluations") or left.get("writes"):
-        print(f"\nNOT IN MLFLOW YET: {len(left.get('evaluations', []))} evaluation(s) {', '.join(left.get('evaluations', []))} "
-              f"and {left.get('writes', 0)} spooled write(s): the tracking server at {uri} did not take them. They are kept "
-              f"in {s['run_dir']}; deliver them when it is back with:\n  python -m pipeline.evaluate sync {s['run_dir']}",
-              file=sys.stderr, flush=True)
+    if left.get("evaluations") or left.get("spool"):
+        evals = left.get("evaluations", [])
+        spooled = f" and spooled training writes in {left['spool']}" if left.get("spool") else ""
+        print(f"\nNOT IN MLFLOW YET: the tracking server at {uri} did not take {len(evals)} evaluation(s) "
+              f"{' '.join(evals)}{spooled}. Nothing is lost: evaluations are kept in {s['run_dir']}. Deliver everything "
+              f"when the server is back with:\n  python -m pipeline.evaluate sync {s['run_dir']} --tracking-uri {uri}"
+              + (f" --spool-dir {left['spool']}" if left.get("spool") else ""), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("stopped"):
         return EXIT_STOPPED
     left = summary.get("undelivered") or {}
-    return EXIT_UNDELIVERED if left.get("evaluations") or left.get("writes") else 0
+    return EXIT_UNDELIVERED if left.get("evaluations") or left.get("spool") else 0
 
 
 if __name__ == "__main__":

@@ -512,7 +512,7 @@ class _Journal:
             if deadline is not None and time.time() + wait > deadline:
                 if not own and timeout:
                     log.warning("%d MLflow writes still spooled in %s; they are sent when the server answers "
-                                "(or run: python -m pipeline.evaluate sync %s)", len(self.queue), self.path, self.dir)
+                                "(or run: python -m pipeline.evaluate sync --spool-dir %s)", len(self.queue), self.path, self.dir)
                 return False
             time.sleep(wait)
             wait = min(wait * 2, _RETRY_SECONDS[1])

@@ -265,3 +265,69 @@ def test_more_gpus_than_the_cluster_has_fails_before_any_worker_starts(tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "ray.num_workers: 2 GPU workers asked, the cluster has 0 GPUs" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "corpus").exists()
+
+
+def _outage_job(out, srv, jobs, *extra) -> Job:
+    job = Job(out, "eval.enabled=true", "eval.fewshot.0.shots=[1,5]", "eval.fewshot.0.seeds=1", "eval.poll_seconds=0.5",
+              "tracking.system_metrics=false", f"tracking.uri={srv.uri}", *extra)
+    jobs.append(job)
+    return job
+
+
+def _assert_all_in_mlflow(srv, out):
+    from pipeline.rundir import RunDir
+
+    client = MlflowClient(srv.uri)
+    run_id = RunDir(str(out)).mlflow_run_id
+    parent = client.get_run(run_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    assert sorted(int(c.data.tags["eval.checkpoint_step"]) for c in children) == [0, 3, 6, 9, 12]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "fewshot/digits/5shot")) == [0, 3, 6, 9, 12]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 13))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_mlflow_server_killed_mid_run_and_back_before_the_end_gets_everything(tmp_path, jobs):
+    from test_tracking import MlflowServer
+
+    srv = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        out = tmp_path / "run"
+        job = _outage_job(out, srv, jobs)
+        job.wait_for(lambda: any(s >= 2 for _, s in job.steps()), 200, "step 2")
+        srv.stop()  # down for several checkpoints and their evaluations
+        job.wait_for(lambda: (out / "evals" / "step_00000006" / "fewshot-digits.json").exists(), 200, "step 6 evaluated")
+        srv.start()
+        rc = job.wait(300)
+        assert rc == 0, job.text()[-6000:]
+        assert "NOT IN MLFLOW YET" not in job.text()
+        _assert_all_in_mlflow(srv, out)
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_mlflow_server_still_down_at_the_end_exits_4_and_sync_delivers_everything_once(tmp_path, jobs):
+    from test_tracking import MlflowServer
+
+    srv = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        out = tmp_path / "run"
+        job = _outage_job(out, srv, jobs, "tracking.flush_timeout_s=2")
+        job.wait_for(lambda: any(s >= 2 for _, s in job.steps()), 200, "step 2")
+        srv.stop()
+        rc = job.wait(300)
+        text = job.text()
+        assert rc == 4, text[-6000:]
+        assert "NOT IN MLFLOW YET" in text and "Nothing is lost" in text
+        sync = re.findall(r"python -m pipeline\.evaluate sync .*", text)[-1].split()  # the job's last word
+        srv.start()
+        for _ in range(2):  # the second finds nothing left and duplicates nothing
+            proc = subprocess.run([sys.executable, *sync[1:]], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+        _assert_all_in_mlflow(srv, out)
+    finally:
+        srv.stop()
