@@ -115,6 +115,7 @@ def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    _replay_cpu_adam_beta_powers(engine)
     meta = json.loads((tag_dir / "meta.json").read_text()) if (tag_dir / "meta.json").is_file() else {}
     rank = dist.get_rank() if dist.is_initialized() else 0
     rank_file = tag_dir / f"rank_{rank}.pt"
@@ -125,6 +126,35 @@ def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
     elif rank_files := sorted(tag_dir.glob("rank_*.pt")):
         rank_state = {"data": _merged_data_state(rank_files)}
     return meta, rank_state
+
+
+def _replay_cpu_adam_beta_powers(engine) -> None:
+    """Bring DeepSpeedCPUAdam's C++ bias-correction state to where an uninterrupted run has it.
+
+    The C++ optimizer (``cpu_adam.h``, ``IncrementStep``) keeps ``beta**t`` in float32 and
+    multiplies it by ``beta`` each step, but a fresh optimizer meeting a loaded step ``t``
+    sets it to ``pow(beta, t)`` instead; the two differ in the last bit for some ``t``
+    (``0.999**3``: 0.9970031 vs 0.997003), which shifts every update after a resume by an
+    ulp, and Adam blows that up where gradients are ~0 (e.g. the key bias). Stepping the
+    C++ state from 1 to ``t`` on a one-element dummy reproduces the products exactly.
+    """
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not hasattr(opt, "ds_opt_adam") or not hasattr(opt, "opt_id"):
+        return
+    steps = [int(s["step"]) for s in opt.state.values() if "step" in s]
+    if not steps:
+        return
+    group = opt.param_groups[0]
+    beta1, beta2 = (float(b) for b in group["betas"])
+    dummy = [torch.zeros(1) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+
+    def update(step: int, b1: float) -> None:
+        opt.ds_opt_adam.adam_update(opt.opt_id, step, 0.0, b1, beta2, 1.0, 0.0, False, *dummy)
+
+    update(0, 0.5 if beta1 != 0.5 else 0.25)  # other betas: the C++ state restarts at step 0,
+    update(0, beta1)  # and again with ours: beta**0 = 1, exactly as a new optimizer's
+    for step in range(1, max(steps) + 1):
+        update(step, beta1)
 
 
 def _merged_data_state(rank_files: list[Path]) -> dict:
