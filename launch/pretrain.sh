@@ -113,10 +113,10 @@ check_config() {  # validates, then sets NAME and OUTPUT_DIR
   local out
   # From the repo: a relative output_dir (runs/<name>) is made absolute under it.
   out=$(cd "$REPO" && "$PYTHON" "$REPO/launch/validate.py" --print name --print output_dir --print ray.num_workers \
-    --print ray.cpus_per_worker --print eval.enabled --print eval.num_cpus "$CONFIG" "${OVERRIDES[@]}") || exit $?
+    --print ray.cpus_per_worker --print eval.enabled --print eval.num_cpus --print run_dir "$CONFIG" "${OVERRIDES[@]}") || exit $?
   local -a v
   mapfile -t v <<< "$out"
-  NAME=${v[0]} OUTPUT_DIR=${v[1]}
+  NAME=${v[0]} OUTPUT_DIR=${v[1]} RUN_DIR=${v[6]}
   CPUS_NEEDED=$(awk -v w="${v[2]}" -v c="${v[3]}" -v e="${v[4]}" -v ec="${v[5]}" \
     'BEGIN { n = w * c + (e == "True" ? ec : 0); print (n == int(n)) ? n : int(n) + 1 }')
   echo "config ok: $CONFIG ${OVERRIDES[*]}"
@@ -170,7 +170,10 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
   "${cmd[@]}" &
   SUBMIT_PID=$!
   local rc=0
-  wait "$SUBMIT_PID" || rc=$?
+  while :; do  # a trapped signal interrupts wait; the job goes on until it has stopped itself
+    if wait "$SUBMIT_PID"; then rc=0; else rc=$?; fi
+    kill -0 "$SUBMIT_PID" 2> /dev/null || break
+  done
   SUBMIT_PID=
   if ((rc != 0)); then
     local code
@@ -225,7 +228,8 @@ start_local() {
   DASHBOARD=http://127.0.0.1:${ports[1]}
   # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 (Ray swaps a loopback
   # --node-ip-address for the host's IP otherwise); no drain wait on SIGTERM.
-  local -a head_cmd=(env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+  # RAY_JOB_STOP_SIGNAL_TIMEOUT_S: `ray job stop` gives the driver time to checkpoint.
+  local -a head_cmd=(env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_JOB_STOP_SIGNAL_TIMEOUT_S=600
     setsid "$RAY" start --head --block --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1
     --port "${ports[0]}" --dashboard-port "${ports[1]}" --ray-client-server-port "${ports[2]}"
     --dashboard-agent-listen-port "${ports[3]}" --num-cpus "$need" --temp-dir "$RAY_TMP"
@@ -314,9 +318,24 @@ sbatch_submit() {
     "$REPO/launch/slurm/pretrain.sbatch" "$CONFIG" "${OVERRIDES[@]}"
 }
 
+# SIGTERM/SIGINT (preemption, scancel, Ctrl-C) while the job runs: a graceful stop through
+# the run dir's STOP (the workers checkpoint at the next step boundary, the job exits 3 and
+# so does this script); a second signal stops everything at once.
+STOPPING=0 RUN_DIR=''
+on_signal() {  # $1: the exit status for an immediate stop
+  if ((STOPPING)) || [[ -z $SUBMIT_PID ]]; then exit "$1"; fi
+  STOPPING=1
+  echo "stop requested: the job checkpoints at the next step boundary and exits (signal again to stop at once)" >&2
+  if [[ $RUN_DIR == *://* || $MODE == local || $UPLOAD == 0 ]]; then
+    (cd "$REPO" && "$PYTHON" -m pipeline.rundir stop "$RUN_DIR" "signal to launch/pretrain.sh") >&2 ||
+      "$RAY" job stop --no-wait --address "$DASHBOARD" "$JOB_ID" > /dev/null 2>&1 || true
+  else  # the run dir is a path on the cluster: the job's driver turns SIGTERM into the same stop
+    "$RAY" job stop --no-wait --address "$DASHBOARD" "$JOB_ID" > /dev/null 2>&1 || true
+  fi
+}
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 
 case $MODE in
   local)

@@ -290,3 +290,21 @@ def write_atomic(fs, path: str, text: str, exclusive: bool = False) -> None:
 def _is_local_fs(fs) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.rundir stop <run dir URL> [reason]``: ask a running job to stop
+    gracefully (its workers checkpoint at the next step boundary and it exits with status 3)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "stop":
+        print("usage: python -m pipeline.rundir stop <run dir URL> [reason]", file=sys.stderr)
+        return 2
+    RunDir(argv[1]).request_stop(" ".join(argv[2:]) or "stop requested from the command line")
+    print(f"stop requested: {argv[1].rstrip('/')}/{STOP}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

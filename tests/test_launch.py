@@ -7,6 +7,7 @@ environment rather than in ~/.ray) and stop them, leaving any other Ray on the h
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -234,28 +235,41 @@ def test_the_jobs_exit_code_is_the_launchers(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
-def test_local_mode_stops_its_own_cluster_when_interrupted(ray_tmp, tmp_path):
+@pytest.mark.timeout(400)
+def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stops_its_cluster(ray_tmp, tmp_path):
     log = tmp_path / "pretrain.log"
+    run = [str(PRETRAIN), *TINY, "train.log_every=1", "train.checkpoint_every=50", f"output_dir={tmp_path}/run"]
     with log.open("w") as out:
-        proc = subprocess.Popen([str(PRETRAIN), *TINY, "train.steps=1000", f"output_dir={tmp_path}/run"],
-                                env=launch_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*run, "train.steps=1000"], env=launch_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT)
+    step = re.compile(r"step (\d+)/1000 loss")
     try:
-        deadline = time.monotonic() + 120
-        while "Running entrypoint" not in log.read_text() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 240
+        while not any(int(s) >= 3 for s in step.findall(log.read_text())) and time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(1)
-        assert "Running entrypoint" in log.read_text(), log.read_text()[-3000:]
+            time.sleep(0.5)
         [temp_dir] = ray_tmp.iterdir()
         assert processes_mentioning(str(temp_dir))
+        logged = max(int(s) for s in step.findall(log.read_text()))
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 143
+        assert proc.wait(200) == 3, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
+    text = log.read_text()
+    assert "to resume, rerun the same command" in text
+    tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    stopped = int(tags[-1].removeprefix("step_"))
+    print(f"\nSIGTERM to launch/pretrain.sh after step {logged}: last periodic checkpoint step 0, stop checkpoint "
+          f"step {stopped}, steps lost {max(0, logged - stopped)}")
+    assert stopped >= logged and stopped % 50 != 0  # the step it was at, not the last periodic one
     assert list(ray_tmp.iterdir()) == []
     leftovers = [str(temp_dir), f"output_dir={tmp_path}/run"]  # Ray's processes, the job's driver
     deadline = time.monotonic() + 20
     while any(map(processes_mentioning, leftovers)) and time.monotonic() < deadline:
         time.sleep(1)
     assert not any(map(processes_mentioning, leftovers))
+
+    again = subprocess.run([*run, f"train.steps={stopped + 2}"], env=launch_env(ray_tmp), capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resumed from {tmp_path}/run/checkpoints/step_{stopped:08d}" in again.stdout + again.stderr
