@@ -333,8 +333,10 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             if peak:
                 metrics["train/mfu"] = ips * flops / (peak * world)
             if rank == 0 and step > logged_upto:  # steps redone after a restart were logged already
-                log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f images/s %.1f mem %.2fGiB",
-                         step, steps, last_loss, metrics["train/lr"], metrics["train/grad_norm"], ips, mem.item())
+                steps_per_s = (step - window_start) / dt
+                log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f images/s %.1f steps/s %.2f eta %s mem %.2fGiB",
+                         step, steps, last_loss, metrics["train/lr"], metrics["train/grad_norm"], ips, steps_per_s,
+                         _eta(steps - step, steps_per_s), mem.item())
                 tracker.log_metrics(metrics, step)
             window_loss.zero_()
             window_n, t0, window_start = 0, time.time(), step
@@ -370,6 +372,14 @@ def _last_logged_step(tracker: Tracker) -> int:
     except Exception as e:  # an unreachable server: log everything, the store keeps the last value
         log.warning("could not read the logged steps of run %s: %s", tracker.run_id, e)
         return 0
+
+
+def _eta(steps_left: int, steps_per_s: float) -> str:
+    """Time left as h:mm:ss at the current rate."""
+    if steps_per_s <= 0:
+        return "?"
+    seconds = int(steps_left / steps_per_s)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def fetch_resume_checkpoint(cfg: DictConfig, run: rundir.RunDir) -> None:

@@ -56,3 +56,11 @@ def test_two_rank_zero_bf16_trains_saves_and_reloads_identically(tmp_path, shard
     # the run id travels in the checkpoint, so evaluations can find the pre-training run
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000008" / "meta.json").read_text())
     assert meta["mlflow_run_id"] == r["summary"]["run_id"] and meta["world_size"] == 2
+
+
+def test_the_step_log_line_carries_an_eta_at_the_current_rate():
+    from pipeline.train import _eta
+
+    assert _eta(100, 2.0) == "0:00:50"
+    assert _eta(7260, 1.0) == "2:01:00"
+    assert _eta(5, 0.0) == "?"
