@@ -29,6 +29,7 @@ Where the job runs:
 
 Options:
   --dry-run       print every command instead of running it (the config is still checked)
+  --quiet         the job logs warnings, errors and its summary only (no step lines, no bars)
   --num-cpus N    CPUs Ray may use per node (default: local: the cores, or what the config
                   needs if more; SLURM: $SLURM_CPUS_ON_NODE)
   --upload        ship the repository to the cluster as the job's working_dir (for clusters
@@ -54,7 +55,7 @@ EOF
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MODE=local ADDRESS=${RAY_ADDRESS:-} DRY=0 NUM_CPUS='' UPLOAD=0 CONFIG='' SBATCH_ARGS=''
-OVERRIDES=()
+OVERRIDES=() QUIET=()
 [[ -n $ADDRESS ]] && MODE=address
 while (($#)); do
   case $1 in
@@ -66,6 +67,7 @@ while (($#)); do
     --num-cpus) NUM_CPUS=${2:?--num-cpus needs a number}; shift ;;
     --num-cpus=*) NUM_CPUS=${1#*=} ;;
     --upload) UPLOAD=1 ;;
+    --quiet) QUIET=(--quiet) ;;
     --sbatch-args) SBATCH_ARGS=${2?--sbatch-args needs a string}; shift ;;
     --sbatch-args=*) SBATCH_ARGS=${1#*=} ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -157,12 +159,12 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
     [[ $OUTPUT_DIR == /* || $OUTPUT_DIR == *://* ]] ||
       echo "warning: output_dir=$OUTPUT_DIR lands inside the job's temporary working_dir; pass output_dir=<shared path>" >&2
     runtime=(--runtime-env-json "$(cluster upload-env "$REPO")")
-    entry+=(python -m pipeline.run "$rel" "${OVERRIDES[@]}")
+    entry+=(python -m pipeline.run "${QUIET[@]}" "$rel" "${OVERRIDES[@]}")
   else
     # Same filesystem: the repo root as working directory (runs/<name> lands there), this
     # python. bash -c 'cd "$0" && exec "$@"' needs no quoting of the words after it.
     # shellcheck disable=SC2016
-    entry=(bash -c 'cd "$0" && exec "$@"' "$REPO" "${entry[@]}" "$PYTHON" -m pipeline.run "$CONFIG" "${OVERRIDES[@]}")
+    entry=(bash -c 'cd "$0" && exec "$@"' "$REPO" "${entry[@]}" "$PYTHON" -m pipeline.run "${QUIET[@]}" "$CONFIG" "${OVERRIDES[@]}")
   fi
   local -a cmd=("$RAY" job submit --address "$DASHBOARD" --submission-id "$JOB_ID" "${runtime[@]}" -- "${entry[@]}")
   say "${cmd[@]}"

@@ -46,6 +46,11 @@ EXIT_STOPPED = 3  # stopped on request (SIGTERM) with a checkpoint saved: rerun 
 EXIT_UNDELIVERED = 4  # trained and evaluated, but MLflow lacks some evaluations (see the message)
 
 
+def log_level() -> int:
+    """INFO, or WARNING under ``--quiet`` ($PIPELINE_QUIET, which reaches every worker)."""
+    return logging.WARNING if os.environ.get("PIPELINE_QUIET") else logging.INFO
+
+
 def _train_worker(config: dict) -> None:
     """Body of each Ray Train worker: the plain training loop on Ray's process group.
 
@@ -88,7 +93,7 @@ def connect_ray(cfg: DictConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not cfg.ray.use_gpu else "cuda")}
     for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL",
-                "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "PIPELINE_QUIET", "TQDM_DISABLE"):
         if var in os.environ:
             env[var] = os.environ[var]
     runtime_env = {"env_vars": env}
@@ -369,7 +374,11 @@ def _print_summary(s: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if "--quiet" in argv:  # warnings, errors and the summary only, here and in every worker
+        argv.remove("--quiet")
+        os.environ["PIPELINE_QUIET"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
+    logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s %(message)s")
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
         cfg = load_config(path, argv[1:] if path else argv)

@@ -236,7 +236,9 @@ def train(cfg: DictConfig, on_checkpoint=None) -> dict:
 
 def _train(cfg: DictConfig, on_checkpoint=None):
     rank, world, device = _dist_setup()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s", force=True)
+    quiet = bool(os.environ.get("PIPELINE_QUIET"))  # python -m pipeline.run --quiet
+    logging.basicConfig(level=logging.INFO if rank == 0 and not quiet else logging.WARNING, format="%(asctime)s %(message)s",
+                        force=True)
     preempt = _Preemption()
     index = ShardIndex.load(cfg.data.train)
     num_classes = cfg.model.num_classes or index.num_classes

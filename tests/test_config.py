@@ -143,3 +143,16 @@ def test_pipeline_run_exits_2_naming_the_missing_path_before_starting_ray(tmp_pa
                  "eval.fewshot.0.train=/nonexistent/x.json"]) == 2
     assert "config error: eval.fewshot.0.train: /nonexistent/x.json does not exist" in capsys.readouterr().err
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_quiet_keeps_the_job_to_warnings_in_the_driver_and_every_worker(tmp_path):
+    import logging
+    import os
+
+    from pipeline.run import log_level, main
+
+    assert log_level() == logging.INFO
+    assert main(["--quiet", str(CONFIGS / "experiment" / "demo.yaml"), f"output_dir={tmp_path / 'run'}",
+                 "eval.fewshot.0.train=/nonexistent/x.json"]) == 2
+    assert os.environ["PIPELINE_QUIET"] == "1" and os.environ["TQDM_DISABLE"] == "1"  # forwarded to Ray's workers
+    assert log_level() == logging.WARNING

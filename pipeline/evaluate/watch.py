@@ -42,7 +42,9 @@ def evaluate_tag(eval_cfg: DictConfig, run_url: str, tag: str, uri: str | None, 
 
 
 def _remote_eval(eval_cfg: dict, run_url: str, tag: str, uri: str | None, run_id: str | None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import os
+
+    logging.basicConfig(level=logging.WARNING if os.environ.get("PIPELINE_QUIET") else logging.INFO, format="%(asctime)s %(message)s")
     return evaluate_tag(OmegaConf.create(eval_cfg), run_url, tag, uri, run_id)
 
 
