@@ -49,4 +49,7 @@ echo "export MLFLOW_TRACKING_URI=http://$url_host:$PORT"
 echo "+ ${cmd[*]}"
 ((DRY)) && exit 0
 mkdir -p "$DIR"
+# MLflow 3's job runner (for GenAI jobs we do not use) starts several processes that slow the
+# start on small machines and outlive SIGTERM for seconds; an operator's setting wins.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 exec "${cmd[@]}"

@@ -327,8 +327,13 @@ def _summary(run, tracker, prep, final: dict, train_seconds: float, total_second
                     int(k.removesuffix("shot")): v for k, v in rec["metrics"].items() if k.endswith("shot")}
             else:
                 finetune.setdefault(rec["dataset"], {})[rec["step"]] = rec["metrics"]["top1"]
+    try:
+        experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    except Exception:  # the server may be away
+        experiment_id = None
     return {
         "run_id": tracker.run_id,
+        "experiment_id": experiment_id,
         "tracking_uri": tracker.uri,
         "run_dir": run.url,
         "shards_written": sum(s.get("shards", 0) if isinstance(s.get("shards"), int) else sum(s.get("shards", {}).values()) for s in prep),
@@ -361,7 +366,13 @@ def _print_summary(s: dict) -> None:
             label = "random init" if int(step) == 0 else f"step {step}"
             print(f"fine-tune {name:<9} {label:>12}: top-1 {top1:.3f}")
     uri = s["tracking_uri"]
-    print(f"MLflow run {s['run_id']}; open the UI with:\n  mlflow ui --backend-store-uri {uri}")
+    page = f"#/experiments/{s['experiment_id']}/runs/{s['run_id']}?workflowType=machine_learning" if s.get("experiment_id") else ""
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow run {s['run_id']}: {uri.rstrip('/')}/{page}")
+    else:
+        print(f"MLflow run {s['run_id']}; open the UI with:\n  mlflow ui --backend-store-uri {uri}")
+        if page:
+            print(f"  then http://127.0.0.1:5000/{page}")
     left = s.get("undelivered") or {}
     if left.get("evaluations") or left.get("spool"):
         evals = left.get("evaluations", [])

@@ -40,6 +40,8 @@ def test_demo_logs_a_pretraining_run_with_step_metrics_and_child_eval_runs(demo_
     assert summary["shards_written"] == 3 + 2 + 1  # 160 glyphs / 64 per shard; digits: 1297 train / 1000, 500 test
     uri = f"sqlite:///{out / 'mlflow.db'}"
     assert f"mlflow ui --backend-store-uri {uri}" in stdout
+    # MLflow 3 opens in its GenAI view unless the page asks for the classic one
+    assert f"runs/{summary['run_id']}?workflowType=machine_learning" in stdout
 
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(summary["run_id"])
