@@ -197,7 +197,7 @@ def fit(cfg: DictConfig):
 def run_job(cfg: DictConfig) -> dict:
     from pipeline.evaluate.watch import Watcher
     from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker, log_final_weights, spool_dir
+    from pipeline.tracking import Tracker, spool_dir
 
     t_start = time.time()
     out = Path(cfg.output_dir)
@@ -236,7 +236,7 @@ def run_job(cfg: DictConfig) -> dict:
         if watcher:
             watcher.finish()
         if status == "FINISHED" and (last := run.checkpoints.latest()):
-            _log_final_weights(log_final_weights, tracker, run, last, cfg.tracking.register_model)
+            _log_final_weights(tracker, run, last, cfg.tracking.register_model)
         tracker.finish(status)
     train_seconds = time.time() - t_train
     final = result.metrics or {}
@@ -264,13 +264,14 @@ def _finished_summary(cfg: DictConfig, run) -> dict | None:
     return summary if summary.get("final_step") == int(tag.split("_")[1]) else None
 
 
-def _log_final_weights(log_final_weights, tracker, run, tag: str, register_as: str | None) -> None:
+def _log_final_weights(tracker, run, tag: str, register_as: str | None) -> None:
     """The consolidated weights of the last checkpoint as MLflow artifacts (from a local copy
     when the run dir is remote)."""
     import shutil
     import tempfile
 
     from pipeline.rundir import local_path
+    from pipeline.tracking import log_final_weights
 
     if run.checkpoints.local:
         log_final_weights(tracker, local_path(run.checkpoints.url), tag, register_as=register_as)
