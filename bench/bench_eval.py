@@ -143,9 +143,10 @@ def bench_finetune_step(rounds: int, quick: bool) -> tuple[float, float]:
     from omegaconf import OmegaConf
 
     from pipeline.config import FineTuneConfig
-    from pipeline.evaluate.finetune import build_engine, init_single_rank, lr_factor
+    from pipeline.engine import dist_setup, warmup_decay
+    from pipeline.evaluate.finetune import build_engine
 
-    init_single_rank()
+    dist_setup(standalone=True)
     batch, size, steps = 32, 48, 2 if quick else 3
     ft = OmegaConf.merge(OmegaConf.structured(FineTuneConfig), {"steps": 1000, "warmup_steps": 10, "batch_size": batch,
                                                                 "precision": "fp32", "image_size": size})
@@ -160,7 +161,7 @@ def bench_finetune_step(rounds: int, quick: bool) -> tuple[float, float]:
     engine = build_engine(model(), ft, 0.01)
     plain = model()
     opt = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, 1000))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_decay(s, 10, 1000))
 
     def ds_steps():
         for _ in range(steps):

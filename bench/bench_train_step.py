@@ -159,10 +159,10 @@ def timed(step, data, n: int) -> tuple[float, float]:
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
+    from pipeline.engine import dist_setup
     from pipeline.model import flops_per_image, get_spec
-    from pipeline.train import _dist_setup
 
-    rank, world, device = _dist_setup()
+    rank, world, device = dist_setup()
     data = batches(args, rank)
     rows = []
     for precision in args.precisions.split(","):

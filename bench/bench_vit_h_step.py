@@ -77,9 +77,10 @@ def worker(args: argparse.Namespace) -> None:
 
     from pipeline.config import load_config
     from pipeline.data import to_model_input
-    from pipeline.train import _dist_setup, build_engine, loss_fn
+    from pipeline.engine import dist_setup
+    from pipeline.train import build_engine, loss_fn
 
-    rank, world, device = _dist_setup()
+    rank, world, device = dist_setup()
     overrides = ["data.micro_batch_size=1", f"train.global_batch_size={world}", f"ray.num_workers={world}",
                  "data.train=unused", "tracking.system_metrics=false"]
     if args.offload != "none":

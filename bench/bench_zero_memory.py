@@ -144,9 +144,10 @@ def worker(args: argparse.Namespace) -> None:
 
     from pipeline.config import load_config
     from pipeline.data import to_model_input
-    from pipeline.train import _dist_setup, build_engine, loss_fn
+    from pipeline.engine import dist_setup
+    from pipeline.train import build_engine, loss_fn
 
-    rank, world, device = _dist_setup()
+    rank, world, device = dist_setup()
     cfg = load_config(None, [
         f"model.name={args.model}", f"data.micro_batch_size={args.micro}", f"train.global_batch_size={args.micro * world}",
         "train.steps=100", "optim.warmup_steps=10", f"deepspeed.zero_stage={args.stage}", "train.precision=bf16",

@@ -96,11 +96,12 @@ def engine_step(name: str, batch: int, args: argparse.Namespace):
 
     from pipeline.config import load_config
     from pipeline.data import to_model_input
-    from pipeline.train import _dist_setup, build_engine, loss_fn
+    from pipeline.engine import dist_setup
+    from pipeline.train import build_engine, loss_fn
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29513"}.items():
         os.environ.setdefault(key, value)
-    _, world, device = _dist_setup()
+    _, world, device = dist_setup()
     cfg = load_config(None, [f"model.name={name}", f"model.img_size={args.img}", f"data.micro_batch_size={batch}",
                              f"train.global_batch_size={batch}", "train.steps=100000", "deepspeed.zero_stage=1",
                              "train.precision=bf16", "data.train=unused", "ray.num_workers=1"])

@@ -1,7 +1,9 @@
 """The one typed configuration of a data-prep job.
 
-`PrepConfig` is an OmegaConf structured config: `load_config` merges a YAML file onto it,
-then `key=value` overrides, and `validate` checks the values once, before anything runs.
+`PrepConfig` is an OmegaConf structured config: `load_config` composes it the way every
+config of the project is composed (`pipeline.compose`: a YAML file with its includes, then
+`key=value` overrides; choices are Enums checked at merge time), and `validate` checks the
+values once, before anything runs.
 """
 
 from __future__ import annotations
@@ -16,9 +18,31 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-SOURCE_KINDS = ("auto", "folders", "manifest", "class_tars")
-RESIZE_MODES = ("none", "shorter", "longer")
-RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+from pipeline.compose import Choice, ConfigError, as_config_error, compose
+
+__all__ = ["ConfigError", "PrepConfig", "load_config", "validate"]
+
+
+class SourceKind(Choice):
+    auto = "auto"  # a manifest by its name, else class folders, else per-class tars
+    folders = "folders"
+    manifest = "manifest"
+    class_tars = "class_tars"
+
+
+class ResizeMode(Choice):
+    none = "none"
+    shorter = "shorter"  # `size` bounds the shorter side
+    longer = "longer"
+
+
+class Resample(Choice):
+    nearest = "nearest"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    lanczos = "lanczos"
+    box = "box"
+    hamming = "hamming"
 
 
 @dataclass
@@ -35,12 +59,12 @@ class HoldoutConfig:
 class ImageConfig:
     """What each image becomes inside a shard."""
 
-    resize_mode: str = "none"  # none | shorter | longer: which side `size` bounds
+    resize_mode: ResizeMode = ResizeMode.none  # which side `size` bounds
     size: int = 0
     quality: int = 95
     keep_original: bool = True  # keep the source bytes of an RGB JPEG that needs no change
     max_pixels: int = 89_478_485  # width*height above this is a `too_many_pixels` failure
-    resample: str = "bicubic"
+    resample: Resample = Resample.bicubic
 
 
 @dataclass
@@ -49,7 +73,7 @@ class PrepConfig:
 
     source: str  # folder of class folders | JSONL/CSV manifest | folder of <class>.tar
     output: str
-    source_kind: str = "auto"
+    source_kind: SourceKind = SourceKind.auto
     classes_file: str | None = None  # one class name a line; line number = index
     seed: int = 0
     shard_size: int = 10000  # samples per shard
@@ -67,23 +91,14 @@ class PrepConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec kwargs
 
 
-class ConfigError(ValueError):
-    """A config file, override or value that cannot be used; the message names the key."""
-
-
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> PrepConfig:
     """Merge the YAML at `path` (if any) and `key=value` overrides onto `PrepConfig`,
     validate, and return it. Raises `ConfigError` naming the offending key."""
+    conf = compose(PrepConfig, path, overrides)
     try:
-        conf = OmegaConf.structured(PrepConfig)
-        if path:
-            conf = OmegaConf.merge(conf, OmegaConf.load(path))
-        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(conf)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid data-prep config: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except OmegaConfBaseException as e:  # a mandatory key left unset
+        raise as_config_error(e) from None
     assert isinstance(cfg, PrepConfig)
     validate(cfg)
     return cfg
@@ -99,8 +114,6 @@ def validate(cfg: PrepConfig) -> None:
         bad("source", cfg.source, "must name a folder, manifest or folder of tars")
     if not cfg.output:
         bad("output", cfg.output, "must name an output folder")
-    if cfg.source_kind not in SOURCE_KINDS:
-        bad("source_kind", cfg.source_kind, f"must be one of {SOURCE_KINDS}")
     if cfg.shard_size < 1:
         bad("shard_size", cfg.shard_size, "must be >= 1")
     if cfg.shard_bytes is not None and cfg.shard_bytes < 1:
@@ -117,16 +130,12 @@ def validate(cfg: PrepConfig) -> None:
     if cfg.holdout.name == cfg.train_split:
         bad("holdout.name", cfg.holdout.name, "must differ from train_split")
     img = cfg.image
-    if img.resize_mode not in RESIZE_MODES:
-        bad("image.resize_mode", img.resize_mode, f"must be one of {RESIZE_MODES}")
     if img.resize_mode != "none" and img.size < 1:
         bad("image.size", img.size, f"must be >= 1 with resize_mode={img.resize_mode}")
     if not 1 <= img.quality <= 100:
         bad("image.quality", img.quality, "must be in [1, 100]")
     if img.max_pixels < 1:
         bad("image.max_pixels", img.max_pixels, "must be >= 1")
-    if img.resample not in RESAMPLE_FILTERS:
-        bad("image.resample", img.resample, f"must be one of {RESAMPLE_FILTERS}")
     if not 0.0 <= cfg.max_failure_fraction <= 1.0:
         bad("max_failure_fraction", cfg.max_failure_fraction, "must be in [0, 1]")
     if cfg.shard_give_up_after < 0:

@@ -18,12 +18,49 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.config import PrepConfig
+from pipeline.compose import (
+    CONFIGS_DIR,
+    Choice,
+    ConfigError,
+    as_config_error,
+    compose,
+    read_yaml,
+    require,
+)
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+__all__ = ["CONFIGS_DIR", "Config", "ConfigError", "load_config", "read_yaml", "validate", "check_paths"]
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
+class Pool(Choice):
+    token = "token"  # the class token (the paper's)
+    gap = "gap"  # global average pooling of the patch tokens
+
+
+class Loss(Choice):
+    sigmoid = "sigmoid"
+    softmax = "softmax"
+
+
+class Precision(Choice):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Schedule(Choice):
+    linear = "linear"
+    cosine = "cosine"
+
+
+class Backend(Choice):
+    auto = "auto"  # nccl on GPU, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
+class Interpolation(Choice):
+    bilinear = "bilinear"  # vit_jax's scipy zoom, order 1
+    bicubic = "bicubic"  # timm's
 
 
 @dataclass
@@ -32,7 +69,7 @@ class ModelConfig:
     num_classes: int = 0  # 0: take it from the training index
     img_size: int | None = None  # None: the variant's own
     patch_size: int | None = None
-    pool: str = "token"  # token | gap
+    pool: Pool = Pool.token
     representation_size: int | None = None  # the paper's pre-logits layer
     dropout: float = 0.0
     grad_checkpointing: bool = False
@@ -58,7 +95,7 @@ class OptimConfig:
     weight_decay: float = 0.03  # decoupled; weight matrices only
     grad_clip: float = 1.0  # global norm; 0 disables
     warmup_steps: int = 10_000
-    schedule: str = "linear"  # linear | cosine
+    schedule: Schedule = Schedule.linear
     end_lr: float = 1e-5
 
 
@@ -69,9 +106,9 @@ class TrainConfig:
     epochs: float = 0.0
     # sigmoid (multi-hot) | softmax. Sigmoid with head bias -10 is big_vision's i21k/JFT recipe
     # (configs/vit_i21k.py), not stated in the paper.
-    loss: str = "sigmoid"
+    loss: Loss = Loss.sigmoid
     label_smoothing: float = 0.0  # mix targets with uniform e/K (the paper tunes it for ImageNet-1k from scratch)
-    precision: str = "bf16"  # bf16 | fp16 | fp32
+    precision: Precision = Precision.bf16
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -132,15 +169,15 @@ class FineTuneConfig:
     grad_clip: float = 1.0
     dev_fraction: float = 0.1  # paper: 10% Pets/Flowers, 2% CIFAR, 1% ImageNet
     final_on_full_train: bool = True
-    precision: str = "bf16"  # bf16 | fp32
+    precision: Precision = Precision.bf16  # bf16 | fp32
     zero_stage: int = 0
     crop_min_area: float = 0.05  # inception crop of the training images
     flip: bool = True
     crop_ratio: float = 1.0  # eval: resize the shorter side to image_size / ratio, centre crop
     eval_batch_size: int = 256
     dropout: float = 0.0  # vit_jax fine-tunes L/16 and H/14 with 0.1 (its model configs' dropout_rate)
-    pos_embed_interpolation: str = "bilinear"  # bilinear (vit_jax's scipy zoom, order 1) | bicubic (timm)
-    shuffle_buffer: int = 10_000  # encoded samples
+    pos_embed_interpolation: Interpolation = Interpolation.bilinear
+    shuffle_buffer: int = 10_000  # encoded samples shuffled together (pre-training's block shuffle)
     num_workers: int = 2  # decoding processes
     seed: int = 0
 
@@ -177,7 +214,7 @@ class RayConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     storage_path: str | None = None  # None: <output_dir>/ray
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    backend: Backend = Backend.auto
 
 
 @dataclass
@@ -212,42 +249,13 @@ class Config:
     init: str | None = None
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """A YAML file with its ``include:`` list merged underneath it."""
-    if path in seen:
-        raise ConfigError(f"include cycle through {path}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    node = OmegaConf.load(path)
-    includes = node.pop("include", None) or []
-    if isinstance(includes, str):
-        includes = [includes]
-    parts = []
-    for inc in includes:
-        candidates = [path.parent / inc, CONFIGS_DIR / inc]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise ConfigError(f"{path}: include {inc!r} not found (looked in {path.parent} and {CONFIGS_DIR})")
-        parts.append(_read_yaml(found.resolve(), seen + (path,)))
-    return OmegaConf.merge(*parts, node) if parts else node
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Compose, override and validate a config; raises :class:`ConfigError` naming the key."""
-    schema = OmegaConf.structured(Config)
+    """Compose (``pipeline.compose``), override and validate a config; raises
+    :class:`ConfigError` naming the key."""
+    cfg = compose(Config, path, overrides or [])
     try:
-        layers = [_read_yaml(Path(path).resolve())] if path else []
-        dotlist = [o for o in (overrides or []) if not o.startswith("--")]
-        for item in dotlist:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-        cfg = OmegaConf.merge(schema, *layers)
-        for item in dotlist:
-            key, raw = item.split("=", 1)
-            # update() walks list indices too (prep.0.shard_size=64), which a merge cannot.
-            OmegaConf.update(cfg, key.strip(), OmegaConf.from_dotlist([f"v={raw}"])["v"], merge=True)
         # Workers run elsewhere (Ray's session dir): every path derived from output_dir is absolute.
-        _require("://" not in cfg.output_dir, "output_dir",
+        require("://" not in cfg.output_dir, "output_dir",
                  f"{cfg.output_dir!r} is a URL; output_dir is each host's local scratch dir. Put the run on object "
                  "storage with ray.storage_path=<url> (checkpoints, records and demo shards then live in <url>/<name>)")
         cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
@@ -259,46 +267,37 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             cfg.run_dir = run_dir_url(cfg.output_dir, cfg.ray.storage_path, cfg.name)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        raise ConfigError(f"invalid config key {key!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise as_config_error(e) from None
     validate(cfg)
     return cfg
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; each failure names its key."""
     from pipeline.model import VARIANTS
 
-    _require(cfg.model.name in VARIANTS, "model.name", f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(VARIANTS))}")
-    _require(cfg.model.pool in ("token", "gap"), "model.pool", f"must be token or gap, got {cfg.model.pool!r}")
-    _require(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
-    _require(cfg.train.loss in ("sigmoid", "softmax"), "train.loss", f"must be sigmoid or softmax, got {cfg.train.loss!r}")
-    _require(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {cfg.train.label_smoothing}")
-    _require(cfg.train.precision in ("bf16", "fp16", "fp32"), "train.precision", f"must be bf16, fp16 or fp32, got {cfg.train.precision!r}")
-    _require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    _require(not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs zero_stage 3")
-    _require(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "optimizer offload needs zero_stage >= 1")
-    _require(cfg.optim.schedule in ("linear", "cosine"), "optim.schedule", f"must be linear or cosine, got {cfg.optim.schedule!r}")
-    _require(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
-    _require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", f"must be two values in [0, 1), got {list(cfg.optim.betas)}")
-    _require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _require(cfg.train.steps > 0 or cfg.train.epochs > 0, "train.steps", "set train.steps or train.epochs")
-    _require(cfg.train.log_every > 0, "train.log_every", "must be positive")
-    _require(cfg.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
-    _require(0 < cfg.data.crop_min_area <= cfg.data.crop_max_area <= 1, "data.crop_min_area", "need 0 < crop_min_area <= crop_max_area <= 1")
-    _require(cfg.data.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
-    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
-    _require(cfg.ray.backend in ("auto", "nccl", "gloo"), "ray.backend", f"must be auto, nccl or gloo, got {cfg.ray.backend!r}")
+    require(cfg.model.name in VARIANTS, "model.name", f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(VARIANTS))}")
+    require(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
+    require(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {cfg.train.label_smoothing}")
+    require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    require(not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs zero_stage 3")
+    require(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "optimizer offload needs zero_stage >= 1")
+    require(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
+    require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", f"must be two values in [0, 1), got {list(cfg.optim.betas)}")
+    require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    require(cfg.train.steps > 0 or cfg.train.epochs > 0, "train.steps", "set train.steps or train.epochs")
+    require(cfg.train.log_every > 0, "train.log_every", "must be positive")
+    require(cfg.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    require(0 < cfg.data.crop_min_area <= cfg.data.crop_max_area <= 1, "data.crop_min_area", "need 0 < crop_min_area <= crop_max_area <= 1")
+    require(cfg.data.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+    require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
     batch_split(cfg, cfg.ray.num_workers)
     for i, fs in enumerate(cfg.eval.fewshot):
-        _require(all(k > 0 for k in fs.shots), f"eval.fewshot.{i}.shots", "shot counts must be positive")
-        _require(fs.seeds > 0, f"eval.fewshot.{i}.seeds", "must be positive")
+        require(all(k > 0 for k in fs.shots), f"eval.fewshot.{i}.shots", "shot counts must be positive")
+        require(fs.seeds > 0, f"eval.fewshot.{i}.seeds", "must be positive")
 
 
 # What ``demo.enabled`` draws under output_dir before the prep jobs run (pipeline.run.prepare_data).
@@ -385,7 +384,7 @@ def batch_split(cfg: DictConfig, world_size: int) -> int:
     """Gradient-accumulation steps so that micro x accumulation x world = global batch."""
     micro, glob = cfg.data.micro_batch_size, cfg.train.global_batch_size
     per_step = micro * world_size
-    _require(
+    require(
         glob > 0 and glob % per_step == 0,
         "train.global_batch_size",
         f"{glob} is not a multiple of data.micro_batch_size x world size = {micro} x {world_size} = {per_step}",
@@ -420,4 +419,4 @@ def to_flat_dict(cfg: DictConfig) -> dict[str, Any]:
 
 def from_container(data: dict) -> DictConfig:
     """Rebuild a typed config from a plain dict (as shipped to Ray workers)."""
-    return OmegaConf.merge(OmegaConf.structured(Config), data)
+    return compose(Config, base=data)

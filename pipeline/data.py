@@ -273,6 +273,7 @@ class StreamSpec:
     shuffle_block: int
     crop_area: tuple[float, float]
     flip: bool
+    skip_key: Callable[[str], bool] | None = None  # samples whose key it accepts are passed over (a dev carve)
 
 
 class _ReaderDataset(torch.utils.data.IterableDataset):
@@ -300,6 +301,8 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
             pos = start
             while len(images) < spec.batch_size:
                 sample, pos = next(stream)
+                if spec.skip_key is not None and spec.skip_key(sample["__key__"]):
+                    continue
                 rng = _rng(spec.seed, reader, pos[0], pos[1])
                 try:
                     images.append(decode_train(sample["jpg"], spec.image_size, rng, spec.crop_area, spec.flip))

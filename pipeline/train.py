@@ -7,9 +7,9 @@ from the deepspeed launcher is accepted and ignored; the rank comes from the env
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -18,12 +18,20 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from pipeline import checkpoint, rundir
 from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
-from pipeline.data import ShardIndex, StreamSpec, TrainStream, to_model_input
+from pipeline.data import ShardIndex, StreamSpec, TrainStream
+from pipeline.engine import (
+    DTYPES,
+    dist_setup,
+    ds_config,
+    initialize,
+    loss_fn,
+    micro_step,
+    warmup_decay,
+)
 from pipeline.model import create_model, flops_per_image
 from pipeline.tracking import Tracker, tracking_uri
 
@@ -42,12 +50,7 @@ def total_steps(cfg: DictConfig, num_samples: int) -> int:
 def lr_at(cfg: DictConfig, step: int, total: int) -> float:
     """Linear warmup from 0 to lr, then linear (or cosine) decay to end_lr at ``total``."""
     o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-    if o.schedule == "cosine":
-        return o.end_lr + (o.lr - o.end_lr) * 0.5 * (1 + math.cos(math.pi * frac))
-    return o.lr + (o.end_lr - o.lr) * frac
+    return o.lr * warmup_decay(step, o.warmup_steps, total, o.schedule, o.end_lr / o.lr)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -62,7 +65,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
     d = cfg.deepspeed
-    accum = batch_split(cfg, world_size)
+    batch_split(cfg, world_size)  # the error names the keys
     zero: dict = {"stage": d.zero_stage}
     if d.zero_stage >= 1:
         zero.update(reduce_bucket_size=d.reduce_bucket_size, overlap_comm=d.overlap_comm, contiguous_gradients=True)
@@ -73,26 +76,11 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    out = {
-        "train_batch_size": cfg.train.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "fp16": {
-            "enabled": cfg.train.precision == "fp16",
-            "loss_scale": 0,  # dynamic
-            "initial_scale_power": d.fp16_initial_scale_power,
-            "loss_scale_window": d.fp16_loss_scale_window,
-            "hysteresis": d.fp16_hysteresis,
-            "min_loss_scale": d.fp16_min_loss_scale,
-        },
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if d.zero_stage == 0:
-        out.pop("zero_optimization")
+    fp16 = {"loss_scale": 0, "initial_scale_power": d.fp16_initial_scale_power,  # dynamic loss scale
+            "loss_scale_window": d.fp16_loss_scale_window, "hysteresis": d.fp16_hysteresis,
+            "min_loss_scale": d.fp16_min_loss_scale}
+    out = ds_config(cfg.train.global_batch_size, cfg.data.micro_batch_size, world_size, cfg.optim.grad_clip,
+                    cfg.train.precision, zero, fp16)
     return _merge(out, dict(d.extra))
 
 
@@ -100,40 +88,6 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         base[k] = _merge(dict(base.get(k, {})), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
     return base
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Sigmoid cross-entropy summed over classes (the paper's), or softmax cross-entropy.
-
-    ``label_smoothing`` e mixes the targets with the uniform e/K over the K classes (optax's
-    ``smooth_labels``): softmax targets become (1-e) y/|y| + e/K, each sigmoid target (1-e) y + e/K.
-    """
-    logits = logits.float()
-    if label_smoothing:
-        k = logits.shape[-1]
-        if kind == "sigmoid":
-            targets = targets * (1 - label_smoothing) + label_smoothing / k
-        else:
-            targets = targets / targets.sum(-1, keepdim=True) * (1 - label_smoothing) + label_smoothing / k
-    if kind == "sigmoid":
-        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
-    return -(targets / targets.sum(-1, keepdim=True) * F.log_softmax(logits, -1)).sum(-1).mean()
-
-
-def _dist_setup() -> tuple[int, int, torch.device]:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if accel.device_name() == "cuda":
-        accel.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device(accel.device_name())
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def _build_optimizer(cfg: DictConfig, model: torch.nn.Module, device: torch.device):
@@ -210,18 +164,14 @@ def resume_source(cfg: DictConfig) -> tuple[str, str] | None:
 
 def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, device: torch.device):
     """Model, optimizer and schedule wrapped in a DeepSpeed engine (same init on every rank)."""
-    import deepspeed
-
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, num_classes)
     optimizer = _build_optimizer(cfg, model, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr)
-    ds_config = deepspeed_config(cfg, world)
+    config = deepspeed_config(cfg, world)
     src = resume_source(cfg)
     if src and checkpoint.is_universal(Path(*src)):
-        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    return engine, scheduler
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+    return initialize(model, optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr, config)
 
 
 def train(cfg: DictConfig, on_checkpoint=None) -> dict:
@@ -235,7 +185,7 @@ def train(cfg: DictConfig, on_checkpoint=None) -> dict:
 
 
 def _train(cfg: DictConfig, on_checkpoint=None):
-    rank, world, device = _dist_setup()
+    rank, world, device = dist_setup()
     quiet = bool(os.environ.get("PIPELINE_QUIET"))  # python -m pipeline.run --quiet
     logging.basicConfig(level=logging.INFO if rank == 0 and not quiet else logging.WARNING, format="%(asctime)s %(message)s",
                         force=True)
@@ -279,7 +229,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             tracker.log_text(to_yaml(cfg), "config.yaml")
     logged_upto = _last_logged_step(tracker) if tracker is not None else 0  # recovery: steps logged before a restart
     monitor = _system_metrics(cfg, tracker)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
+    dtype = DTYPES[cfg.train.precision]
+    loss_of = functools.partial(loss_fn, kind=cfg.train.loss, label_smoothing=cfg.train.label_smoothing)
     config_yaml = to_yaml(cfg)
     keys_file = open(Path(cfg.output_dir) / f"sample_keys_rank{rank}.jsonl", "a") if cfg.train.log_sample_keys else None  # noqa: SIM115
     flops = flops_per_image(model.spec, num_classes)
@@ -305,11 +256,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     while step < steps:
         for _ in range(accum):
             batch = next(stream)
-            x = to_model_input(batch["images"].to(device, non_blocking=True), dtype)
-            loss = loss_fn(engine(x), batch["targets"].to(device), cfg.train.loss, cfg.train.label_smoothing)
-            engine.backward(loss)
-            engine.step()
-            window_loss += torch.stack([loss.detach().float(), torch.ones((), device=device)])
+            loss = micro_step(engine, batch, loss_of, dtype, device)
+            window_loss += torch.stack([loss.float(), torch.ones((), device=device)])
             if keys_file:
                 keys_file.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
         step = engine.global_steps

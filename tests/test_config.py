@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, batch_split, check_paths, load_config, to_flat_dict
+from pipeline.config import (
+    ConfigError,
+    Schedule,
+    batch_split,
+    check_paths,
+    load_config,
+    to_flat_dict,
+)
 from pipeline.train import deepspeed_config, lr_at, param_groups
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -37,10 +44,33 @@ def test_demo_composes_includes_and_overrides():
     ("train.global_batch_size=100", "train.global_batch_size"),
     ("data.crop_min_area=0", "data.crop_min_area"),
     ("optim.schedule=step", "optim.schedule"),
+    ("model.pool=max", "model.pool"),
+    ("ray.backend=mpi", "ray.backend"),
+    ("prep.0.image.resample=cubic", "prep.0.image.resample"),
 ])
 def test_a_bad_value_fails_fast_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(CONFIGS / "experiment" / "demo.yaml", [override])
+
+
+def test_one_loader_and_one_error_for_training_data_prep_and_evaluation(tmp_path):
+    """pipeline, data_prep and evaluate compose through pipeline.compose: the same error class,
+    the same message form (the key first), choices refused at merge time by their Enum."""
+    import data_prep.config
+    from pipeline.evaluate.__main__ import resolve
+
+    assert data_prep.config.ConfigError is ConfigError
+    cases = [
+        (lambda: load_config(CONFIGS / "experiment" / "demo.yaml", ["train.precision=fp8"]), "train.precision"),
+        (lambda: data_prep.config.load_config(None, ["source=/in", "output=/out", "source_kind=zip"]), "source_kind"),
+        (lambda: data_prep.config.load_config(None, ["source=/in", "output=/out", "image.resize_mode=square"]), "image.resize_mode"),
+        (lambda: resolve(str(tmp_path), None, str(CONFIGS / "eval" / "fewshot_digits.yaml"), ["model.pool=max"]), "model.pool"),
+    ]
+    for make, key in cases:
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert str(e.value).startswith(f"{key}: Invalid value"), str(e.value)
+        assert "expected one of [" in str(e.value)
 
 
 def test_batch_split_is_validated_against_the_world_size():
@@ -57,7 +87,7 @@ def test_schedule_warmup_end_and_last_step():
     assert lr_at(cfg, 10, 100) == pytest.approx(1e-3)
     assert lr_at(cfg, 100, 100) == pytest.approx(1e-5)
     assert lr_at(cfg, 55, 100) == pytest.approx(1e-3 + (1e-5 - 1e-3) * 0.5)
-    cfg.optim.schedule = "cosine"
+    cfg.optim.schedule = Schedule.cosine
     assert lr_at(cfg, 100, 100) == pytest.approx(1e-5) and lr_at(cfg, 55, 100) == pytest.approx((1e-3 + 1e-5) / 2)
 
 

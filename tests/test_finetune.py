@@ -12,8 +12,10 @@ from omegaconf import OmegaConf
 from test_watcher import make_checkpoints, write_digits_shards
 
 from pipeline import checkpoint
-from pipeline.config import Config, ConfigError, FineTuneConfig, _read_yaml
+from pipeline.compose import compose
+from pipeline.config import Config, ConfigError, FineTuneConfig, read_yaml
 from pipeline.data import ShardIndex, iter_tar_samples
+from pipeline.engine import warmup_decay
 from pipeline.evaluate.finetune import (
     build_engine,
     check,
@@ -22,7 +24,6 @@ from pipeline.evaluate.finetune import (
     finetune_eval,
     in_dev,
     load_for_finetune,
-    lr_factor,
 )
 from pipeline.model import resize_pos_embed
 
@@ -42,7 +43,7 @@ def ckpt(tmp_path_factory):
 
 def digits_finetune(digits, **overrides):
     """configs/eval/finetune_digits.yaml, with the shards of this test."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(CONFIGS / "eval" / "finetune_digits.yaml"), {"output_dir": "/unused"})
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), read_yaml(CONFIGS / "eval" / "finetune_digits.yaml"), {"output_dir": "/unused"})
     ft = cfg.eval.finetune[0]
     ft.train, ft.test = digits
     return OmegaConf.merge(ft, overrides)
@@ -66,12 +67,12 @@ def test_the_model_is_rebuilt_at_the_new_resolution_with_interpolated_positions_
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
-    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
-    assert lr_factor(55, 10, 100) == pytest.approx(0.5)
-    assert lr_factor(10 + 45 // 2, 10, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 90)))
-    assert lr_factor(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
-    assert all(lr_factor(s, 10, 100) >= lr_factor(s + 1, 10, 100) for s in range(10, 100))
+    assert warmup_decay(0, 10, 100) == pytest.approx(0.1)
+    assert warmup_decay(9, 10, 100) == pytest.approx(1.0)
+    assert warmup_decay(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_decay(10 + 45 // 2, 10, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 22 / 90)))
+    assert warmup_decay(100, 10, 100) == pytest.approx(0.0, abs=1e-12)
+    assert all(warmup_decay(s, 10, 100) >= warmup_decay(s + 1, 10, 100) for s in range(10, 100))
 
 
 def test_the_dev_part_is_a_fixed_fraction_of_the_train_split_and_the_same_every_time(digits):
@@ -89,9 +90,9 @@ def test_the_dev_part_is_a_fixed_fraction_of_the_train_split_and_the_same_every_
 def test_the_engine_is_deepspeed_with_sgd_momentum_no_weight_decay_clipping_and_the_schedule(ckpt, digits):
     from deepspeed import DeepSpeedEngine
 
-    from pipeline.evaluate.finetune import init_single_rank
+    from pipeline.engine import dist_setup
 
-    init_single_rank()
+    dist_setup(standalone=True)
     ft = digits_finetune(digits, image_size=24, steps=10, warmup_steps=2, batch_size=8, micro_batch_size=4)
     engine = build_engine(load_for_finetune(ckpt, "step_00000000", 10, 24), ft, lr=0.03)
     assert isinstance(engine, DeepSpeedEngine)
@@ -102,22 +103,24 @@ def test_the_engine_is_deepspeed_with_sgd_momentum_no_weight_decay_clipping_and_
     engine.destroy()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_finetuning_on_digits_picks_an_lr_on_dev_and_beats_chance_on_test(ckpt, digits):
-    ft = digits_finetune(digits, image_size=24, batch_size=16, lrs=[0.01, 0.1])
-    assert ft.steps == 30 and ft.dev_fraction == 0.15 and ft.final_on_full_train
+    # 40 steps of 32 from a random-init tiny ViT: test top-1 0.21-0.32 at lr 0.03 over three
+    # seeds (measured 2026-11-26); 30 steps of 16 stayed within noise of chance (0.09-0.20).
+    ft = digits_finetune(digits, image_size=24, batch_size=32, steps=40, lrs=[0.02, 0.04])
+    assert ft.dev_fraction == 0.15 and ft.final_on_full_train
     result = finetune_eval(ft, ckpt, "step_00000000")
-    assert set(result["dev_top1"]) == {0.01, 0.1}
+    assert set(result["dev_top1"]) == {0.02, 0.04}
     assert result["best_lr"] == max(result["dev_top1"], key=result["dev_top1"].get)
-    assert set(result["curves"]) == {"lr_0.01", "lr_0.1", "final"} and len(result["curves"]["final"]) == 30
+    assert set(result["curves"]) == {"lr_0.02", "lr_0.04", "final"} and len(result["curves"]["final"]) == 40
     assert result["test_samples"] == 500 and result["confusion"].sum() == 500
-    assert result["top1"] > 0.15, result  # chance is 0.1 (sd 0.013 on 500 images); ~0.2 after 30 steps from random init
+    assert result["top1"] > 0.15, result  # chance is 0.1 (sd 0.013 on 500 images)
     assert np.trace(result["confusion"]) / 500 == pytest.approx(result["top1"])
 
 
 def test_the_paper_transfer_configs_hold_the_papers_numbers():
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), _read_yaml(CONFIGS / "eval" / "finetune_paper.yaml"),
-                          _read_yaml(CONFIGS / "eval" / "fewshot_paper.yaml"))
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), read_yaml(CONFIGS / "eval" / "finetune_paper.yaml"),
+                          read_yaml(CONFIGS / "eval" / "fewshot_paper.yaml"))
     steps = {ft.name: ft.steps for ft in cfg.eval.finetune}
     assert steps == {"imagenet": 20_000, "cifar10": 10_000, "cifar100": 10_000, "pets": 500, "flowers102": 500}
     for ft in cfg.eval.finetune:
@@ -139,8 +142,10 @@ def test_finetuning_dropout_and_position_interpolation_come_from_the_config(ckpt
     assert bicubic.blocks[0].mlp.drop1.p == 0.1 and bicubic.blocks[1].attn.proj_drop.p == 0.1 and bicubic.pos_drop.p == 0.1
     assert torch.allclose(bicubic.pos_embed.detach(), resize_pos_embed(pretrained["pos_embed"], 6, 1, "bicubic"))
     assert not torch.allclose(bicubic.pos_embed.detach(), bilinear.pos_embed.detach())
-    with pytest.raises(ConfigError, match="pos_embed_interpolation"):
-        check(OmegaConf.merge(OmegaConf.structured(FineTuneConfig), {"pos_embed_interpolation": "nearest"}))
+    with pytest.raises(ConfigError, match=r"^pos_embed_interpolation: Invalid value 'nearest', expected one of \[bilinear, bicubic\]"):
+        compose(FineTuneConfig, overrides=["pos_embed_interpolation=nearest"])  # an Enum: refused at merge time
+    with pytest.raises(ConfigError, match="precision must be bf16 or fp32"):
+        check(compose(FineTuneConfig, overrides=["precision=fp16"]))
 
 
 def _shards_with_sizes(out: Path, stored: int, original: int | None, n: int = 6) -> str:

@@ -58,10 +58,10 @@ def write_digits_shards(out: Path, size: int = 32) -> tuple[str, str]:
 def make_checkpoints(out: Path, steps: list[int], model: str = "vit_tiny_test", num_classes: int = 12, **model_kw) -> str:
     """Real checkpoints of a 1-rank ZeRO-2 engine at ``steps`` (weights nudged between them)."""
     from pipeline.config import load_config, to_yaml
-    from pipeline.evaluate.finetune import init_single_rank
+    from pipeline.engine import dist_setup
     from pipeline.train import build_engine
 
-    device = init_single_rank()
+    _, _, device = dist_setup(standalone=True)
     overrides = [f"model.name={model}", "data.train=unused", f"output_dir={out}", "train.steps=10", "train.global_batch_size=8",
                  "data.micro_batch_size=8", "ray.num_workers=1", "deepspeed.zero_stage=2", "train.precision=fp32",
                  *[f"model.{k}={v}" for k, v in model_kw.items()]]

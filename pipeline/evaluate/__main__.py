@@ -35,12 +35,12 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import Config, ConfigError, _read_yaml
+from pipeline.compose import ConfigError, as_config_error, compose
+from pipeline.config import Config
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -62,20 +62,11 @@ def _meta_and_config(url: str, tag: str) -> tuple[dict, DictConfig | None]:
 def resolve(url: str, tag: str | None, path: str | None, overrides: list[str]) -> tuple[DictConfig, dict]:
     """The full config (checkpoint's, then file, then overrides) and the checkpoint's meta."""
     meta, saved = _meta_and_config(url, tag) if tag else ({}, None)
+    cfg = compose(Config, path, overrides, base=saved)
     try:
-        cfg = OmegaConf.structured(Config)
-        if saved is not None:
-            cfg = OmegaConf.merge(cfg, saved)
-        if path:
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path).resolve()))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-            key, raw = item.split("=", 1)
-            OmegaConf.update(cfg, key.strip(), OmegaConf.from_dotlist([f"v={raw}"])["v"], merge=True)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid config key {getattr(e, 'full_key', None) or getattr(e, 'key', None)!r}: {e}") from None
+        raise as_config_error(e) from None
     from pipeline.evaluate.runner import validate_eval
 
     validate_eval(cfg.eval)
@@ -192,27 +183,13 @@ def cmd_sync(args) -> int:
 
 
 def cmd_pretrained(args) -> int:
-    import torch
-
-    from pipeline.evaluate.fewshot import ridge_fewshot
-    from pipeline.evaluate.finetune import finetune_eval
-    from pipeline.evaluate.runner import fewshot_features
-    from pipeline.weights import load_pretrained
+    from pipeline.evaluate.runner import Weights, run_evaluators
 
     cfg, _ = resolve("", None, args.config, args.overrides)
     if not cfg.init:
         raise ConfigError("init: name the weights to evaluate, e.g. init=ViT-B_16.npz")
-    results: dict = {"init": cfg.init, "fewshot": {}, "finetune": {}}
-    if cfg.eval.fewshot:
-        model = load_pretrained(cfg.init).eval().to("cuda" if torch.cuda.is_available() else "cpu")
-        for fs in cfg.eval.fewshot:
-            (train_x, train_y), (test_x, test_y) = fewshot_features(model, fs, model.spec.img_size)
-            results["fewshot"][fs.name] = ridge_fewshot(train_x, train_y, test_x, test_y, shots=tuple(fs.shots),
-                                                        seeds=fs.seeds, l2=fs.l2)
-        del model
-    for ft in cfg.eval.finetune:
-        results["finetune"][ft.name] = finetune_eval(ft, None, None, init=cfg.init)
-    print(json.dumps(_jsonable(results), indent=2))
+    results = run_evaluators(cfg.eval, Weights(init=cfg.init))
+    print(json.dumps(_jsonable({"init": cfg.init, **results}), indent=2))
     return 0
 
 

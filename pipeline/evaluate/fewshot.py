@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from pipeline.evaluate.runner import Result
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +190,30 @@ def best_shot_confusion(
     num_classes = num_classes or int(max(np.max(train_y), np.max(test_y))) + 1
     preds = fewshot_predictions(train_x, train_y, test_x, best, 0, l2, num_classes)
     return best, confusion_matrix(test_y, preds, num_classes)
+
+
+PROTOCOL = "fewshot_linear"
+
+
+def evaluate(fs: DictConfig, weights) -> Result:
+    """The evaluator (``eval.fewshot``): features of ``fs.train`` and ``fs.test`` under
+    ``weights`` (``pipeline.evaluate.runner.Weights``), ridge few-shot for every k and seed."""
+    from pipeline.data import iter_eval_batches
+    from pipeline.evaluate.runner import Result
+
+    model, image_size = weights.model()
+    t0 = time.time()
+    train_x, train_y = extract_features(model, iter_eval_batches(fs.train, image_size, fs.batch_size, fs.crop_ratio))
+    test_x, test_y = extract_features(model, iter_eval_batches(fs.test, image_size, fs.batch_size, fs.crop_ratio))
+    res = ridge_fewshot(train_x, train_y, test_x, test_y, shots=tuple(fs.shots), seeds=fs.seeds, l2=fs.l2)
+    seconds = time.time() - t0
+    log.info("fewshot %s at %s: %s (%.1fs)", fs.name, weights.label, {k: round(v["mean"], 4) for k, v in res.items()}, seconds)
+    k, cm = best_shot_confusion(res, train_x, train_y, test_x, test_y, l2=fs.l2)
+    metrics = {"seconds": seconds}
+    for shots, r in res.items():
+        metrics[f"{shots}shot"] = r["mean"]
+        metrics[f"{shots}shot_std"] = r["std"]
+    params = {"shots": list(fs.shots), "seeds": fs.seeds, "l2": fs.l2, "train": fs.train, "test": fs.test,
+              "train_samples": len(train_y), "test_samples": len(test_y), "feature_dim": int(train_x.shape[1])}
+    return Result(metrics, params, {f"fewshot/{fs.name}/{s}shot": r["mean"] for s, r in res.items()}, cm,
+                  f"{fs.name} {k}-shot (seed 0) at {weights.label}", summary=res)

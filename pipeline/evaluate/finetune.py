@@ -8,8 +8,9 @@ inception crop and flip. The lr is picked from a grid on a dev part carved from 
 split (a fixed hash of each sample key, so the carve is the same for every checkpoint);
 then, as in the paper, one run on the whole train split at that lr gives the test top-1.
 
-The engine is DeepSpeed's, as in pre-training (precision and ZeRO stage from the config);
-inside an eval task it runs on its own single-rank process group (gloo on CPU).
+The engine, its schedule, the loss and the data loop are pre-training's (``pipeline.engine``,
+``pipeline.data.TrainStream``); only the optimizer (SGD) and the lr sweep are fine-tuning's
+own. Inside an eval task it runs on its own single-rank process group (gloo on CPU).
 
 The images a split stores must be at least the fine-tuning resolution: a split that data_prep
 shrank below it (e.g. shorter side 256 for a 384 px fine-tune) would upsample every crop, so
@@ -20,24 +21,20 @@ smaller (CIFAR's 32 px) are upsampled as in the paper.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import itertools
 import json
 import logging
-import math
-import os
-import random
-import socket
 import time
 import zlib
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -45,20 +42,31 @@ from pipeline import checkpoint
 from pipeline.config import from_container
 from pipeline.data import (
     ShardIndex,
-    decode_train,
+    StreamSpec,
+    TrainStream,
     iter_eval_batches,
     iter_tar_samples,
-    sample_labels,
     to_model_input,
+)
+from pipeline.engine import (
+    DTYPES,
+    dist_setup,
+    ds_config,
+    initialize,
+    loss_fn,
+    micro_step,
+    warmup_decay,
 )
 from pipeline.evaluate.fewshot import confusion_matrix
 from pipeline.model import (
-    POS_EMBED_INTERPOLATIONS,
     VisionTransformer,
     create_model,
     get_spec,
     resize_pos_embed,
 )
+
+if TYPE_CHECKING:
+    from pipeline.evaluate.runner import Result
 
 log = logging.getLogger(__name__)
 
@@ -94,68 +102,9 @@ def load_for_finetune(ckpt_dir: str | None, tag: str | None, num_classes: int, i
     return model
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def in_dev(key: str, fraction: float, seed: int = 0) -> bool:
     """Whether sample ``key`` belongs to the dev part carved from the train split."""
     return fraction > 0 and zlib.crc32(f"{seed}/{key}".encode()) / 2**32 < fraction
-
-
-class TrainBatches(torch.utils.data.IterableDataset):
-    """Endless shuffled micro-batches ``(uint8 NHWC, labels)`` of a train split.
-
-    ``dev_fraction`` > 0 leaves the dev part out. Shards are permuted per pass; encoded
-    samples go through a shuffle buffer and are decoded (inception crop, flip) after it.
-    Dataloader workers take every n-th sample of the pass.
-    """
-
-    def __init__(self, index_url: str, image_size: int, batch_size: int, dev_fraction: float, seed: int,
-                 crop_area: tuple[float, float], flip: bool, shuffle_buffer: int):
-        self.index_url, self.image_size, self.batch_size = index_url, image_size, batch_size
-        self.dev_fraction, self.seed, self.crop_area, self.flip = dev_fraction, seed, crop_area, flip
-        self.shuffle_buffer = max(1, shuffle_buffer)
-
-    def _samples(self, worker: int, workers: int) -> Iterator[dict]:
-        index = ShardIndex.load(self.index_url)
-        for pass_idx in itertools.count():
-            shards = list(index.shards)
-            random.Random(self.seed * 7919 + pass_idx).shuffle(shards)
-            n = 0
-            for url, _ in shards:
-                for sample in iter_tar_samples(url):
-                    if in_dev(sample["__key__"], self.dev_fraction, self.seed):
-                        continue
-                    n += 1
-                    if n % workers == worker:
-                        yield sample
-            if n == 0:
-                raise ValueError(f"{self.index_url}: no training samples left after carving a dev part of {self.dev_fraction}")
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(self.seed * 1000 + worker)
-        buffer: list[dict] = []
-        images, labels = [], []
-        for sample in self._samples(worker, workers):
-            buffer.append(sample)
-            if len(buffer) < self.shuffle_buffer:
-                continue
-            pick = buffer.pop(rng.randrange(len(buffer)))
-            try:
-                images.append(decode_train(pick["jpg"], self.image_size, rng, self.crop_area, self.flip))
-                labels.append(sample_labels(pick)[0])
-            except Exception as e:  # a corrupt sample must not end the evaluation
-                log.warning("skipping sample %s of %s (%s)", pick.get("__key__"), pick.get("__url__"), e)
-                continue
-            if len(images) == self.batch_size:
-                yield torch.from_numpy(np.stack(images)), torch.tensor(labels)
-                images, labels = [], []
 
 
 def eval_batches(index_url: str, image_size: int, batch_size: int, crop_ratio: float,
@@ -182,73 +131,39 @@ def predict(model: torch.nn.Module, batches, device: torch.device) -> tuple[np.n
     return np.concatenate(preds), np.concatenate(labels)
 
 
-def init_single_rank() -> torch.device:
-    """A one-rank process group for DeepSpeed (gloo on CPU) unless one exists; the device."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise RuntimeError(f"fine-tuning evaluation runs on one rank; this process is in a group of {dist.get_world_size()}")
-    else:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False)
-    if accel.device_name() == "cuda":
-        accel.set_device(0)
-        return torch.device("cuda", 0)
-    return torch.device(accel.device_name())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_engine(model: torch.nn.Module, ft: DictConfig, lr: float):
-    """SGD (momentum, no weight decay) and warmup-cosine schedule in a DeepSpeed engine."""
-    import deepspeed
-
+    """SGD (momentum, no weight decay) and the warmup-cosine schedule to 0 in a one-rank
+    DeepSpeed engine, built as pre-training builds its own (``pipeline.engine``)."""
     micro = ft.micro_batch_size or ft.batch_size
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=ft.momentum, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, ft.warmup_steps, ft.steps))
-    config = {
-        "train_batch_size": ft.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": ft.batch_size // micro,
-        "gradient_clipping": ft.grad_clip,
-        "bf16": {"enabled": ft.precision == "bf16"},
-        "steps_per_print": 10**9,
-    }
+    # SGD is not on DeepSpeed's list of ZeRO-tested optimizers; it partitions like any other.
+    config = ds_config(ft.batch_size, micro, 1, ft.grad_clip, ft.precision, {"stage": ft.zero_stage})
     if ft.zero_stage:
-        # SGD is not on DeepSpeed's list of ZeRO-tested optimizers; it partitions like any other.
-        config.update(zero_optimization={"stage": ft.zero_stage}, zero_allow_untested_optimizer=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        config["zero_allow_untested_optimizer"] = True
+    engine, _ = initialize(model, optimizer, lambda s: warmup_decay(s, ft.warmup_steps, ft.steps, "cosine", 0.0), config)
     return engine
 
 
 def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: float, device: torch.device,
-              label: str) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
-    """Fine-tune ``model`` for ``ft.steps`` at ``lr``; the trained module and (step, mean loss) points."""
+              label: str, num_classes: int) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
+    """Fine-tune ``model`` for ``ft.steps`` at ``lr`` on the train split less its dev part,
+    read by pre-training's stream (``pipeline.data.TrainStream``: block shuffle, inception
+    crop, flip); the trained module and (step, mean loss) points."""
     engine = build_engine(model, ft, lr)
     micro = ft.micro_batch_size or ft.batch_size
-    dataset = TrainBatches(ft.train, ft.image_size, micro, dev_fraction, ft.seed, (ft.crop_min_area, 1.0), ft.flip,
-                           ft.shuffle_buffer)
-    loader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=ft.num_workers,
-                                              prefetch_factor=2 if ft.num_workers else None))
-    dtype = torch.bfloat16 if ft.precision == "bf16" else torch.float32
+    spec = StreamSpec(index_url=ft.train, rank=0, world_size=1, num_workers=ft.num_workers, batch_size=micro,
+                      image_size=ft.image_size, num_classes=num_classes, seed=ft.seed, shuffle_block=max(1, ft.shuffle_buffer),
+                      crop_area=(ft.crop_min_area, 1.0), flip=ft.flip,
+                      skip_key=functools.partial(in_dev, fraction=dev_fraction, seed=ft.seed) if dev_fraction > 0 else None)
+    stream = TrainStream(spec)
+    loss_of = functools.partial(loss_fn, kind="softmax")
+    dtype = DTYPES[ft.precision]
     every = max(1, ft.steps // 100)
     curve, window, t0 = [], [], time.time()
     engine.train()
     while engine.global_steps < ft.steps:
         before = engine.global_steps
-        images, labels = next(loader)
-        loss = F.cross_entropy(engine(to_model_input(images.to(device), dtype)).float(), labels.to(device))
-        engine.backward(loss)
-        engine.step()
-        window.append(loss.item())
+        window.append(micro_step(engine, next(stream), loss_of, dtype, device).item())
         step = engine.global_steps
         if step != before and (step % every == 0 or step == ft.steps):
             mean = float(np.mean(window))
@@ -256,7 +171,7 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
             log.info("finetune %s %s step %d/%d loss %.4f lr %.2e images/s %.1f", ft.name, label, step, ft.steps, mean,
                      engine.get_lr()[0], len(window) * micro / (time.time() - t0))
             window, t0 = [], time.time()
-    del loader
+    del stream
     module = engine.module
     if hasattr(engine, "destroy"):
         engine.destroy()
@@ -276,14 +191,15 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
     check(ft)
     for split in (ft.train, ft.test):
         check_stored_size(split, ft.image_size, f"eval.finetune[{ft.name}]")
-    device = init_single_rank()
+    _, _, device = dist_setup(standalone=True)
     num_classes = ft.num_classes or ShardIndex.load(ft.train).num_classes
     base = load_for_finetune(ckpt_dir, tag, num_classes, ft.image_size, ft.pos_embed_interpolation, ft.dropout, init)
     lrs = [float(x) for x in ft.lrs]
     dev_top1, curves, kept = {}, {}, None
     if len(lrs) > 1 and ft.dev_fraction > 0:
         for lr in lrs:
-            module, curves[f"lr_{lr:g}"] = train_run(copy.deepcopy(base).to(device), ft, lr, ft.dev_fraction, device, f"lr {lr:g}")
+            module, curves[f"lr_{lr:g}"] = train_run(copy.deepcopy(base).to(device), ft, lr, ft.dev_fraction, device, f"lr {lr:g}",
+                                                     num_classes)
             pred, y = predict(module, eval_batches(ft.train, ft.image_size, ft.eval_batch_size, ft.crop_ratio, ft.dev_fraction, ft.seed), device)
             dev_top1[lr] = float(np.mean(pred == y)) if len(y) else 0.0
             log.info("finetune %s at %s: lr %g dev top-1 %.4f (%d dev images)", ft.name, tag, lr, dev_top1[lr], len(y))
@@ -292,7 +208,7 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
             del module
     best = max(dev_top1, key=dev_top1.get) if dev_top1 else lrs[0]
     if kept is None:
-        kept, curves["final"] = train_run(copy.deepcopy(base).to(device), ft, best, 0.0, device, f"final lr {best:g}")
+        kept, curves["final"] = train_run(copy.deepcopy(base).to(device), ft, best, 0.0, device, f"final lr {best:g}", num_classes)
     pred, y = predict(kept, eval_batches(ft.test, ft.image_size, ft.eval_batch_size, ft.crop_ratio), device)
     top1 = float(np.mean(pred == y)) if len(y) else 0.0
     log.info("finetune %s at %s: test top-1 %.4f at lr %g (%.0fs)", ft.name, tag, top1, best, time.time() - t_start)
@@ -301,6 +217,25 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
         "confusion": confusion_matrix(y, pred, num_classes), "test_samples": int(len(y)),
         "seconds": time.time() - t_start,
     }
+
+
+PROTOCOL = "finetune"
+
+
+def evaluate(ft: DictConfig, weights) -> Result:
+    """The evaluator (``eval.finetune``): :func:`finetune_eval` of ``weights``
+    (``pipeline.evaluate.runner.Weights``: a checkpoint or published weights)."""
+    from pipeline.evaluate.runner import Result
+
+    res = finetune_eval(ft, weights.ckpt_dir, weights.tag, init=weights.init)
+    metrics = {"top1": res["top1"], "best_lr": res["best_lr"], "seconds": res["seconds"]}
+    metrics.update({f"dev_top1_lr_{lr:g}": acc for lr, acc in res["dev_top1"].items()})
+    params = {k: v for k, v in OmegaConf.to_container(ft).items() if k != "name"}
+    params.update(num_classes=res["num_classes"], test_samples=res["test_samples"])
+    return Result(metrics, params, {f"finetune/{ft.name}/top1": res["top1"]}, res["confusion"],
+                  f"{ft.name} fine-tuned at lr {res['best_lr']:g} from {weights.label}",
+                  curves={label: [[int(s), float(v)] for s, v in curve] for label, curve in res["curves"].items()},
+                  summary=res)
 
 
 def check(ft: DictConfig) -> None:
@@ -313,13 +248,11 @@ def check(ft: DictConfig) -> None:
         (len(ft.lrs) > 0 and all(lr > 0 for lr in ft.lrs), f"lrs must be positive values, got {list(ft.lrs)}"),
         (ft.batch_size > 0 and ft.batch_size % micro == 0, f"batch_size {ft.batch_size} is not a multiple of micro_batch_size {micro}"),
         (0 <= ft.dev_fraction < 1, f"dev_fraction must be in [0, 1), got {ft.dev_fraction}"),
-        (ft.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {ft.precision!r}"),
+        (ft.precision != "fp16", "precision must be bf16 or fp32 (fp16 needs a loss scale fine-tuning does not keep)"),
         (ft.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {ft.zero_stage}"),
         (0 < ft.crop_min_area <= 1, f"crop_min_area must be in (0, 1], got {ft.crop_min_area}"),
         (ft.image_size > 0, "image_size must be positive"),
         (0 <= ft.dropout < 1, f"dropout must be in [0, 1), got {ft.dropout}"),
-        (ft.pos_embed_interpolation in POS_EMBED_INTERPOLATIONS,
-         f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, got {ft.pos_embed_interpolation!r}"),
     ]
     for ok, message in problems:
         if not ok:

@@ -30,12 +30,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "eval.checkpoint_tag"
 EVAL_NAME_TAG = "eval.name"
-FEWSHOT, FINETUNE = "fewshot_linear", "finetune"
 
 
-def eval_name(protocol: str, dataset: str) -> str:
+def eval_name(evaluator: str, dataset: str) -> str:
     """The name of one evaluation in the run dir and in MLflow (``fewshot-digits``)."""
-    return f"{protocol.split('_')[0]}-{dataset}"
+    return f"{evaluator}-{dataset}"
 
 
 def record_of(protocol: str, dataset: str, tag: str, step: int, where: str, params: dict, metrics: dict,

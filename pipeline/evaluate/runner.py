@@ -6,24 +6,80 @@ fact that it was evaluated, readable with MLflow down) and shown in MLflow by
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import checkpoint
 from pipeline.config import ConfigError, from_container
-from pipeline.data import iter_eval_batches
-from pipeline.evaluate.fewshot import best_shot_confusion, extract_features, ridge_fewshot
-from pipeline.evaluate.record import FEWSHOT, FINETUNE, eval_name, publish, record_of
+from pipeline.evaluate.record import eval_name, publish, record_of
 from pipeline.model import create_model
 from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+# The evaluators, by the name of their list in the ``eval`` config: each module has
+# ``evaluate(spec, weights) -> Result`` and ``PROTOCOL`` (the records' protocol), optionally
+# ``check(spec)`` (run before anything starts). Modules load on first use (fine-tuning pulls
+# in DeepSpeed).
+EVALUATORS = {"fewshot": "pipeline.evaluate.fewshot", "finetune": "pipeline.evaluate.finetune"}
+
+
+def evaluator(name: str):
+    """The evaluator module registered as ``name``."""
+    if name not in EVALUATORS:
+        raise ConfigError(f"eval.{name}: no such evaluator; known: {', '.join(EVALUATORS)}")
+    return importlib.import_module(EVALUATORS[name])
+
+
+@dataclass
+class Result:
+    """What an evaluator returns; recording and plotting it is ``pipeline.evaluate.record``'s."""
+
+    metrics: dict[str, float]  # the evaluation's own run
+    params: dict
+    step_metrics: dict[str, float]  # the pre-training run's, at the checkpoint's step
+    confusion: np.ndarray
+    title: str  # of the confusion-matrix plot
+    curves: dict[str, list] = field(default_factory=dict)  # label -> [(step, value)]
+    summary: dict = field(default_factory=dict)  # the evaluator's full result (printed by the CLI)
+
+
+class Weights:
+    """What is evaluated: a complete local checkpoint (``ckpt_dir``, ``tag``) or published
+    weights (``init``, see ``pipeline.weights``). The model is loaded once, on first use, for
+    all the evaluators that share it."""
+
+    def __init__(self, ckpt_dir: str | None = None, tag: str | None = None, init: str | None = None):
+        self.ckpt_dir, self.tag, self.init = ckpt_dir, tag, init
+        self._loaded: tuple[torch.nn.Module, int] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.tag or Path(self.init or "").name
+
+    def model(self) -> tuple[torch.nn.Module, int]:
+        """The model in eval mode on this task's device (a GPU when given one), and its input resolution."""
+        if self._loaded is None:
+            if self.init:
+                from pipeline.weights import load_pretrained
+
+                model = load_pretrained(self.init)
+                size = model.spec.img_size
+            else:
+                model, _, meta = load_model(self.ckpt_dir, self.tag)
+                size = meta["image_size"]
+            self._loaded = (model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), size)
+        return self._loaded
+
+    def release(self) -> None:
+        self._loaded = None
 
 
 def load_model(ckpt_dir: str, tag: str) -> tuple[torch.nn.Module, DictConfig, dict]:
@@ -39,33 +95,44 @@ def load_model(ckpt_dir: str, tag: str) -> tuple[torch.nn.Module, DictConfig, di
     return model.eval(), cfg, meta
 
 
-def fewshot_features(model, fs, image_size: int):
-    train = extract_features(model, iter_eval_batches(fs.train, image_size, fs.batch_size, fs.crop_ratio))
-    test = extract_features(model, iter_eval_batches(fs.test, image_size, fs.batch_size, fs.crop_ratio))
-    return train, test
-
-
-def wanted(eval_cfg: DictConfig) -> list[tuple[str, str]]:
-    """The (protocol, dataset) pairs every checkpoint gets."""
-    return [(FEWSHOT, fs.name) for fs in eval_cfg.fewshot] + [(FINETUNE, ft.name) for ft in eval_cfg.get("finetune", [])]
+def wanted(eval_cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(evaluator name, spec) of every evaluation each checkpoint gets, in registry order."""
+    return [(name, spec) for name in EVALUATORS for spec in eval_cfg.get(name, None) or []]
 
 
 def evaluated(run: RunDir, eval_cfg: DictConfig) -> set[str]:
     """Tags of the checkpoints with a record of every configured evaluation (the run's own
     records: readable with MLflow down)."""
-    names = {eval_name(p, d) for p, d in wanted(eval_cfg)}
+    names = {eval_name(n, spec.name) for n, spec in wanted(eval_cfg)}
     return {tag for tag, recs in run.eval_records().items() if names <= set(recs)}
 
 
 def validate_eval(eval_cfg: DictConfig) -> None:
     """Checks of the eval section that types cannot express (run before anything starts)."""
-    from pipeline.evaluate.finetune import check
-
-    names = [(FEWSHOT, fs.name) for fs in eval_cfg.fewshot] + [(FINETUNE, ft.name) for ft in eval_cfg.finetune]
+    names = [(n, spec.name) for n, spec in wanted(eval_cfg)]
     if len(set(names)) != len(names):
         raise ConfigError(f"eval: dataset names repeat within a protocol: {names}")
-    for ft in eval_cfg.finetune:
-        check(ft)
+    for n, spec in wanted(eval_cfg):
+        check = getattr(evaluator(n), "check", None)
+        if check is not None:
+            check(spec)
+
+
+def run_evaluators(eval_cfg: DictConfig, weights: Weights, skip: set[str] = frozenset(), keep=None) -> dict:
+    """Every configured evaluation of ``weights`` whose name is not in ``skip``; ``keep(name,
+    spec, result)`` is called after each. Returns ``{evaluator name: {dataset: summary}}``."""
+    out: dict = {n: {} for n in EVALUATORS}
+    try:
+        for n, spec in wanted(eval_cfg):
+            if eval_name(n, spec.name) in skip:
+                continue
+            result = evaluator(n).evaluate(spec, weights)
+            out[n][spec.name] = result.summary
+            if keep is not None:
+                keep(n, spec, result)
+    finally:
+        weights.release()
+    return out
 
 
 def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunDir, tracking_uri: str | None = None,
@@ -78,62 +145,17 @@ def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunD
     torch.set_num_threads(max(1, torch.get_num_threads()))
     step = checkpoint.step_of(tag)
     where = f"{(source or str(ckpt_dir)).rstrip('/')}/{tag}"
-    recorded = run.eval_records().get(tag, {})
-    results: dict = {"step": step, "tag": tag, "fewshot": {}, "finetune": {},
-                     "skipped": sorted(n for n in recorded if n in {eval_name(p, d) for p, d in wanted(eval_cfg)})}
-    todo_fs = [fs for fs in eval_cfg.fewshot if eval_name(FEWSHOT, fs.name) not in recorded]
-    if todo_fs:
-        model, _, meta = load_model(ckpt_dir, tag)
-        model.to("cuda" if torch.cuda.is_available() else "cpu")  # an eval task given a GPU uses it
-        for fs in todo_fs:
-            res, record = _fewshot(model, meta, fs, tag, step, where)
-            results["fewshot"][fs.name] = res
-            _keep(run, tag, record, tracking_uri, parent_run_id)
-        del model
-    for ft in eval_cfg.get("finetune", []):
-        if eval_name(FINETUNE, ft.name) not in recorded:
-            res, record = _finetune(ft, ckpt_dir, tag, step, where)
-            results["finetune"][ft.name] = res
-            _keep(run, tag, record, tracking_uri, parent_run_id)
-    return results
+    recorded = set(run.eval_records().get(tag, {}))
 
+    def keep(n: str, spec: DictConfig, result: Result) -> None:
+        record = record_of(evaluator(n).PROTOCOL, spec.name, tag, step, where, result.params, result.metrics,
+                           result.step_metrics, result.confusion, result.title, curves=result.curves,
+                           config_yaml=OmegaConf.to_yaml(spec, resolve=True))
+        name = eval_name(n, spec.name)
+        run.write_eval_record(tag, name, record)
+        if tracking_uri and parent_run_id:
+            publish(run, tracking_uri, parent_run_id, tag, name, run.eval_record(tag, name))
 
-def _keep(run: RunDir, tag: str, record: dict, uri: str | None, parent_run_id: str | None) -> None:
-    name = eval_name(record["protocol"], record["dataset"])
-    run.write_eval_record(tag, name, record)
-    if uri and parent_run_id:
-        publish(run, uri, parent_run_id, tag, name, run.eval_record(tag, name))
-
-
-def _fewshot(model, meta: dict, fs: DictConfig, tag: str, step: int, where: str) -> tuple[dict, dict]:
-    t0 = time.time()
-    (train_x, train_y), (test_x, test_y) = fewshot_features(model, fs, meta["image_size"])
-    res = ridge_fewshot(train_x, train_y, test_x, test_y, shots=tuple(fs.shots), seeds=fs.seeds, l2=fs.l2)
-    seconds = time.time() - t0
-    log.info("fewshot %s at %s: %s (%.1fs)", fs.name, tag, {k: round(v["mean"], 4) for k, v in res.items()}, seconds)
-    k, cm = best_shot_confusion(res, train_x, train_y, test_x, test_y, l2=fs.l2)
-    metrics = {"seconds": seconds}
-    for shots, r in res.items():
-        metrics[f"{shots}shot"] = r["mean"]
-        metrics[f"{shots}shot_std"] = r["std"]
-    params = {"shots": list(fs.shots), "seeds": fs.seeds, "l2": fs.l2, "train": fs.train, "test": fs.test,
-              "train_samples": len(train_y), "test_samples": len(test_y), "feature_dim": int(train_x.shape[1])}
-    record = record_of(FEWSHOT, fs.name, tag, step, where, params, metrics,
-                       {f"fewshot/{fs.name}/{s}shot": r["mean"] for s, r in res.items()}, cm,
-                       f"{fs.name} {k}-shot (seed 0) at {tag}", config_yaml=OmegaConf.to_yaml(fs, resolve=True))
-    return res, record
-
-
-def _finetune(ft: DictConfig, ckpt_dir: str, tag: str, step: int, where: str) -> tuple[dict, dict]:
-    from pipeline.evaluate.finetune import finetune_eval
-
-    res = finetune_eval(ft, ckpt_dir, tag)
-    metrics = {"top1": res["top1"], "best_lr": res["best_lr"], "seconds": res["seconds"]}
-    metrics.update({f"dev_top1_lr_{lr:g}": acc for lr, acc in res["dev_top1"].items()})
-    params = {k: v for k, v in OmegaConf.to_container(ft).items() if k not in ("name",)}
-    params.update(num_classes=res["num_classes"], test_samples=res["test_samples"])
-    record = record_of(FINETUNE, ft.name, tag, step, where, params, metrics, {f"finetune/{ft.name}/top1": res["top1"]},
-                       res["confusion"], f"{ft.name} fine-tuned at lr {res['best_lr']:g} from {tag}",
-                       curves={label: [[int(s), float(v)] for s, v in curve] for label, curve in res["curves"].items()},
-                       config_yaml=OmegaConf.to_yaml(ft, resolve=True))
-    return res, record
+    results = run_evaluators(eval_cfg, Weights(ckpt_dir, tag), skip=recorded, keep=keep)
+    wanted_names = {eval_name(n, spec.name) for n, spec in wanted(eval_cfg)}
+    return {"step": step, "tag": tag, **results, "skipped": sorted(recorded & wanted_names)}

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.data import ShardIndex
+from pipeline.engine import dist_setup
 from pipeline.tracking import Tracker
-from pipeline.train import _dist_setup, _train, build_engine, total_steps
+from pipeline.train import _train, build_engine, total_steps
 
 
 def full_params(engine) -> dict[str, torch.Tensor]:
@@ -30,7 +31,7 @@ def main() -> None:
     result_path, overrides = sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("--local_rank")]
     cfg = load_config(None, overrides)
     summary, engine = _train(cfg)
-    rank, world, device = _dist_setup()
+    rank, world, device = dist_setup()
     trained = full_params(engine)
     index = ShardIndex.load(cfg.data.train)
     ckpt_dir = str(Path(cfg.output_dir) / "checkpoints")

@@ -36,8 +36,9 @@ from mlflow.tracking import MlflowClient
 from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.data import ShardIndex
+from pipeline.engine import dist_setup
 from pipeline.tracking import tracking_uri
-from pipeline.train import _dist_setup, _train, build_engine, total_steps
+from pipeline.train import _train, build_engine, total_steps
 
 SEEN: dict = {}  # what the current phase handed to DeepSpeed and what DeepSpeed made of it
 
@@ -82,7 +83,7 @@ def full_module(engine) -> dict[str, torch.Tensor]:
 
 def check_load(cfg, ckpt_dir: str, tag: str) -> dict:
     """Load ``cfg.train.resume_from`` into a fresh engine; compare with the source's fp32 weights."""
-    _, world, device = _dist_setup()
+    _, world, device = dist_setup()
     index = ShardIndex.load(cfg.data.train)
     engine, _ = build_engine(cfg, cfg.model.num_classes or index.num_classes, total_steps(cfg, index.num_samples), world, device)
     src = Path(cfg.train.resume_from)
