@@ -19,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 SOURCE_KINDS = ("auto", "folders", "manifest", "class_tars")
 RESIZE_MODES = ("none", "shorter", "longer")
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+DEDUP_MODES = ("exclude", "list")
+HASH_KINDS = ("phash", "none")
 
 
 @dataclass
@@ -44,6 +46,20 @@ class ImageConfig:
 
 
 @dataclass
+class DedupConfig:
+    """De-duplication against downstream test sets (the paper's section 4.1): each sample's
+    perceptual hash goes into its `.json`; a sample within `max_distance` bits of a test image
+    (or of one of its crops) is dropped (`exclude`) or only listed (`list`)."""
+
+    against: dict[str, str] = field(default_factory=dict)  # test-set name -> URL (class folders, image folder, manifest, or a *_index.json of our shards)
+    mode: str = "exclude"  # exclude | list
+    max_distance: int = 10  # Hamming distance in bits between 64-bit pHashes
+    hash: str = "phash"  # phash | none (none: no hash in the .json; needs `against` empty)
+    crop: float = 0.075  # test images are also hashed cropped by crop +- crop_shift per side ...
+    crop_shift: float = 0.025  # ... (9 crops), so slightly cropped copies are caught; crop 0: none
+
+
+@dataclass
 class PrepConfig:
     """A sharding job: where the corpus is, where shards go, and how they are made."""
 
@@ -57,6 +73,7 @@ class PrepConfig:
     assumed_sample_bytes: int = 110_000  # estimate for entries whose size the source omits
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     max_failure_fraction: float = 0.1  # more failed samples than this fails the job, early if sure
     shard_give_up_after: int = 100  # a shard whose first this-many samples all fail stops; 0 = never
     max_in_flight: int = 0  # shard tasks at once; 0 = 2x the cluster's CPUs
@@ -127,6 +144,7 @@ def validate(cfg: PrepConfig) -> None:
         bad("image.max_pixels", img.max_pixels, "must be >= 1")
     if img.resample not in RESAMPLE_FILTERS:
         bad("image.resample", img.resample, f"must be one of {RESAMPLE_FILTERS}")
+    _validate_dedup(cfg.dedup, bad)
     if not 0.0 <= cfg.max_failure_fraction <= 1.0:
         bad("max_failure_fraction", cfg.max_failure_fraction, "must be in [0, 1]")
     if cfg.shard_give_up_after < 0:
@@ -139,6 +157,26 @@ def validate(cfg: PrepConfig) -> None:
         bad("io_threads", cfg.io_threads, "must be >= 0")
 
 
+def _validate_dedup(d: DedupConfig, bad: Any) -> None:
+    if d.mode not in DEDUP_MODES:
+        bad("dedup.mode", d.mode, f"must be one of {DEDUP_MODES}")
+    if d.hash not in HASH_KINDS:
+        bad("dedup.hash", d.hash, f"must be one of {HASH_KINDS}")
+    if not 0 <= d.max_distance <= 32:
+        bad("dedup.max_distance", d.max_distance, "must be in [0, 32] bits of 64")
+    if not 0.0 <= d.crop < 0.25:
+        bad("dedup.crop", d.crop, "must be in [0, 0.25): a fraction of each side")
+    if not 0.0 <= d.crop_shift <= d.crop:
+        bad("dedup.crop_shift", d.crop_shift, f"must be in [0, dedup.crop={d.crop}]")
+    for name, url in d.against.items():
+        if not name or any(c in name for c in "/.\\ :") or name.startswith("_"):
+            bad(f"dedup.against.{name}", url, "test-set names must be plain words")
+        if not isinstance(url, str) or not url:
+            bad(f"dedup.against.{name}", url, "must be the URL of a test set")
+    if d.against and d.hash == "none":
+        bad("dedup.hash", d.hash, "de-duplication against test sets needs a hash")
+
+
 def with_absolute_paths(cfg: PrepConfig) -> PrepConfig:
     """`cfg` with local relative paths made absolute against this process's folder, so that
     Ray workers started elsewhere read and write the same files (URLs are left as they are)."""
@@ -146,15 +184,16 @@ def with_absolute_paths(cfg: PrepConfig) -> PrepConfig:
     def absolute(path: str | None) -> str | None:
         return path if path is None or "://" in path else os.path.abspath(path)
 
+    dedup = replace(cfg.dedup, against={k: absolute(v) for k, v in cfg.dedup.against.items()})
     return replace(cfg, source=absolute(cfg.source), output=absolute(cfg.output),
-                   classes_file=absolute(cfg.classes_file))
+                   classes_file=absolute(cfg.classes_file), dedup=dedup)
 
 
 def fingerprint(cfg: PrepConfig) -> str:
     """A hash of every setting that changes the output bytes. A rerun resumes an output only
     when this matches the one its plan was made with."""
     keys = ("source", "source_kind", "classes_file", "seed", "shard_size", "shard_bytes",
-            "assumed_sample_bytes", "holdout", "image", "train_split")
+            "assumed_sample_bytes", "holdout", "image", "train_split", "dedup")
     d = asdict(cfg)
     blob = json.dumps({k: d[k] for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
