@@ -121,7 +121,7 @@ def corpus_hash(data: bytes) -> int:
 
 def test_index(test_jpegs: list[bytes], dedup: DedupConfig) -> NearDuplicateIndex:
     """The index the job builds for a test set of these JPEGs (ids "0", "1", ...)."""
-    boxes = crop_boxes(dedup.crop, dedup.crop_shift)
+    boxes = crop_boxes(dedup.crop, dedup.crop_shift, dedup.crop_steps)
     hashes = [hash_crops(decode_rgb(d, ImageConfig().max_pixels, DECODE_SIDE), boxes)
               for d in test_jpegs]
     return NearDuplicateIndex(["test"], [str(i) for i in range(len(test_jpegs))],
@@ -173,9 +173,11 @@ def main() -> None:
     parser.add_argument("--max-distance", type=int, default=DedupConfig.max_distance)
     parser.add_argument("--crop", type=float, default=DedupConfig.crop)
     parser.add_argument("--crop-shift", type=float, default=DedupConfig.crop_shift)
+    parser.add_argument("--crop-steps", type=int, default=DedupConfig.crop_steps)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    dedup = DedupConfig(max_distance=args.max_distance, crop=args.crop, crop_shift=args.crop_shift)
+    dedup = DedupConfig(max_distance=args.max_distance, crop=args.crop, crop_shift=args.crop_shift,
+                        crop_steps=args.crop_steps)
     r = measure(args.test, args.corpus, dedup, args.seed)
     print(f"{r['test_images']} test images x {r['hashes_per_test_image']} hashes, "
           f"max_distance {r['max_distance']} bits, {r['bands']} bands")

@@ -53,10 +53,11 @@ class DedupConfig:
 
     against: dict[str, str] = field(default_factory=dict)  # test-set name -> URL (class folders, image folder, manifest, or a *_index.json of our shards)
     mode: str = "exclude"  # exclude | list
-    max_distance: int = 10  # Hamming distance in bits between 64-bit pHashes
+    max_distance: int = 6  # Hamming distance in bits between 64-bit pHashes
     hash: str = "phash"  # phash | none (none: no hash in the .json; needs `against` empty)
-    crop: float = 0.075  # test images are also hashed cropped by crop +- crop_shift per side ...
-    crop_shift: float = 0.025  # ... (9 crops), so slightly cropped copies are caught; crop 0: none
+    crop: float = 0.075  # test images are also hashed cropped by crop +- crop_shift per side,
+    crop_shift: float = 0.025  # in crop_steps steps each way ((2*crop_steps+1)**2 crops), so
+    crop_steps: int = 3  # that slightly cropped copies are caught; crop 0: whole images only
 
 
 @dataclass
@@ -168,6 +169,8 @@ def _validate_dedup(d: DedupConfig, bad: Any) -> None:
         bad("dedup.crop", d.crop, "must be in [0, 0.25): a fraction of each side")
     if not 0.0 <= d.crop_shift <= d.crop:
         bad("dedup.crop_shift", d.crop_shift, f"must be in [0, dedup.crop={d.crop}]")
+    if not 1 <= d.crop_steps <= 7:
+        bad("dedup.crop_steps", d.crop_steps, "must be in [1, 7]")
     for name, url in d.against.items():
         if not name or any(c in name for c in "/.\\ :") or name.startswith("_"):
             bad(f"dedup.against.{name}", url, "test-set names must be plain words")

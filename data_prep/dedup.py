@@ -56,21 +56,23 @@ def to_hex(h: int) -> str:
     return f"{h:016x}"
 
 
-def crop_boxes(crop: float, shift: float) -> list[tuple[float, float, float, float]]:
+def crop_boxes(crop: float, shift: float, steps: int = 1) -> list[tuple[float, float, float, float]]:
     """The (left, top, right, bottom) fractions each test image is hashed at: whole, then the
-    9 crops that take crop-shift, crop or crop+shift off each side (opposite sides summing to
-    2*crop), so that a copy cropped by crop +- shift per side has a crop within shift/2."""
+    (2*steps+1)**2 crops that take crop + k*shift/steps off the left (top), k = -steps..steps,
+    and the rest of 2*crop off the right (bottom): a copy cropped by crop +- shift on each
+    side is within shift/(2*steps) per side of one of them."""
     if crop <= 0:
         return [WHOLE]
-    sides = sorted({(crop - shift, crop + shift), (crop, crop), (crop + shift, crop - shift)})
-    return [WHOLE] + [(left, top, right, bottom) for left, right in sides for top, bottom in sides]
+    offsets = sorted({round(crop + shift * k / steps, 6) for k in range(-steps, steps + 1)})
+    return [WHOLE] + [(left, top, round(2 * crop - left, 6), round(2 * crop - top, 6))
+                      for left in offsets for top in offsets]
 
 
 def box_name(box: tuple[float, float, float, float]) -> str:
     """`whole`, or `crop l,t,r,b` in percent of each side."""
     if box == WHOLE:
         return "whole"
-    return "crop " + ",".join(f"{100 * f:g}" for f in box)
+    return "crop " + ",".join(f"{100 * f:.3g}" for f in box)
 
 
 def hash_crops(img: Image.Image, boxes: list[tuple[float, float, float, float]]) -> list[int]:
@@ -128,8 +130,8 @@ class NearDuplicateIndex:
         self.sets, self.ids, self.boxes = sets, ids, boxes
         self.test_set = np.asarray(test_set, np.int32)
         self.hashes = np.ascontiguousarray(hashes, np.uint64).ravel()
-        self.image = np.repeat(np.arange(n_images, dtype=np.int64), n_boxes)
-        self.kind = np.tile(np.arange(n_boxes, dtype=np.int64), n_images)
+        self.image = np.repeat(np.arange(n_images, dtype=np.int32), n_boxes)
+        self.kind = np.tile(np.arange(n_boxes, dtype=np.uint8), n_images)
         self.max_distance = max_distance
         m = choose_bands(len(self.hashes), max_distance)
         radius = max_distance // m
@@ -137,10 +139,11 @@ class NearDuplicateIndex:
         shifts = np.cumsum([0] + widths[:-1]).tolist()
         self.tables = []  # (shift, width, sorted band keys, entry order, xor masks to probe)
         for shift, width in zip(shifts, widths, strict=True):
-            keys = (self.hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-            order = np.argsort(keys, kind="stable")
+            dtype = np.uint32 if width <= 32 else np.uint64  # ~12 bytes per hash and band
+            keys = ((self.hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(dtype)
+            order = np.argsort(keys, kind="stable").astype(np.int32)
             masks = np.array([sum(1 << b for b in bits) for k in range(radius + 1)
-                              for bits in combinations(range(width), k)], np.uint64)
+                              for bits in combinations(range(width), k)], dtype)
             self.tables.append((shift, width, keys[order], order, masks))
         blob = hashlib.sha256(json.dumps([sets, ids, boxes, max_distance]).encode())
         blob.update(self.hashes.tobytes())
@@ -154,9 +157,10 @@ class NearDuplicateIndex:
         """For each uint64 query hash: the index entry nearest it within `max_distance` (ties:
         the lowest entry) and its distance; entry -1 and distance -1 where none is."""
         queries = np.asarray(queries, np.uint64)
-        found_q, found_e = [], []
+        found_q: list[np.ndarray] = []
+        found_e: list[np.ndarray] = []
         for shift, width, keys, order, masks in self.tables:
-            band = (queries >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+            band = ((queries >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(keys.dtype)
             probes = (band[:, None] ^ masks[None, :]).ravel()
             lo = np.searchsorted(keys, probes, "left")
             counts = np.searchsorted(keys, probes, "right") - lo
@@ -165,7 +169,7 @@ class NearDuplicateIndex:
                 continue
             ends = np.cumsum(counts)
             offsets = np.arange(total) - np.repeat(ends - counts, counts)
-            found_e.append(order[np.repeat(lo, counts) + offsets])
+            found_e.append(order[np.repeat(lo, counts) + offsets].astype(np.int64))
             found_q.append(np.repeat(np.arange(len(queries)).repeat(len(masks)), counts))
         best_e = np.full(len(queries), -1, np.int64)
         best_d = np.full(len(queries), -1, np.int64)
@@ -238,13 +242,13 @@ def list_test_set(set_index: int, name: str, url: str, storage_options: dict[str
 
 
 def hash_units(units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float,
-               max_pixels: int) -> tuple[list[int], list[str], list[list[int]], list[str]]:
+               steps: int, max_pixels: int) -> tuple[list[int], list[str], list[list[int]], list[str]]:
     """Hash every image of `units` at every crop box: (test-set indices, ids, hashes, and one
     line per image that could not be read or decoded)."""
     from .failures import SampleError
     from .process import decode_rgb
 
-    boxes = crop_boxes(crop, shift)
+    boxes = crop_boxes(crop, shift, steps)
     sets, ids, hashes, errors = [], [], [], []
     for unit, image_id, data in _read_units(units, storage_options):
         try:

@@ -39,7 +39,7 @@ class FailureFractionExceeded(RuntimeError):
     finished shards and their stats are kept, the index files are not written."""
 
 
-HASH_CHUNK = 256  # test images per hashing task
+HASH_CHUNK = 64  # test images per hashing task (each hashed at up to 226 crops)
 
 
 @ray.remote(num_cpus=1)
@@ -50,8 +50,8 @@ def _shard_task(cfg: PrepConfig, split: str, index: int, give_up_after: int,
 
 @ray.remote(num_cpus=1)
 def _hash_task(units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float,
-               max_pixels: int) -> tuple[list[int], list[str], list[list[int]], list[str]]:
-    return hash_units(units, storage_options, crop, shift, max_pixels)
+               steps: int, max_pixels: int) -> tuple[list[int], list[str], list[list[int]], list[str]]:
+    return hash_units(units, storage_options, crop, shift, steps, max_pixels)
 
 
 def run_prep(cfg: PrepConfig) -> dict[str, Any]:
@@ -120,9 +120,10 @@ def _run_shards(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch:
 
 
 def _placement(cfg: PrepConfig) -> dict[str, Any]:
-    """A local source or output path is a path on this host only: on a cluster of several
-    hosts its shard tasks run here (object-store URLs run anywhere)."""
-    local = [url for url in (cfg.source, cfg.output) if "://" not in url or url.startswith("file://")]
+    """A local source, output or test-set path is a path on this host only: on a cluster of
+    several hosts its tasks run here (object-store URLs run anywhere)."""
+    urls = (cfg.source, cfg.output, *cfg.dedup.against.values())
+    local = [url for url in urls if "://" not in url or url.startswith("file://")]
     if not local or len([n for n in ray.nodes() if n.get("Alive")]) < 2:
         return {}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -141,8 +142,8 @@ def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
             chunks.append([])
         chunks[-1].append(unit)
     task = _hash_task.options(max_retries=cfg.retries, **_placement(cfg))
-    refs = [task.remote(chunk, cfg.storage_options, d.crop, d.crop_shift, cfg.image.max_pixels)
-            for chunk in chunks]
+    refs = [task.remote(chunk, cfg.storage_options, d.crop, d.crop_shift, d.crop_steps,
+                        cfg.image.max_pixels) for chunk in chunks]
     sets: list[int] = []
     ids: list[str] = []
     hashes: list[list[int]] = []
@@ -158,7 +159,7 @@ def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
                     len(errors), errors[0])
     if not ids:
         raise ValueError(f"no image of the dedup test sets could be read, e.g. {errors[:1]}")
-    boxes = crop_boxes(d.crop, d.crop_shift)
+    boxes = crop_boxes(d.crop, d.crop_shift, d.crop_steps)
     index = NearDuplicateIndex(list(d.against), ids, np.array(sets),
                                np.array(hashes, np.uint64).reshape(len(ids), len(boxes)),
                                boxes, d.max_distance)
