@@ -121,17 +121,15 @@ def choose_bands(n: int, max_distance: int) -> int:
 class NearDuplicateIndex:
     """Every hash of every test image, for near-duplicate lookups of corpus hashes.
 
-    `hashes[e]` is the hash of crop `boxes[kind[e]]` of test image `image[e]`, which belongs
-    to test set `sets[test_set[image[e]]]` and is called `ids[image[e]]` there."""
+    Entry e, `hashes[e]`, is the hash of crop `boxes[e % len(boxes)]` of test image
+    i = e // len(boxes), which belongs to test set `sets[test_set[i]]` and is called `ids[i]`
+    there."""
 
     def __init__(self, sets: list[str], ids: list[str], test_set: np.ndarray, hashes: np.ndarray,
                  boxes: list[tuple[float, float, float, float]], max_distance: int):
-        n_images, n_boxes = hashes.shape
         self.sets, self.ids, self.boxes = sets, ids, boxes
         self.test_set = np.asarray(test_set, np.int32)
         self.hashes = np.ascontiguousarray(hashes, np.uint64).ravel()
-        self.image = np.repeat(np.arange(n_images, dtype=np.int32), n_boxes)
-        self.kind = np.tile(np.arange(n_boxes, dtype=np.uint8), n_images)
         self.max_distance = max_distance
         m = choose_bands(len(self.hashes), max_distance)
         radius = max_distance // m
@@ -189,9 +187,9 @@ class NearDuplicateIndex:
         entry, distance = self.nearest(np.array([h], np.uint64))
         if entry[0] < 0:
             return None
-        image = int(self.image[entry[0]])
+        image, box = divmod(int(entry[0]), len(self.boxes))
         return Match(self.sets[int(self.test_set[image])], self.ids[image], int(distance[0]),
-                     box_name(self.boxes[int(self.kind[entry[0]])]))
+                     box_name(self.boxes[box]))
 
 
 # ---------------------------------------------------------------- reading the test sets
