@@ -175,6 +175,11 @@ def test_exclude_drops_each_kind_of_copy_and_the_index_records_how_many(ray_clus
     run_prep(cfg_for(tmp_path / "src", clean, shard_size=5, dedup=cfg.dedup))
     assert tree_bytes(out) == tree_bytes(clean), "byte-deterministic"
 
+    (out / "train-000001_stats.json").unlink()  # a shard to redo, after the test set changed
+    (sets["tst"] / "c0" / "new.jpg").write_bytes(encode(draw_scene(99)))
+    with pytest.raises(ConfigError, match=r"dedup\.against.*train-000000"):
+        run_prep(cfg)
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
