@@ -240,9 +240,9 @@ def list_test_set(set_index: int, name: str, url: str, storage_options: dict[str
 
 
 def hash_units(units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float,
-               steps: int, max_pixels: int) -> tuple[list[int], list[str], list[list[int]], list[str]]:
-    """Hash every image of `units` at every crop box: (test-set indices, ids, hashes, and one
-    line per image that could not be read or decoded)."""
+               steps: int, max_pixels: int) -> tuple[list[int], list[str], np.ndarray, list[str]]:
+    """Hash every image of `units` at every crop box: (test-set indices, ids, a uint64 array
+    of (image, box) hashes, and one line per image that could not be read or decoded)."""
     from .failures import SampleError
     from .process import decode_rgb
 
@@ -259,7 +259,7 @@ def hash_units(units: list[Unit], storage_options: dict[str, Any], crop: float, 
         sets.append(unit.test_set)
         ids.append(image_id)
         hashes.append(hash_crops(img, boxes))
-    return sets, ids, hashes, errors
+    return sets, ids, np.array(hashes, np.uint64).reshape(len(ids), len(boxes)), errors
 
 
 def _read_units(units: list[Unit], storage_options: dict[str, Any]

@@ -50,7 +50,7 @@ def _shard_task(cfg: PrepConfig, split: str, index: int, give_up_after: int,
 
 @ray.remote(num_cpus=1)
 def _hash_task(units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float,
-               steps: int, max_pixels: int) -> tuple[list[int], list[str], list[list[int]], list[str]]:
+               steps: int, max_pixels: int) -> tuple[list[int], list[str], np.ndarray, list[str]]:
     return hash_units(units, storage_options, crop, shift, steps, max_pixels)
 
 
@@ -146,13 +146,13 @@ def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
                         cfg.image.max_pixels) for chunk in chunks]
     sets: list[int] = []
     ids: list[str] = []
-    hashes: list[list[int]] = []
+    hashes: list[np.ndarray] = []
     errors: list[str] = []
     for ref in tqdm(refs, unit="chunk", desc="hashing test sets"):
         s, i, h, e = ray.get(ref)
         sets += s
         ids += i
-        hashes += h
+        hashes.append(h)
         errors += e
     if errors:
         log.warning("%d test images could not be read and are not compared against, e.g. %s",
@@ -160,8 +160,7 @@ def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
     if not ids:
         raise ValueError(f"no image of the dedup test sets could be read, e.g. {errors[:1]}")
     boxes = crop_boxes(d.crop, d.crop_shift, d.crop_steps)
-    index = NearDuplicateIndex(list(d.against), ids, np.array(sets),
-                               np.array(hashes, np.uint64).reshape(len(ids), len(boxes)),
+    index = NearDuplicateIndex(list(d.against), ids, np.array(sets), np.concatenate(hashes),
                                boxes, d.max_distance)
     log.info("hashed %d test images of %d sets at %d crops in %.1f s (index %s, %d bands)",
              len(ids), len(d.against), len(boxes), time.perf_counter() - start, index.digest,
