@@ -10,8 +10,8 @@ hashes, the test sets' hash index, and its near-duplicate lookup.
   (Norouzi et al., CVPR 2012): the 64 bits are cut into m bands; two hashes within d bits
   differ by at most d // m bits in at least one band (pigeonhole), so a query probes each
   band's table at every key within d // m bits of its own band and verifies the candidates'
-  full distance. m is chosen for the index size, so a lookup touches a few thousand keys of
-  a sorted array, not every test hash.
+  full distance. Each band's table is dense (an offset per possible key into the entries
+  sorted by that band), so a probe costs two array reads; m is chosen for the index size.
 - The test sets are listed here (`list_test_set`) and hashed by `hash_units`, which the job
   runs as Ray tasks; the index is built once in the driver and shipped to the shard tasks.
 """
@@ -41,6 +41,7 @@ _DCT = np.cos(np.pi * (2 * _K[None, :] + 1) * _K[:LOW_FREQS, None] / (2 * HASH_S
 WHOLE = (0.0, 0.0, 0.0, 0.0)
 DECODE_SIDE = 128  # test images are decoded at a reduced JPEG scale, but no smaller than this
 MAX_BANDS = 16
+MIN_BANDS = 3  # bands of at most 22 bits: a dense table of 2**22 offsets is 16 MB
 
 
 def phash(img: Image.Image) -> int:
@@ -115,7 +116,7 @@ def choose_bands(n: int, max_distance: int) -> int:
         probes = sum(math.comb(width, k) for k in range(radius + 1))
         return m * probes * (1 + n / 2.0 ** width)
 
-    return min(range(1, MAX_BANDS + 1), key=cost)
+    return min(range(MIN_BANDS, MAX_BANDS + 1), key=cost)
 
 
 class NearDuplicateIndex:
@@ -135,14 +136,16 @@ class NearDuplicateIndex:
         radius = max_distance // m
         widths = [64 // m + (i < 64 % m) for i in range(m)]
         shifts = np.cumsum([0] + widths[:-1]).tolist()
-        self.tables = []  # (shift, width, sorted band keys, entry order, xor masks to probe)
+        # Per band: (shift, width, where each key's entries start in `order`, the entries
+        # sorted by that band, the xor masks to probe): 4 bytes per hash and band.
+        self.tables = []
         for shift, width in zip(shifts, widths, strict=True):
-            dtype = np.uint32 if width <= 32 else np.uint64  # ~12 bytes per hash and band
-            keys = ((self.hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(dtype)
+            keys = ((self.hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
             order = np.argsort(keys, kind="stable").astype(np.int32)
+            starts = np.searchsorted(keys[order], np.arange((1 << width) + 1)).astype(np.int32)
             masks = np.array([sum(1 << b for b in bits) for k in range(radius + 1)
-                              for bits in combinations(range(width), k)], dtype)
-            self.tables.append((shift, width, keys[order], order, masks))
+                              for bits in combinations(range(width), k)], np.int64)
+            self.tables.append((shift, width, starts, order, masks))
         blob = hashlib.sha256(json.dumps([sets, ids, boxes, max_distance]).encode())
         blob.update(self.hashes.tobytes())
         blob.update(self.test_set.tobytes())
@@ -157,11 +160,11 @@ class NearDuplicateIndex:
         queries = np.asarray(queries, np.uint64)
         found_q: list[np.ndarray] = []
         found_e: list[np.ndarray] = []
-        for shift, width, keys, order, masks in self.tables:
-            band = ((queries >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(keys.dtype)
+        for shift, width, starts, order, masks in self.tables:
+            band = ((queries >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
             probes = (band[:, None] ^ masks[None, :]).ravel()
-            lo = np.searchsorted(keys, probes, "left")
-            counts = np.searchsorted(keys, probes, "right") - lo
+            lo = starts[probes]
+            counts = starts[probes + 1] - lo
             total = int(counts.sum())
             if not total:
                 continue
@@ -182,14 +185,22 @@ class NearDuplicateIndex:
         best_e[q[first]], best_d[q[first]] = e[first], d[first]
         return best_e, best_d
 
+    def matches(self, hashes: list[int]) -> list[Match | None]:
+        """The nearest test image to each corpus hash, or None beyond `max_distance`."""
+        entries, distances = self.nearest(np.array(hashes, np.uint64))
+        out: list[Match | None] = []
+        for entry, distance in zip(entries.tolist(), distances.tolist(), strict=True):
+            if entry < 0:
+                out.append(None)
+                continue
+            image, box = divmod(entry, len(self.boxes))
+            out.append(Match(self.sets[int(self.test_set[image])], self.ids[image], distance,
+                             box_name(self.boxes[box])))
+        return out
+
     def match(self, h: int) -> Match | None:
         """The nearest test image to one corpus hash, or None beyond `max_distance`."""
-        entry, distance = self.nearest(np.array([h], np.uint64))
-        if entry[0] < 0:
-            return None
-        image, box = divmod(int(entry[0]), len(self.boxes))
-        return Match(self.sets[int(self.test_set[image])], self.ids[image], int(distance[0]),
-                     box_name(self.boxes[box]))
+        return self.matches([h])[0]
 
 
 # ---------------------------------------------------------------- reading the test sets

@@ -18,10 +18,10 @@ from fsspec.core import split_protocol
 
 from . import failures as F
 from .config import PrepConfig
-from .dedup import NearDuplicateIndex, to_hex
+from .dedup import Match, NearDuplicateIndex, to_hex
 from .failures import SampleError
 from .plan import read_shard_plan, shard_name
-from .process import process_image
+from .process import Processed, process_image
 from .storage import join, open_fs, ordered_map, staged_file, write_bytes
 
 # Fixed tar header fields: the same samples give the same bytes on any machine, any day.
@@ -29,6 +29,7 @@ TAR_MTIME = 0
 TAR_USER = "bigdata"
 TAR_MODE = 0o444
 READ_CHUNK = 8
+LOOKUP_BATCH = 64  # samples whose hashes are looked up in the test sets' index at once
 
 
 class _GiveUp(Exception):
@@ -68,18 +69,14 @@ def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0,
             out = _HashingWriter(f)
             writer = wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_USER,
                                    group=TAR_USER, mode=TAR_MODE)
-            for seen, (rec, data) in enumerate(_read_all(cfg, records), 1):
-                try:
-                    if isinstance(data, SampleError):
-                        raise data
-                    img = process_image(data, cfg.image, with_hash)
-                except SampleError as e:
-                    failures[e.reason] += 1
-                    examples.setdefault(e.reason, f"{sample_source(rec)}: {e.detail}")
+            samples = _processed(cfg, records, with_hash, test_sets)
+            for seen, (rec, img, match) in enumerate(samples, 1):
+                if isinstance(img, SampleError):
+                    failures[img.reason] += 1
+                    examples.setdefault(img.reason, f"{sample_source(rec)}: {img.detail}")
                     if seen == give_up_after and sum(failures.values()) == seen:
                         raise _GiveUp from None
                     continue
-                match = test_sets.match(img.phash) if test_sets is not None else None
                 if match is not None:
                     near[match.test_set] += 1
                     listing.append(_listing_line(rec, img.phash, match, exclude))
@@ -118,6 +115,31 @@ def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0,
         write_bytes(fs, join(root, name + "_dedup.jsonl"), b"".join(listing))
     write_bytes(fs, join(root, name + "_stats.json"), json.dumps(stats, indent=1).encode())
     return stats
+
+
+def _processed(cfg: PrepConfig, records: list[dict[str, Any]], with_hash: bool,
+               test_sets: NearDuplicateIndex | None
+               ) -> Iterator[tuple[dict[str, Any], Processed | SampleError, Match | None]]:
+    """Every record, in order, with its processed image (or the `SampleError` that skips it)
+    and the test image it is a near-duplicate of, if any. Lookups go `LOOKUP_BATCH` samples
+    at a time: one lookup of many hashes costs about what one of a single hash does."""
+    batch: list[tuple[dict[str, Any], Processed | SampleError]] = []
+    for i, (rec, data) in enumerate(_read_all(cfg, records), 1):
+        try:
+            if isinstance(data, SampleError):
+                raise data
+            batch.append((rec, process_image(data, cfg.image, with_hash)))
+        except SampleError as e:
+            batch.append((rec, e))
+        if len(batch) == LOOKUP_BATCH or i == len(records):
+            found = [j for j, (_, img) in enumerate(batch) if isinstance(img, Processed)]
+            matches: list[Match | None] = [None] * len(batch)
+            if test_sets is not None and found:
+                hashes = [batch[j][1].phash for j in found]  # type: ignore[union-attr]
+                for j, match in zip(found, test_sets.matches(hashes), strict=True):
+                    matches[j] = match
+            yield from ((rec, img, match) for (rec, img), match in zip(batch, matches, strict=True))
+            batch = []
 
 
 def _read_all(cfg: PrepConfig, records: list[dict[str, Any]]
@@ -163,7 +185,7 @@ def sample_source(rec: dict[str, Any]) -> str:
     return rec["url"]
 
 
-def _listing_line(rec: dict[str, Any], h: int, match: Any, excluded: bool) -> bytes:
+def _listing_line(rec: dict[str, Any], h: int, match: Match, excluded: bool) -> bytes:
     line = {"key": rec["key"], "source": sample_source(rec), "phash": to_hex(h),
             "test_set": match.test_set, "test_id": match.test_id, "distance": match.distance,
             "kind": match.kind, "excluded": excluded}
