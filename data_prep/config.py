@@ -45,6 +45,16 @@ class Resample(Choice):
     hamming = "hamming"
 
 
+class DedupMode(Choice):
+    exclude = "exclude"
+    list = "list"
+
+
+class HashKind(Choice):
+    phash = "phash"
+    none = "none"
+
+
 @dataclass
 class HoldoutConfig:
     """A split carved from the head of the shuffled order (big_vision holds out i21k's first
@@ -68,6 +78,21 @@ class ImageConfig:
 
 
 @dataclass
+class DedupConfig:
+    """De-duplication against downstream test sets (the paper's section 4.1): each sample's
+    perceptual hash goes into its `.json`; a sample within `max_distance` bits of a test image
+    (or of one of its crops) is dropped (`exclude`) or only listed (`list`)."""
+
+    against: dict[str, str] = field(default_factory=dict)  # test-set name -> URL (class folders, image folder, manifest, or a *_index.json of our shards)
+    mode: DedupMode = DedupMode.exclude
+    max_distance: int = 6  # Hamming distance in bits between 64-bit pHashes
+    hash: HashKind = HashKind.phash  # none: no hash in the .json (needs `against` empty)
+    crop: float = 0.075  # test images are also hashed cropped by crop +- crop_shift per side,
+    crop_shift: float = 0.025  # in crop_steps steps each way ((2*crop_steps+1)**2 crops), so
+    crop_steps: int = 3  # that slightly cropped copies are caught; crop 0: whole images only
+
+
+@dataclass
 class PrepConfig:
     """A sharding job: where the corpus is, where shards go, and how they are made."""
 
@@ -81,6 +106,7 @@ class PrepConfig:
     assumed_sample_bytes: int = 110_000  # estimate for entries whose size the source omits
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     max_failure_fraction: float = 0.1  # more failed samples than this fails the job, early if sure
     shard_give_up_after: int = 100  # a shard whose first this-many samples all fail stops; 0 = never
     max_in_flight: int = 0  # shard tasks at once; 0 = 2x the cluster's CPUs
@@ -136,6 +162,7 @@ def validate(cfg: PrepConfig) -> None:
         bad("image.quality", img.quality, "must be in [1, 100]")
     if img.max_pixels < 1:
         bad("image.max_pixels", img.max_pixels, "must be >= 1")
+    _validate_dedup(cfg.dedup, bad)
     if not 0.0 <= cfg.max_failure_fraction <= 1.0:
         bad("max_failure_fraction", cfg.max_failure_fraction, "must be in [0, 1]")
     if cfg.shard_give_up_after < 0:
@@ -148,6 +175,24 @@ def validate(cfg: PrepConfig) -> None:
         bad("io_threads", cfg.io_threads, "must be >= 0")
 
 
+def _validate_dedup(d: DedupConfig, bad: Any) -> None:
+    if not 0 <= d.max_distance <= 32:
+        bad("dedup.max_distance", d.max_distance, "must be in [0, 32] bits of 64")
+    if not 0.0 <= d.crop < 0.25:
+        bad("dedup.crop", d.crop, "must be in [0, 0.25): a fraction of each side")
+    if not 0.0 <= d.crop_shift <= d.crop:
+        bad("dedup.crop_shift", d.crop_shift, f"must be in [0, dedup.crop={d.crop}]")
+    if not 1 <= d.crop_steps <= 7:
+        bad("dedup.crop_steps", d.crop_steps, "must be in [1, 7]")
+    for name, url in d.against.items():
+        if not name or any(c in name for c in "/.\\ :") or name.startswith("_"):
+            bad(f"dedup.against.{name}", url, "test-set names must be plain words")
+        if not isinstance(url, str) or not url:
+            bad(f"dedup.against.{name}", url, "must be the URL of a test set")
+    if d.against and d.hash == "none":
+        bad("dedup.hash", d.hash, "de-duplication against test sets needs a hash")
+
+
 def with_absolute_paths(cfg: PrepConfig) -> PrepConfig:
     """`cfg` with local relative paths made absolute against this process's folder, so that
     Ray workers started elsewhere read and write the same files (URLs are left as they are)."""
@@ -155,15 +200,16 @@ def with_absolute_paths(cfg: PrepConfig) -> PrepConfig:
     def absolute(path: str | None) -> str | None:
         return path if path is None or "://" in path else os.path.abspath(path)
 
+    dedup = replace(cfg.dedup, against={k: absolute(v) for k, v in cfg.dedup.against.items()})
     return replace(cfg, source=absolute(cfg.source), output=absolute(cfg.output),
-                   classes_file=absolute(cfg.classes_file))
+                   classes_file=absolute(cfg.classes_file), dedup=dedup)
 
 
 def fingerprint(cfg: PrepConfig) -> str:
     """A hash of every setting that changes the output bytes. A rerun resumes an output only
     when this matches the one its plan was made with."""
     keys = ("source", "source_kind", "classes_file", "seed", "shard_size", "shard_bytes",
-            "assumed_sample_bytes", "holdout", "image", "train_split")
+            "assumed_sample_bytes", "holdout", "image", "train_split", "dedup")
     d = asdict(cfg)
     blob = json.dumps({k: d[k] for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

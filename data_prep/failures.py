@@ -67,6 +67,12 @@ class SampleError(Exception):
         self.detail = detail
 
 
+def failed_in(stats: dict[str, Any]) -> int:
+    """The failed samples of one shard's stats (near-duplicates a shard excluded are not
+    failures: they count neither here nor in `successes`)."""
+    return sum(stats["failures"].values())
+
+
 STOP_DELTA = 1e-6  # chance, per check, that the "likely" rule stops a job that would pass
 
 
@@ -112,7 +118,7 @@ class FailureWatch:
         self.finished_shards += 1
         self.remaining -= stats["count"]
         self.seen += stats["count"]
-        self.seen_failed += stats["count"] - stats["successes"]
+        self.seen_failed += failed_in(stats)
         self.certain.update(stats["failures"])
         for reason, example in stats["examples"].items():
             self.examples.setdefault(reason, example)
@@ -133,7 +139,7 @@ class FailureWatch:
             return "certain"
         seen = self.seen + sum(p["count"] for p in self.partial.values()) + extra_seen
         failed = (self.seen_failed + extra_failed
-                  + sum(p["count"] - p["successes"] for p in self.partial.values()))
+                  + sum(failed_in(p) for p in self.partial.values()))
         if known + self.remaining * rate_floor(failed, seen) > limit:
             return "likely"
         return None
@@ -145,7 +151,7 @@ class FailureWatch:
         for p in self.partial.values():
             by_reason.update(p["failures"])
         seen = self.seen + sum(p["count"] for p in self.partial.values())
-        failed = self.seen_failed + sum(p["count"] - p["successes"] for p in self.partial.values())
+        failed = self.seen_failed + sum(failed_in(p) for p in self.partial.values())
         how = ("is exceeded" if verdict == "certain" else
                f"will be exceeded (probability of error < {STOP_DELTA:g}: rule in "
                "data_prep.failures.FailureWatch)")

@@ -10,18 +10,22 @@ import posixpath
 from collections import Counter
 from typing import Any
 
-from .config import PrepConfig
+from .config import DedupConfig, PrepConfig
 from .plan import Plan
 from .storage import join, open_fs, write_bytes
 
 WIDS_KIND = "wids-shard-index-v1"
 
 
-def split_index(split: str, plan: Plan, stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """The wids shard index of one split, from its shards' stats in shard order."""
+def split_index(split: str, plan: Plan, stats: list[dict[str, Any]],
+                dedup: DedupConfig | None = None) -> dict[str, Any]:
+    """The wids shard index of one split, from its shards' stats in shard order; with test
+    sets in `dedup`, also the near-duplicates found per test set and how many were dropped."""
     failures: Counter = Counter()
+    near: Counter = Counter()
     for s in stats:
         failures.update(s["failures"])
+        near.update(s.get("near_duplicates", {}))
     shardlist = [{"url": s["shard"], "nsamples": s["successes"], "filesize": s["bytes"],
                   "md5sum": s["md5sum"]} for s in stats]
     return {
@@ -35,7 +39,21 @@ def split_index(split: str, plan: Plan, stats: list[dict[str, Any]]) -> dict[str
         "multi_label": plan.multi_label,
         "total_bytes": sum(s["bytes"] for s in stats),
         "failures": dict(sorted(failures.items())),
+        **(_dedup_record(dedup, stats, near) if dedup is not None and dedup.against else {}),
     }
+
+
+def _dedup_record(dedup: DedupConfig, stats: list[dict[str, Any]], near: Counter
+                  ) -> dict[str, Any]:
+    return {"dedup": {
+        "mode": dedup.mode,
+        "max_distance": dedup.max_distance,
+        "hash": dedup.hash,
+        "against": dict(sorted(dedup.against.items())),
+        "near_duplicates": dict(sorted(near.items())),
+        "dropped": sum(s.get("excluded", 0) for s in stats),
+        "listings": [s["dedup_listing"] for s in stats if s.get("dedup_listing")],
+    }}
 
 
 def timm_info(name: str, plan: Plan, stats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -66,7 +84,7 @@ def write_indexes(cfg: PrepConfig, plan: Plan, stats: dict[str, list[dict[str, A
                         for s in shard_stats}),
         ("_info.json", timm_info(name, plan, stats)),
     ]
-    files += [(f"{split}_index.json", split_index(split, plan, shard_stats))
+    files += [(f"{split}_index.json", split_index(split, plan, shard_stats, cfg.dedup))
               for split, shard_stats in stats.items()]
     for filename, content in files:
         data = content if isinstance(content, str) else json.dumps(content, indent=1)

@@ -19,11 +19,13 @@ import time
 from collections import Counter, deque
 from typing import Any
 
+import numpy as np
 import ray
 from tqdm import tqdm
 
-from .config import PrepConfig, validate, with_absolute_paths
-from .failures import FailureWatch
+from .config import ConfigError, PrepConfig, validate, with_absolute_paths
+from .dedup import NearDuplicateIndex, Unit, crop_boxes, hash_units, list_test_set
+from .failures import FailureWatch, failed_in
 from .index import write_indexes
 from .plan import PLAN_DIR, Plan, build_plan, load_plan, shard_name
 from .shard import write_shard
@@ -37,9 +39,19 @@ class FailureFractionExceeded(RuntimeError):
     finished shards and their stats are kept, the index files are not written."""
 
 
+HASH_CHUNK = 64  # test images per hashing task (each hashed at up to 226 crops)
+
+
 @ray.remote(num_cpus=1)
-def _shard_task(cfg: PrepConfig, split: str, index: int, give_up_after: int) -> dict[str, Any]:
-    return write_shard(cfg, split, index, give_up_after)
+def _shard_task(cfg: PrepConfig, split: str, index: int, give_up_after: int,
+                test_sets: NearDuplicateIndex | None) -> dict[str, Any]:
+    return write_shard(cfg, split, index, give_up_after, test_sets)
+
+
+@ray.remote(num_cpus=1)
+def _hash_task(units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float,
+               steps: int, max_pixels: int) -> tuple[list[int], list[str], np.ndarray, list[str]]:
+    return hash_units(units, storage_options, crop, shift, steps, max_pixels)
 
 
 def run_prep(cfg: PrepConfig) -> dict[str, Any]:
@@ -60,6 +72,8 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
             raise ValueError(f"{url}: memory:// is private to one process and invisible to "
                              "Ray workers; use a local path or an object store")
     start = time.perf_counter()
+    test_units = [u for i, (name, url) in enumerate(cfg.dedup.against.items())
+                  for u in list_test_set(i, name, url, cfg.storage_options)]
     plan = load_plan(cfg) or build_plan(cfg)
     _check_failures(cfg, plan, dict(plan.failures), plan.examples)
     fs, root = open_fs(cfg.output, cfg.storage_options)
@@ -74,7 +88,8 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
                          certain=Counter(plan.failures), examples=dict(plan.examples))
     for key, shard_stats in earlier.items():
         watch.finished(key, shard_stats)
-    new_stats, shard_seconds = _run_shards(cfg, plan, todo, watch) if todo else ({}, 0.0)
+    new_stats, shard_seconds = (_run_shards(cfg, plan, todo, watch, test_units, earlier)
+                                if todo else ({}, 0.0))
     stats = _by_split(plan, {**earlier, **new_stats})
     summary = _summary(cfg, plan, stats, todo, new_stats, start, shard_seconds)
     _check_failures(cfg, plan, summary["failures"], summary["examples"])
@@ -88,22 +103,27 @@ def _protocols(cfg: PrepConfig, url: str) -> tuple[str, ...]:
     return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
-def _run_shards(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch
+def _run_shards(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch,
+                test_units: list[Unit], earlier: dict[tuple[str, int], dict[str, Any]]
                 ) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=cfg.ray_address)
     try:
-        return _submit_all(cfg, plan, todo, watch)
+        test_sets = _test_set_index(cfg, test_units) if test_units else None
+        if test_sets is not None:
+            _check_same_test_sets(cfg, test_sets, earlier)
+        return _submit_all(cfg, plan, todo, watch, ray.put(test_sets))
     finally:
         if started_ray:
             ray.shutdown()
 
 
 def _placement(cfg: PrepConfig) -> dict[str, Any]:
-    """A local source or output path is a path on this host only: on a cluster of several
-    hosts its shard tasks run here (object-store URLs run anywhere)."""
-    local = [url for url in (cfg.source, cfg.output) if "://" not in url or url.startswith("file://")]
+    """A local source, output or test-set path is a path on this host only: on a cluster of
+    several hosts its tasks run here (object-store URLs run anywhere)."""
+    urls = (cfg.source, cfg.output, *cfg.dedup.against.values())
+    local = [url for url in urls if "://" not in url or url.startswith("file://")]
     if not local or len([n for n in ray.nodes() if n.get("Alive")]) < 2:
         return {}
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -112,8 +132,57 @@ def _placement(cfg: PrepConfig) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
-def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch
-                ) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
+def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
+    """Hash every test image at every crop box in Ray tasks, once, and index the hashes."""
+    start = time.perf_counter()
+    d = cfg.dedup
+    chunks: list[list[Unit]] = []
+    for unit in units:
+        if unit.tar or not chunks or chunks[-1][-1].tar or len(chunks[-1]) >= HASH_CHUNK:
+            chunks.append([])
+        chunks[-1].append(unit)
+    task = _hash_task.options(max_retries=cfg.retries, **_placement(cfg))
+    refs = [task.remote(chunk, cfg.storage_options, d.crop, d.crop_shift, d.crop_steps,
+                        cfg.image.max_pixels) for chunk in chunks]
+    sets: list[int] = []
+    ids: list[str] = []
+    hashes: list[np.ndarray] = []
+    errors: list[str] = []
+    for ref in tqdm(refs, unit="chunk", desc="hashing test sets"):
+        s, i, h, e = ray.get(ref)
+        sets += s
+        ids += i
+        hashes.append(h)
+        errors += e
+    if errors:
+        log.warning("%d test images could not be read and are not compared against, e.g. %s",
+                    len(errors), errors[0])
+    if not ids:
+        raise ValueError(f"no image of the dedup test sets could be read, e.g. {errors[:1]}")
+    boxes = crop_boxes(d.crop, d.crop_shift, d.crop_steps)
+    index = NearDuplicateIndex(list(d.against), ids, np.array(sets), np.concatenate(hashes),
+                               boxes, d.max_distance)
+    log.info("hashed %d test images of %d sets at %d crops in %.1f s (index %s, %d bands)",
+             len(ids), len(d.against), len(boxes), time.perf_counter() - start, index.digest,
+             len(index.tables))
+    return index
+
+
+def _check_same_test_sets(cfg: PrepConfig, test_sets: NearDuplicateIndex,
+                          earlier: dict[tuple[str, int], dict[str, Any]]) -> None:
+    """Finished shards were de-duplicated against the same test-set hashes, or the resumed
+    output would mix two test sets."""
+    for key, stats in earlier.items():
+        if stats.get("dedup_digest") != test_sets.digest:
+            raise ConfigError(
+                f"invalid data-prep config: dedup.against: the test sets' hashes "
+                f"({test_sets.digest}) differ from those shard {shard_name(*key)} of "
+                f"{cfg.output} was de-duplicated against ({stats.get('dedup_digest')}): "
+                "the test images changed; use a fresh output folder")
+
+
+def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch,
+                test_sets_ref: ray.ObjectRef) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
     """One task per shard, at most `max_in_flight` at once (`ray.wait` backpressure); raises
     `FailureFractionExceeded`, cancelling the tasks in flight, as soon as `watch` says so."""
     max_in_flight = cfg.max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -130,7 +199,7 @@ def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch:
             _check_watch(cfg, plan, watch, in_flight)
             while pending and len(in_flight) < max_in_flight:
                 (split, index), give_up = pending.popleft()
-                in_flight[task.remote(cfg_ref, split, index, give_up)] = (split, index)
+                in_flight[task.remote(cfg_ref, split, index, give_up, test_sets_ref)] = (split, index)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 split, index = in_flight.pop(ref)
@@ -146,7 +215,7 @@ def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch:
                     continue
                 watch.finished((split, index), stats)
                 results[(split, index)] = stats
-                failed += stats["count"] - stats["successes"]
+                failed += failed_in(stats)
                 bar.update(stats["count"])
                 bar.set_postfix(shards=f"{len(results)}/{len(todo)}", failed=failed)
     return results, time.perf_counter() - start
@@ -202,6 +271,13 @@ def _summary(cfg: PrepConfig, plan: Plan, stats: dict[str, list[dict[str, Any]]]
                 examples.setdefault(reason, example)
     samples = {split: sum(s["successes"] for s in ss) for split, ss in stats.items()}
     made_now = sum(s["successes"] for s in new.values())
+    near: Counter = Counter()
+    for shard_stats in stats.values():
+        for s in shard_stats:
+            near.update(s.get("near_duplicates", {}))
+    dedup = {"near_duplicates": dict(sorted(near.items())),
+             "dropped_near_duplicates": sum(s.get("excluded", 0) for ss in stats.values()
+                                            for s in ss)} if cfg.dedup.against else {}
     return {
         "output": cfg.output,
         "listed": plan.listed,
@@ -217,6 +293,7 @@ def _summary(cfg: PrepConfig, plan: Plan, stats: dict[str, list[dict[str, Any]]]
         "multi_label": plan.multi_label,
         "seconds": round(time.perf_counter() - start, 3),
         "images_per_second": round(made_now / shard_seconds, 1) if shard_seconds else 0.0,
+        **dedup,
     }
 
 

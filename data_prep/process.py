@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import failures as F
 from .config import ImageConfig
+from .dedup import phash
 from .failures import SampleError
 
 _ORIENTATION_TAG = 0x0112
@@ -48,6 +49,7 @@ class Processed:
     height: int
     mode: str  # the source's Pillow mode, e.g. "RGB", "CMYK", "I;16"
     kept_original: bool  # `data` is the source file's own bytes
+    phash: int | None = None  # 64-bit perceptual hash of the stored image, when asked for
 
 
 def target_size(width: int, height: int, resize_mode: str, size: int) -> tuple[int, int] | None:
@@ -87,8 +89,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def process_image(data: bytes, opts: ImageConfig) -> Processed:
-    """Verify, orient, convert and resize one encoded image. Raises `SampleError`."""
+def process_image(data: bytes, opts: ImageConfig, with_hash: bool = False) -> Processed:
+    """Verify, orient, convert and resize one encoded image; with `with_hash`, also its
+    perceptual hash (`data_prep.dedup.phash`). Raises `SampleError`."""
     if not data:
         raise SampleError(F.EMPTY_FILE)
     with warnings.catch_warnings():
@@ -109,7 +112,8 @@ def process_image(data: bytes, opts: ImageConfig) -> Processed:
         mode = img.mode
         _load(img)
     if keep:
-        return Processed(data, width, height, mode, kept_original=True)
+        return Processed(data, width, height, mode, kept_original=True,
+                         phash=phash(img) if with_hash else None)
     try:
         if orientation in _TRANSPOSE:
             img = img.transpose(_TRANSPOSE[orientation])
@@ -120,7 +124,28 @@ def process_image(data: bytes, opts: ImageConfig) -> Processed:
         img.save(out, "JPEG", quality=opts.quality)
     except Exception as e:  # noqa: BLE001 - any library failure is one skipped sample
         raise SampleError(F.PROCESS_ERROR, f"{type(e).__name__}: {e}") from None
-    return Processed(out.getvalue(), width, height, mode, kept_original=False)
+    return Processed(out.getvalue(), width, height, mode, kept_original=False,
+                     phash=phash(img) if with_hash else None)
+
+
+def decode_rgb(data: bytes, max_pixels: int, min_side: int = 0) -> Image.Image:
+    """One encoded image decoded, oriented and in RGB, as `process_image` sees it; a JPEG is
+    decoded at a reduced scale when both sides stay >= `min_side`. Raises `SampleError`."""
+    if not data:
+        raise SampleError(F.EMPTY_FILE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = _open(data, max_pixels)
+        orientation = _orientation(img)
+        if min_side and img.format == "JPEG":
+            img.draft(None, (min_side, min_side))
+        _load(img)
+    try:
+        if orientation in _TRANSPOSE:
+            img = img.transpose(_TRANSPOSE[orientation])
+        return to_rgb(img)
+    except Exception as e:  # noqa: BLE001 - any library failure is one skipped image
+        raise SampleError(F.PROCESS_ERROR, f"{type(e).__name__}: {e}") from None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

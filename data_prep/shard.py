@@ -18,9 +18,10 @@ from fsspec.core import split_protocol
 
 from . import failures as F
 from .config import PrepConfig
+from .dedup import Match, NearDuplicateIndex, to_hex
 from .failures import SampleError
 from .plan import read_shard_plan, shard_name
-from .process import process_image
+from .process import Processed, process_image
 from .storage import join, open_fs, ordered_map, staged_file, write_bytes
 
 # Fixed tar header fields: the same samples give the same bytes on any machine, any day.
@@ -28,17 +29,23 @@ TAR_MTIME = 0
 TAR_USER = "bigdata"
 TAR_MODE = 0o444
 READ_CHUNK = 8
+LOOKUP_BATCH = 64  # samples whose hashes are looked up in the test sets' index at once
 
 
 class _GiveUp(Exception):
     """The shard's first samples all failed: stop, and let the tar's staging discard it."""
 
 
-def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0
-                ) -> dict[str, Any]:
+def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0,
+                test_sets: NearDuplicateIndex | None = None) -> dict[str, Any]:
     """Make `{split}-{index:06d}.tar` and then its `_stats.json` in `cfg.output`; return the
     stats: count, successes, failures by reason, bytes, md5sum, seconds, ... (all but the
     timings `seconds` and `cpu_seconds` are the same on every run).
+
+    With `test_sets` (the index of `cfg.dedup.against`), a sample within
+    `cfg.dedup.max_distance` bits of a test image is dropped (`dedup.mode` exclude) or kept
+    (list); either way it is listed in `{split}-{index:06d}_dedup.jsonl` (written before the
+    stats, only when the shard has any) and counted per test set in `near_duplicates`.
 
     With `give_up_after` > 0, a shard whose first `give_up_after` samples all fail stops
     there and writes nothing (no tar, no stats, so a rerun redoes it); the stats returned
@@ -53,23 +60,29 @@ def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0
     converted: Counter = Counter()
     kept_original = successes = 0
     gave_up = False
+    with_hash = cfg.dedup.hash != "none"
+    exclude = cfg.dedup.mode == "exclude"
+    near: Counter = Counter()
+    listing: list[bytes] = []
     try:
         with staged_file(fs, join(root, name + ".tar")) as f:
             out = _HashingWriter(f)
             writer = wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_USER,
                                    group=TAR_USER, mode=TAR_MODE)
-            for seen, (rec, data) in enumerate(_read_all(cfg, records), 1):
-                try:
-                    if isinstance(data, SampleError):
-                        raise data
-                    img = process_image(data, cfg.image)
-                except SampleError as e:
-                    failures[e.reason] += 1
-                    examples.setdefault(e.reason, f"{sample_source(rec)}: {e.detail}")
-                    if seen == give_up_after and successes == 0:
+            samples = _processed(cfg, records, with_hash, test_sets)
+            for seen, (rec, img, match) in enumerate(samples, 1):
+                if isinstance(img, SampleError):
+                    failures[img.reason] += 1
+                    examples.setdefault(img.reason, f"{sample_source(rec)}: {img.detail}")
+                    if seen == give_up_after and sum(failures.values()) == seen:
                         raise _GiveUp from None
                     continue
-                writer.write(_sample(rec, img.data, img.width, img.height))
+                if match is not None:
+                    near[match.test_set] += 1
+                    listing.append(_listing_line(rec, img.phash, match, exclude))
+                    if exclude:
+                        continue
+                writer.write(_sample(rec, img.data, img.width, img.height, img.phash))
                 successes += 1
                 kept_original += img.kept_original
                 if img.mode != "RGB":
@@ -91,10 +104,42 @@ def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0
         "seconds": round(time.perf_counter() - start, 3),
         "cpu_seconds": round(time.process_time() - cpu_start, 3),
     }
+    if test_sets is not None:
+        stats["near_duplicates"] = dict(sorted(near.items()))
+        stats["excluded"] = sum(near.values()) if exclude else 0
+        stats["dedup_digest"] = test_sets.digest
+        stats["dedup_listing"] = name + "_dedup.jsonl" if listing else None
     if gave_up:
         return {**stats, "bytes": 0, "md5sum": "", "gave_up": True}
+    if listing:
+        write_bytes(fs, join(root, name + "_dedup.jsonl"), b"".join(listing))
     write_bytes(fs, join(root, name + "_stats.json"), json.dumps(stats, indent=1).encode())
     return stats
+
+
+def _processed(cfg: PrepConfig, records: list[dict[str, Any]], with_hash: bool,
+               test_sets: NearDuplicateIndex | None
+               ) -> Iterator[tuple[dict[str, Any], Processed | SampleError, Match | None]]:
+    """Every record, in order, with its processed image (or the `SampleError` that skips it)
+    and the test image it is a near-duplicate of, if any. Lookups go `LOOKUP_BATCH` samples
+    at a time: one lookup of many hashes costs about what one of a single hash does."""
+    batch: list[tuple[dict[str, Any], Processed | SampleError]] = []
+    for i, (rec, data) in enumerate(_read_all(cfg, records), 1):
+        try:
+            if isinstance(data, SampleError):
+                raise data
+            batch.append((rec, process_image(data, cfg.image, with_hash)))
+        except SampleError as e:
+            batch.append((rec, e))
+        if len(batch) == LOOKUP_BATCH or i == len(records):
+            found = [j for j, (_, img) in enumerate(batch) if isinstance(img, Processed)]
+            matches: list[Match | None] = [None] * len(batch)
+            if test_sets is not None and found:
+                hashes = [batch[j][1].phash for j in found]  # type: ignore[union-attr]
+                for j, match in zip(found, test_sets.matches(hashes), strict=True):
+                    matches[j] = match
+            yield from ((rec, img, match) for (rec, img), match in zip(batch, matches, strict=True))
+            batch = []
 
 
 def _read_all(cfg: PrepConfig, records: list[dict[str, Any]]
@@ -140,9 +185,19 @@ def sample_source(rec: dict[str, Any]) -> str:
     return rec["url"]
 
 
-def _sample(rec: dict[str, Any], jpeg: bytes, width: int, height: int) -> dict[str, Any]:
+def _listing_line(rec: dict[str, Any], h: int, match: Match, excluded: bool) -> bytes:
+    line = {"key": rec["key"], "source": sample_source(rec), "phash": to_hex(h),
+            "test_set": match.test_set, "test_id": match.test_id, "distance": match.distance,
+            "kind": match.kind, "excluded": excluded}
+    return json.dumps(line).encode("utf-8") + b"\n"
+
+
+def _sample(rec: dict[str, Any], jpeg: bytes, width: int, height: int, h: int | None
+            ) -> dict[str, Any]:
     meta: dict[str, Any] = {"labels": rec["labels"], "source": sample_source(rec),
                             "width": width, "height": height}
+    if h is not None:
+        meta["phash"] = to_hex(h)
     for k, v in (rec.get("extra") or {}).items():
         meta.setdefault(k, v)
     return {
