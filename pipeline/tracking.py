@@ -11,10 +11,13 @@ thread replays the journal in order once the server answers, and ``flush``/``fin
 it. Replay is idempotent, so a record sent twice (a crash between sending it and noting it
 sent) lands once: metrics keep the timestamp taken when they were logged (the store drops
 an identical (key, value, timestamp, step) row), params and tags are set to the same value,
-artifacts overwrite the same path, and a child run made offline carries a client reference
-tag that replay looks up before creating it. A journal left by a process that died is
+and artifacts overwrite the same path. A journal left by a process that died is
 delivered by any other process using the same spool directory (``python -m
 pipeline.evaluate sync`` does it by hand).
+
+The journal carries only what MLflow cannot do itself, a queue of writes that survives the
+process: the training run's params, step metrics, artifacts and status. Evaluations do not
+use it; their records in the run dir are their queue (``pipeline.evaluate.record``).
 """
 
 from __future__ import annotations
@@ -39,8 +42,6 @@ from mlflow.tracking import MlflowClient
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
-CLIENT_REF_TAG = "pipeline.client_ref"  # lets replay find a run it created before
-PENDING = "pending:"  # prefix of the id of a run created while the server was away
 _HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": 5, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1}
 _RETRY_SECONDS = (1.0, 30.0)  # background replay: first wait, longest wait
 
@@ -85,12 +86,10 @@ class Tracker:
         self.client = _client(uri)
         self.journal = _journal(spool_dir or default_spool_dir())
         self.flush_timeout_s = flush_timeout_s
-        self._experiment_id: str | None = None
 
     @property
     def run_id(self) -> str:
-        """The run's id; a run created offline gets its server id once replay made it."""
-        return self.journal.resolve(self._run_id)
+        return self._run_id
 
     @classmethod
     def start(cls, cfg, run_id: str | None = None) -> Tracker:
@@ -147,41 +146,29 @@ class Tracker:
         self._write({"op": "set_terminated", "run": self._run_id, "status": status, "end_time": int(time.time() * 1000)})
         self.flush(self.flush_timeout_s)
 
-    def child(self, name: str, tags: dict[str, str]) -> Tracker:
-        """A nested run under this one (``mlflow.parentRunId`` set), e.g. one eval.
-
-        Made offline when the server is away: its writes are spooled under a pending id.
-        """
-        ref = uuid.uuid4().hex
-        record = {"op": "create_run", "ref": PENDING + ref, "parent": self._run_id, "experiment_id": self._experiment(),
-                  "run_name": name, "tags": {CLIENT_REF_TAG: ref, **{k: str(v) for k, v in tags.items()}},
-                  "start_time": int(time.time() * 1000)}
-        created = self._write(record)
-        # An eval's child never waits for the server: its spool drains in the background.
-        child = Tracker(self.uri, created or record["ref"], str(self.journal.dir), flush_timeout_s=0.0)
-        child._experiment_id = record["experiment_id"]
-        return child
-
     def register_model(self, name: str, artifact_path: str) -> None:
         """Register ``runs:/<run>/<artifact_path>`` as a new version of model ``name`` (once)."""
         self._write({"op": "register", "run": self._run_id, "name": name, "artifact_path": artifact_path})
 
-    def _write(self, record: dict) -> str | None:
+    def _write(self, record: dict) -> None:
         """Send ``record`` now, or spool it when the server is away or earlier ones wait."""
         record["uri"] = self.uri
         j = self.journal
         with j.lock:
             if not j.idle():
                 j.append(record)
-                return None
+                return
             try:
-                return _apply(record, j.refs)
+                _apply(record)
             except Exception as e:
                 if not _transient(e):
                     raise
                 log.warning("MLflow at %s did not take a write (%s); spooling to %s until it answers", self.uri, _short(e), j.path_hint())
                 j.append(record)
-                return None
+
+    def metric_history(self, key: str) -> list:
+        """The run's history of metric ``key`` (needs the server)."""
+        return self.client.get_metric_history(self.run_id, key)
 
     # ------------------------------------------------------------ delivery
 
@@ -199,30 +186,6 @@ class Tracker:
     def close(self) -> None:
         """Try once more, then let other processes deliver what is left (the spool stays)."""
         self.journal.flush(0.0)
-
-    # ------------------------------------------------------------ reads (need the server)
-
-    def children(self, extra_filter: str = "") -> list:
-        """Child runs of this run, e.g. to skip checkpoints that were evaluated already."""
-        query = f"tags.`{PARENT_TAG}` = '{self.run_id}'" + (f" and {extra_filter}" if extra_filter else "")
-        return self.client.search_runs([self._experiment(required=True)], filter_string=query, max_results=10_000)
-
-    def spooled_children(self) -> list[dict]:
-        """Tags of child runs of this run waiting in the spool, with ``status`` once ended."""
-        return self.journal.spooled_children(self.run_id)
-
-    def metric_history(self, key: str) -> list:
-        return self.client.get_metric_history(self.run_id, key)
-
-    def _experiment(self, required: bool = False) -> str | None:
-        if self._experiment_id is None and not self.run_id.startswith(PENDING):
-            try:
-                self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
-            except Exception as e:
-                if required or not _transient(e):
-                    raise
-        return self._experiment_id
-
 
 class SystemMetrics:
     """CPU, memory, disk, network and GPU use, sampled into ``system/...`` metrics of a run.
@@ -311,11 +274,11 @@ def _client(uri: str) -> MlflowClient:
     return _CLIENTS[uri]
 
 
-def _apply(record: dict, refs: dict[str, str]) -> str | None:
-    """Perform one write; idempotent, so a replayed record lands once. Returns a created run's id."""
+def _apply(record: dict) -> None:
+    """Perform one write; idempotent, so a replayed record lands once."""
     client = _client(record["uri"])
     op = record["op"]
-    run = refs.get(record.get("run"), record.get("run"))
+    run = record["run"]
     if op == "log_batch":
         client.log_batch(
             run,
@@ -332,29 +295,10 @@ def _apply(record: dict, refs: dict[str, str]) -> str | None:
         client.set_terminated(run, status=record["status"], end_time=record.get("end_time"))
     elif op == "update_run":
         client.update_run(run, status=record["status"])
-    elif op == "create_run":
-        return _create_run(client, record, refs)
     elif op == "register":
         _register(client, run, record["name"], record["artifact_path"])
     else:
         raise ValueError(f"unknown spool record op {op!r}")
-    return None
-
-
-def _create_run(client: MlflowClient, record: dict, refs: dict[str, str]) -> str:
-    parent = refs.get(record["parent"], record["parent"])
-    if parent.startswith(PENDING):
-        raise _Permanent(f"parent run {parent} was never created")
-    exp = record.get("experiment_id") or client.get_run(parent).info.experiment_id
-    ref = record["tags"][CLIENT_REF_TAG]
-    found = client.search_runs([exp], filter_string=f"tags.`{CLIENT_REF_TAG}` = '{ref}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run_id = client.create_run(exp, start_time=record.get("start_time"), run_name=record.get("run_name"),
-                                   tags={PARENT_TAG: parent, **record["tags"]}).info.run_id
-    refs[record["ref"]] = run_id
-    return run_id
 
 
 def _register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> None:
@@ -420,7 +364,7 @@ class _Journal:
     """This process's spool file in one directory, and delivery of it and of orphans.
 
     ``<host>-<pid>-<rand>.jsonl`` holds the records (appended, fsync'd); ``.state.json``
-    beside it the last delivered ``seq`` and the ids replay gave to runs made offline. The
+    beside it the last delivered ``seq``. The
     owner holds an exclusive ``flock`` on its file for life, so a file whose lock can be
     taken belongs to a dead (or closed) process and may be delivered by anyone.
     """
@@ -430,7 +374,6 @@ class _Journal:
         self.lock = threading.RLock()
         self._delivering = threading.Lock()
         self.queue: list[dict] = []
-        self.refs: dict[str, str] = {}
         self.seq = 0
         self.path: Path | None = None
         self._fh = None
@@ -442,9 +385,6 @@ class _Journal:
 
     def idle(self) -> bool:
         return not self.queue
-
-    def resolve(self, run_id: str) -> str:
-        return self.refs.get(run_id, run_id)
 
     def append(self, record: dict) -> None:
         with self.lock:
@@ -491,14 +431,14 @@ class _Journal:
                         return True
                     record = self.queue[0]
                 try:
-                    _apply(record, self.refs)
+                    _apply(record)
                 except Exception as e:
                     if _transient(e):
                         return False
                     _reject(self.path, record, e)
                 with self.lock:
                     self.queue.pop(0)
-                    _write_state(self.path, record["seq"], self.refs)
+                    _write_state(self.path, record["seq"])
                 _drop_blob(record)
 
     def flush(self, timeout: float | None, uri: str | None = None) -> bool:
@@ -548,17 +488,6 @@ class _Journal:
                 _remove(self.path)
             fh.close()  # releases the lock
 
-    def spooled_children(self, parent: str) -> list[dict]:
-        out: dict[str, dict] = {}
-        for path in sorted(self.dir.glob("*.jsonl")) if self.dir.is_dir() else []:
-            for record in _read_records(path):
-                if record["op"] == "create_run" and self.resolve(record["parent"]) == parent:
-                    out[record["ref"]] = dict(record["tags"])
-                elif record["op"] == "set_terminated" and record["run"] in out:
-                    out[record["run"]]["status"] = record["status"]
-        return list(out.values())
-
-
 def server_up(uri: str, timeout: float = 2.0) -> bool:
     """Whether an HTTP tracking server answers ``/health`` (other stores: assume yes)."""
     if not uri.startswith(("http://", "https://")):
@@ -600,19 +529,18 @@ def deliver_orphans(directory: str | os.PathLike, exclude: Path | None = None, u
 def _deliver_file(path: Path, uri: str | None = None) -> bool:
     if not path.exists():  # delivered and removed by another process meanwhile
         return True
-    state = _read_state(path)
-    refs = state["refs"]
-    records = [r for r in _read_records(path) if r["seq"] > state["delivered"]]
+    delivered = _read_state(path)["delivered"]
+    records = [r for r in _read_records(path) if r["seq"] > delivered]
     if uri is not None and records and records[0]["uri"] != uri:
         return True  # another server's: left to its own processes (or to `sync`)
     for record in records:
         try:
-            _apply(record, refs)
+            _apply(record)
         except Exception as e:
             if _transient(e):
                 return False
             _reject(path, record, e)
-        _write_state(path, record["seq"], refs)
+        _write_state(path, record["seq"])
         _drop_blob(record)
     _remove(path)
     log.info("delivered the spooled MLflow writes of %s", path.name)
@@ -638,14 +566,14 @@ def _read_state(path: Path) -> dict:
     try:
         return json.loads(_state_path(path).read_text())
     except FileNotFoundError:
-        return {"delivered": 0, "refs": {}}
+        return {"delivered": 0}
 
 
-def _write_state(path: Path | None, seq: int, refs: dict[str, str]) -> None:
+def _write_state(path: Path | None, seq: int) -> None:
     if path is None:
         return
     tmp = _state_path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"delivered": seq, "refs": refs}))
+    tmp.write_text(json.dumps({"delivered": seq}))
     os.replace(tmp, _state_path(path))
 
 

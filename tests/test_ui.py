@@ -60,8 +60,13 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory) -> dict:
     """A pre-training run with `train/loss` and `fewshot/digits/10shot` step metrics and two
-    eval child runs, logged through the pipeline's Tracker into a fresh sqlite store."""
+    eval child runs, logged into a fresh sqlite store as the job logs them: the Tracker for
+    the training run, evaluation records published by `pipeline.evaluate.record`."""
+    import numpy as np
+
     from pipeline.config import load_config
+    from pipeline.evaluate.record import publish, record_of
+    from pipeline.rundir import RunDir
     from pipeline.tracking import Tracker
 
     out = tmp_path_factory.mktemp("mlflow")
@@ -70,17 +75,20 @@ def logged_run(tmp_path_factory) -> dict:
                              f"tracking.uri=sqlite:///{db}", "tracking.experiment=vit-ui-test"])
     parent = Tracker.start(cfg)
     parent.log_params({"model.name": "vit_demo", "train.steps": 400})
-    children = []
+    run = RunDir(str(out / "run"))
     for step in STEPS:
         parent.log_metrics({"train/loss": 4.6 * 0.6 ** (step / 100), "train/lr": 1e-3}, step)
+    children = []
+    for step in (0, 400):  # evaluation records shown the way the job shows them
+        tag = f"step_{step:08d}"
+        record = record_of("fewshot_linear", "digits", tag, step, f"{run.url}/checkpoints/{tag}", {"shots": [10]},
+                           {"10shot": SHOTS[step]}, {"fewshot/digits/10shot": SHOTS[step]}, np.eye(10, dtype=int) * 5,
+                           f"digits 10-shot at {tag}")
+        run.write_eval_record(tag, "fewshot-digits", record)
+        assert publish(run, parent.uri, parent.run_id, tag, "fewshot-digits", run.eval_record(tag, "fewshot-digits"))
+        children.append((f"fewshot-digits-{tag}", run.shown_in_mlflow(tag, "fewshot-digits")))
+    for step in STEPS[1:-1]:
         parent.log_metrics({"fewshot/digits/10shot": SHOTS[step]}, step)
-        if step in (0, 400):
-            name = f"eval step_{step:08d}"
-            child = parent.child(name, {"eval.checkpoint_tag": f"step_{step:08d}", "eval.protocol": "fewshot_linear",
-                                        "eval.dataset": "digits"})
-            child.log_metrics({"fewshot/digits/10shot": SHOTS[step]}, step)
-            child.finish()
-            children.append((name, child.run_id))
     parent.finish()
     exp_id = parent.client.get_run(parent.run_id).info.experiment_id
     for _, run_id in children:
