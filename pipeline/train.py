@@ -108,9 +108,10 @@ def _memory_gib(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def _peak_flops(cfg: DictConfig, device: torch.device) -> float:
-    if cfg.train.peak_tflops > 0:
-        return cfg.train.peak_tflops * 1e12
+def _peak_flops(peak_tflops: float, device: torch.device) -> float:
+    """Peak FLOP/s of one device: ``peak_tflops`` when set, else a known GPU's, else 0."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
@@ -139,23 +140,22 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     )
 
 
-def local_ckpt_dir(cfg: DictConfig) -> str:
+def local_ckpt_dir(output_dir: str) -> str:
     """This host's staging dir: DeepSpeed writes and reads checkpoint files here."""
-    return str(Path(cfg.output_dir) / "checkpoints")
+    return str(Path(output_dir) / "checkpoints")
 
 
-def resume_source(cfg: DictConfig) -> tuple[str, str] | None:
+def resume_source(own: str, run: rundir.RunDir, resume_from: str | None) -> tuple[str, str] | None:
     """``(local checkpoint dir, tag)`` to start from: the run's own latest complete checkpoint
-    (a rerun after a stop or preemption keeps its progress), else ``train.resume_from``, else
-    None. Call :func:`fetch_resume_checkpoint` first so the run dir's latest is here."""
-    own = local_ckpt_dir(cfg)
-    run = rundir.RunDir(cfg.run_dir)
+    (a rerun after a stop or preemption keeps its progress; ``own`` is this host's staging
+    dir), else ``resume_from`` (``train.resume_from``), else None. Call
+    :func:`fetch_resume_checkpoint` first so the run dir's latest is here."""
     # The run dir decides: a tag in this host's scratch dir that the run dir lacks is another run's.
     tag = checkpoint.latest_tag(own) if run.checkpoints.url == own else run.checkpoints.latest()
     if tag is not None:
         return own, tag
-    if cfg.train.resume_from:
-        src = cfg.train.resume_from.rstrip("/")
+    if resume_from:
+        src = resume_from.rstrip("/")
         if not rundir.is_local(src):  # a tag dir on object storage: its local copy
             return own, src.rsplit("/", 1)[1]
         return str(Path(src).parent), Path(src).name
@@ -168,7 +168,7 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     model = build_model(cfg, num_classes)
     optimizer = _build_optimizer(cfg, model, device)
     config = deepspeed_config(cfg, world)
-    src = resume_source(cfg)
+    src = resume_source(local_ckpt_dir(cfg.output_dir), rundir.RunDir(cfg.run_dir), cfg.train.resume_from)
     if src and checkpoint.is_universal(Path(*src)):
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     return initialize(model, optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr, config)
@@ -194,17 +194,17 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     num_classes = cfg.model.num_classes or index.num_classes
     steps = total_steps(cfg, index.num_samples)
     accum = batch_split(cfg, world)
-    ckpt_dir = local_ckpt_dir(cfg)
+    ckpt_dir = local_ckpt_dir(cfg.output_dir)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # every rank writes here (sample keys) before any save
     run = rundir.RunDir(cfg.run_dir)
-    fetch_resume_checkpoint(cfg, run)  # recovery: the run dir's latest checkpoint onto this host
+    fetch_resume_checkpoint(ckpt_dir, run, cfg.train.resume_from)  # recovery: the run dir's latest checkpoint onto this host
     engine, scheduler = build_engine(cfg, num_classes, steps, world, device)
     model = engine.module
     image_size = model.spec.img_size
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # dropout differs per rank
 
     meta, rank_state = {}, None
-    if (src := resume_source(cfg)) is not None:
+    if (src := resume_source(ckpt_dir, run, cfg.train.resume_from)) is not None:
         meta, rank_state = checkpoint.load(engine, *src)
         log.info("resumed from %s/%s at step %d", *src, engine.global_steps)
     step = engine.global_steps
@@ -222,19 +222,19 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     tracker = None
     if rank == 0:
         # A resumed run keeps its MLflow run, so curves continue instead of restarting.
-        run_id = _mlflow_run_to_resume(cfg, meta)
+        run_id = _mlflow_run_to_resume(cfg.tracking.run_id, tracking_uri(cfg), meta)
         tracker = Tracker.start(cfg, run_id=run_id)
         if not run_id:
             tracker.log_params(to_flat_dict(cfg))
             tracker.log_text(to_yaml(cfg), "config.yaml")
     logged_upto = _last_logged_step(tracker) if tracker is not None else 0  # recovery: steps logged before a restart
-    monitor = _system_metrics(cfg, tracker)
+    monitor = _system_metrics(cfg.tracking.system_metrics, tracker)
     dtype = DTYPES[cfg.train.precision]
     loss_of = functools.partial(loss_fn, kind=cfg.train.loss, label_smoothing=cfg.train.label_smoothing)
     config_yaml = to_yaml(cfg)
     keys_file = open(Path(cfg.output_dir) / f"sample_keys_rank{rank}.jsonl", "a") if cfg.train.log_sample_keys else None  # noqa: SIM115
     flops = flops_per_image(model.spec, num_classes)
-    peak = _peak_flops(cfg, device)
+    peak = _peak_flops(cfg.train.peak_tflops, device)
     tokens_per_image = (image_size // model.spec.patch_size) ** 2 + model.num_prefix_tokens
 
     def save(at_step: int) -> None:
@@ -332,18 +332,17 @@ def _eta(steps_left: int, steps_per_s: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def fetch_resume_checkpoint(cfg: DictConfig, run: rundir.RunDir) -> None:
+def fetch_resume_checkpoint(own: str, run: rundir.RunDir, resume_from: str | None) -> None:
     """Each host's local rank 0 copies the run dir's latest complete checkpoint (or an object-
-    storage ``train.resume_from``) into its staging dir when it has none as new; all wait."""
+    storage ``resume_from``) into its staging dir ``own`` when it has none as new; all wait."""
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        own = local_ckpt_dir(cfg)
         local = checkpoint.latest_tag(own)
         if run.checkpoints.url != own:
             local = run.checkpoints.latest()
             if local is not None:
                 run.checkpoints.fetch(local, own)  # a complete local copy is kept as it is
-        if local is None and cfg.train.resume_from and not rundir.is_local(cfg.train.resume_from):
-            parent, tag = cfg.train.resume_from.rstrip("/").rsplit("/", 1)
+        if local is None and resume_from and not rundir.is_local(resume_from):
+            parent, tag = resume_from.rstrip("/").rsplit("/", 1)
             rundir.Checkpoints(parent).fetch(tag, own)
     if dist.is_initialized():
         dist.barrier()
@@ -366,22 +365,23 @@ def publish_checkpoint(run: rundir.RunDir, ckpt_dir: str, tag: str, keep: int) -
         dist.barrier()
 
 
-def _mlflow_run_to_resume(cfg: DictConfig, meta: dict) -> str | None:
-    """The configured MLflow run, else the checkpoint's run when it lives in this run's tracking
-    store; a checkpoint carried to another store (e.g. a universal one in a new output_dir) starts
-    a new run there instead of failing on an unknown run id."""
-    if cfg.tracking.run_id:
-        return cfg.tracking.run_id
-    run_id, uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
-    if run_id and uri is not None and uri != tracking_uri(cfg):
-        log.warning("checkpoint's MLflow run %s is in %s, not in %s: starting a new run", run_id, uri, tracking_uri(cfg))
+def _mlflow_run_to_resume(configured: str | None, uri: str, meta: dict) -> str | None:
+    """The configured MLflow run (``tracking.run_id``), else the checkpoint's run when it lives
+    in this run's tracking store ``uri``; a checkpoint carried to another store (e.g. a
+    universal one in a new output_dir) starts a new run there instead of failing on an
+    unknown run id."""
+    if configured:
+        return configured
+    run_id, saved_uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
+    if run_id and saved_uri is not None and saved_uri != uri:
+        log.warning("checkpoint's MLflow run %s is in %s, not in %s: starting a new run", run_id, saved_uri, uri)
         return None
     return run_id
 
 
-def _system_metrics(cfg: DictConfig, tracker: Tracker | None):
+def _system_metrics(enabled: bool, tracker: Tracker | None):
     """MLflow's system-metrics sampler (CPU, memory, GPU) on the pre-training run, rank 0."""
-    if tracker is None or not cfg.tracking.system_metrics:
+    if tracker is None or not enabled:
         return None
     try:
         import mlflow

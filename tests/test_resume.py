@@ -169,19 +169,24 @@ def test_on_another_world_size_the_data_stream_starts_the_next_pass(runs, shards
 @pytest.mark.timeout(60)
 def test_a_rerun_resumes_from_its_own_checkpoint_before_train_resume_from(tmp_path):
     from pipeline.config import load_config
-    from pipeline.train import resume_source
+    from pipeline.rundir import RunDir
+    from pipeline.train import local_ckpt_dir, resume_source
 
     universal = tmp_path / "universal" / "step_00000004"
     (universal / "zero").mkdir(parents=True)
     (universal / "COMPLETE").write_text("")
     cfg = load_config(None, ["data.train=unused", "train.steps=8", f"output_dir={tmp_path / 'run'}",
                              f"train.resume_from={universal}"])
-    assert resume_source(cfg) == (str(universal.parent), "step_00000004")
+
+    def source():
+        return resume_source(local_ckpt_dir(cfg.output_dir), RunDir(cfg.run_dir), cfg.train.resume_from)
+
+    assert source() == (str(universal.parent), "step_00000004")
     own = tmp_path / "run" / "checkpoints" / "step_00000006"
     own.mkdir(parents=True)
-    assert resume_source(cfg) == (str(universal.parent), "step_00000004"), "an incomplete checkpoint is not a source"
+    assert source() == (str(universal.parent), "step_00000004"), "an incomplete checkpoint is not a source"
     (own / "COMPLETE").write_text("")
-    assert resume_source(cfg) == (str(own.parent), "step_00000006"), "progress since the universal start is kept"
+    assert source() == (str(own.parent), "step_00000006"), "progress since the universal start is kept"
 
 
 @pytest.mark.timeout(60)
@@ -192,12 +197,12 @@ def test_a_checkpoint_from_another_tracking_store_starts_a_new_mlflow_run(tmp_pa
 
     cfg = load_config(None, ["data.train=unused", "train.steps=8", f"output_dir={tmp_path / 'run'}"])
     here = tracking_uri(cfg)
-    assert _mlflow_run_to_resume(cfg, {"mlflow_run_id": "abc", "mlflow_uri": here}) == "abc"
-    assert _mlflow_run_to_resume(cfg, {"mlflow_run_id": "abc"}) == "abc", "checkpoints from before the uri was kept"
-    assert _mlflow_run_to_resume(cfg, {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) is None
-    assert _mlflow_run_to_resume(cfg, {}) is None
-    cfg.tracking.run_id = "set-by-the-driver"
-    assert _mlflow_run_to_resume(cfg, {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) == "set-by-the-driver"
+    assert _mlflow_run_to_resume(None, here, {"mlflow_run_id": "abc", "mlflow_uri": here}) == "abc"
+    assert _mlflow_run_to_resume(None, here, {"mlflow_run_id": "abc"}) == "abc", "checkpoints from before the uri was kept"
+    assert _mlflow_run_to_resume(None, here, {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) is None
+    assert _mlflow_run_to_resume(None, here, {}) is None
+    assert _mlflow_run_to_resume("set-by-the-driver", here,
+                                 {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) == "set-by-the-driver"
 
 
 def test_the_zero_to_fp32_script_in_a_checkpoint_dir_runs_in_our_venv(runs, tmp_path):

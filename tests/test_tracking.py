@@ -175,7 +175,7 @@ def test_system_metrics_of_the_training_run_land_in_the_run(server, tmp_path, mo
     cfg = load_config(None, ["data.train=x", f"output_dir={tmp_path}", "train.steps=1", "ray.num_workers=1",
                              "train.global_batch_size=64", f"tracking.uri={server.uri}", "tracking.experiment=sysmetrics"])
     tracker = Tracker.start(cfg)
-    monitor = _system_metrics(cfg, tracker)
+    monitor = _system_metrics(cfg.tracking.system_metrics, tracker)
     assert monitor is not None
     time.sleep(3.5)
     monitor.finish()
