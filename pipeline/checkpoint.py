@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from pipeline.rundir import MARKER, Checkpoints, step_of, tag_for  # noqa: F401  (tags are the run dir's)
 
-
 EMA_FILE = "ema.safetensors"
 VARIANTS = ("raw", "ema")  # the weights of a checkpoint an evaluator can read
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from pipeline import checkpoint, rundir
-from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
 from pipeline.augment import mixup, mixup_lambda
+from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
 from pipeline.data import ShardIndex, StreamSpec, TrainStream, to_model_input
 from pipeline.ema import EMA
 from pipeline.model import create_model, flops_per_image

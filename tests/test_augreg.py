@@ -159,3 +159,30 @@ def test_custom_values_need_the_custom_preset(tmp_path):
     cfg = load_config(None, ["data.train=x", "train.steps=1", f"output_dir={tmp_path}", "aug.preset=custom",
                              "aug.randaug_layers=3", "aug.randaug_magnitude=7"])
     assert cfg.aug.randaug_layers == 3
+
+
+def test_the_training_stream_applies_randaugment_by_sample_key(tiny_shards):
+    from pipeline.data import StreamSpec, TrainStream
+
+    def first_batches(**aug):
+        spec = StreamSpec(index_url=tiny_shards, rank=0, world_size=1, num_workers=0, batch_size=8, image_size=16,
+                          num_classes=4, seed=0, shuffle_block=16, crop_area=(0.8, 1.0), flip=False, **aug)
+        stream = TrainStream(spec)
+        return [next(stream) for _ in range(3)]
+
+    plain, aug, again = first_batches(), first_batches(randaug_layers=2, randaug_magnitude=10), \
+        first_batches(randaug_layers=2, randaug_magnitude=10)
+    assert [b["keys"] for b in plain] == [b["keys"] for b in aug], "augmentation does not change which samples come"
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(aug, again, strict=True))
+    changed = sum(not torch.equal(p["images"][i], a["images"][i]) for p, a in zip(plain, aug, strict=True) for i in range(8))
+    assert changed >= 12, f"only {changed} of 24 images were augmented"
+
+
+def test_the_trainer_builds_its_model_with_the_configured_stochastic_depth(tmp_path):
+    from pipeline.model import DropPath
+    from pipeline.train import build_model
+
+    cfg = load_config(None, ["data.train=x", "train.steps=1", f"output_dir={tmp_path}", "model.name=vit_tiny_test",
+                             "model.drop_path=0.1"])
+    rates = [m.rate for m in build_model(cfg, 4).modules() if isinstance(m, DropPath)]
+    assert rates == pytest.approx([0.1])  # 2 blocks: 0 (identity) and 0.1
