@@ -256,7 +256,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     image_size = model.spec.img_size
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # dropout differs per rank
 
-    ema = EMA(engine.module, cfg.train.ema.decay, cfg.train.ema.every, cfg.train.ema.warmup) if cfg.train.ema.decay else None
+    ema = EMA(engine.module, cfg.train.ema.decay, cfg.train.ema.every, cfg.train.ema.warmup, engine.optimizer) if cfg.train.ema.decay else None
     meta, rank_state = {}, None
     if (src := resume_source(cfg)) is not None:
         meta, rank_state = checkpoint.load(engine, *src)

@@ -240,7 +240,7 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
     from pipeline.ema import EMA
 
     engine = build_engine(model, ft, lr)
-    ema = EMA(engine.module, ft.ema_decay) if ft.ema_decay and ema_out is not None else None
+    ema = EMA(engine.module, ft.ema_decay, optimizer=engine.optimizer) if ft.ema_decay and ema_out is not None else None
     micro = ft.micro_batch_size or ft.batch_size
     dataset = TrainBatches(ft.train, ft.image_size, micro, dev_fraction, ft.seed, (ft.crop_min_area, 1.0), ft.flip,
                            ft.shuffle_buffer)
