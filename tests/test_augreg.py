@@ -186,3 +186,27 @@ def test_the_trainer_builds_its_model_with_the_configured_stochastic_depth(tmp_p
                              "model.drop_path=0.1"])
     rates = [m.rate for m in build_model(cfg, 4).modules() if isinstance(m, DropPath)]
     assert rates == pytest.approx([0.1])  # 2 blocks: 0 (identity) and 0.1
+
+
+def test_a_stage0_bf16_engines_ema_averages_the_fp32_masters_not_the_bf16_weights():
+    import deepspeed
+
+    from pipeline.evaluate.finetune import init_single_rank
+
+    init_single_rank()
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_test", num_classes=4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                      config={"train_batch_size": 4, "bf16": {"enabled": True}})
+    ema = EMA(engine.module, 0.5, optimizer=engine.optimizer)
+    start = ema.full_state_dict()
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 3])
+    engine.backward(torch.nn.functional.cross_entropy(engine(x).float(), y))
+    engine.step()
+    ema.step(1)
+    w = engine.module.blocks[0].mlp.fc1.weight
+    master = ema.masters[id(w)].float()
+    assert w.dtype == torch.bfloat16 and not torch.equal(master, w.float()), "the master holds more than bf16"
+    expect = 0.5 * start["blocks.0.mlp.fc1.weight"] + 0.5 * master
+    assert torch.allclose(ema.full_state_dict()["blocks.0.mlp.fc1.weight"], expect, atol=1e-7)
+    engine.destroy()
