@@ -1,8 +1,9 @@
 """The one checkpoint writer and reader.
 
 Layout: DeepSpeed's own (``<dir>/<tag>/...``, ``<dir>/latest``) plus, per tag,
-``rank_<r>.pt`` (RNG states and data-stream position of each rank), ``meta.json`` (step,
-samples seen, world size) and ``config.yaml``, then ``COMPLETE`` written last. Nothing here
+``rank_<r>.pt`` (RNG states, data-stream position and EMA pieces of each rank), ``meta.json``
+(step, samples seen, world size), ``config.yaml`` and, with an EMA, ``ema.safetensors`` (its
+whole fp32 weights: the ``ema`` variant evaluators read), then ``COMPLETE`` written last. Nothing here
 reads a checkpoint without its marker.
 """
 
@@ -19,6 +20,14 @@ import torch
 import torch.distributed as dist
 
 from pipeline.rundir import MARKER, Checkpoints, step_of, tag_for  # noqa: F401  (tags are the run dir's)
+
+EMA_FILE = "ema.safetensors"
+VARIANTS = ("raw", "ema")  # the weights of a checkpoint an evaluator can read
+
+
+def variants(tag_dir: str | os.PathLike) -> list[str]:
+    """The weight variants a (local) checkpoint holds: ``raw``, plus ``ema`` when it has an EMA."""
+    return ["raw"] + (["ema"] if (Path(tag_dir) / EMA_FILE).is_file() else [])
 
 
 def complete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
@@ -56,7 +65,7 @@ def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
     )
     # Rank files too: their data-stream positions tell a resume on another world size where
     # the next pass starts (see ``load``).
-    for path in [src / "meta.json", src / "config.yaml", *sorted(src.glob("rank_*.pt"))]:
+    for path in [src / "meta.json", src / "config.yaml", *sorted(src.glob("rank_*.pt")), *src.glob(EMA_FILE)]:
         shutil.copy2(path, dst / path.name)
     _write_atomic(dst / MARKER, "")
     return str(dst)
@@ -77,13 +86,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0) -> str:
-    """Save a checkpoint from every rank (all ranks must call this) and mark it complete."""
+def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0, ema=None) -> str:
+    """Save a checkpoint from every rank (all ranks must call this) and mark it complete.
+
+    ``ema`` (a :class:`pipeline.ema.EMA`): its pieces go into each rank's file (exact resume),
+    its whole weights into ``ema.safetensors`` (evaluation)."""
+    from safetensors.torch import save_file
+
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     # universal_checkpoint_info lets ds_to_universal convert this for another world size.
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"universal_checkpoint_info": {}, "meta": meta})
     tag_dir = Path(ckpt_dir) / tag
+    if ema is not None:
+        rank_state = {**rank_state, "ema": ema.state_dict()}
+        weights = ema.full_state_dict()  # a collective: every rank
+        if rank == 0:
+            save_file(weights, str(tag_dir / EMA_FILE), metadata={"format": "pt", "tag": tag, "variant": "ema",
+                                                                  "decay": str(ema.decay), "updates": str(ema.updates)})
     torch.save({**rank_state, "rng": rng_state()}, tag_dir / f"rank_{rank}.pt")
     if dist.is_initialized():
         dist.barrier()
@@ -165,14 +185,23 @@ def _merged_data_state(rank_files: list[Path]) -> dict:
             "world_size": states[0].get("world_size"), "num_workers": states[0].get("num_workers")}
 
 
-def load_fp32_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+def load_fp32_weights(ckpt_dir: str, tag: str, variant: str = "raw") -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights of a checkpoint, on CPU, through DeepSpeed's own utility.
 
-    Works for every ZeRO stage (for stage 0 the module's own weights are read).
+    Works for every ZeRO stage (for stage 0 the module's own weights are read). ``variant``
+    ``ema`` reads the checkpoint's EMA weights instead.
     """
     tag_dir = Path(ckpt_dir) / tag
     if not (tag_dir / MARKER).is_file():
         raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {MARKER} marker)")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown weights variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if variant == "ema":
+        from safetensors.torch import load_file
+
+        if not (tag_dir / EMA_FILE).is_file():
+            raise FileNotFoundError(f"{tag_dir} has no EMA weights ({EMA_FILE}); was train.ema.decay 0?")
+        return load_file(str(tag_dir / EMA_FILE))
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -182,11 +211,11 @@ def load_fp32_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
-def export_safetensors(ckpt_dir: str, tag: str, out_path: str) -> str:
+def export_safetensors(ckpt_dir: str, tag: str, out_path: str, variant: str = "raw") -> str:
     """Write a checkpoint's consolidated fp32 weights (timm names) as safetensors."""
     from safetensors.torch import save_file
 
-    save_file(load_fp32_weights(ckpt_dir, tag), out_path, metadata={"format": "pt", "tag": tag})
+    save_file(load_fp32_weights(ckpt_dir, tag, variant), out_path, metadata={"format": "pt", "tag": tag, "variant": variant})
     return out_path
 
 

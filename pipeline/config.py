@@ -72,6 +72,7 @@ class ModelConfig:
     pool: Pool = Pool.token
     representation_size: int | None = None  # the paper's pre-logits layer
     dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of the last block, rising linearly from 0 over depth (AugReg: 0 or 0.1)
     grad_checkpointing: bool = False
 
 
@@ -88,6 +89,20 @@ class DataConfig:
 
 
 @dataclass
+class AugConfig:
+    """AugReg's augmentations (Steiner et al. 2021); the presets are ``configs/aug/<preset>.yaml``.
+
+    ``preset`` names the preset the values come from (``custom``: set by hand); a preset's
+    values may not be overridden without naming ``custom``, so a run's label never lies.
+    """
+
+    preset: str = "none"
+    randaug_layers: int = 0  # RandAugment N; 0 off
+    randaug_magnitude: float = 0.0  # RandAugment M on the 0-10 scale (big_vision goes to 20)
+    mixup_alpha: float = 0.0  # mixup p ~ Beta(a, a) per micro-batch; 0 off
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -97,6 +112,15 @@ class OptimConfig:
     warmup_steps: int = 10_000
     schedule: Schedule = Schedule.linear
     end_lr: float = 1e-5
+
+
+@dataclass
+class EmaConfig:
+    """Polyak/EMA of the weights (pipeline.ema); checkpointed and evaluated as the ``ema`` variant."""
+
+    decay: float = 0.0  # 0: off; AugReg/big_vision 0.9999
+    every: int = 1  # update after every n-th optimizer step
+    warmup: bool = False  # decay min(d, (1 + n) / (10 + n)) at the n-th update
 
 
 @dataclass
@@ -118,6 +142,7 @@ class TrainConfig:
     log_sample_keys: bool = False  # write each step's sample keys (resume checks)
     stop_at_step: int = 0  # checkpoint and stop here (time-boxed allocations); 0: run to the end
     resume_from: str | None = None  # a checkpoint tag dir to start from; None: latest in output_dir
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass
@@ -180,6 +205,7 @@ class FineTuneConfig:
     shuffle_buffer: int = 10_000  # encoded samples shuffled together (pre-training's block shuffle)
     num_workers: int = 2  # decoding processes
     seed: int = 0
+    ema_decay: float = 0.0  # 0: off; else the fine-tuned weights' EMA is evaluated too (top1_ema)
 
 
 @dataclass
@@ -236,6 +262,7 @@ class Config:
     run_dir: str = ""  # the run's records (pipeline.rundir); "": <ray.storage_path>/<name>, else output_dir
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -295,9 +322,41 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
     batch_split(cfg, cfg.ray.num_workers)
+    _validate_augreg(cfg)
     for i, fs in enumerate(cfg.eval.fewshot):
         require(all(k > 0 for k in fs.shots), f"eval.fewshot.{i}.shots", "shot counts must be positive")
         require(fs.seeds > 0, f"eval.fewshot.{i}.seeds", "must be positive")
+
+
+AUG_PRESETS_DIR = CONFIGS_DIR / "aug"
+AUG_KEYS = ("randaug_layers", "randaug_magnitude", "mixup_alpha")
+
+
+def aug_presets() -> dict[str, dict]:
+    """preset name -> its ``aug`` values, from ``configs/aug/*.yaml``."""
+    return {p.stem: dict(OmegaConf.load(p).aug) for p in sorted(AUG_PRESETS_DIR.glob("*.yaml"))
+            if "aug" in OmegaConf.load(p)}
+
+
+def _validate_augreg(cfg: DictConfig) -> None:
+    a = cfg.aug
+    require(a.randaug_layers >= 0, "aug.randaug_layers", f"must be >= 0, got {a.randaug_layers}")
+    require(0 <= a.randaug_magnitude <= 30, "aug.randaug_magnitude", f"must be in [0, 30], got {a.randaug_magnitude}")
+    require(a.mixup_alpha >= 0, "aug.mixup_alpha", f"must be >= 0, got {a.mixup_alpha}")
+    require(0.0 <= cfg.model.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {cfg.model.drop_path}")
+    e = cfg.train.ema
+    require(0.0 <= e.decay < 1.0, "train.ema.decay", f"must be in [0, 1) (0 turns EMA off), got {e.decay}")
+    require(e.every > 0, "train.ema.every", f"must be positive, got {e.every}")
+    for i, ft in enumerate(cfg.eval.finetune):
+        require(0.0 <= ft.ema_decay < 1.0, f"eval.finetune.{i}.ema_decay", f"must be in [0, 1), got {ft.ema_decay}")
+    if a.preset == "custom":
+        return
+    presets = aug_presets()
+    require(a.preset in presets, "aug.preset", f"unknown preset {a.preset!r}; known: {', '.join(sorted(presets))}, custom")
+    differ = [k for k in AUG_KEYS if float(a[k]) != float(presets[a.preset].get(k, 0))]
+    require(not differ, f"aug.{differ[0] if differ else ''}",
+             f"{a[differ[0]] if differ else ''} differs from preset {a.preset!r} ({presets[a.preset]}); set aug.preset=custom "
+             "to run other values")
 
 
 # What ``demo.enabled`` draws under output_dir before the prep jobs run (pipeline.run.prepare_data).

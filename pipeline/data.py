@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.augment import randaugment, sample_rng
+
 log = logging.getLogger(__name__)
 
 
@@ -274,6 +276,8 @@ class StreamSpec:
     crop_area: tuple[float, float]
     flip: bool
     skip_key: Callable[[str], bool] | None = None  # samples whose key it accepts are passed over (a dev carve)
+    randaug_layers: int = 0  # RandAugment after crop and flip, seeded by (seed, sample key, pass)
+    randaug_magnitude: float = 0.0
 
 
 class _ReaderDataset(torch.utils.data.IterableDataset):
@@ -305,7 +309,11 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
                     continue
                 rng = _rng(spec.seed, reader, pos[0], pos[1])
                 try:
-                    images.append(decode_train(sample["jpg"], spec.image_size, rng, spec.crop_area, spec.flip))
+                    image = decode_train(sample["jpg"], spec.image_size, rng, spec.crop_area, spec.flip)
+                    if spec.randaug_layers:
+                        aug_rng = sample_rng(spec.seed, sample["__key__"], pos[0])
+                        image = randaugment(image, spec.randaug_layers, spec.randaug_magnitude, aug_rng)
+                    images.append(image)
                     labels.append(sample_labels(sample))
                 except Exception as e:  # a corrupt sample must never crash a rank
                     skipped += 1

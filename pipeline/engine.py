@@ -118,11 +118,19 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, label_smooth
 
 
 def micro_step(engine, batch: dict, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+               dtype: torch.dtype, device: torch.device, mixup_lam: float | None = None) -> torch.Tensor:
     """Forward, backward and (at the accumulation boundary) the optimizer step of one
-    ``pipeline.data`` batch; the loss, detached."""
-    x = to_model_input(batch["images"].to(device, non_blocking=True), dtype)
-    value = loss(engine(x), batch["targets"].to(device, non_blocking=True))
+    ``pipeline.data`` batch, its images and targets mixed by ``mixup_lam`` when given
+    (``pipeline.augment.mixup``); the loss, detached."""
+    targets = batch["targets"].to(device, non_blocking=True)
+    if mixup_lam is None:
+        x = to_model_input(batch["images"].to(device, non_blocking=True), dtype)
+    else:
+        from pipeline.augment import mixup
+
+        x, targets = mixup(to_model_input(batch["images"].to(device, non_blocking=True)), targets, mixup_lam)
+        x = x.to(dtype)
+    value = loss(engine(x), targets)
     engine.backward(value)
     engine.step()
     return value.detach()

@@ -94,19 +94,47 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
-class Block(nn.Module):
-    """Pre-LayerNorm encoder block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) on a residual branch: in training, each sample's
+    branch output is zeroed with probability ``rate`` and the kept ones scaled by 1/(1-rate);
+    identity in eval mode. Draws from the torch RNG, so the RNG state that checkpoints save
+    (and ``torch.utils.checkpoint`` replays in recomputation) fixes the draws."""
 
-    def __init__(self, width: int, heads: int, mlp_dim: int, dropout: float):
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:.4f}"
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block stochastic-depth rates rising linearly from 0 (first block) to ``rate`` (last), as timm."""
+    return [rate * i / (depth - 1) if depth > 1 else rate for i in range(depth)]
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm encoder block: x + MHSA(LN(x)), then x + MLP(LN(x)); both branches under
+    stochastic depth when ``drop_path`` > 0."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, dropout: float, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, heads, dropout)
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = Mlp(width, mlp_dim, dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PreLogits(nn.Module):
@@ -125,7 +153,8 @@ class VisionTransformer(nn.Module):
     """ViT with a class token or global average pooling, as in the paper.
 
     ``forward_features`` returns the pre-logits representation (what few-shot probes use);
-    ``forward`` adds the classifier head. ``head_bias_init`` -10 with the sigmoid loss is
+    ``forward`` adds the classifier head. ``drop_path`` is the last block's stochastic-depth
+    rate (AugReg's 0.1; rates rise linearly over depth from 0). ``head_bias_init`` -10 with the sigmoid loss is
     big_vision's i21k/JFT recipe (its ``vit_i21k.py`` config), not something the paper states.
     """
 
@@ -138,6 +167,7 @@ class VisionTransformer(nn.Module):
         dropout: float = 0.0,
         head_bias_init: float = 0.0,
         grad_checkpointing: bool = False,
+        drop_path: float = 0.0,
     ):
         super().__init__()
         if pool not in ("token", "gap"):
@@ -154,7 +184,7 @@ class VisionTransformer(nn.Module):
         )
         self.pos_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            Block(width, spec.heads, spec.mlp_dim, dropout) for _ in range(spec.depth)
+            Block(width, spec.heads, spec.mlp_dim, dropout, rate) for rate in drop_path_rates(drop_path, spec.depth)
         )
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.pre_logits = PreLogits(width, representation_size) if representation_size else None

@@ -323,11 +323,13 @@ def _summary(run, tracker, prep, final: dict, train_seconds: float, total_second
     fewshot, finetune = {}, {}
     for _tag, recs in sorted(run.eval_records().items()):
         for rec in recs.values():
+            variant = rec.get("variant", "raw")
+            name = rec["dataset"] if variant == "raw" else f"{rec['dataset']}/{variant}"  # digits, digits/ema
             if rec["protocol"] == "fewshot_linear":
-                fewshot.setdefault(rec["dataset"], {})[rec["step"]] = {
+                fewshot.setdefault(name, {})[rec["step"]] = {
                     int(k.removesuffix("shot")): v for k, v in rec["metrics"].items() if k.endswith("shot")}
             else:
-                finetune.setdefault(rec["dataset"], {})[rec["step"]] = rec["metrics"]["top1"]
+                finetune.setdefault(name, {})[rec["step"]] = rec["metrics"]["top1"]
     try:
         experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
     except Exception:  # the server may be away

@@ -21,8 +21,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from pipeline import checkpoint, rundir
+from pipeline.augment import mixup_lambda
 from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
 from pipeline.data import ShardIndex, StreamSpec, TrainStream
+from pipeline.ema import EMA
 from pipeline.engine import (
     DTYPES,
     dist_setup,
@@ -137,6 +139,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
         cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
         pool=cfg.model.pool, representation_size=cfg.model.representation_size, dropout=cfg.model.dropout,
         head_bias_init=-10.0 if cfg.train.loss == "sigmoid" else 0.0, grad_checkpointing=cfg.model.grad_checkpointing,
+        drop_path=cfg.model.drop_path,
     )
 
 
@@ -203,9 +206,12 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     image_size = model.spec.img_size
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # dropout differs per rank
 
+    ema = EMA(engine.module, cfg.train.ema.decay, cfg.train.ema.every, cfg.train.ema.warmup, engine.optimizer) if cfg.train.ema.decay else None
     meta, rank_state = {}, None
     if (src := resume_source(ckpt_dir, run, cfg.train.resume_from)) is not None:
         meta, rank_state = checkpoint.load(engine, *src)
+        if ema is not None:
+            _restore_ema(ema, rank_state, Path(*src))
         log.info("resumed from %s/%s at step %d", *src, engine.global_steps)
     step = engine.global_steps
     samples_seen = int(meta.get("samples_seen", 0))
@@ -214,6 +220,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         index_url=cfg.data.train, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
         batch_size=cfg.data.micro_batch_size, image_size=image_size, num_classes=num_classes, seed=cfg.train.seed,
         shuffle_block=cfg.data.shuffle_block, crop_area=(cfg.data.crop_min_area, cfg.data.crop_max_area), flip=cfg.data.flip,
+        randaug_layers=cfg.aug.randaug_layers, randaug_magnitude=cfg.aug.randaug_magnitude,
     )
     rng = checkpoint.rng_state()
     stream = TrainStream(spec, (rank_state or {}).get("data"))
@@ -241,7 +248,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         meta = {"samples_seen": samples_seen, "world_size": world, "total_steps": steps, "num_classes": num_classes,
                 "model": cfg.model.name, "image_size": image_size, "mlflow_run_id": tracker.run_id if tracker else None,
                 "mlflow_uri": tracker.uri if tracker else None}
-        t = checkpoint.save(engine, ckpt_dir, at_step, meta, {"data": stream.state_dict()}, config_yaml, cfg.train.keep_checkpoints)
+        t = checkpoint.save(engine, ckpt_dir, at_step, meta, {"data": stream.state_dict()}, config_yaml, cfg.train.keep_checkpoints,
+                            ema=ema)
         publish_checkpoint(run, ckpt_dir, t, cfg.train.keep_checkpoints)
         log.info("checkpoint %s/%s complete", run.checkpoints.url, t)
         if on_checkpoint is not None:
@@ -254,13 +262,17 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
     engine.train()
     while step < steps:
-        for _ in range(accum):
+        for micro in range(accum):
             batch = next(stream)
-            loss = micro_step(engine, batch, loss_of, dtype, device)
+            # mixup: one lambda per micro-batch, from (seed, step, micro-batch): exact on resume
+            lam = mixup_lambda(cfg.aug.mixup_alpha, cfg.train.seed, step, micro) if cfg.aug.mixup_alpha > 0 else None
+            loss = micro_step(engine, batch, loss_of, dtype, device, mixup_lam=lam)
             window_loss += torch.stack([loss.float(), torch.ones((), device=device)])
             if keys_file:
                 keys_file.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
         step = engine.global_steps
+        if ema is not None:
+            ema.step(step)
         samples_seen += cfg.train.global_batch_size
         window_n += 1
         stop = torch.tensor(float(preempt.requested or (rank == 0 and run.stop_requested())), device=device)
@@ -322,6 +334,23 @@ def _last_logged_step(tracker: Tracker) -> int:
     except Exception as e:  # an unreachable server: log everything, the store keeps the last value
         log.warning("could not read the logged steps of run %s: %s", tracker.run_id, e)
         return 0
+
+
+def _restore_ema(ema: EMA, rank_state: dict | None, tag_dir: Path) -> None:
+    """This rank's EMA pieces from its own rank file, else (another world size) cut from the
+    checkpoint's whole EMA weights; a checkpoint without an EMA starts it from the weights."""
+    if rank_state and "ema" in rank_state:
+        ema.load_state_dict(rank_state.pop("ema"))
+    elif (tag_dir / checkpoint.EMA_FILE).is_file():
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(tag_dir / checkpoint.EMA_FILE), "pt") as f:
+            updates = int((f.metadata() or {}).get("updates", 0))
+        ema.load_full(load_file(str(tag_dir / checkpoint.EMA_FILE)), updates)
+    else:
+        log.warning("%s has no EMA: the EMA starts from the loaded weights", tag_dir)
+        ema.reset()
 
 
 def _eta(steps_left: int, steps_per_s: float) -> str:

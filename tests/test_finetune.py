@@ -203,3 +203,13 @@ def test_published_weights_are_a_starting_point_for_finetuning_and_the_cli(tmp_p
     out = json.loads(capsys.readouterr().out)
     assert out["init"] == str(npz) and set(out["fewshot"]["digits"]) == {"1", "5"}
     assert main(["pretrained", str(fewshot)]) == 2  # no init: a config error
+
+
+@pytest.mark.timeout(180)
+def test_finetuning_reports_the_top1_of_the_finetuned_weights_ema_and_can_start_from_a_checkpoints_ema(ckpt, digits):
+    # decay ~0: the EMA is the last weights, so its top-1 must equal the raw top-1 exactly
+    ft = digits_finetune(digits, image_size=24, batch_size=16, lrs=[0.03], steps=10, warmup_steps=2, ema_decay=1e-9)
+    result = finetune_eval(ft, ckpt, "step_00000000")
+    assert result["top1_ema"] == result["top1"]
+    with pytest.raises(FileNotFoundError, match="no EMA weights"):
+        load_for_finetune(ckpt, "step_00000000", 10, 24, variant="ema")

@@ -21,6 +21,10 @@ from conftest import ROOT, free_port, write_shards
 
 WORKER = ROOT / "tests" / "workers" / "train_phases.py"
 TAG4, TAG8 = "step_00000004", "step_00000008"
+# Every AugReg knob on, under ZeRO-3 with activation checkpointing, a checkpoint every step.
+AUGREG = {"deepspeed.zero_stage": 3, "model.grad_checkpointing": True, "model.drop_path": 0.2, "aug.preset": "light2",
+          "aug.randaug_layers": 2, "aug.randaug_magnitude": 10, "aug.mixup_alpha": 0.2, "train.ema.decay": 0.7,
+          "train.checkpoint_every": 1}
 
 
 def run_phases(nproc: int, phases: list[dict], workdir: Path, timeout: int = 400) -> dict:
@@ -81,8 +85,11 @@ def runs(tmp_path_factory, shards) -> dict:
         {"name": "A", "overrides": ov("A")},
         {"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
         *({"name": f"Z{z}", "overrides": ov(f"Z{z}", **{"train.stop_at_step": 4, "deepspeed.zero_stage": z})} for z in (2, 3)),
+        {"name": "AUG", "overrides": ov("AUG", **AUGREG)},
+        {"name": "AUGB", "overrides": ov("AUGB", **AUGREG, **{"train.stop_at_step": 4})},
     ], root)
-    second = run_phases(2, [{"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})}], root / "rerun")
+    second = run_phases(2, [{"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
+                            {"name": "AUGB", "overrides": ov("AUGB", **AUGREG, **{"train.stop_at_step": 4})}], root / "rerun")
     with ThreadPoolExecutor(2) as pool:
         converted = pool.map(lambda z: checkpoint_to_universal(str(root / f"Z{z}" / "checkpoints"), TAG4,
                                                                str(root / f"Z{z}_universal")), (2, 3))
@@ -127,6 +134,69 @@ def test_a_stopped_and_rerun_training_continues_one_mlflow_run_with_the_same_los
     # tolerance (here they are bit-identical; an off-by-one dropout RNG draw alone moves a loss ~1e-3).
     for (step, la), (_, lb) in zip(a["loss_history"], b_rest["loss_history"], strict=True):
         assert lb == pytest.approx(la, rel=1e-4, abs=1e-5), f"step {step}"
+
+
+@pytest.mark.timeout(600)
+def test_with_randaugment_mixup_drop_path_and_ema_a_stopped_and_rerun_training_is_bit_identical(runs):
+    import torch
+
+    from pipeline import checkpoint
+
+    a, b = keys_by_step(runs["root"] / "AUG"), keys_by_step(runs["root"] / "AUGB")
+    for rank in (0, 1):
+        assert [b[rank][s] for s in range(8)] == [a[rank][s] for s in range(8)], f"rank {rank}"
+    assert runs["second"]["AUGB"]["summary"]["step"] == 8 and runs["first"]["AUGB"]["summary"]["step"] == 4
+    assert runs["second"]["AUGB"]["loss_history"] == runs["first"]["AUG"]["loss_history"], "same augmented batches, same losses"
+    dirs = [str(runs["root"] / name / "checkpoints") for name in ("AUG", "AUGB")]
+    for variant in ("raw", "ema"):
+        w_a, w_b = (checkpoint.load_fp32_weights(d, TAG8, variant) for d in dirs)
+        assert sorted(w_a) == sorted(w_b)
+        assert all(torch.equal(w_a[k], w_b[k]) for k in w_a), f"{variant} weights differ after the resume"
+    assert not torch.equal(checkpoint.load_fp32_weights(dirs[0], TAG8, "ema")["head.weight"],
+                           checkpoint.load_fp32_weights(dirs[0], TAG8)["head.weight"])
+
+
+@pytest.mark.timeout(600)
+def test_the_checkpointed_ema_is_the_update_formula_over_the_fp32_weights_and_zero3_ranks_hold_half(runs):
+    import torch
+
+    from pipeline import checkpoint
+
+    d, decay = str(runs["root"] / "AUG" / "checkpoints"), AUGREG["train.ema.decay"]
+    ema = checkpoint.load_fp32_weights(d, "step_00000000")
+    assert all(torch.equal(ema[k], v) for k, v in checkpoint.load_fp32_weights(d, "step_00000000", "ema").items())
+    for step in range(1, 9):
+        raw = checkpoint.load_fp32_weights(d, f"step_{step:08d}")
+        ema = {k: decay * ema[k] + (1 - decay) * raw[k] for k in raw}
+        saved = checkpoint.load_fp32_weights(d, f"step_{step:08d}", "ema")
+        assert max((saved[k] - ema[k]).abs().max().item() for k in ema) < 1e-6, f"step {step}"
+    pieces = [torch.load(Path(d) / TAG8 / f"rank_{r}.pt", weights_only=False)["ema"]["pieces"] for r in (0, 1)]
+    held = [sum(t.numel() for t, _ in p.values()) for p in pieces]
+    total = sum(v.numel() for v in ema.values())
+    assert all(total / 2 <= h < total / 2 + 2 * len(ema) for h in held), (held, total)
+
+
+@pytest.mark.timeout(600)
+def test_the_evaluator_reports_a_checkpoints_ema_weights_as_their_own_variant(runs, shards):
+    from omegaconf import OmegaConf
+
+    from pipeline.evaluate.runner import evaluate_checkpoint, evaluated
+    from pipeline.rundir import RunDir
+
+    eval_cfg = OmegaConf.create({"fewshot": [{"name": "tiny", "train": shards, "test": shards, "shots": [1, 5], "seeds": 2,
+                                              "l2": 1024.0, "batch_size": 64, "crop_ratio": 1.0}], "finetune": []})
+    run = RunDir(str(runs["root"] / "AUG"))
+    assert TAG8 not in evaluated(run, eval_cfg)
+    res = evaluate_checkpoint(eval_cfg, str(runs["root"] / "AUG" / "checkpoints"), TAG8, run)
+    assert set(res["fewshot"]) == {"tiny"} and set(res["ema"]["fewshot"]) == {"tiny"}
+    recs = run.eval_records()[TAG8]
+    assert set(recs) == {"fewshot-tiny", "fewshot-tiny-ema"}
+    assert recs["fewshot-tiny"]["variant"] == "raw" and recs["fewshot-tiny-ema"]["variant"] == "ema"
+    assert set(recs["fewshot-tiny-ema"]["parent_metrics"]) == {"fewshot/ema/tiny/1shot", "fewshot/ema/tiny/5shot"}
+    assert set(recs["fewshot-tiny"]["parent_metrics"]) == {"fewshot/tiny/1shot", "fewshot/tiny/5shot"}
+    assert TAG8 in evaluated(run, eval_cfg)
+    run.fs.rm(run._path("evals", TAG8, "fewshot-tiny-ema.json"))
+    assert TAG8 not in evaluated(run, eval_cfg), "a checkpoint with an EMA is done only once its EMA is evaluated"
 
 
 @pytest.mark.timeout(600)

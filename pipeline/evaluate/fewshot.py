@@ -199,6 +199,7 @@ def evaluate(fs: DictConfig, weights) -> Result:
     """The evaluator (``eval.fewshot``): features of ``fs.train`` and ``fs.test`` under
     ``weights`` (``pipeline.evaluate.runner.Weights``), ridge few-shot for every k and seed."""
     from pipeline.data import iter_eval_batches
+    from pipeline.evaluate.record import metric_prefix
     from pipeline.evaluate.runner import Result
 
     model, image_size = weights.model()
@@ -215,5 +216,6 @@ def evaluate(fs: DictConfig, weights) -> Result:
         metrics[f"{shots}shot_std"] = r["std"]
     params = {"shots": list(fs.shots), "seeds": fs.seeds, "l2": fs.l2, "train": fs.train, "test": fs.test,
               "train_samples": len(train_y), "test_samples": len(test_y), "feature_dim": int(train_x.shape[1])}
-    return Result(metrics, params, {f"fewshot/{fs.name}/{s}shot": r["mean"] for s, r in res.items()}, cm,
+    prefix = metric_prefix("fewshot", fs.name, weights.variant)
+    return Result(metrics, params, {f"{prefix}/{s}shot": r["mean"] for s, r in res.items()}, cm,
                   f"{fs.name} {k}-shot (seed 0) at {weights.label}", summary=res)

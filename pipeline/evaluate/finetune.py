@@ -72,12 +72,14 @@ log = logging.getLogger(__name__)
 
 
 def load_for_finetune(ckpt_dir: str | None, tag: str | None, num_classes: int, image_size: int,
-                      interpolation: str = "bilinear", dropout: float = 0.0, init: str | None = None) -> VisionTransformer:
+                      interpolation: str = "bilinear", dropout: float = 0.0, init: str | None = None,
+                      variant: str = "raw") -> VisionTransformer:
     """A complete checkpoint's model at ``image_size`` with a new zero-init ``num_classes`` head.
 
     The consolidated fp32 weights are loaded strictly, position embeddings interpolated to
     the new patch grid (``interpolation``); then the pre-training head and pre-logits are
-    replaced. ``init`` names published weights (``pipeline.weights``) to start from instead.
+    replaced. ``init`` names published weights (``pipeline.weights``) to start from instead;
+    ``variant`` ``ema`` starts from the checkpoint's EMA weights.
     """
     if init:
         from pipeline.weights import load_pretrained
@@ -95,7 +97,7 @@ def load_for_finetune(ckpt_dir: str | None, tag: str | None, num_classes: int, i
         cfg.model.name, num_classes=meta["num_classes"], img_size=image_size, patch_size=cfg.model.patch_size,
         pool=cfg.model.pool, representation_size=cfg.model.representation_size, dropout=dropout,
     )
-    state = checkpoint.load_fp32_weights(ckpt_dir, tag)
+    state = checkpoint.load_fp32_weights(ckpt_dir, tag, variant)
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], image_size // patch, model.num_prefix_tokens, interpolation)
     model.load_state_dict(state)
     model.reset_head(num_classes)
@@ -145,11 +147,17 @@ def build_engine(model: torch.nn.Module, ft: DictConfig, lr: float):
 
 
 def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: float, device: torch.device,
-              label: str, num_classes: int) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
+              label: str, num_classes: int, ema_out: dict | None = None) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
     """Fine-tune ``model`` for ``ft.steps`` at ``lr`` on the train split less its dev part,
     read by pre-training's stream (``pipeline.data.TrainStream``: block shuffle, inception
-    crop, flip); the trained module and (step, mean loss) points."""
+    crop, flip); the trained module and (step, mean loss) points.
+
+    With ``ft.ema_decay`` and an ``ema_out`` dict, the fine-tuned weights' EMA (pipeline.ema,
+    as in pre-training) is left in ``ema_out["weights"]``."""
+    from pipeline.ema import EMA
+
     engine = build_engine(model, ft, lr)
+    ema = EMA(engine.module, ft.ema_decay, optimizer=engine.optimizer) if ft.ema_decay and ema_out is not None else None
     micro = ft.micro_batch_size or ft.batch_size
     spec = StreamSpec(index_url=ft.train, rank=0, world_size=1, num_workers=ft.num_workers, batch_size=micro,
                       image_size=ft.image_size, num_classes=num_classes, seed=ft.seed, shuffle_block=max(1, ft.shuffle_buffer),
@@ -165,6 +173,8 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
         before = engine.global_steps
         window.append(micro_step(engine, next(stream), loss_of, dtype, device).item())
         step = engine.global_steps
+        if ema is not None and step != before:
+            ema.step(step)
         if step != before and (step % every == 0 or step == ft.steps):
             mean = float(np.mean(window))
             curve.append((step, mean))
@@ -172,6 +182,8 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
                      engine.get_lr()[0], len(window) * micro / (time.time() - t0))
             window, t0 = [], time.time()
     del stream
+    if ema is not None:
+        ema_out["weights"] = ema.full_state_dict()
     module = engine.module
     if hasattr(engine, "destroy"):
         engine.destroy()
@@ -180,12 +192,14 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
     return module, curve
 
 
-def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: str | None = None) -> dict:
-    """Fine-tune one checkpoint (or published weights ``init``) on one dataset: lr picked on
-    dev, top-1 on the test split.
+def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: str | None = None,
+                  variant: str = "raw") -> dict:
+    """Fine-tune one checkpoint (its ``variant`` weights: ``raw`` or ``ema``; or published
+    weights ``init``) on one dataset: lr picked on dev, top-1 on the test split.
 
     Returns ``{"top1", "best_lr", "dev_top1": {lr: acc}, "curves": {label: [(step, loss)]},
-    "confusion", "num_classes", "test_samples", "seconds"}``.
+    "confusion", "num_classes", "test_samples", "seconds"}``, plus ``top1_ema`` (the test top-1
+    of the final run's EMA weights) when ``ft.ema_decay`` > 0.
     """
     t_start = time.time()
     check(ft)
@@ -193,7 +207,7 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
         check_stored_size(split, ft.image_size, f"eval.finetune[{ft.name}]")
     _, _, device = dist_setup(standalone=True)
     num_classes = ft.num_classes or ShardIndex.load(ft.train).num_classes
-    base = load_for_finetune(ckpt_dir, tag, num_classes, ft.image_size, ft.pos_embed_interpolation, ft.dropout, init)
+    base = load_for_finetune(ckpt_dir, tag, num_classes, ft.image_size, ft.pos_embed_interpolation, ft.dropout, init, variant)
     lrs = [float(x) for x in ft.lrs]
     dev_top1, curves, kept = {}, {}, None
     if len(lrs) > 1 and ft.dev_fraction > 0:
@@ -207,15 +221,23 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
                 kept = module
             del module
     best = max(dev_top1, key=dev_top1.get) if dev_top1 else lrs[0]
-    if kept is None:
-        kept, curves["final"] = train_run(copy.deepcopy(base).to(device), ft, best, 0.0, device, f"final lr {best:g}", num_classes)
+    ema: dict = {}
+    if kept is None or ft.ema_decay:  # the final run is where the EMA is kept
+        kept, curves["final"] = train_run(copy.deepcopy(base).to(device), ft, best, 0.0, device, f"final lr {best:g}",
+                                          num_classes, ema)
     pred, y = predict(kept, eval_batches(ft.test, ft.image_size, ft.eval_batch_size, ft.crop_ratio), device)
     top1 = float(np.mean(pred == y)) if len(y) else 0.0
+    extra = {}
+    if ema:
+        kept.load_state_dict({k: v.to(kept.state_dict()[k].dtype) for k, v in ema["weights"].items()})
+        pred_ema, _ = predict(kept, eval_batches(ft.test, ft.image_size, ft.eval_batch_size, ft.crop_ratio), device)
+        extra["top1_ema"] = float(np.mean(pred_ema == y)) if len(y) else 0.0
+        log.info("finetune %s at %s: EMA (decay %g) test top-1 %.4f", ft.name, tag, ft.ema_decay, extra["top1_ema"])
     log.info("finetune %s at %s: test top-1 %.4f at lr %g (%.0fs)", ft.name, tag, top1, best, time.time() - t_start)
     return {
         "top1": top1, "best_lr": best, "dev_top1": dev_top1, "curves": curves, "num_classes": num_classes,
         "confusion": confusion_matrix(y, pred, num_classes), "test_samples": int(len(y)),
-        "seconds": time.time() - t_start,
+        "seconds": time.time() - t_start, **extra,
     }
 
 
@@ -224,15 +246,20 @@ PROTOCOL = "finetune"
 
 def evaluate(ft: DictConfig, weights) -> Result:
     """The evaluator (``eval.finetune``): :func:`finetune_eval` of ``weights``
-    (``pipeline.evaluate.runner.Weights``: a checkpoint or published weights)."""
+    (``pipeline.evaluate.runner.Weights``: a checkpoint's raw or EMA weights, or published weights)."""
+    from pipeline.evaluate.record import metric_prefix
     from pipeline.evaluate.runner import Result
 
-    res = finetune_eval(ft, weights.ckpt_dir, weights.tag, init=weights.init)
+    res = finetune_eval(ft, weights.ckpt_dir, weights.tag, init=weights.init, variant=weights.variant)
     metrics = {"top1": res["top1"], "best_lr": res["best_lr"], "seconds": res["seconds"]}
+    prefix = metric_prefix("finetune", ft.name, weights.variant)
+    step_metrics = {f"{prefix}/top1": res["top1"]}
+    if "top1_ema" in res:  # the fine-tuned weights' own EMA
+        metrics["top1_ema"] = step_metrics[f"{prefix}/top1_ema"] = res["top1_ema"]
     metrics.update({f"dev_top1_lr_{lr:g}": acc for lr, acc in res["dev_top1"].items()})
     params = {k: v for k, v in OmegaConf.to_container(ft).items() if k != "name"}
     params.update(num_classes=res["num_classes"], test_samples=res["test_samples"])
-    return Result(metrics, params, {f"finetune/{ft.name}/top1": res["top1"]}, res["confusion"],
+    return Result(metrics, params, step_metrics, res["confusion"],
                   f"{ft.name} fine-tuned at lr {res['best_lr']:g} from {weights.label}",
                   curves={label: [[int(s), float(v)] for s, v in curve] for label, curve in res["curves"].items()},
                   summary=res)

@@ -30,16 +30,24 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "eval.checkpoint_tag"
 EVAL_NAME_TAG = "eval.name"
+VARIANT_TAG = "eval.variant"
 
 
-def eval_name(evaluator: str, dataset: str) -> str:
-    """The name of one evaluation in the run dir and in MLflow (``fewshot-digits``)."""
-    return f"{evaluator}-{dataset}"
+def eval_name(evaluator: str, dataset: str, variant: str = "raw") -> str:
+    """The name of one evaluation in the run dir and in MLflow: ``fewshot-digits`` for a
+    checkpoint's own weights, ``fewshot-digits-ema`` for its EMA weights."""
+    return f"{evaluator}-{dataset}" + ("" if variant == "raw" else f"-{variant}")
+
+
+def metric_prefix(evaluator: str, dataset: str, variant: str = "raw") -> str:
+    """Parent-run metric prefix: ``fewshot/digits`` (raw weights), ``fewshot/ema/digits`` (EMA)."""
+    return f"{evaluator}/{dataset}" if variant == "raw" else f"{evaluator}/{variant}/{dataset}"
 
 
 def record_of(protocol: str, dataset: str, tag: str, step: int, where: str, params: dict, metrics: dict,
-              parent_metrics: dict, confusion: np.ndarray, title: str, curves: dict | None = None, config_yaml: str = "") -> dict:
-    return {"protocol": protocol, "dataset": dataset, "tag": tag, "step": step, "where": where, "params": params,
+              parent_metrics: dict, confusion: np.ndarray, title: str, curves: dict | None = None, config_yaml: str = "",
+              variant: str = "raw") -> dict:
+    return {"protocol": protocol, "dataset": dataset, "variant": variant, "tag": tag, "step": step, "where": where, "params": params,
             "metrics": {k: float(v) for k, v in metrics.items()}, "parent_metrics": {k: float(v) for k, v in parent_metrics.items()},
             "confusion": np.asarray(confusion).astype(int).tolist(), "title": title, "curves": curves or {},
             "config_yaml": config_yaml, "time_ms": int(time.time() * 1000)}
@@ -70,7 +78,8 @@ def publish(run: RunDir, uri: str, parent_run_id: str, tag: str, name: str, reco
             child_id = found[0].info.run_id
         else:
             tags = {PARENT_TAG: parent_run_id, CHECKPOINT_TAG: tag, EVAL_NAME_TAG: name, "eval.checkpoint_step": str(record["step"]),
-                    "eval.checkpoint_path": record["where"], "eval.dataset": record["dataset"], "eval.protocol": record["protocol"]}
+                    "eval.checkpoint_path": record["where"], "eval.dataset": record["dataset"], "eval.protocol": record["protocol"],
+                    VARIANT_TAG: record.get("variant", "raw")}
             child_id = client.create_run(exp, start_time=ts, tags=tags, run_name=f"{name}-{tag}").info.run_id
         params = [Param(k, _param_value(v)) for k, v in record["params"].items()]
         metrics = [Metric(k, v, ts, record["step"]) for k, v in record["metrics"].items()]

@@ -52,17 +52,20 @@ class Result:
 
 
 class Weights:
-    """What is evaluated: a complete local checkpoint (``ckpt_dir``, ``tag``) or published
-    weights (``init``, see ``pipeline.weights``). The model is loaded once, on first use, for
-    all the evaluators that share it."""
+    """What is evaluated: a complete local checkpoint (``ckpt_dir``, ``tag``; ``variant`` ``raw``
+    for its own weights, ``ema`` for their EMA) or published weights (``init``, see
+    ``pipeline.weights``). The model is loaded once, on first use, for all the evaluators that
+    share it."""
 
-    def __init__(self, ckpt_dir: str | None = None, tag: str | None = None, init: str | None = None):
-        self.ckpt_dir, self.tag, self.init = ckpt_dir, tag, init
+    def __init__(self, ckpt_dir: str | None = None, tag: str | None = None, init: str | None = None,
+                 variant: str = "raw"):
+        self.ckpt_dir, self.tag, self.init, self.variant = ckpt_dir, tag, init, variant
         self._loaded: tuple[torch.nn.Module, int] | None = None
 
     @property
     def label(self) -> str:
-        return self.tag or Path(self.init or "").name
+        """How results name these weights: ``step_00000400``, ``step_00000400 (ema)``, a file name."""
+        return (self.tag or Path(self.init or "").name) + ("" if self.variant == "raw" else f" ({self.variant})")
 
     def model(self) -> tuple[torch.nn.Module, int]:
         """The model in eval mode on this task's device (a GPU when given one), and its input resolution."""
@@ -73,7 +76,7 @@ class Weights:
                 model = load_pretrained(self.init)
                 size = model.spec.img_size
             else:
-                model, _, meta = load_model(self.ckpt_dir, self.tag)
+                model, _, meta = load_model(self.ckpt_dir, self.tag, self.variant)
                 size = meta["image_size"]
             self._loaded = (model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), size)
         return self._loaded
@@ -82,8 +85,9 @@ class Weights:
         self._loaded = None
 
 
-def load_model(ckpt_dir: str, tag: str) -> tuple[torch.nn.Module, DictConfig, dict]:
-    """The model of a complete checkpoint with consolidated fp32 weights, in eval mode."""
+def load_model(ckpt_dir: str, tag: str, variant: str = "raw") -> tuple[torch.nn.Module, DictConfig, dict]:
+    """The model of a complete checkpoint with consolidated fp32 weights (``variant`` ``ema``:
+    its EMA weights), in eval mode."""
     tag_dir = Path(ckpt_dir) / tag
     cfg = from_container(OmegaConf.to_container(OmegaConf.load(tag_dir / "config.yaml")))
     meta = json.loads((tag_dir / "meta.json").read_text())
@@ -91,7 +95,7 @@ def load_model(ckpt_dir: str, tag: str) -> tuple[torch.nn.Module, DictConfig, di
         cfg.model.name, num_classes=meta["num_classes"], img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
         pool=cfg.model.pool, representation_size=cfg.model.representation_size,
     )
-    model.load_state_dict(checkpoint.load_fp32_weights(ckpt_dir, tag))
+    model.load_state_dict(checkpoint.load_fp32_weights(ckpt_dir, tag, variant))
     return model.eval(), cfg, meta
 
 
@@ -101,10 +105,19 @@ def wanted(eval_cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 
 
 def evaluated(run: RunDir, eval_cfg: DictConfig) -> set[str]:
-    """Tags of the checkpoints with a record of every configured evaluation (the run's own
-    records: readable with MLflow down)."""
-    names = {eval_name(n, spec.name) for n, spec in wanted(eval_cfg)}
-    return {tag for tag, recs in run.eval_records().items() if names <= set(recs)}
+    """Tags of the checkpoints with a record of every configured evaluation of every weights
+    variant they hold (the run's own records: readable with MLflow down)."""
+    out = set()
+    for tag, recs in run.eval_records().items():
+        raw = {eval_name(n, spec.name) for n, spec in wanted(eval_cfg)}
+        ema = {eval_name(n, spec.name, "ema") for n, spec in wanted(eval_cfg)}
+        if raw <= set(recs) and (not _has_ema(run, tag) or ema <= set(recs)):
+            out.add(tag)
+    return out
+
+
+def _has_ema(run: RunDir, tag: str) -> bool:
+    return run.checkpoints.fs.exists(f"{run.checkpoints.root}/{tag}/{checkpoint.EMA_FILE}")
 
 
 def validate_eval(eval_cfg: DictConfig) -> None:
@@ -124,7 +137,7 @@ def run_evaluators(eval_cfg: DictConfig, weights: Weights, skip: set[str] = froz
     out: dict = {n: {} for n in EVALUATORS}
     try:
         for n, spec in wanted(eval_cfg):
-            if eval_name(n, spec.name) in skip:
+            if eval_name(n, spec.name, weights.variant) in skip:
                 continue
             result = evaluator(n).evaluate(spec, weights)
             out[n][spec.name] = result.summary
@@ -137,25 +150,38 @@ def run_evaluators(eval_cfg: DictConfig, weights: Weights, skip: set[str] = froz
 
 def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunDir, tracking_uri: str | None = None,
                         parent_run_id: str | None = None, source: str | None = None) -> dict:
-    """Run every configured evaluation of one (local) checkpoint not yet recorded in ``run``;
-    record each in the run dir, then show it in MLflow when tracking.
+    """Run every configured evaluation of one (local) checkpoint not yet recorded in ``run``,
+    for each weights variant it holds (``raw``; ``ema`` when trained with an EMA); record each
+    in the run dir, then show it in MLflow when tracking.
 
     ``source`` names the checkpoint dir in the records when ``ckpt_dir`` is a local copy.
+    Results are ``{"fewshot": {dataset: ...}, "finetune": {...}}`` for the raw weights, and the
+    same under ``"ema"`` for the EMA weights.
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     step = checkpoint.step_of(tag)
     where = f"{(source or str(ckpt_dir)).rstrip('/')}/{tag}"
     recorded = set(run.eval_records().get(tag, {}))
+    variants = checkpoint.variants(Path(ckpt_dir) / tag)
 
-    def keep(n: str, spec: DictConfig, result: Result) -> None:
-        record = record_of(evaluator(n).PROTOCOL, spec.name, tag, step, where, result.params, result.metrics,
-                           result.step_metrics, result.confusion, result.title, curves=result.curves,
-                           config_yaml=OmegaConf.to_yaml(spec, resolve=True))
-        name = eval_name(n, spec.name)
-        run.write_eval_record(tag, name, record)
-        if tracking_uri and parent_run_id:
-            publish(run, tracking_uri, parent_run_id, tag, name, run.eval_record(tag, name))
+    def keep(variant: str):
+        def keep(n: str, spec: DictConfig, result: Result) -> None:
+            record = record_of(evaluator(n).PROTOCOL, spec.name, tag, step, where, result.params, result.metrics,
+                               result.step_metrics, result.confusion, result.title, curves=result.curves,
+                               config_yaml=OmegaConf.to_yaml(spec, resolve=True), variant=variant)
+            name = eval_name(n, spec.name, variant)
+            run.write_eval_record(tag, name, record)
+            if tracking_uri and parent_run_id:
+                publish(run, tracking_uri, parent_run_id, tag, name, run.eval_record(tag, name))
+        return keep
 
-    results = run_evaluators(eval_cfg, Weights(ckpt_dir, tag), skip=recorded, keep=keep)
-    wanted_names = {eval_name(n, spec.name) for n, spec in wanted(eval_cfg)}
-    return {"step": step, "tag": tag, **results, "skipped": sorted(recorded & wanted_names)}
+    results: dict = {"step": step, "tag": tag}
+    for variant in variants:  # the checkpoint's own weights, then its EMA's (their results under "ema")
+        out = run_evaluators(eval_cfg, Weights(ckpt_dir, tag, variant=variant), skip=recorded, keep=keep(variant))
+        if variant == "raw":
+            results.update(out)
+        else:
+            results[variant] = out
+    names = {eval_name(n, spec.name, v) for n, spec in wanted(eval_cfg) for v in variants}
+    results["skipped"] = sorted(recorded & names)
+    return results
