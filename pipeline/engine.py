@@ -36,6 +36,11 @@ def dist_setup(standalone: bool = False) -> tuple[int, int, torch.device]:
     if dist.is_initialized():
         if standalone and dist.get_world_size() != 1:
             raise RuntimeError(f"this runs on one rank; the process is in a group of {dist.get_world_size()}")
+        if standalone:  # the group outlived its env (DeepSpeed's engine reads LOCAL_RANK)
+            for key in ("RANK", "LOCAL_RANK"):
+                os.environ.setdefault(key, "0")
+            for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+                os.environ.setdefault(key, "1")
     elif standalone:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
