@@ -14,6 +14,8 @@
 ``python launch/cluster.py upload-env REPO``
     The ``--runtime-env-json`` for ``ray job submit`` that ships REPO as the job's working
     directory (without virtualenvs, runs, caches and git data).
+``python launch/cluster.py node -- ray start --block ...``
+    A Ray node inside a SLURM job step (see :func:`node`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -110,6 +114,51 @@ def upload_env(repo: str) -> str:
     return json.dumps({"working_dir": repo, "excludes": UPLOAD_EXCLUDES})
 
 
+def node(cmd: list[str]) -> int:
+    """Run a Ray node (``ray start --block ...``) in a SLURM job step so that a SIGTERM to the
+    step becomes a graceful stop instead of the end of the cluster.
+
+    ``scancel --signal=TERM <job>`` (and SLURM's own TERM before a kill) reaches every process
+    of every job step: Ray's raylet and workers would exit at once and the training on this
+    node with them, before any checkpoint. So the node runs with SIGTERM blocked (Ray's
+    processes inherit the mask) and this process, the step's task, takes the TERM: it asks
+    the batch shell for a graceful stop (``scancel --batch --signal=USR2 $SLURM_JOB_ID``; the
+    batch script turns one or many of those into one stop of the job). SIGUSR1 (sent by
+    ``launch/pretrain.sh`` when the job is over, through srun) kills the node's processes.
+    Exits with the node's status, 0 after SIGUSR1.
+    """
+    proc = subprocess.Popen(cmd, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+
+    def stop_requested(signum, frame):
+        if torn_down:  # the job is over: SLURM ends the step
+            return
+        job = os.environ.get("SLURM_JOB_ID")
+        print(f"ray node on {socket.gethostname()}: SIGTERM, asking job {job} for a graceful stop", file=sys.stderr, flush=True)
+        if job:
+            subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=False)
+
+    torn_down = []
+
+    def teardown(signum, frame):
+        import psutil
+
+        torn_down.append(signum)
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    signal.signal(signal.SIGTERM, stop_requested)
+    signal.signal(signal.SIGUSR1, teardown)
+    rc = proc.wait()
+    return 0 if torn_down else rc
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="launch/cluster.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -126,6 +175,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("url")
     p.add_argument("submission_id")
     sub.add_parser("upload-env").add_argument("repo")
+    sub.add_parser("node").add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
     if args.cmd == "free-ports":
@@ -138,6 +188,8 @@ def main(argv: list[str]) -> int:
             return 1
     elif args.cmd == "wait-nodes":
         return wait_nodes(args.url, args.n, args.timeout, args.pid)
+    elif args.cmd == "node":
+        return node(args.command[1:] if args.command[:1] == ["--"] else args.command)
     elif args.cmd == "exit-code":
         print(exit_code(args.url, args.submission_id))
     else:
