@@ -9,8 +9,9 @@
 ``python launch/cluster.py wait-nodes URL N [--timeout S] [--pid PID]``
     Waits until N nodes are alive (the dashboard up and every node joined); exits 1 on
     timeout, saying how many joined, or as soon as process PID (the head) has exited.
-``python launch/cluster.py exit-code URL SUBMISSION_ID``
-    The job driver's exit code (empty when Ray does not know it).
+``python launch/cluster.py exit-code URL SUBMISSION_ID [--run-dir URL]``
+    The job driver's exit code (empty when Ray does not know it; 3 for a job that
+    ``ray job stop`` stopped with a checkpoint, seen in its run dir).
 ``python launch/cluster.py upload-env REPO``
     The ``--runtime-env-json`` for ``ray job submit`` that ships REPO as the job's working
     directory (without virtualenvs, runs, caches and git data).
@@ -101,11 +102,25 @@ def wait_nodes(url: str, n: int, timeout: float, pid: int | None = None) -> int:
     return 1
 
 
-def exit_code(url: str, submission_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient
+def exit_code(url: str, submission_id: str, run_dir: str | None = None) -> str:
+    """The driver's exit code; for a job stopped with ``ray job stop`` (Ray records no code
+    then) 3 when the run dir's summary, written after the job started, says it stopped with a
+    checkpoint."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     info = JobSubmissionClient(url).get_job_info(submission_id)
-    return "" if info.driver_exit_code is None else str(info.driver_exit_code)
+    if info.driver_exit_code is not None:
+        return str(info.driver_exit_code)
+    if info.status == JobStatus.STOPPED and run_dir:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from pipeline.rundir import EXIT_STOPPED, RunDir
+
+        run = RunDir(run_dir)
+        summary = run.summary() or {}
+        written = run.fs.modified(f"{run.root}/summary.json").timestamp() if summary else 0
+        if summary.get("stopped") and written * 1000 >= (info.start_time or 0):
+            return str(EXIT_STOPPED)
+    return ""
 
 
 def upload_env(repo: str) -> str:
@@ -174,6 +189,7 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("exit-code")
     p.add_argument("url")
     p.add_argument("submission_id")
+    p.add_argument("--run-dir", default=None)
     sub.add_parser("upload-env").add_argument("repo")
     sub.add_parser("node").add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -191,7 +207,7 @@ def main(argv: list[str]) -> int:
     elif args.cmd == "node":
         return node(args.command[1:] if args.command[:1] == ["--"] else args.command)
     elif args.cmd == "exit-code":
-        print(exit_code(args.url, args.submission_id))
+        print(exit_code(args.url, args.submission_id, args.run_dir))
     else:
         print(upload_env(args.repo))
     return 0

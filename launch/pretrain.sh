@@ -187,10 +187,12 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
     kill -0 "$SUBMIT_PID" 2> /dev/null || break
   done
   SUBMIT_PID=
+  # `ray job submit` exits 0 for a job that `ray job stop` stopped: ask for the driver's status.
+  local code run_dir=()
+  [[ $UPLOAD == 1 && $RUN_DIR != *://* ]] || run_dir=(--run-dir "$RUN_DIR")
+  code=$(cd "$REPO" && { cluster exit-code "$DASHBOARD" "$JOB_ID" "${run_dir[@]}" 2> /dev/null || true; })
+  [[ $code =~ ^[0-9]+$ && $code != 0 ]] && rc=$code
   if ((rc != 0)); then
-    local code
-    code=$(cluster exit-code "$DASHBOARD" "$JOB_ID" 2> /dev/null || true)
-    [[ $code =~ ^[0-9]+$ && $code != 0 ]] && rc=$code
     if ((rc == 3)); then
       local again="launch/pretrain.sh ${ARGS[*]}"
       [[ $MODE == slurm ]] && again+=" with the same --sbatch-args (pretrain.sh --requeue makes SLURM do it)"
