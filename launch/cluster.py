@@ -9,11 +9,14 @@
 ``python launch/cluster.py wait-nodes URL N [--timeout S] [--pid PID]``
     Waits until N nodes are alive (the dashboard up and every node joined); exits 1 on
     timeout, saying how many joined, or as soon as process PID (the head) has exited.
-``python launch/cluster.py exit-code URL SUBMISSION_ID``
-    The job driver's exit code (empty when Ray does not know it).
+``python launch/cluster.py exit-code URL SUBMISSION_ID [--run-dir URL]``
+    The job driver's exit code (empty when Ray does not know it; 3 for a job that
+    ``ray job stop`` stopped with a checkpoint, seen in its run dir).
 ``python launch/cluster.py upload-env REPO``
     The ``--runtime-env-json`` for ``ray job submit`` that ships REPO as the job's working
     directory (without virtualenvs, runs, caches and git data).
+``python launch/cluster.py node -- ray start --block ...``
+    A Ray node inside a SLURM job step (see :func:`node`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -97,17 +102,76 @@ def wait_nodes(url: str, n: int, timeout: float, pid: int | None = None) -> int:
     return 1
 
 
-def exit_code(url: str, submission_id: str) -> str:
-    from ray.job_submission import JobSubmissionClient
+def exit_code(url: str, submission_id: str, run_dir: str | None = None) -> str:
+    """The driver's exit code; for a job stopped with ``ray job stop`` (Ray records no code
+    then) 3 when the run dir's summary, written after the job started, says it stopped with a
+    checkpoint."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     info = JobSubmissionClient(url).get_job_info(submission_id)
-    return "" if info.driver_exit_code is None else str(info.driver_exit_code)
+    if info.driver_exit_code is not None:
+        return str(info.driver_exit_code)
+    if info.status == JobStatus.STOPPED and run_dir:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from pipeline.rundir import EXIT_STOPPED, RunDir
+
+        run = RunDir(run_dir)
+        summary = run.summary() or {}
+        written = run.fs.modified(f"{run.root}/summary.json").timestamp() if summary else 0
+        if summary.get("stopped") and written * 1000 >= (info.start_time or 0):
+            return str(EXIT_STOPPED)
+    return ""
 
 
 def upload_env(repo: str) -> str:
     # No env_vars here: pipeline.run's ray.init sets its own, and Ray refuses to merge a
     # job's env_vars with ray.init's when they share a key.
     return json.dumps({"working_dir": repo, "excludes": UPLOAD_EXCLUDES})
+
+
+def node(cmd: list[str]) -> int:
+    """Run a Ray node (``ray start --block ...``) in a SLURM job step so that a SIGTERM to the
+    step becomes a graceful stop instead of the end of the cluster.
+
+    ``scancel --signal=TERM <job>`` (and SLURM's own TERM before a kill) reaches every process
+    of every job step: Ray's raylet and workers would exit at once and the training on this
+    node with them, before any checkpoint. So the node runs with SIGTERM blocked (Ray's
+    processes inherit the mask) and this process, the step's task, takes the TERM: it asks
+    the batch shell for a graceful stop (``scancel --batch --signal=USR2 $SLURM_JOB_ID``; the
+    batch script turns one or many of those into one stop of the job). SIGUSR1 (sent by
+    ``launch/pretrain.sh`` when the job is over, through srun) kills the node's processes.
+    Exits with the node's status, 0 after SIGUSR1.
+    """
+    proc = subprocess.Popen(cmd, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+
+    def stop_requested(signum, frame):
+        if torn_down:  # the job is over: SLURM ends the step
+            return
+        job = os.environ.get("SLURM_JOB_ID")
+        print(f"ray node on {socket.gethostname()}: SIGTERM, asking job {job} for a graceful stop", file=sys.stderr, flush=True)
+        if job:
+            subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=False)
+
+    torn_down = []
+
+    def teardown(signum, frame):
+        import psutil
+
+        torn_down.append(signum)
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    signal.signal(signal.SIGTERM, stop_requested)
+    signal.signal(signal.SIGUSR1, teardown)
+    rc = proc.wait()
+    return 0 if torn_down else rc
 
 
 def main(argv: list[str]) -> int:
@@ -125,7 +189,9 @@ def main(argv: list[str]) -> int:
     p = sub.add_parser("exit-code")
     p.add_argument("url")
     p.add_argument("submission_id")
+    p.add_argument("--run-dir", default=None)
     sub.add_parser("upload-env").add_argument("repo")
+    sub.add_parser("node").add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
     if args.cmd == "free-ports":
@@ -138,8 +204,10 @@ def main(argv: list[str]) -> int:
             return 1
     elif args.cmd == "wait-nodes":
         return wait_nodes(args.url, args.n, args.timeout, args.pid)
+    elif args.cmd == "node":
+        return node(args.command[1:] if args.command[:1] == ["--"] else args.command)
     elif args.cmd == "exit-code":
-        print(exit_code(args.url, args.submission_id))
+        print(exit_code(args.url, args.submission_id, args.run_dir))
     else:
         print(upload_env(args.repo))
     return 0

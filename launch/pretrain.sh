@@ -6,7 +6,8 @@ set -euo pipefail
 usage() {
   cat <<'EOF'
 Usage: launch/pretrain.sh [--slurm | --address URL] [--dry-run] [--num-cpus N] [--upload]
-                          [--sbatch-args "ARGS"] [<experiment.yaml>] [key=value ...]
+                          [--sbatch-args "ARGS"] [--requeue] [--signal-lead S]
+                          [<experiment.yaml>] [key=value ...]
 
 Validates the config first (a bad one fails with exit code 2 before anything starts), then
 runs `python -m pipeline.run <experiment.yaml> key=value ...` as a Ray job.
@@ -26,6 +27,11 @@ Where the job runs:
                   script or under salloc): Ray head on the first node, workers on the
                   others (srun), then the job with ray.num_workers=<nodes x GPUs per node>
                   ray.use_gpu=true when the nodes have GPUs (unless you set ray.* yourself).
+  --requeue       (--slurm) sbatch --requeue: a job stopped by a signal (preemption, the
+                  time-limit warning, scancel --signal=TERM) requeues itself and resumes from
+                  its stop checkpoint and MLflow run; the log is appended to, not replaced
+  --signal-lead S (--slurm) SLURM sends SIGTERM to the batch shell S seconds before the time
+                  limit (sbatch --signal=B:TERM@S; default 300): time to checkpoint and stop
 
 Options:
   --dry-run       print every command instead of running it (the config is still checked)
@@ -39,7 +45,7 @@ Options:
 Environment:
   RAY_AUTH_MODE            token (default for clusters started here) or disabled; for
                            --address it is set to token when the dashboard asks for one
-  PRETRAIN_RAY_TMPDIR      where the local cluster's temp dir is made (default /tmp; keep
+  PRETRAIN_RAY_TMPDIR      where the local cluster's (on SLURM: each node's) temp dir is made (default /tmp; keep
                            it short: Ray's socket paths must stay under 107 bytes)
   PRETRAIN_WAIT_S          seconds to wait for the cluster's nodes (default 120 local,
                            300 SLURM)
@@ -54,7 +60,8 @@ EOF
 }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-MODE=local ADDRESS=${RAY_ADDRESS:-} DRY=0 NUM_CPUS='' UPLOAD=0 CONFIG='' SBATCH_ARGS=''
+ARGS=("$@")
+MODE=local ADDRESS=${RAY_ADDRESS:-} DRY=0 NUM_CPUS='' UPLOAD=0 CONFIG='' SBATCH_ARGS='' REQUEUE=0 SIGNAL_LEAD=''
 OVERRIDES=() QUIET=()
 [[ -n $ADDRESS ]] && MODE=address
 while (($#)); do
@@ -70,6 +77,9 @@ while (($#)); do
     --quiet) QUIET=(--quiet) ;;
     --sbatch-args) SBATCH_ARGS=${2?--sbatch-args needs a string}; shift ;;
     --sbatch-args=*) SBATCH_ARGS=${1#*=} ;;
+    --requeue) REQUEUE=1 ;;
+    --signal-lead) SIGNAL_LEAD=${2:?--signal-lead needs seconds}; shift ;;
+    --signal-lead=*) SIGNAL_LEAD=${1#*=} ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     *=*) OVERRIDES+=("$1") ;;
     *) [[ -z $CONFIG ]] || { echo "error: two experiment configs: $CONFIG and $1" >&2; exit 2; }
@@ -177,10 +187,17 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
     kill -0 "$SUBMIT_PID" 2> /dev/null || break
   done
   SUBMIT_PID=
+  # `ray job submit` exits 0 for a job that `ray job stop` stopped: ask for the driver's status.
+  local code run_dir=()
+  [[ $UPLOAD == 1 && $RUN_DIR != *://* ]] || run_dir=(--run-dir "$RUN_DIR")
+  code=$(cd "$REPO" && { cluster exit-code "$DASHBOARD" "$JOB_ID" "${run_dir[@]}" 2> /dev/null || true; })
+  [[ $code =~ ^[0-9]+$ && $code != 0 ]] && rc=$code
   if ((rc != 0)); then
-    local code
-    code=$(cluster exit-code "$DASHBOARD" "$JOB_ID" 2> /dev/null || true)
-    [[ $code =~ ^[0-9]+$ && $code != 0 ]] && rc=$code
+    if ((rc == 3)); then
+      local again="launch/pretrain.sh ${ARGS[*]}"
+      [[ $MODE == slurm ]] && again+=" with the same --sbatch-args (pretrain.sh --requeue makes SLURM do it)"
+      echo "stopped with a checkpoint (exit status 3); to resume from it, run again: $again"
+    fi
   else
     [[ $UPLOAD == 1 || $OUTPUT_DIR == *://* ]] || echo "outputs: $OUTPUT_DIR"
   fi
@@ -189,10 +206,12 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
 }
 
 # --- teardown: only what this script started ------------------------------------------
-STARTED_PIDS=() RAY_TMP='' DRY_STOP=()
+STARTED_PIDS=() STEP_PIDS=() RAY_TMP='' DRY_STOP=()
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM
+  # A signal now (SLURM's time-limit warning while Ray stops) must not replace the job's status.
+  trap - EXIT
+  trap '' INT TERM
   if ((DRY)); then
     ((${#DRY_STOP[@]} == 0)) || printf '+ %s\n' "${DRY_STOP[@]}"
     exit "$rc"
@@ -202,16 +221,21 @@ cleanup() {
     echo "stopping job $JOB_ID" >&2
     "$RAY" job stop --no-wait --address "$DASHBOARD" "$JOB_ID" > /dev/null 2>&1 || true
   fi
+  if ((${#STEP_PIDS[@]})); then  # srun passes USR1 on to launch/cluster.py node, which ends its node
+    echo "stopping the Ray nodes of this job (srun pids ${STEP_PIDS[*]})" >&2
+    kill -USR1 "${STEP_PIDS[@]}" 2> /dev/null || true
+  fi
   if ((${#STARTED_PIDS[@]})); then
     echo "stopping the Ray processes started here (pids ${STARTED_PIDS[*]})" >&2
     kill -TERM "${STARTED_PIDS[@]}" 2> /dev/null || true
-    local pid i
-    for pid in "${STARTED_PIDS[@]}"; do
-      for ((i = 0; i < 60; i++)); do kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
-      kill -KILL -- "-$pid" 2> /dev/null || kill -KILL "$pid" 2> /dev/null || true
-    done
   fi
+  local pid i
+  for pid in "${STARTED_PIDS[@]}" "${STEP_PIDS[@]}"; do
+    for ((i = 0; i < 60; i++)); do kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2> /dev/null || kill -KILL "$pid" 2> /dev/null || true
+  done
   [[ -n $RAY_TMP && -d $RAY_TMP ]] && rm -rf "$RAY_TMP"
+  [[ -n $RAY_TMP ]] && rm -f "$RAY_TMP.head.log"
   exit "$rc"
 }
 
@@ -230,8 +254,9 @@ start_local() {
   DASHBOARD=http://127.0.0.1:${ports[1]}
   # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 (Ray swaps a loopback
   # --node-ip-address for the host's IP otherwise); no drain wait on SIGTERM.
-  # RAY_JOB_STOP_SIGNAL_TIMEOUT_S: `ray job stop` gives the driver time to checkpoint.
-  local -a head_cmd=(env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_JOB_STOP_SIGNAL_TIMEOUT_S=600
+  # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` gives the driver time to checkpoint (Ray's
+  # default: SIGKILL 3 s after the SIGTERM).
+  local -a head_cmd=(env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_JOB_STOP_WAIT_TIME_S=600
     setsid "$RAY" start --head --block --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1
     --port "${ports[0]}" --dashboard-port "${ports[1]}" --ray-client-server-port "${ports[2]}"
     --dashboard-agent-listen-port "${ports[3]}" --num-cpus "$need" --temp-dir "$RAY_TMP"
@@ -277,12 +302,16 @@ start_slurm() {
   echo "slurm: head $head_host, workers ${hosts[*]:1}, ${#hosts[@]} node(s) x $cpus CPUs x $gpus GPUs"
   gpu_overrides $((${#hosts[@]} * gpus))
   check_config
+  # In the batch script (it runs on the first node) the head runs in the batch step itself,
+  # which `scancel --signal=TERM` leaves alone; under salloc it is a job step on the first node.
+  local here=0
+  [[ ${SLURMD_NODENAME:-} == "$head_host" ]] && here=1
   local ip=${PRETRAIN_HEAD_IP:-}
   if [[ -z $ip ]]; then
-    say srun --nodes=1 --ntasks=1 -w "$head_host" hostname --ip-address
-    if ((DRY)); then ip="<ip of $head_host>"; else
-      ip=$(srun --nodes=1 --ntasks=1 -w "$head_host" hostname --ip-address | awk '{print $1}')
-    fi
+    local -a probe=(hostname --ip-address)
+    ((here)) || probe=(srun --nodes=1 --ntasks=1 -w "$head_host" "${probe[@]}")
+    say "${probe[@]}"
+    if ((DRY)); then ip="<ip of $head_host>"; else ip=$("${probe[@]}" | awk '{print $1}'); fi
   fi
   use_token_auth
   # Workers on other nodes get the token from srun's environment when $HOME is not shared.
@@ -291,33 +320,48 @@ start_slurm() {
     say export 'RAY_AUTH_TOKEN=$(ray get-auth-token)'
     ((DRY)) || { RAY_AUTH_TOKEN=$("$RAY" get-auth-token 2> /dev/null); export RAY_AUTH_TOKEN; }
   fi
-  RAY_TMP=/tmp/ray-slurm-${SLURM_JOB_ID:-0}  # node-local on every node; one per job
+  RAY_TMP=${PRETRAIN_RAY_TMPDIR:-/tmp}/ray-slurm-${SLURM_JOB_ID:-0}  # node-local on every node; one per job
   DASHBOARD=http://$ip:$dash
   local -a step=(srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus") srun_extra
   read -ra srun_extra <<< "${PRETRAIN_SRUN_ARGS:-}"
   step+=("${srun_extra[@]}")
+  # A job step's Ray node runs under launch/cluster.py node: SIGTERM to the step (scancel
+  # --signal=TERM) becomes a graceful stop of the job instead of the end of the node.
+  local -a node=("$PYTHON" "$REPO/launch/cluster.py" node --)
   local -a common=(--num-cpus "$cpus" --num-gpus "$gpus" --temp-dir "$RAY_TMP" --block --disable-usage-stats)
-  local -a cmd=("${step[@]}" -w "$head_host" env RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 "$RAY" start --head
+  # RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` gives the driver time to checkpoint (Ray's default: 3 s, then SIGKILL).
+  local -a cmd=(env RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 RAY_JOB_STOP_WAIT_TIME_S=600 "$RAY" start --head
     --node-ip-address "$ip" --port "$port" --dashboard-host "$ip" --dashboard-port "$dash" "${common[@]}")
-  SAY_TAIL=" &" say "${cmd[@]}"
-  if ! ((DRY)); then "${cmd[@]}" & STARTED_PIDS+=($!); fi
+  if ((here)); then
+    cmd=(setsid "${cmd[@]}")
+    SAY_TAIL=" > $RAY_TMP.head.log 2>&1 &" say "${cmd[@]}"
+    if ! ((DRY)); then "${cmd[@]}" > "$RAY_TMP.head.log" 2>&1 & STARTED_PIDS+=($!); fi
+  else
+    cmd=("${step[@]}" -w "$head_host" "${node[@]}" "${cmd[@]}")
+    SAY_TAIL=" &" say "${cmd[@]}"
+    if ! ((DRY)); then "${cmd[@]}" & STEP_PIDS+=($!); fi
+  fi
   local host
   for host in "${hosts[@]:1}"; do
-    cmd=("${step[@]}" -w "$host" "$RAY" start --address "$ip:$port" "${common[@]}")
+    cmd=("${step[@]}" -w "$host" "${node[@]}" "$RAY" start --address "$ip:$port" "${common[@]}")
     SAY_TAIL=" &" say "${cmd[@]}"
-    if ! ((DRY)); then "${cmd[@]}" & STARTED_PIDS+=($!); fi
+    if ! ((DRY)); then "${cmd[@]}" & STEP_PIDS+=($!); fi
   done
   wait_nodes "${#hosts[@]}" "${PRETRAIN_WAIT_S:-300}"
-  DRY_STOP=("kill -TERM <pids of the srun steps above>  # on exit: each ray start --block stops its node")
+  DRY_STOP=("kill -USR1 <pids of the srun steps above>  # on exit: each node's Ray processes end"
+    "kill -TERM <pid of the head's ray start --block>")
 }
 
 sbatch_submit() {
-  local -a extra
+  local -a extra opts=()
   read -ra extra <<< "$SBATCH_ARGS"
+  [[ -z $SIGNAL_LEAD || $SIGNAL_LEAD =~ ^[0-9]+$ ]] || die "--signal-lead needs whole seconds, got $SIGNAL_LEAD"
+  [[ -z $SIGNAL_LEAD ]] || opts+=("--signal=B:TERM@$SIGNAL_LEAD")
+  ((REQUEUE)) && opts+=(--requeue --open-mode=append)
   check_config
   run mkdir -p "$REPO/runs/slurm"
-  run env PRETRAIN_REPO="$REPO" sbatch --chdir "$REPO" --output "$REPO/runs/slurm/%x-%j.out" "${extra[@]}" \
-    "$REPO/launch/slurm/pretrain.sbatch" "$CONFIG" "${OVERRIDES[@]}"
+  run env PRETRAIN_REPO="$REPO" PRETRAIN_REQUEUE="$REQUEUE" sbatch --chdir "$REPO" --output "$REPO/runs/slurm/%x-%j.out" \
+    "${opts[@]}" "${extra[@]}" "$REPO/launch/slurm/pretrain.sbatch" "${QUIET[@]}" "$CONFIG" "${OVERRIDES[@]}"
 }
 
 # SIGTERM/SIGINT (preemption, scancel, Ctrl-C) while the job runs: a graceful stop through

@@ -39,10 +39,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, check_paths, load_config, to_flat_dict, to_yaml
+from pipeline.rundir import EXIT_STOPPED  # stopped on request with a checkpoint saved (3)
 
 log = logging.getLogger("pipeline.run")
 
-EXIT_STOPPED = 3  # stopped on request (SIGTERM) with a checkpoint saved: rerun the same command to resume
 EXIT_UNDELIVERED = 4  # trained and evaluated, but MLflow lacks some evaluations (see the message)
 
 

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STOP = "STOP"
+EXIT_STOPPED = 3  # a process stopped on request with a checkpoint saved: rerun the same command to resume
 _TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -126,19 +127,22 @@ class Checkpoints:
     def fetch(self, tag: str, local_dir: str | os.PathLike) -> Path:
         """Copy complete checkpoint ``tag`` into ``local_dir/<tag>`` (marker last); returns it.
 
-        A local copy that is already complete is kept as it is.
+        A local copy that already has every file of the tag (same sizes) is kept as it is. A
+        host's own staging copy is not enough: it holds the files of the ranks that ran there,
+        and after a restart other ranks may run on this host.
         """
         if not self.is_complete(tag):
             raise FileNotFoundError(f"{self.tag_url(tag)} is not a complete checkpoint (no {MARKER} marker)")
         dst = Path(local_dir) / tag
-        if (dst / MARKER).is_file():
+        src = f"{self.root}/{tag}"
+        files = {path[len(src):].lstrip("/"): info["size"] for path, info in self.fs.find(src, detail=True).items()}
+        files.pop(MARKER, None)
+        if (dst / MARKER).is_file() and all((dst / rel).is_file() and (dst / rel).stat().st_size == size
+                                            for rel, size in files.items()):
             return dst
         tmp = Path(local_dir) / f".fetch-{tag}-{uuid.uuid4().hex[:8]}"
-        src = f"{self.root}/{tag}"
-        for path in self.fs.find(src):
-            rel = path[len(src):].lstrip("/")
-            if rel == MARKER:
-                continue
+        for rel in files:
+            path = f"{src}/{rel}"
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(path, str(tmp / rel))
         if dst.exists():  # an incomplete local copy of the same tag

@@ -256,7 +256,9 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             on_checkpoint({"step": at_step, "tag": t, "loss": last_loss, "total_steps": steps})
 
     last_loss = float("nan")
-    if step == 0 and cfg.train.checkpoint_at_start and not checkpoint.complete_tags(ckpt_dir):
+    # The run dir decides, as every rank sees the same one: a host's scratch dir may hold an
+    # earlier run's tags (same output_dir), and ranks that disagreed would hang in save().
+    if step == 0 and cfg.train.checkpoint_at_start and run.checkpoints.latest() is None:
         save(0)
 
     window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
@@ -306,13 +308,13 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         stop_here = stop.item() or step == cfg.train.stop_at_step
         if step % cfg.train.checkpoint_every == 0 or step == steps or stop_here:
             save(step)
-        if stop_here and step < steps:
-            log.info("stopping at step %d (train.stop_at_step); rerun the same command to resume", step)
-            break
-        if stop.item():
+        if stop.item() and step < steps:
             preempt.requested = True
             log.warning("stop requested (SIGTERM or %s/%s): checkpoint saved at step %d; rerun the same command to resume",
                         run.url, rundir.STOP, step)
+            break
+        if stop_here and step < steps:
+            log.info("stopping at step %d (train.stop_at_step); rerun the same command to resume", step)
             break
 
     if keys_file:
@@ -425,7 +427,9 @@ def _system_metrics(enabled: bool, tracker: Tracker | None):
         return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Exits 0 at the end of training, ``rundir.EXIT_STOPPED`` (3) after a stop request
+    (SIGTERM, the run dir's STOP) with the stop checkpoint saved."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]
     path = argv[0] if argv and "=" not in argv[0] else None
@@ -435,7 +439,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(summary))
     dist.barrier()
     dist.destroy_process_group()
+    return rundir.EXIT_STOPPED if summary["preempted"] and summary["step"] < summary["total_steps"] else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

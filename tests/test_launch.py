@@ -67,7 +67,8 @@ def processes_mentioning(text: str) -> list[str]:
 @pytest.mark.timeout(30)
 def test_help_describes_every_mode():
     out = subprocess.run([str(PRETRAIN), "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("--slurm", "--address", "--dry-run", "--num-cpus", "configs/experiment/demo.yaml", "SLURM_HOSTNAMES"):
+    for word in ("--slurm", "--address", "--dry-run", "--num-cpus", "configs/experiment/demo.yaml", "SLURM_HOSTNAMES",
+                 "--requeue", "--signal-lead"):
         assert word in out
 
 
@@ -120,6 +121,17 @@ def test_slurm_outside_an_allocation_submits_the_sbatch_script():
     sbatch = next(line for line in r.stdout.splitlines() if " sbatch " in line)
     assert "--nodes=3 --gpus-per-node=4" in sbatch
     assert str(ROOT / "launch/slurm/pretrain.sbatch") in sbatch
+    assert "--requeue" not in sbatch and "PRETRAIN_REQUEUE=0" in sbatch
+
+
+@pytest.mark.timeout(60)
+def test_slurm_requeue_and_signal_lead_reach_sbatch():
+    r = pretrain("--slurm", "--dry-run", "--requeue", "--signal-lead", "45", "--sbatch-args", "--nodes=2 --time=1",
+                 env=launch_env())
+    assert r.returncode == 0, r.stderr
+    sbatch = next(line for line in r.stdout.splitlines() if " sbatch " in line)
+    assert "PRETRAIN_REQUEUE=1" in sbatch
+    assert "--signal=B:TERM@45 --requeue --open-mode=append --nodes=2 --time=1" in sbatch
 
 
 @pytest.mark.timeout(60)
@@ -189,7 +201,10 @@ def ray_cluster():
     """A one-node Ray cluster started here, as `ray start --head` would be on a real head."""
     tmp = Path(tempfile.mkdtemp(prefix="ptc.", dir="/tmp"))
     port, dash, client, agent = (free_port() for _ in range(4))
-    env = launch_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    # RAY_JOB_STOP_WAIT_TIME_S: what the README asks of a cluster's head, so that `ray job stop`
+    # leaves the driver time for its stop checkpoint (Ray's default is SIGKILL after 3 s).
+    env = launch_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                     RAY_JOB_STOP_WAIT_TIME_S="300")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--port", str(port), "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
@@ -273,3 +288,34 @@ def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stop
                            timeout=240)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {tmp_path}/run/checkpoints/step_{stopped:08d}" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(ray_cluster, tmp_path):
+    log = tmp_path / "pretrain.log"
+    run = [str(PRETRAIN), "--address", ray_cluster, *TINY, "train.log_every=1", "train.checkpoint_every=50",
+           f"output_dir={tmp_path}/run"]
+    with log.open("w") as out:
+        proc = subprocess.Popen([*run, "train.steps=1000"], env=launch_env(), stdout=out, stderr=subprocess.STDOUT)
+    step = re.compile(r"step (\d+)/1000 loss")
+    try:
+        deadline = time.monotonic() + 240
+        while not any(int(s) >= 3 for s in step.findall(log.read_text())) and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        logged = max(int(s) for s in step.findall(log.read_text()))
+        job = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
+        subprocess.run([RAY, "job", "stop", "--address", ray_cluster, job], env=launch_env(), capture_output=True,
+                       timeout=200, check=True)
+        assert proc.wait(100) == 3, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "to resume, rerun the same command" in text
+    tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    stopped = int(tags[-1].removeprefix("step_"))
+    print(f"\nray job stop after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
+          f"steps lost {max(0, logged - stopped)}")
+    assert stopped >= logged and stopped % 50 != 0

@@ -1,6 +1,6 @@
 """Two hosts that share no disk: the demo trains across them with its run dir on S3.
 
-The hosts are network namespaces on a bridge (../shared/CLUSTER.md), each with a private
+The hosts are network namespaces on a bridge (``tests/hosts.py``), each with a private
 tmpfs over the same path (its "local disk"): nothing one host writes there is visible to
 the other. Host 1 runs the Ray head, a moto S3 server and an MLflow server, reached by
 address (not 127.0.0.1); host 2 runs a Ray worker. Only what the fixture started is
@@ -12,142 +12,27 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+
+from tests.conftest import ROOT
+from tests.hosts import Host, cannot_make_hosts, network, wait_port
 
 pytestmark = [pytest.mark.slow]
 
 
-def _can_make_hosts() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for network namespaces"
-    if not shutil.which("ip") or not shutil.which("unshare") or not shutil.which("nsenter"):
-        return "needs iproute2 (ip) and util-linux (unshare, nsenter)"
-    probe = f"vtp{uuid.uuid4().hex[:6]}"
-    ok = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None if ok else "this machine refuses `ip netns add`"
-
-
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
-def _wait_port(host: str, port: int, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout}s")
-
-
-class Host:
-    """A network namespace with a private tmpfs at ``disk``, its own host name and an
-    /etc/hosts that resolves it to its address (as on a real host: gloo advertises the
-    address its host name resolves to), entered through a holder process."""
-
-    def __init__(self, name: str, addr: str, disk: str, bridge: str, logs: Path):
-        self.name, self.addr, self.disk, self.logs = name, addr, disk, logs
-        self.procs: list[subprocess.Popen] = []
-        _sh("ip", "netns", "add", name)
-        veth = f"v{name}"[:15]
-        _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name)
-        _sh("ip", "link", "set", veth, "master", bridge, "up")
-        _sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", "eth0")
-        _sh("ip", "-n", name, "link", "set", "eth0", "up")
-        _sh("ip", "-n", name, "link", "set", "lo", "up")
-        self.veth = veth
-        self.boot()
-
-    def boot(self) -> None:
-        """(Re)start the holder, which owns this host's mount namespace: a fresh, empty disk."""
-        self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, "unshare", "-m", "-u", "--propagation", "private", "sh", "-c",
-             f"hostname {self.name} && mount -t tmpfs none {self.disk} && "
-             f"printf '127.0.0.1 localhost\\n{self.addr} {self.name}\\n' > {self.disk}/hosts && "
-             f"mount --bind {self.disk}/hosts /etc/hosts && "
-             "echo ready && exec sleep infinity"],
-            stdout=subprocess.PIPE, text=True, start_new_session=True)
-        assert self.holder.stdout.readline().strip() == "ready"
-
-    def popen(self, cmd: list[str], env: dict, log: str) -> subprocess.Popen:
-        out = open(self.logs / f"{self.name}-{log}.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen(["nsenter", "-t", str(self.holder.pid), "-m", "-n", "-u", f"--wd={ROOT}", "--", *cmd], env=env, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "-t", str(self.holder.pid), "-m", "-n", "-u", f"--wd={ROOT}", "--", *cmd], env=env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
-
-    def kill_all(self) -> None:
-        """SIGKILL every process this host started (their process groups and descendants), then
-        the holder: the host is gone, and its disk with it."""
-        import psutil
-
-        family = []
-        for proc in self.procs:
-            try:
-                family += psutil.Process(proc.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        for proc in [*self.procs, self.holder]:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        self.procs = []
-
-    def remove(self) -> None:
-        self.kill_all()
-        subprocess.run(["ip", "link", "del", self.veth], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = _can_make_hosts()
+    reason = cannot_make_hosts()
     if reason:
         print(f"two-host tests skipped: {reason}")
         pytest.skip(reason)
-    tag = uuid.uuid4().hex[:5]
-    net = f"10.{200 + int(tag[:2], 16) % 50}.{int(tag[2:4], 16)}"
-    bridge = f"vbr{tag}"
     logs = tmp_path_factory.mktemp("two_hosts")
-    disk = f"/tmp/vhd{tag}"  # short: Ray's socket paths live under it
-    os.makedirs(disk, exist_ok=True)
-    hosts: list[Host] = []
-    try:
-        _sh("ip", "link", "add", bridge, "type", "bridge")
-        _sh("ip", "addr", "add", f"{net}.254/24", "dev", bridge)  # this test process reaches the hosts
-        _sh("ip", "link", "set", bridge, "up")
-        h1 = Host(f"vh1{tag}", f"{net}.1", disk, bridge, logs)
-        hosts.append(h1)
-        h2 = Host(f"vh2{tag}", f"{net}.2", disk, bridge, logs)
-        hosts.append(h2)
+    with network("vh", 200, 2, logs) as (h1, h2):
+        disk = h1.disk
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled",
                "RAY_DEDUP_LOGS": "0", "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1", "OMP_NUM_THREADS": "1"}
@@ -165,11 +50,11 @@ def cluster(tmp_path_factory):
         head = h1.popen([ray, "start", "--head", "--block", "--node-ip-address", h1.addr, "--port", "6379", "--num-cpus", "1",
                          "--temp-dir", f"{disk}/ray", "--dashboard-host", h1.addr, "--include-dashboard", "false",
                          "--disable-usage-stats"], env, "ray-head")
-        _wait_port(h1.addr, 6379, 90, "ray head", head)
+        wait_port(h1.addr, 6379, 90, "ray head", head)
         worker = h2.popen([ray, "start", "--block", "--address", f"{h1.addr}:6379", "--node-ip-address", h2.addr,
                            "--num-cpus", "1", "--disable-usage-stats"], env, "ray-worker")
-        _wait_port(h1.addr, 9000, 60, "moto", moto)
-        _wait_port(h1.addr, 5000, 150, "mlflow server", mlflow)
+        wait_port(h1.addr, 9000, 60, "moto", moto)
+        wait_port(h1.addr, 5000, 150, "mlflow server", mlflow)
         import boto3
 
         boto3.client("s3", endpoint_url=s3, region_name="us-east-1", aws_access_key_id="testing",
@@ -177,11 +62,6 @@ def cluster(tmp_path_factory):
         status = _wait_nodes(h1, env, 2, 90)
         assert worker.poll() is None, status
         yield {"h1": h1, "h2": h2, "env": env, "ray": ray, "s3": s3, "disk": disk, "logs": logs, "mlflow": f"http://{h1.addr}:5000"}
-    finally:
-        for host in reversed(hosts):
-            host.remove()
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
-        shutil.rmtree(disk, ignore_errors=True)
 
 
 def _wait_nodes(h1: Host, env: dict, n: int, timeout: float) -> str:
