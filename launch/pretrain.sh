@@ -282,12 +282,16 @@ slurm_hosts() {
     local -a names
     IFS=$', \t\n' read -ra names <<< "$SLURM_HOSTNAMES"
     printf '%s\n' "${names[@]}"
-  elif command -v scontrol > /dev/null; then
-    scontrol show hostnames "${SLURM_JOB_NODELIST:?}"
+    return
+  fi
+  local expanded=''
+  # scontrol needs the cluster's config; without it (a login host, a test) a plain list still works.
+  if command -v scontrol > /dev/null && expanded=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?}" 2> /dev/null); then
+    printf '%s\n' "$expanded"
   elif [[ ${SLURM_JOB_NODELIST:?} != *\[* ]]; then
     tr ',' '\n' <<< "$SLURM_JOB_NODELIST"
   else
-    die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST without scontrol; set SLURM_HOSTNAMES"
+    die "cannot expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST (no scontrol, or it has no SLURM config here); set SLURM_HOSTNAMES"
   fi
 }
 
