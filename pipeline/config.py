@@ -334,8 +334,8 @@ AUG_KEYS = ("randaug_layers", "randaug_magnitude", "mixup_alpha")
 
 def aug_presets() -> dict[str, dict]:
     """preset name -> its ``aug`` values, from ``configs/aug/*.yaml``."""
-    return {p.stem: dict(OmegaConf.load(p).aug) for p in sorted(AUG_PRESETS_DIR.glob("*.yaml"))
-            if "aug" in OmegaConf.load(p)}
+    files = {p.stem: OmegaConf.load(p) for p in sorted(AUG_PRESETS_DIR.glob("*.yaml"))}
+    return {name: dict(node.aug) for name, node in files.items() if "aug" in node}
 
 
 def _validate_augreg(cfg: DictConfig) -> None:

@@ -247,6 +247,26 @@ def test_the_jobs_exit_code_is_the_launchers(ray_cluster, tmp_path):
     assert "ray.cpus_per_worker" in r.stdout
 
 
+_STEP = re.compile(r"step (\d+)/1000 loss")
+
+
+def _wait_for_step(proc: subprocess.Popen, log: Path, n: int, timeout: float = 240) -> None:
+    """Until the job's log shows training step ``n`` (of a 1000-step run); the job must live."""
+    deadline = time.monotonic() + timeout
+    while not any(int(s) >= n for s in _STEP.findall(log.read_text())) and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def _last_step(log: Path) -> int:
+    return max(int(s) for s in _STEP.findall(log.read_text()))
+
+
+def _latest_complete_step(ckpt_dir: Path) -> int:
+    tags = sorted(p.name for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())
+    return int(tags[-1].removeprefix("step_"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stops_its_cluster(ray_tmp, tmp_path):
@@ -254,24 +274,18 @@ def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stop
     run = [str(PRETRAIN), *TINY, "train.log_every=1", "train.checkpoint_every=50", f"output_dir={tmp_path}/run"]
     with log.open("w") as out:
         proc = subprocess.Popen([*run, "train.steps=1000"], env=launch_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT)
-    step = re.compile(r"step (\d+)/1000 loss")
     try:
-        deadline = time.monotonic() + 240
-        while not any(int(s) >= 3 for s in step.findall(log.read_text())) and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_for_step(proc, log, 3)
         [temp_dir] = ray_tmp.iterdir()
         assert processes_mentioning(str(temp_dir))
-        logged = max(int(s) for s in step.findall(log.read_text()))
+        logged = _last_step(log)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(200) == 3, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = log.read_text()
-    assert "to resume, rerun the same command" in text
-    tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
-    stopped = int(tags[-1].removeprefix("step_"))
+    assert "to resume, rerun the same command" in log.read_text()
+    stopped = _latest_complete_step(tmp_path / "run" / "checkpoints")
     print(f"\nSIGTERM to launch/pretrain.sh after step {logged}: last periodic checkpoint step 0, stop checkpoint "
           f"step {stopped}, steps lost {max(0, logged - stopped)}")
     assert stopped >= logged and stopped % 50 != 0  # the step it was at, not the last periodic one
@@ -296,13 +310,9 @@ def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(r
            f"output_dir={tmp_path}/run"]
     with log.open("w") as out:
         proc = subprocess.Popen([*run, "train.steps=1000"], env=launch_env(), stdout=out, stderr=subprocess.STDOUT)
-    step = re.compile(r"step (\d+)/1000 loss")
     try:
-        deadline = time.monotonic() + 240
-        while not any(int(s) >= 3 for s in step.findall(log.read_text())) and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-        logged = max(int(s) for s in step.findall(log.read_text()))
+        _wait_for_step(proc, log, 3)
+        logged = _last_step(log)
         job = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
         subprocess.run([RAY, "job", "stop", "--address", ray_cluster, job], env=launch_env(), capture_output=True,
                        timeout=200, check=True)
@@ -310,10 +320,8 @@ def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(r
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = log.read_text()
-    assert "to resume, rerun the same command" in text
-    tags = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
-    stopped = int(tags[-1].removeprefix("step_"))
+    assert "to resume, rerun the same command" in log.read_text()
+    stopped = _latest_complete_step(tmp_path / "run" / "checkpoints")
     print(f"\nray job stop after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
           f"steps lost {max(0, logged - stopped)}")
     assert stopped >= logged and stopped % 50 != 0

@@ -107,17 +107,20 @@ def wanted(eval_cfg: DictConfig) -> list[tuple[str, DictConfig]]:
 def evaluated(run: RunDir, eval_cfg: DictConfig) -> set[str]:
     """Tags of the checkpoints with a record of every configured evaluation of every weights
     variant they hold (the run's own records: readable with MLflow down)."""
-    out = set()
-    for tag, recs in run.eval_records().items():
-        raw = {eval_name(n, spec.name) for n, spec in wanted(eval_cfg)}
-        ema = {eval_name(n, spec.name, "ema") for n, spec in wanted(eval_cfg)}
-        if raw <= set(recs) and (not _has_ema(run, tag) or ema <= set(recs)):
-            out.add(tag)
-    return out
+    raw = {eval_name(n, spec.name) for n, spec in wanted(eval_cfg)}
+    ema = {eval_name(n, spec.name, "ema") for n, spec in wanted(eval_cfg)}
+    return {tag for tag, recs in run.eval_records().items()
+            if raw <= set(recs) and (ema <= set(recs) or not _has_ema(run, tag))}
+
+
+_HAS_EMA: dict[tuple[str, str], bool] = {}  # a complete checkpoint's files never change: ask storage once
 
 
 def _has_ema(run: RunDir, tag: str) -> bool:
-    return run.checkpoints.fs.exists(f"{run.checkpoints.root}/{tag}/{checkpoint.EMA_FILE}")
+    key = (run.checkpoints.url, tag)
+    if key not in _HAS_EMA:
+        _HAS_EMA[key] = run.checkpoints.fs.exists(f"{run.checkpoints.root}/{tag}/{checkpoint.EMA_FILE}")
+    return _HAS_EMA[key]
 
 
 def validate_eval(eval_cfg: DictConfig) -> None:
