@@ -12,8 +12,8 @@ hashes, the test sets' hash index, and its near-duplicate lookup.
   band's table at every key within d // m bits of its own band and verifies the candidates'
   full distance. Each band's table is dense (an offset per possible key into the entries
   sorted by that band), so a probe costs two array reads; m is chosen for the index size.
-- The test sets are listed here (`list_test_set`) and hashed by `hash_units`, which the job
-  runs as Ray tasks; the index is built once in the driver and shipped to the shard tasks.
+- The test sets are listed and hashed by `data_prep.testsets`, which the job runs as Ray
+  tasks; the index is built once in the driver and shipped to the shard tasks.
 """
 
 from __future__ import annotations
@@ -21,18 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import posixpath
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
 
 import numpy as np
 from PIL import Image
-
-from .sources import Entry, _is_manifest_name, _iter_manifest, is_image_name
-from .storage import open_fs, to_url
 
 HASH_SIDE = 32
 LOW_FREQS = 8
@@ -201,90 +194,3 @@ class NearDuplicateIndex:
     def match(self, h: int) -> Match | None:
         """The nearest test image to one corpus hash, or None beyond `max_distance`."""
         return self.matches([h])[0]
-
-
-# ---------------------------------------------------------------- reading the test sets
-
-
-@dataclass
-class Unit:
-    """Part of a test set to hash: one image file (`id` = its path in the set), or one of our
-    shard tars (`tar`: every `.jpg` member, `id` = `<tar name>/<key>`)."""
-
-    test_set: int
-    url: str
-    id: str
-    tar: bool = False
-
-
-def list_test_set(set_index: int, name: str, url: str, storage_options: dict[str, Any]) -> list[Unit]:
-    """The units of test set `name` at `url`: a folder of images (class folders or not), a
-    JSONL/CSV manifest as `source` reads it, or a `*_index.json` of data_prep's shards.
-    Raises `ValueError` naming `dedup.against.<name>` when it is missing or holds no images."""
-    key = f"dedup.against.{name}"
-    fs, path = open_fs(url, storage_options)
-    if not fs.exists(path):
-        raise ValueError(f"invalid data-prep config: {key}={url!r}: not found")
-    units: list[Unit] = []
-    if fs.isfile(path) and path.endswith("index.json"):
-        index = json.loads(fs.cat_file(path))
-        base = posixpath.dirname(path)
-        for shard in index.get("shardlist", []):
-            shard_path = shard["url"] if "://" in shard["url"] else posixpath.join(base, shard["url"])
-            units.append(Unit(set_index, to_url(fs, shard_path), posixpath.basename(shard["url"]), tar=True))
-    elif fs.isfile(path) and _is_manifest_name(path):
-        for item in _iter_manifest(fs, path, url):
-            if isinstance(item, Entry):
-                units.append(Unit(set_index, item.url, item.url))
-    elif fs.isdir(path):
-        root = path.rstrip("/") + "/"
-        for found in sorted(fs.find(path)):
-            relative = found[len(root):]
-            if is_image_name(found) and not any(p.startswith(".") for p in relative.split("/")):
-                units.append(Unit(set_index, to_url(fs, found), relative))
-    else:
-        raise ValueError(f"invalid data-prep config: {key}={url!r}: not a folder of images, "
-                         "a JSONL/CSV manifest or a *_index.json of shards")
-    if not units:
-        raise ValueError(f"invalid data-prep config: {key}={url!r}: holds no images")
-    return units
-
-
-def hash_units(units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float,
-               steps: int, max_pixels: int) -> tuple[list[int], list[str], np.ndarray, list[str]]:
-    """Hash every image of `units` at every crop box: (test-set indices, ids, a uint64 array
-    of (image, box) hashes, and one line per image that could not be read or decoded)."""
-    from .failures import SampleError
-    from .process import decode_rgb
-
-    boxes = crop_boxes(crop, shift, steps)
-    sets, ids, hashes, errors = [], [], [], []
-    for unit, image_id, data in _read_units(units, storage_options):
-        try:
-            if isinstance(data, Exception):
-                raise data
-            img = decode_rgb(data, max_pixels, DECODE_SIDE)
-        except (SampleError, OSError) as e:
-            errors.append(f"{unit.url} {image_id}: {e}")
-            continue
-        sets.append(unit.test_set)
-        ids.append(image_id)
-        hashes.append(hash_crops(img, boxes))
-    return sets, ids, np.array(hashes, np.uint64).reshape(len(ids), len(boxes)), errors
-
-
-def _read_units(units: list[Unit], storage_options: dict[str, Any]
-                ) -> Iterator[tuple[Unit, str, bytes | Exception]]:
-    for unit in units:
-        fs, path = open_fs(unit.url, storage_options)
-        try:
-            if not unit.tar:
-                yield unit, unit.id, fs.cat_file(path)
-                continue
-            with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-                for member in tf:
-                    if member.isfile() and member.name.endswith(".jpg"):
-                        key = posixpath.basename(member.name).split(".", 1)[0]
-                        yield unit, f"{unit.id}/{key}", tf.extractfile(member).read()
-        except OSError as e:
-            yield unit, unit.id, e

@@ -24,12 +24,13 @@ import ray
 from tqdm import tqdm
 
 from .config import ConfigError, PrepConfig, validate, with_absolute_paths
-from .dedup import NearDuplicateIndex, Unit, crop_boxes, hash_units, list_test_set
+from .dedup import NearDuplicateIndex, crop_boxes
 from .failures import FailureWatch, failed_in
 from .index import write_indexes
 from .plan import PLAN_DIR, Plan, build_plan, load_plan, shard_name
 from .shard import write_shard
 from .storage import join, list_names, open_fs, ordered_map, remove_stale_temps
+from .testsets import Unit, hash_units, list_test_set
 
 log = logging.getLogger("data_prep")
 

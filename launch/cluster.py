@@ -28,6 +28,8 @@ import signal
 import socket
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: pipeline.*
 import time
 import urllib.error
 import urllib.request
@@ -112,14 +114,13 @@ def exit_code(url: str, submission_id: str, run_dir: str | None = None) -> str:
     if info.driver_exit_code is not None:
         return str(info.driver_exit_code)
     if info.status == JobStatus.STOPPED and run_dir:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from pipeline.rundir import EXIT_STOPPED, RunDir
+        from pipeline.rundir import RunDir
+        from pipeline.stop import Exit
 
         run = RunDir(run_dir)
         summary = run.summary() or {}
-        written = run.fs.modified(f"{run.root}/summary.json").timestamp() if summary else 0
-        if summary.get("stopped") and written * 1000 >= (info.start_time or 0):
-            return str(EXIT_STOPPED)
+        if summary.get("stopped") and (run.summary_written() or 0) * 1000 >= (info.start_time or 0):
+            return str(int(Exit.STOPPED))
     return ""
 
 
@@ -142,9 +143,11 @@ def node(cmd: list[str]) -> int:
     ``launch/pretrain.sh`` when the job is over, through srun) kills the node's processes.
     Exits with the node's status, 0 after SIGUSR1.
     """
+    from pipeline.stop import StopRequest
+
     proc = subprocess.Popen(cmd, preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
 
-    def stop_requested(signum, frame):
+    def stop_requested(signum: int) -> None:
         if torn_down:  # the job is over: SLURM ends the step
             return
         job = os.environ.get("SLURM_JOB_ID")
@@ -168,7 +171,7 @@ def node(cmd: list[str]) -> int:
             except psutil.NoSuchProcess:
                 pass
 
-    signal.signal(signal.SIGTERM, stop_requested)
+    StopRequest((signal.SIGTERM,), on_request=stop_requested)
     signal.signal(signal.SIGUSR1, teardown)
     rc = proc.wait()
     return 0 if torn_down else rc

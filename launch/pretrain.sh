@@ -193,10 +193,10 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
   code=$(cd "$REPO" && { cluster exit-code "$DASHBOARD" "$JOB_ID" "${run_dir[@]}" 2> /dev/null || true; })
   [[ $code =~ ^[0-9]+$ && $code != 0 ]] && rc=$code
   if ((rc != 0)); then
-    if ((rc == 3)); then
+    if ((rc == EXIT_STOPPED)); then
       local again="launch/pretrain.sh ${ARGS[*]}"
       [[ $MODE == slurm ]] && again+=" with the same --sbatch-args (pretrain.sh --requeue makes SLURM do it)"
-      echo "stopped with a checkpoint (exit status 3); to resume from it, run again: $again"
+      echo "stopped with a checkpoint (exit status $EXIT_STOPPED); to resume from it, run again: $again"
     fi
   else
     [[ $UPLOAD == 1 || $OUTPUT_DIR == *://* ]] || echo "outputs: $OUTPUT_DIR"

@@ -94,7 +94,7 @@ echo "+ (cd $REPO && DS_ACCELERATOR=${DS_ACCELERATOR:-} ${cmd[*]})"
 ((DRY)) && exit 0
 cd "$REPO"
 
-latest() { "$PYTHON" -c 'import sys; from pipeline.rundir import RunDir; print(RunDir(sys.argv[1]).checkpoints.latest() or "")' "$run_dir"; }
+latest() { "$PYTHON" -m pipeline.rundir latest "$run_dir"; }
 # The first SIGTERM/SIGINT asks the ranks for a stop checkpoint through the run dir's STOP (under
 # srun they get the signal themselves too); a second one stops at once.
 stopping=0 child=''
@@ -116,11 +116,11 @@ while :; do  # a trapped signal interrupts wait; go on until the launcher has en
   kill -0 "$child" 2> /dev/null || break
 done
 if ((stopping)); then
-  "$PYTHON" -c 'import sys; from pipeline.rundir import RunDir; RunDir(sys.argv[1]).clear_stop()' "$run_dir" || true
+  "$PYTHON" -m pipeline.rundir clear-stop "$run_dir" || true
   now=$(latest)
   if [[ -n $now && $now != "$before" ]]; then
-    echo "stopped with checkpoint $run_dir/checkpoints/$now; to resume, rerun the same command" >&2
-    exit 3
+    echo "stopped with checkpoint $now; to resume, rerun the same command" >&2
+    exit "$EXIT_STOPPED"
   fi
 fi
 exit "$rc"

@@ -1,15 +1,33 @@
-"""The one checkpoint writer and reader.
+"""The one owner of a run's training state on disk: save, resume, list and load checkpoints.
 
-Layout: DeepSpeed's own (``<dir>/<tag>/...``, ``<dir>/latest``) plus, per tag,
-``rank_<r>.pt`` (RNG states, data-stream position and EMA pieces of each rank), ``meta.json``
-(step, samples seen, world size), ``config.yaml`` and, with an EMA, ``ema.safetensors`` (its
-whole fp32 weights: the ``ema`` variant evaluators read), then ``COMPLETE`` written last. Nothing here
-reads a checkpoint without its marker.
+A tag (``<run dir>/checkpoints/step_00000400``; the run dir's layout is ``pipeline.rundir``'s)
+holds DeepSpeed's own files, then ours:
+
+* ``rank_<r>.pt`` — rank r's RNG states, data-stream position and EMA pieces: tensors and
+  plain values only, read with ``torch.load(weights_only=True)`` so a file cannot run code;
+* ``ema.safetensors`` — the whole fp32 EMA weights (the ``ema`` variant evaluators read);
+* ``config.yaml`` — the resolved config;
+* ``meta.json`` — step, samples seen, world size, the run's MLflow run, and the manifest
+  (``files``): the size and sha256 of every other file of the tag;
+* ``COMPLETE`` — written last: nothing reads a tag without it.
+
+Every loader checks the files it reads against the manifest and refuses a corrupt or
+altered one with :class:`CorruptCheckpoint` naming it. The checksums catch corruption
+(storage, a partial copy, a flipped bit); they do not stop someone who can rewrite the
+manifest too: DeepSpeed's own ``*_states.pt`` files are still pickles that DeepSpeed loads
+with ``weights_only=False`` (see the README).
+
+:class:`CheckpointManager` is what training uses: built from the run dir, the host's
+staging dir and the stateful parts (engine, EMA, data stream), it saves (stage, checksum,
+publish, marker last, prune once) and resumes. The functions below it are its pieces, also
+used by evaluation and export.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,10 +37,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.rundir import MARKER, Checkpoints, step_of, tag_for  # noqa: F401  (tags are the run dir's)
+from pipeline.rundir import MARKER, Checkpoints, RunDir, is_local, step_of, tag_for  # noqa: F401  (tags are the run dir's)
+
+log = logging.getLogger(__name__)
 
 EMA_FILE = "ema.safetensors"
+META_FILE = "meta.json"  # also the manifest: the one file it cannot cover is itself (plain JSON, checked on read)
+CONFIG_FILE = "config.yaml"
+STAGING = "checkpoints"  # under a host's output_dir: where DeepSpeed writes before a tag is published
 VARIANTS = ("raw", "ema")  # the weights of a checkpoint an evaluator can read
+_HASH_CHUNK = 8 << 20
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint file that is missing, or differs from the size or sha256 its manifest records."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"
 
 
 def variants(tag_dir: str | os.PathLike) -> list[str]:
@@ -40,39 +72,129 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
     return tags[-1] if tags else None
 
 
+def staging_dir(output_dir: str) -> str:
+    """This host's staging dir: DeepSpeed writes and reads checkpoint files here."""
+    return str(Path(output_dir) / STAGING)
+
+
 def is_universal(tag_dir: str | os.PathLike) -> bool:
     """A checkpoint converted by ``to_universal`` (loads on any world size)."""
     return (Path(tag_dir) / "zero").is_dir()
 
 
-def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
-    """Convert a complete checkpoint to DeepSpeed's universal format for another world size.
+def read_meta(tag_dir: str | os.PathLike) -> dict:
+    """A complete local checkpoint's ``meta.json`` (its manifest included)."""
+    tag_dir = Path(tag_dir)
+    if not (tag_dir / MARKER).is_file():
+        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {MARKER} marker)")
+    try:
+        meta = json.loads((tag_dir / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{tag_dir / META_FILE}: not a readable checkpoint manifest ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
+        raise CorruptCheckpoint(f"{tag_dir / META_FILE}: not a checkpoint manifest (expected a JSON object with 'files')")
+    return meta
 
-    Runs DeepSpeed's own ``ds_to_universal`` and carries our metadata and marker along;
-    resume from the returned tag dir with ``train.resume_from=<it>``.
-    """
-    import subprocess
-    import sys
 
-    src = Path(ckpt_dir) / tag
-    if not (src / MARKER).is_file():
-        raise FileNotFoundError(f"{src} is not a complete checkpoint (no {MARKER} marker)")
-    dst = Path(out_dir) / tag
-    subprocess.run(
-        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src), "--output_folder", str(dst),
-         "--num_extract_workers", "1", "--num_merge_workers", "1"],
-        check=True,
-    )
-    # Rank files too: their data-stream positions tell a resume on another world size where
-    # the next pass starts (see ``load``).
-    for path in [src / "meta.json", src / "config.yaml", *sorted(src.glob("rank_*.pt")), *src.glob(EMA_FILE)]:
-        shutil.copy2(path, dst / path.name)
-    _write_atomic(dst / MARKER, "")
-    return str(dst)
+# ---------------------------------------------------------------- integrity
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _payload(tag_dir: Path) -> list[str]:
+    """The files a manifest covers: every file of the tag but the marker, meta.json and temporaries."""
+    return sorted(p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*")
+                  if p.is_file() and p.name not in (MARKER, META_FILE) and not p.name.endswith(".tmp"))
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's share of a host's files: the ranks of a host hash or check them in parallel."""
+    local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if not dist.is_initialized():
+        local, local_world = 0, 1
+    return names[local::max(1, local_world)]
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def manifest(tag_dir: str | os.PathLike) -> dict[str, dict]:
+    """``{file: {"size", "sha256"}}`` of every payload file of a tag, over all hosts (a
+    collective when distributed: each rank hashes its share of its host's files)."""
+    tag_dir = Path(tag_dir)
+    mine = {name: {"size": (tag_dir / name).stat().st_size, "sha256": sha256_file(tag_dir / name)}
+            for name in _my_share(_payload(tag_dir))}
+    merged: dict[str, dict] = {}
+    for part in _gather(mine):
+        for name, entry in part.items():
+            merged.setdefault(name, entry)  # the lowest rank's copy, as publish's order has it
+    return dict(sorted(merged.items()))
+
+
+def check_files(tag_dir: str | os.PathLike, names: list[str] | None = None, collective: bool = False) -> None:
+    """Check a tag's files (all it lists, or ``names``) against its manifest; raise
+    :class:`CorruptCheckpoint` naming the first that does not match. ``collective``: every rank
+    calls it and checks a share of its host's files; all raise the same error."""
+    tag_dir = Path(tag_dir)
+    files = read_meta(tag_dir).get("files")
+    errors: list[str] = []
+    if files is None:
+        log.warning("%s has no checksums (written before they were recorded): not checked", tag_dir)
+    else:
+        wanted = sorted(files) if names is None else sorted(names)
+        for name in _my_share(wanted) if collective else wanted:
+            if (problem := _problem(tag_dir, name, files.get(name))) is not None:
+                errors.append(problem)
+                break
+    if collective:
+        errors = [e for part in _gather(errors) for e in part]
+    if errors:
+        raise CorruptCheckpoint(f"{errors[0]}; the checkpoint cannot be trusted: resume from an earlier tag "
+                                "(delete this one) or restore the file from a copy")
+
+
+def _problem(tag_dir: Path, name: str, entry: dict | None) -> str | None:
+    path = tag_dir / name
+    if entry is None:
+        return f"{path}: not in the checkpoint's manifest ({tag_dir / META_FILE})"
+    if not path.is_file():
+        return f"{path}: missing (the manifest lists it)"
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return f"{path}: {size} bytes, the manifest says {entry['size']}"
+    if sha256_file(path) != entry["sha256"]:
+        return f"{path}: sha256 differs from the manifest's (the file is corrupt or was altered)"
+    return None
+
+
+def _listed_rank_files(tag_dir: Path, meta: dict) -> list[Path]:
+    files = meta.get("files")
+    names = [n for n in files if n.startswith("rank_") and n.endswith(".pt")] if files is not None else \
+        [p.name for p in tag_dir.glob("rank_*.pt")]
+    return sorted((tag_dir / n for n in names), key=lambda p: int(p.stem.split("_")[1]))
+
+
+# ---------------------------------------------------------------- RNG and our per-rank file
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states of this process, as tensors and plain values (loadable with weights_only)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -80,14 +202,31 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    else:  # a rank file from before the RNG state was plain values
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _load_rank_file(path: Path) -> dict:
+    """Our own per-rank state: tensors and plain values only; a file that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CorruptCheckpoint(f"{path}: refused, not plain checkpoint data ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+# ---------------------------------------------------------------- save and load (every rank calls them)
+
+
 def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0, ema=None) -> str:
-    """Save a checkpoint from every rank (all ranks must call this) and mark it complete.
+    """Save a checkpoint from every rank (all ranks must call this) into the local ``ckpt_dir``,
+    with its manifest, and mark it complete.
 
     ``ema`` (a :class:`pipeline.ema.EMA`): its pieces go into each rank's file (exact resume),
     its whole weights into ``ema.safetensors`` (evaluation)."""
@@ -104,12 +243,14 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
         if rank == 0:
             save_file(weights, str(tag_dir / EMA_FILE), metadata={"format": "pt", "tag": tag, "variant": "ema",
                                                                   "decay": str(ema.decay), "updates": str(ema.updates)})
-    torch.save({**rank_state, "rng": rng_state()}, tag_dir / f"rank_{rank}.pt")
+    torch.save({**rank_state, "rng": rng_state()}, tag_dir / rank_file(rank))
+    if rank == 0:
+        (tag_dir / CONFIG_FILE).write_text(config_yaml)
     if dist.is_initialized():
         dist.barrier()
+    files = manifest(tag_dir)  # a collective: each rank hashes a share of its host's files
     if rank == 0:
-        (tag_dir / "config.yaml").write_text(config_yaml)
-        _write_atomic(tag_dir / "meta.json", json.dumps({**meta, "step": step, "tag": tag}, indent=2))
+        _write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag, "files": files}, indent=2))
         _write_atomic(tag_dir / MARKER, "")
         if keep > 0:
             for old in complete_tags(ckpt_dir)[:-keep]:
@@ -120,7 +261,8 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
 
 
 def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
-    """Load engine state (model, optimizer, scheduler) and this rank's own state.
+    """Load engine state (model, optimizer, scheduler) and this rank's own state, after checking
+    every file against the manifest (a collective: every rank checks a share).
 
     Returns ``(meta, rank_state)``. On the world size it was saved with, ``rank_state`` is this
     rank's own (data-stream position; RNG states restored). On another world size (a universal
@@ -130,20 +272,19 @@ def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
     of it is repeated. ``rank_state`` is None when no rank file is there.
     """
     tag_dir = Path(ckpt_dir) / tag
-    if not (tag_dir / MARKER).is_file():
-        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {MARKER} marker)")
+    meta = read_meta(tag_dir)
+    check_files(tag_dir, collective=True)
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     _replay_cpu_adam_beta_powers(engine)
-    meta = json.loads((tag_dir / "meta.json").read_text()) if (tag_dir / "meta.json").is_file() else {}
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rank_file = tag_dir / f"rank_{rank}.pt"
+    own = tag_dir / rank_file(rank)
     rank_state = None
-    if rank_file.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
-        rank_state = torch.load(rank_file, weights_only=False)
+    if own.is_file() and meta.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1):
+        rank_state = _load_rank_file(own)
         set_rng_state(rank_state.pop("rng"))
-    elif rank_files := sorted(tag_dir.glob("rank_*.pt")):
+    elif rank_files := _listed_rank_files(tag_dir, meta):
         rank_state = {"data": _merged_data_state(rank_files)}
     return meta, rank_state
 
@@ -179,29 +320,42 @@ def _replay_cpu_adam_beta_powers(engine) -> None:
 
 def _merged_data_state(rank_files: list[Path]) -> dict:
     """Every saved reader's position in one data-stream state (as saved: old world size)."""
-    states = [torch.load(f, weights_only=False).get("data") or {} for f in rank_files]
+    states = [_load_rank_file(f).get("data") or {} for f in rank_files]
     positions = [pos for s in states for pos in s.get("positions", {}).values()]
     return {"batches": 0, "positions": {str(i): list(p) for i, p in enumerate(positions)},
             "world_size": states[0].get("world_size"), "num_workers": states[0].get("num_workers")}
 
 
+def load_ema_full(tag_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int] | None:
+    """A checkpoint's whole EMA weights and their update count (checked), or None without an EMA."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(tag_dir) / EMA_FILE
+    if not path.is_file():
+        return None
+    check_files(tag_dir, [EMA_FILE])
+    with safe_open(str(path), "pt") as f:
+        updates = int((f.metadata() or {}).get("updates", 0))
+    return load_file(str(path)), updates
+
+
 def load_fp32_weights(ckpt_dir: str, tag: str, variant: str = "raw") -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights of a checkpoint, on CPU, through DeepSpeed's own utility.
+    """Consolidated fp32 weights of a complete local checkpoint, on CPU, after checking its files.
 
     Works for every ZeRO stage (for stage 0 the module's own weights are read). ``variant``
     ``ema`` reads the checkpoint's EMA weights instead.
     """
     tag_dir = Path(ckpt_dir) / tag
-    if not (tag_dir / MARKER).is_file():
-        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint (no {MARKER} marker)")
+    read_meta(tag_dir)
     if variant not in VARIANTS:
         raise ValueError(f"unknown weights variant {variant!r}; known: {', '.join(VARIANTS)}")
     if variant == "ema":
-        from safetensors.torch import load_file
-
-        if not (tag_dir / EMA_FILE).is_file():
+        ema = load_ema_full(tag_dir)
+        if ema is None:
             raise FileNotFoundError(f"{tag_dir} has no EMA weights ({EMA_FILE}); was train.ema.decay 0?")
-        return load_file(str(tag_dir / EMA_FILE))
+        return ema[0]
+    check_files(tag_dir, [n for n in _payload(tag_dir) if n.endswith(".pt") and not n.startswith("rank_")])
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -219,7 +373,156 @@ def export_safetensors(ckpt_dir: str, tag: str, out_path: str, variant: str = "r
     return out_path
 
 
+def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
+    """Convert a complete checkpoint to DeepSpeed's universal format for another world size.
+
+    Runs DeepSpeed's own ``ds_to_universal`` on the checked files, carries our files along
+    with a new manifest and the marker; resume from the returned tag dir with
+    ``train.resume_from=<it>``.
+    """
+    import subprocess
+    import sys
+
+    src = Path(ckpt_dir) / tag
+    meta = read_meta(src)
+    check_files(src)
+    dst = Path(out_dir) / tag
+    subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src), "--output_folder", str(dst),
+         "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        check=True,
+    )
+    # Rank files too: their data-stream positions tell a resume on another world size where
+    # the next pass starts (see ``load``).
+    for path in [src / CONFIG_FILE, *_listed_rank_files(src, meta), *src.glob(EMA_FILE)]:
+        shutil.copy2(path, dst / path.name)
+    _write_atomic(dst / META_FILE, json.dumps({**meta, "files": manifest(dst)}, indent=2))
+    _write_atomic(dst / MARKER, "")
+    return str(dst)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the manager training uses
+
+
+class CheckpointManager:
+    """A run's checkpoints as training sees them: the run dir (the system of record), this
+    host's staging dir (where DeepSpeed writes and reads), and the stateful parts that a
+    checkpoint holds (the engine, an EMA, the data stream's position, the RNG states).
+
+    Every rank calls :meth:`prepare`, :meth:`resume` and :meth:`save` together.
+    """
+
+    def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0):
+        self.run, self.staging, self.resume_from, self.keep = run, staging, resume_from, keep
+        self.engine = self.ema = self.stream = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether the run dir's checkpoints are this host's staging dir (one host, or a shared disk)."""
+        return self.run.checkpoints.url == self.staging
+
+    def track(self, engine=None, ema=None, stream=None) -> None:
+        """Register the stateful parts (``stream``: anything with ``state_dict()``)."""
+        self.engine = engine or self.engine
+        self.ema = ema or self.ema
+        self.stream = stream or self.stream
+
+    def latest(self) -> str | None:
+        """The run's newest complete tag (the run dir decides, not a host's scratch)."""
+        return self.run.checkpoints.latest()
+
+    def prepare(self) -> tuple[str, str] | None:
+        """Bring the tag to resume from onto this host (each host's local rank 0 fetches; all
+        wait) and return it as ``(local dir, tag)``, or None for a fresh start. Call before the
+        engine is built: a universal source changes its config (:func:`is_universal`)."""
+        fetch_resume_checkpoint(self.staging, self.run, self.resume_from)
+        return resume_source(self.staging, self.run, self.resume_from)
+
+    def resume(self) -> tuple[dict, dict | None]:
+        """Load the engine, EMA and RNG states from the source :meth:`prepare` found; returns
+        ``(meta, data-stream state)``, ``({}, None)`` for a fresh start."""
+        src = resume_source(self.staging, self.run, self.resume_from)
+        if src is None:
+            return {}, None
+        meta, rank_state = load(self.engine, *src)
+        if self.ema is not None:
+            _restore_ema(self.ema, rank_state, Path(*src))
+        log.info("resumed from %s/%s at step %d", *src, self.engine.global_steps)
+        return meta, (rank_state or {}).get("data")
+
+    def save(self, step: int, meta: dict, config_yaml: str) -> str:
+        """Stage a checkpoint of every tracked part, publish it to the run dir (files, then the
+        marker), prune to ``keep``; returns its tag."""
+        data = {"data": self.stream.state_dict()} if self.stream is not None else {}
+        tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep, ema=self.ema)
+        publish_checkpoint(self.run, self.staging, tag, self.keep)
+        log.info("checkpoint %s/%s complete", self.run.checkpoints.url, tag)
+        return tag
+
+
+def _restore_ema(ema, rank_state: dict | None, tag_dir: Path) -> None:
+    """This rank's EMA pieces from its own rank file, else (another world size) cut from the
+    checkpoint's whole EMA weights; a checkpoint without an EMA starts it from the weights."""
+    if rank_state and "ema" in rank_state:
+        ema.load_state_dict(rank_state.pop("ema"))
+    elif (full := load_ema_full(tag_dir)) is not None:
+        ema.load_full(*full)
+    else:
+        log.warning("%s has no EMA: the EMA starts from the loaded weights", tag_dir)
+        ema.reset()
+
+
+def resume_source(own: str, run: RunDir, resume_from: str | None) -> tuple[str, str] | None:
+    """``(local checkpoint dir, tag)`` to start from: the run's own latest complete checkpoint
+    (a rerun after a stop or preemption keeps its progress; ``own`` is this host's staging
+    dir), else ``resume_from`` (``train.resume_from``), else None. Call
+    :func:`fetch_resume_checkpoint` first so the run dir's latest is here."""
+    # The run dir decides: a tag in this host's scratch dir that the run dir lacks is another run's.
+    tag = latest_tag(own) if run.checkpoints.url == own else run.checkpoints.latest()
+    if tag is not None:
+        return own, tag
+    if resume_from:
+        src = resume_from.rstrip("/")
+        if not is_local(src):  # a tag dir on object storage: its local copy
+            return own, src.rsplit("/", 1)[1]
+        return str(Path(src).parent), Path(src).name
+    return None
+
+
+def fetch_resume_checkpoint(own: str, run: RunDir, resume_from: str | None) -> None:
+    """Each host's local rank 0 copies the run dir's latest complete checkpoint (or an object-
+    storage ``resume_from``) into its staging dir ``own`` when it has none as new; all wait."""
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        local = latest_tag(own)
+        if run.checkpoints.url != own:
+            local = run.checkpoints.latest()
+            if local is not None:
+                run.checkpoints.fetch(local, own)  # a complete local copy is kept as it is
+        if local is None and resume_from and not is_local(resume_from):
+            parent, tag = resume_from.rstrip("/").rsplit("/", 1)
+            Checkpoints(parent).fetch(tag, own)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def publish_checkpoint(run: RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
+    """Put a saved checkpoint into the run dir when that is not this host's staging dir: every
+    host's local rank 0 its files, then, after a barrier, global rank 0 the marker (all ranks
+    call this)."""
+    if run.checkpoints.url == ckpt_dir:
+        return
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=True)
+        run.checkpoints.keep_latest(keep)
+    if dist.is_initialized():
+        dist.barrier()

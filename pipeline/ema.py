@@ -139,8 +139,3 @@ class EMA:
                 dist.all_reduce(full)
             out[name] = full.view(shape).cpu()
         return out
-
-    def copy_to(self, module: torch.nn.Module) -> None:
-        """Load the EMA weights into a plain (unsharded) module of the same architecture."""
-        module.load_state_dict({k: v.to(dtype=module.state_dict()[k].dtype) for k, v in self.full_state_dict().items()},
-                               strict=False)

@@ -18,13 +18,13 @@ Recovery:
   the run dir's latest checkpoint and its ``mlflow_run_id`` continues the same MLflow run;
 - SIGTERM to this driver (preemption, ``scancel``, ``kill``): it writes the run dir's ``STOP``,
   the workers checkpoint at the next step boundary and exit, and the job exits with status
-  ``EXIT_STOPPED`` (3) after printing how to resume (rerun the same command);
+  ``Exit.STOPPED`` (3, ``pipeline.stop``) after printing how to resume (rerun the same command);
 - hosts without a shared disk: ``ray.storage_path=s3://...`` puts the run dir there
   (``pipeline.rundir``): checkpoints (marker last), evaluation records, the MLflow run id and
   the demo's shards; a worker on any host fetches the checkpoint it resumes from.
 
 Before it exits, every evaluation recorded in the run dir is shown in MLflow; if the server
-does not take them, the job says which and how to deliver them, and exits ``EXIT_UNDELIVERED``.
+does not take them, the job says which and how to deliver them, and exits ``Exit.UNDELIVERED``.
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, check_paths, load_config, to_flat_dict, to_yaml
-from pipeline.rundir import EXIT_STOPPED  # stopped on request with a checkpoint saved (3)
+from pipeline.rundir import step_of
+from pipeline.stop import Exit, StopRequest
 
 log = logging.getLogger("pipeline.run")
-
-EXIT_UNDELIVERED = 4  # trained and evaluated, but MLflow lacks some evaluations (see the message)
 
 
 def log_level() -> int:
@@ -261,7 +260,7 @@ def _finished_summary(cfg: DictConfig, run) -> dict | None:
     tag = run.checkpoints.latest()
     if tag is None or (cfg.train.steps and cfg.train.steps != summary.get("total_steps")):
         return None
-    return summary if summary.get("final_step") == int(tag.split("_")[1]) else None
+    return summary if summary.get("final_step") == step_of(tag) else None
 
 
 def _log_final_weights(tracker, run, tag: str, register_as: str | None) -> None:
@@ -293,7 +292,7 @@ def _undelivered(run, tracker, spool: str) -> dict:
     return {"evaluations": [f"{tag}/{name}" for tag, name in evals], "spool": None if tracker.flush(0.0) else spool}
 
 
-def _install_stop_handler(run) -> None:
+def _install_stop_handler(run) -> StopRequest:
     """SIGTERM or SIGINT to the driver becomes a graceful stop: the run dir's ``STOP``, which
     training rank 0 checks at each step boundary. Replaces Ray's own driver handler (exit at
     once). A stale STOP of an earlier process is removed first; a second signal exits at once."""
@@ -301,16 +300,12 @@ def _install_stop_handler(run) -> None:
 
     run.clear_stop()
 
-    def handler(signum, frame):
-        if run.stop_requested():
-            print(f"signal {signum} again: exiting now", file=sys.stderr, flush=True)
-            os._exit(128 + signum)
+    def request(signum: int) -> None:
         run.request_stop(f"signal {signum} at {time.time():.0f}")
         print(f"signal {signum}: stopping at the next step boundary after a checkpoint (signal again to stop at once)",
               file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    return StopRequest((signal.SIGTERM, signal.SIGINT), on_request=request, exit_on_repeat=True)
 
 
 def _summary(run, tracker, prep, final: dict, train_seconds: float, total_seconds: float) -> dict:
@@ -402,16 +397,16 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return Exit.CONFIG
     try:
         summary = run_job(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return Exit.CONFIG
     if summary.get("stopped"):
-        return EXIT_STOPPED
+        return Exit.STOPPED
     left = summary.get("undelivered") or {}
-    return EXIT_UNDELIVERED if left.get("evaluations") or left.get("spool") else 0
+    return Exit.UNDELIVERED if left.get("evaluations") or left.get("spool") else Exit.OK
 
 
 if __name__ == "__main__":

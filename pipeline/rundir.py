@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STOP = "STOP"
-EXIT_STOPPED = 3  # a process stopped on request with a checkpoint saved: rerun the same command to resume
+SUMMARY = "summary.json"
 _TAG = re.compile(r"^step_(\d+)$")
 
 
@@ -264,11 +264,18 @@ class RunDir:
 
     # -- summaries
     def write_summary(self, summary: dict) -> None:
-        self.write_text("summary.json", json.dumps(summary, indent=2, default=str))
+        self.write_text(SUMMARY, json.dumps(summary, indent=2, default=str))
 
     def summary(self) -> dict | None:
-        text = self.read_text("summary.json")
+        text = self.read_text(SUMMARY)
         return json.loads(text) if text else None
+
+    def summary_written(self) -> float | None:
+        """When the summary was last written (seconds since the epoch), None without one."""
+        try:
+            return self.fs.modified(self._path(SUMMARY)).timestamp()
+        except FileNotFoundError:
+            return None
 
 
 def write_atomic(fs, path: str, text: str, exclusive: bool = False) -> None:
@@ -296,17 +303,29 @@ def _is_local_fs(fs) -> bool:
     return protocol in ("file", "local")
 
 
+USAGE = """usage: python -m pipeline.rundir COMMAND <run dir URL>
+  stop <run> [reason]   ask a running job to stop gracefully (its workers checkpoint at the next
+                        step boundary and it exits with pipeline.stop.Exit.STOPPED)
+  clear-stop <run>      withdraw a stop request
+  latest <run>          print the URL of the run's newest complete checkpoint (nothing when none)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.rundir stop <run dir URL> [reason]``: ask a running job to stop
-    gracefully (its workers checkpoint at the next step boundary and it exits with status 3)."""
+    """The run dir from the shell (the launchers ask it instead of spelling its layout)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] != "stop":
-        print("usage: python -m pipeline.rundir stop <run dir URL> [reason]", file=sys.stderr)
+    if len(argv) < 2 or argv[0] not in ("stop", "clear-stop", "latest"):
+        print(USAGE, file=sys.stderr)
         return 2
-    RunDir(argv[1]).request_stop(" ".join(argv[2:]) or "stop requested from the command line")
-    print(f"stop requested: {argv[1].rstrip('/')}/{STOP}")
+    run = RunDir(argv[1])
+    if argv[0] == "stop":
+        run.request_stop(" ".join(argv[2:]) or "stop requested from the command line")
+        print(f"stop requested: {run.url}/{STOP}")
+    elif argv[0] == "clear-stop":
+        run.clear_stop()
+    elif (tag := run.checkpoints.latest()) is not None:
+        print(run.checkpoints.tag_url(tag))
     return 0
 
 

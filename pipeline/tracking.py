@@ -179,14 +179,6 @@ class Tracker:
         """
         return self.journal.flush(timeout, self.uri)
 
-    def pending(self) -> int:
-        """Writes of this process not delivered yet."""
-        return len(self.journal.queue)
-
-    def close(self) -> None:
-        """Try once more, then let other processes deliver what is left (the spool stays)."""
-        self.journal.flush(0.0)
-
 class SystemMetrics:
     """CPU, memory, disk, network and GPU use, sampled into ``system/...`` metrics of a run.
 
@@ -253,7 +245,7 @@ def log_final_weights(tracker: Tracker, ckpt_dir: str, tag: str, register_as: st
         out = Path(d) / "model.safetensors"
         checkpoint.export_safetensors(ckpt_dir, tag, str(out))
         tracker.log_artifact(str(out), artifact_path)
-    for name in ("config.yaml", "meta.json"):
+    for name in (checkpoint.CONFIG_FILE, checkpoint.META_FILE):
         if (tag_dir / name).is_file():
             tracker.log_artifact(str(tag_dir / name), artifact_path)
     tracker.set_tags({"pipeline.final_checkpoint": tag})

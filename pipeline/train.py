@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from omegaconf import DictConfig
 
 from pipeline import checkpoint, rundir
 from pipeline.augment import mixup_lambda
+from pipeline.checkpoint import resume_source  # noqa: F401  (tests ask train for it)
+from pipeline.checkpoint import staging_dir as local_ckpt_dir  # noqa: F401
 from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
 from pipeline.data import ShardIndex, StreamSpec, TrainStream
 from pipeline.ema import EMA
@@ -35,7 +36,8 @@ from pipeline.engine import (
     warmup_decay,
 )
 from pipeline.model import create_model, flops_per_image
-from pipeline.tracking import Tracker, tracking_uri
+from pipeline.stop import Exit, StopRequest
+from pipeline.tracking import SystemMetrics, Tracker, tracking_uri
 
 log = logging.getLogger("pipeline.train")
 
@@ -120,20 +122,6 @@ def _peak_flops(peak_tflops: float, device: torch.device) -> float:
     return 0.0
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread (some launchers): no preemption handling
-            pass
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-
 def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     return create_model(
         cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
@@ -143,36 +131,15 @@ def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     )
 
 
-def local_ckpt_dir(output_dir: str) -> str:
-    """This host's staging dir: DeepSpeed writes and reads checkpoint files here."""
-    return str(Path(output_dir) / "checkpoints")
-
-
-def resume_source(own: str, run: rundir.RunDir, resume_from: str | None) -> tuple[str, str] | None:
-    """``(local checkpoint dir, tag)`` to start from: the run's own latest complete checkpoint
-    (a rerun after a stop or preemption keeps its progress; ``own`` is this host's staging
-    dir), else ``resume_from`` (``train.resume_from``), else None. Call
-    :func:`fetch_resume_checkpoint` first so the run dir's latest is here."""
-    # The run dir decides: a tag in this host's scratch dir that the run dir lacks is another run's.
-    tag = checkpoint.latest_tag(own) if run.checkpoints.url == own else run.checkpoints.latest()
-    if tag is not None:
-        return own, tag
-    if resume_from:
-        src = resume_from.rstrip("/")
-        if not rundir.is_local(src):  # a tag dir on object storage: its local copy
-            return own, src.rsplit("/", 1)[1]
-        return str(Path(src).parent), Path(src).name
-    return None
-
-
-def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, device: torch.device):
-    """Model, optimizer and schedule wrapped in a DeepSpeed engine (same init on every rank)."""
+def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, device: torch.device,
+                 load_universal: bool = False):
+    """Model, optimizer and schedule wrapped in a DeepSpeed engine (same init on every rank);
+    ``load_universal``: it will load a universal checkpoint (another world size)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, num_classes)
     optimizer = _build_optimizer(cfg, model, device)
     config = deepspeed_config(cfg, world)
-    src = resume_source(local_ckpt_dir(cfg.output_dir), rundir.RunDir(cfg.run_dir), cfg.train.resume_from)
-    if src and checkpoint.is_universal(Path(*src)):
+    if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     return initialize(model, optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr, config)
 
@@ -192,27 +159,24 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     quiet = bool(os.environ.get("PIPELINE_QUIET"))  # python -m pipeline.run --quiet
     logging.basicConfig(level=logging.INFO if rank == 0 and not quiet else logging.WARNING, format="%(asctime)s %(message)s",
                         force=True)
-    preempt = _Preemption()
+    preempt = StopRequest()  # SIGTERM: checkpoint at the next step boundary and exit
     index = ShardIndex.load(cfg.data.train)
     num_classes = cfg.model.num_classes or index.num_classes
     steps = total_steps(cfg, index.num_samples)
     accum = batch_split(cfg, world)
-    ckpt_dir = local_ckpt_dir(cfg.output_dir)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # every rank writes here (sample keys) before any save
     run = rundir.RunDir(cfg.run_dir)
-    fetch_resume_checkpoint(ckpt_dir, run, cfg.train.resume_from)  # recovery: the run dir's latest checkpoint onto this host
-    engine, scheduler = build_engine(cfg, num_classes, steps, world, device)
+    ckpts = checkpoint.CheckpointManager(run, checkpoint.staging_dir(cfg.output_dir), cfg.train.resume_from, cfg.train.keep_checkpoints)
+    src = ckpts.prepare()  # recovery: the run dir's latest checkpoint onto this host
+    engine, scheduler = build_engine(cfg, num_classes, steps, world, device,
+                                     load_universal=src is not None and checkpoint.is_universal(Path(*src)))
     model = engine.module
     image_size = model.spec.img_size
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # dropout differs per rank
 
     ema = EMA(engine.module, cfg.train.ema.decay, cfg.train.ema.every, cfg.train.ema.warmup, engine.optimizer) if cfg.train.ema.decay else None
-    meta, rank_state = {}, None
-    if (src := resume_source(ckpt_dir, run, cfg.train.resume_from)) is not None:
-        meta, rank_state = checkpoint.load(engine, *src)
-        if ema is not None:
-            _restore_ema(ema, rank_state, Path(*src))
-        log.info("resumed from %s/%s at step %d", *src, engine.global_steps)
+    ckpts.track(engine=engine, ema=ema)
+    meta, data_state = ckpts.resume()
     step = engine.global_steps
     samples_seen = int(meta.get("samples_seen", 0))
 
@@ -223,7 +187,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         randaug_layers=cfg.aug.randaug_layers, randaug_magnitude=cfg.aug.randaug_magnitude,
     )
     rng = checkpoint.rng_state()
-    stream = TrainStream(spec, (rank_state or {}).get("data"))
+    stream = TrainStream(spec, data_state)
+    ckpts.track(stream=stream)
     checkpoint.set_rng_state(rng)  # the DataLoader seeds its workers from the global RNG: keep dropout's stream exact on resume
 
     tracker = None
@@ -248,17 +213,14 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         meta = {"samples_seen": samples_seen, "world_size": world, "total_steps": steps, "num_classes": num_classes,
                 "model": cfg.model.name, "image_size": image_size, "mlflow_run_id": tracker.run_id if tracker else None,
                 "mlflow_uri": tracker.uri if tracker else None}
-        t = checkpoint.save(engine, ckpt_dir, at_step, meta, {"data": stream.state_dict()}, config_yaml, cfg.train.keep_checkpoints,
-                            ema=ema)
-        publish_checkpoint(run, ckpt_dir, t, cfg.train.keep_checkpoints)
-        log.info("checkpoint %s/%s complete", run.checkpoints.url, t)
+        t = ckpts.save(at_step, meta, config_yaml)
         if on_checkpoint is not None:
             on_checkpoint({"step": at_step, "tag": t, "loss": last_loss, "total_steps": steps})
 
     last_loss = float("nan")
     # The run dir decides, as every rank sees the same one: a host's scratch dir may hold an
     # earlier run's tags (same output_dir), and ranks that disagreed would hang in save().
-    if step == 0 and cfg.train.checkpoint_at_start and run.checkpoints.latest() is None:
+    if step == 0 and cfg.train.checkpoint_at_start and ckpts.latest() is None:
         save(0)
 
     window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
@@ -338,62 +300,12 @@ def _last_logged_step(tracker: Tracker) -> int:
         return 0
 
 
-def _restore_ema(ema: EMA, rank_state: dict | None, tag_dir: Path) -> None:
-    """This rank's EMA pieces from its own rank file, else (another world size) cut from the
-    checkpoint's whole EMA weights; a checkpoint without an EMA starts it from the weights."""
-    if rank_state and "ema" in rank_state:
-        ema.load_state_dict(rank_state.pop("ema"))
-    elif (tag_dir / checkpoint.EMA_FILE).is_file():
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(tag_dir / checkpoint.EMA_FILE), "pt") as f:
-            updates = int((f.metadata() or {}).get("updates", 0))
-        ema.load_full(load_file(str(tag_dir / checkpoint.EMA_FILE)), updates)
-    else:
-        log.warning("%s has no EMA: the EMA starts from the loaded weights", tag_dir)
-        ema.reset()
-
-
 def _eta(steps_left: int, steps_per_s: float) -> str:
     """Time left as h:mm:ss at the current rate."""
     if steps_per_s <= 0:
         return "?"
     seconds = int(steps_left / steps_per_s)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def fetch_resume_checkpoint(own: str, run: rundir.RunDir, resume_from: str | None) -> None:
-    """Each host's local rank 0 copies the run dir's latest complete checkpoint (or an object-
-    storage ``resume_from``) into its staging dir ``own`` when it has none as new; all wait."""
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        local = checkpoint.latest_tag(own)
-        if run.checkpoints.url != own:
-            local = run.checkpoints.latest()
-            if local is not None:
-                run.checkpoints.fetch(local, own)  # a complete local copy is kept as it is
-        if local is None and resume_from and not rundir.is_local(resume_from):
-            parent, tag = resume_from.rstrip("/").rsplit("/", 1)
-            rundir.Checkpoints(parent).fetch(tag, own)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def publish_checkpoint(run: rundir.RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
-    """Put a saved checkpoint into the run dir when that is not this host's staging dir: every
-    host's local rank 0 its files, then, after a barrier, global rank 0 the marker (all ranks
-    call this)."""
-    if run.checkpoints.url == ckpt_dir:
-        return
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=False)
-    if dist.is_initialized():
-        dist.barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=True)
-        run.checkpoints.keep_latest(keep)
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _mlflow_run_to_resume(configured: str | None, uri: str, meta: dict) -> str | None:
@@ -411,25 +323,21 @@ def _mlflow_run_to_resume(configured: str | None, uri: str, meta: dict) -> str |
 
 
 def _system_metrics(enabled: bool, tracker: Tracker | None):
-    """MLflow's system-metrics sampler (CPU, memory, GPU) on the pre-training run, rank 0."""
+    """System metrics (CPU, memory, disk, network, GPU) of the pre-training run from rank 0,
+    through the tracker (``SystemMetrics``: spooled while the server is away), every
+    $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10)."""
     if tracker is None or not enabled:
         return None
     try:
-        import mlflow
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        mlflow.set_tracking_uri(tracker.uri)
-        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=10, samples_before_logging=1)
-        monitor.start()
-        return monitor
+        return SystemMetrics(tracker, float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10)))
     except Exception as e:  # metrics are a nicety; never stop training for them
         log.warning("system metrics disabled: %s", e)
         return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exits 0 at the end of training, ``rundir.EXIT_STOPPED`` (3) after a stop request
-    (SIGTERM, the run dir's STOP) with the stop checkpoint saved."""
+    """Exits 0 at the end of training, ``Exit.STOPPED`` (3) after a stop request (SIGTERM, the
+    run dir's STOP) with the stop checkpoint saved."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]
     path = argv[0] if argv and "=" not in argv[0] else None
@@ -439,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
     dist.barrier()
     dist.destroy_process_group()
-    return rundir.EXIT_STOPPED if summary["preempted"] and summary["step"] < summary["total_steps"] else 0
+    return Exit.STOPPED if summary["preempted"] and summary["step"] < summary["total_steps"] else Exit.OK
 
 
 if __name__ == "__main__":

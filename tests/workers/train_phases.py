@@ -85,8 +85,9 @@ def check_load(cfg, ckpt_dir: str, tag: str) -> dict:
     """Load ``cfg.train.resume_from`` into a fresh engine; compare with the source's fp32 weights."""
     _, world, device = dist_setup()
     index = ShardIndex.load(cfg.data.train)
-    engine, _ = build_engine(cfg, cfg.model.num_classes or index.num_classes, total_steps(cfg, index.num_samples), world, device)
     src = Path(cfg.train.resume_from)
+    engine, _ = build_engine(cfg, cfg.model.num_classes or index.num_classes, total_steps(cfg, index.num_samples), world, device,
+                             load_universal=checkpoint.is_universal(src))
     meta, rank_state = checkpoint.load(engine, str(src.parent), src.name)
     master, module = full_fp32(engine), full_module(engine)
     reference = checkpoint.load_fp32_weights(ckpt_dir, tag)

@@ -1,0 +1,57 @@
+"""One stop path: the exit statuses named once (Python and the shell launchers agree) and a
+signal turned into one stop request, a repeated one into an exit at once."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+from pipeline.stop import Exit, StopRequest
+
+
+def test_the_shell_launchers_and_python_name_the_same_exit_statuses():
+    out = subprocess.run(["bash", "-c", f"source {ROOT}/launch/common.sh; set | grep '^EXIT_'"], capture_output=True,
+                         text=True, check=True).stdout
+    assert dict(line.split("=") for line in out.split()) == {f"EXIT_{e.name}": str(e.value) for e in Exit}
+    launchers = [ROOT / "launch" / n for n in ("pretrain.sh", "train_dist.sh", "slurm/pretrain.sbatch")]
+    for path in launchers:
+        text = path.read_text()
+        assert "common.sh" in text, f"{path} does not source the exit statuses"
+        assert not re.search(r"exit 3\b|rc == 3\b", text), f"{path} spells an exit status as a bare number"
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_is_one_stop_request_and_a_second_one_exits_at_once():
+    code = ("import sys, time; from pipeline.stop import StopRequest; import signal\n"
+            "s = StopRequest((signal.SIGTERM, signal.SIGINT), on_request=lambda n: print('stop', n, flush=True), exit_on_repeat=True)\n"
+            "print('ready', flush=True)\n"
+            "while True: time.sleep(0.05)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().strip() == f"stop {int(signal.SIGTERM)}"
+        time.sleep(0.3)
+        assert proc.poll() is None, "the first signal only asks for a stop"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 128 + signal.SIGINT
+        assert "again: exiting now" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_worker_sees_a_sigterm_as_a_stop_request():
+    request = StopRequest()
+    try:
+        assert request.installed and not request.requested
+        signal.raise_signal(signal.SIGTERM)
+        assert request.requested and request.signals == 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
