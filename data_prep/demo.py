@@ -4,7 +4,9 @@
 every class is 2-3 random cubic Bezier strokes, every sample a jittered, rotated, scaled and
 shifted copy, rendered as bright strokes on black and degraded to look like scikit-learn's
 8x8 digits upsampled to 32x32. Pre-training ``vit_demo`` on it lifts digits few-shot accuracy
-well above random init (DESIGN.md section 7), which is what the demo has to show.
+well above random init (measured: digits 10-shot 0.420 -> 0.671 in 400 steps, README), which
+is what the demo has to show; a corpus of coloured geometric shapes, tried first, was learnt
+but did not transfer.
 ``make_digits_corpus`` writes those digits (bundled with scikit-learn, no download) as class
 folders for the few-shot evaluation.
 

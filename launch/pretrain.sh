@@ -39,7 +39,8 @@ Options:
   --num-cpus N    CPUs Ray may use per node (default: local: the cores, or what the config
                   needs if more; SLURM: $SLURM_CPUS_ON_NODE)
   --upload        ship the repository to the cluster as the job's working_dir (for clusters
-                  that do not share this filesystem; set output_dir to shared storage)
+                  that do not share this filesystem; put the run dir on object storage with
+                  ray.storage_path=s3://bucket/runs, output_dir stays a host-local scratch dir)
   -h, --help      this text
 
 Environment:

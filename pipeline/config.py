@@ -141,7 +141,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0: look it up for known GPUs
     log_sample_keys: bool = False  # write each step's sample keys (resume checks)
     stop_at_step: int = 0  # checkpoint and stop here (time-boxed allocations); 0: run to the end
-    resume_from: str | None = None  # a checkpoint tag dir to start from; None: latest in output_dir
+    resume_from: str | None = None  # a checkpoint tag dir to start from when the run dir has none of its own
     ema: EmaConfig = field(default_factory=EmaConfig)
 
 

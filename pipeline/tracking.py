@@ -179,6 +179,10 @@ class Tracker:
         """
         return self.journal.flush(timeout, self.uri)
 
+    def pending(self) -> int:
+        """Writes of this process not delivered yet."""
+        return len(self.journal.queue)
+
 class SystemMetrics:
     """CPU, memory, disk, network and GPU use, sampled into ``system/...`` metrics of a run.
 
