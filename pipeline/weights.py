@@ -140,7 +140,7 @@ class _Arrays:
             if a.ndim == 0 or a.shape[0] <= index:
                 raise WeightsError(f"{self.path}: {name} has shape {a.shape}, too few stacked blocks for block {index}")
             a, name = a[index], f"{name}[{index}]"
-        if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)):
+        if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape, strict=True)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
             raise WeightsError(f"{self.path}: {name} has shape {a.shape}, {self.what} needs {want}")
         return a
