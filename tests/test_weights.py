@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy.special import erf
 
+from pipeline.evaluate.runner import Weights
 from pipeline.weights import WeightsError, load_pretrained
 
 D, HEADS, MLP, DEPTH, PATCH, GRID, CLASSES, REP = 48, 4, 64, 2, 4, 4, 5, 24
@@ -295,5 +296,6 @@ def test_a_timm_file_gets_the_paper_head_count_said_in_the_log_and_heads_overrid
     assert model.spec.heads == 16 and not [r for r in caplog.records if "assuming" in r.getMessage()]
     with torch.no_grad():
         assert torch.equal(model.eval()(images), want)
+    assert Weights(init=path, heads=16).model()[0].spec.heads == 16  # what `pretrained ... init_heads=16` loads
     with pytest.raises(WeightsError, match=r"model\.safetensors: heads=7 does not divide the width 768"):
         load_pretrained(path, heads=7)
