@@ -213,6 +213,9 @@ class EvalConfig:
     enabled: bool = True
     fewshot: list[FewShotConfig] = field(default_factory=list)
     finetune: list[FineTuneConfig] = field(default_factory=list)
+    # Any other evaluator, by module path: {evaluator: my.module, name: <dataset>, <its keys>}
+    # (pipeline.evaluate.runner); `train`/`test`, when given, are paths checked at start.
+    extra: list[Any] = field(default_factory=list)
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     poll_seconds: float = 2.0
@@ -274,6 +277,7 @@ class Config:
     # Published weights (vit_jax/big_vision .npz, timm .safetensors) that `python -m
     # pipeline.evaluate pretrained` evaluates in place of a checkpoint; pre-training ignores it.
     init: str | None = None
+    init_heads: int | None = None  # attention heads of `init` where the file does not record them (timm's)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -384,8 +388,8 @@ def _required_paths(cfg: DictConfig) -> list[tuple[str, str]]:
     """(key, path) of every path the run reads; an unset mandatory one is an error now."""
     keys = ["data.train"] + (["train.resume_from"] if cfg.train.resume_from else [])
     if cfg.eval.enabled:
-        keys += [f"eval.{kind}.{i}.{split}" for kind in ("fewshot", "finetune")
-                 for i in range(len(cfg.eval[kind])) for split in ("train", "test")]
+        keys += [f"eval.{kind}.{i}.{split}" for kind, specs in cfg.eval.items() if isinstance(specs, ListConfig)
+                 for i, spec in enumerate(specs) for split in ("train", "test") if split in spec.keys()]
     for i, job in enumerate(cfg.prep):
         if not _exists(f"{job.output.rstrip('/')}/{job.train_split}_index.json"):  # else skipped
             keys += [f"prep.{i}.source"] + ([f"prep.{i}.classes_file"] if job.classes_file else [])

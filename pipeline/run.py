@@ -223,7 +223,7 @@ def run_job(cfg: DictConfig) -> dict:
     run.write_text("config.yaml", to_yaml(cfg))
 
     watcher = None
-    if cfg.eval.enabled and (cfg.eval.fewshot or cfg.eval.finetune):
+    if Watcher.needed(cfg.eval):
         watcher = Watcher(cfg.eval, run, tracker.uri, tracker.run_id)
         watcher.start()
     status, result = "FAILED", None
@@ -315,7 +315,7 @@ def _summary(run, tracker, prep, final: dict, train_seconds: float, total_second
         ips = [m.value for m in tracker.metric_history("train/images_per_s")]
     except Exception:  # the server may be away; throughput is then left out
         ips = []
-    fewshot, finetune = {}, {}
+    fewshot, finetune, other = {}, {}, {}
     for _tag, recs in sorted(run.eval_records().items()):
         for rec in recs.values():
             variant = rec.get("variant", "raw")
@@ -323,8 +323,11 @@ def _summary(run, tracker, prep, final: dict, train_seconds: float, total_second
             if rec["protocol"] == "fewshot_linear":
                 fewshot.setdefault(name, {})[rec["step"]] = {
                     int(k.removesuffix("shot")): v for k, v in rec["metrics"].items() if k.endswith("shot")}
-            else:
+            elif rec["protocol"] == "finetune":
                 finetune.setdefault(name, {})[rec["step"]] = rec["metrics"]["top1"]
+            else:  # any other evaluator: the metrics it puts on the parent run (knn/digits/top1 -> top1)
+                other.setdefault(rec["protocol"], {}).setdefault(name, {})[rec["step"]] = {
+                    k.rsplit("/", 1)[-1]: v for k, v in rec["parent_metrics"].items()}
     try:
         experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
     except Exception:  # the server may be away
@@ -344,6 +347,7 @@ def _summary(run, tracker, prep, final: dict, train_seconds: float, total_second
         "total_seconds": total_seconds,
         "fewshot": fewshot,
         "finetune": finetune,
+        "evaluations": other,  # {protocol: {dataset: {step: {metric: value}}}} of every other evaluator
     }
 
 
@@ -363,6 +367,11 @@ def _print_summary(s: dict) -> None:
         for step, top1 in steps.items():
             label = "random init" if int(step) == 0 else f"step {step}"
             print(f"fine-tune {name:<9} {label:>12}: top-1 {top1:.3f}")
+    for protocol, datasets in s.get("evaluations", {}).items():
+        for name, steps in datasets.items():
+            for step, metrics in sorted(steps.items(), key=lambda t: int(t[0])):
+                label = "random init" if int(step) == 0 else f"step {step}"
+                print(f"{protocol} {name:<10} {label:>12}: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
     uri = s["tracking_uri"]
     page = f"#/experiments/{s['experiment_id']}/runs/{s['run_id']}?workflowType=machine_learning" if s.get("experiment_id") else ""
     if uri.startswith(("http://", "https://")):

@@ -3,14 +3,18 @@ vit_jax / big_vision parameter layout itself (models_vit.py, big_vision/models/v
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.special import erf
 
-from pipeline.weights import load_pretrained
+from pipeline.evaluate.runner import Weights
+from pipeline.weights import WeightsError, load_pretrained
 
 D, HEADS, MLP, DEPTH, PATCH, GRID, CLASSES, REP = 48, 4, 64, 2, 4, 4, 5, 24
 
@@ -186,3 +190,112 @@ def test_unknown_files_are_clear_errors(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"\.npz"):
         load_pretrained(str(tmp_path / "w.bin"))
+
+
+# --- Files that do not fit: every failure is a WeightsError naming the file and the key or shape.
+
+
+def _saved_npz(tmp_path, p: dict[str, np.ndarray], name: str = "w.npz") -> str:
+    np.savez(tmp_path / name, **p)
+    return str(tmp_path / name)
+
+
+def _source_model(heads: int = 16) -> torch.nn.Module:
+    """A one-block, gap-pooled model of ViT-B's width with 16 heads (timm's vit_base_patch16_gap_224 has 16, the paper's B 12)."""
+    from pipeline.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_b16", depth=1, heads=heads, img_size=32, pool="gap", num_classes=5)
+    with torch.no_grad():
+        model.head.weight.normal_(std=0.1)  # zero-init head: logits would not tell head counts apart
+    return model.eval()
+
+
+def _timm_file(tmp_path, state: dict[str, torch.Tensor], name: str = "model.safetensors") -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / name))
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_a_truncated_file_is_named_as_damaged(tmp_path, suffix):
+    p = flax_params(np.random.default_rng(5))
+    path = _saved_npz(tmp_path, p) if suffix == ".npz" else _timm_file(tmp_path, _source_model().state_dict())
+    whole = (tmp_path / Path(path).name).read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(WeightsError, match=rf"cut{suffix}: damaged or truncated"):
+        load_pretrained(str(tmp_path / f"cut{suffix}"))
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path):
+    p = flax_params(np.random.default_rng(6))
+    key = "Transformer/encoderblock_1/MultiHeadDotProductAttention_1/value/kernel"
+    p[key] = np.zeros((D, HEADS, D // HEADS + 1), np.float32)  # 147456 vs 768 x 768 in the report that asked for this
+    path = _saved_npz(tmp_path, p)
+    with pytest.raises(WeightsError, match=rf"w\.npz: {key} has shape \(48, 4, 13\), .* needs \(48, 4, 12\)"):
+        load_pretrained(path)
+    state = _source_model().state_dict()
+    state["blocks.0.mlp.fc2.weight"] = state["blocks.0.mlp.fc2.weight"][:, :100]
+    with pytest.raises(WeightsError, match=r"model\.safetensors: blocks\.0\.mlp\.fc2\.weight has shape \(768, 100\), "
+                       r".* needs \(768, 3072\)"):
+        load_pretrained(_timm_file(tmp_path, state), heads=16)
+
+
+def test_a_missing_key_is_named(tmp_path):
+    p = flax_params(np.random.default_rng(7))
+    del p["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"]
+    with pytest.raises(WeightsError, match=r"w\.npz: Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel is missing"):
+        load_pretrained(_saved_npz(tmp_path, p))
+    state = _source_model().state_dict()
+    for key in ("blocks.0.mlp.fc1.weight", "blocks.0.attn.qkv.bias"):
+        kept = {k: v for k, v in state.items() if k != key}
+        with pytest.raises(WeightsError, match=rf"model\.safetensors: {re.escape(key)} is missing"):
+            load_pretrained(_timm_file(tmp_path, kept), heads=16)
+
+
+def test_junk_files_are_not_a_vit_checkpoint(tmp_path):
+    np.savez(tmp_path / "objects.npz", labels=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(WeightsError, match=r"objects\.npz: not a ViT checkpoint: labels holds Python objects"):
+        load_pretrained(str(tmp_path / "objects.npz"))
+    junk = np.random.default_rng(8).bytes(4096)
+    for name in ("junk.npz", "junk.safetensors"):
+        (tmp_path / name).write_bytes(junk)
+        with pytest.raises(WeightsError, match=rf"{re.escape(name)}: not a ViT checkpoint"):
+            load_pretrained(str(tmp_path / name))
+    np.savez(tmp_path / "strings.npz", **{"embedding/kernel": np.array(["a", "b"])})
+    with pytest.raises(WeightsError, match=r"strings\.npz: not a ViT checkpoint: embedding/kernel holds <U1 values"):
+        load_pretrained(str(tmp_path / "strings.npz"))
+
+
+def test_flax_files_carry_their_head_count(tmp_path):
+    p = flax_params(np.random.default_rng(9))
+    path = _saved_npz(tmp_path, p)
+    assert load_pretrained(path).spec.heads == HEADS == p["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
+    with pytest.raises(WeightsError, match=r"w\.npz: heads=6 was asked, but block 0's .*query/kernel is shaped "
+                       r"\(width, heads, head_dim\) = \(48, 4, 12\)"):
+        load_pretrained(path, heads=6)
+
+
+def test_a_timm_file_gets_the_paper_head_count_said_in_the_log_and_heads_overrides_it(tmp_path, caplog):
+    source = _source_model(heads=16)
+    path = _timm_file(tmp_path, source.state_dict())
+    images = torch.from_numpy(np.random.default_rng(10).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        want = source(images)
+    with caplog.at_level(logging.WARNING, logger="pipeline.weights"):
+        assumed = load_pretrained(path)
+    assert assumed.spec.heads == 12
+    (line,) = [r.getMessage() for r in caplog.records if "heads" in r.getMessage()]
+    assert path in line and "assuming 12" in line and "vit_b" in line and "width 768" in line and "heads=N" in line
+    with torch.no_grad():
+        assert not torch.allclose(assumed.eval()(images), want, atol=1e-3)  # 12 heads of 64 are not 16 of 48
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.weights"):
+        model = load_pretrained(path, heads=16)
+    assert model.spec.heads == 16 and not [r for r in caplog.records if "assuming" in r.getMessage()]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(images), want)
+    assert Weights(init=path, heads=16).model()[0].spec.heads == 16  # what `pretrained ... init_heads=16` loads
+    with pytest.raises(WeightsError, match=r"model\.safetensors: heads=7 does not divide the width 768"):
+        load_pretrained(path, heads=7)

@@ -20,10 +20,10 @@ evaluated is the run dir's records, so a restarted watcher skips it); ``--once``
 pass, waits for it and exits; ``--until-final`` exits after the last pre-training step.
 ``sync`` shows in MLflow the evaluations the run dir holds and MLflow lacks, and delivers
 MLflow writes left in a spool by processes that ended during an outage.
-``pretrained [config.yaml] init=<file> [key=value ...]`` runs the config's few-shot and
-fine-tuning evaluations on published weights (vit_jax/big_vision ``.npz``, timm
-``.safetensors``; see ``pipeline.weights``) instead of a checkpoint and prints the results
-(nothing is logged to MLflow).
+``pretrained [config.yaml] init=<file> [init_heads=N] [key=value ...]`` runs the config's
+evaluations on published weights (vit_jax/big_vision ``.npz``, timm ``.safetensors``; see
+``pipeline.weights``; ``init_heads`` for a timm file whose head count is not the paper
+variant's) instead of a checkpoint and prints the results (nothing is logged to MLflow).
 Exit status: 0 done, 1 an evaluation failed, 2 a bad config or argument.
 """
 
@@ -188,7 +188,7 @@ def cmd_pretrained(args) -> int:
     cfg, _ = resolve("", None, args.config, args.overrides)
     if not cfg.init:
         raise ConfigError("init: name the weights to evaluate, e.g. init=ViT-B_16.npz")
-    results = run_evaluators(cfg.eval, Weights(init=cfg.init))
+    results = run_evaluators(cfg.eval, Weights(init=cfg.init, heads=cfg.init_heads))
     print(json.dumps(_jsonable({"init": cfg.init, **results}), indent=2))
     return 0
 

@@ -73,18 +73,20 @@ log = logging.getLogger(__name__)
 
 def load_for_finetune(ckpt_dir: str | None, tag: str | None, num_classes: int, image_size: int,
                       interpolation: str = "bilinear", dropout: float = 0.0, init: str | None = None,
-                      variant: str = "raw") -> VisionTransformer:
+                      variant: str = "raw", heads: int | None = None) -> VisionTransformer:
     """A complete checkpoint's model at ``image_size`` with a new zero-init ``num_classes`` head.
 
     The consolidated fp32 weights are loaded strictly, position embeddings interpolated to
     the new patch grid (``interpolation``); then the pre-training head and pre-logits are
-    replaced. ``init`` names published weights (``pipeline.weights``) to start from instead;
-    ``variant`` ``ema`` starts from the checkpoint's EMA weights.
+    replaced. ``init`` names published weights (``pipeline.weights``; ``heads`` where the file
+    does not record them) to start from instead; ``variant`` ``ema`` starts from the
+    checkpoint's EMA weights.
     """
     if init:
         from pipeline.weights import load_pretrained
 
-        model = load_pretrained(init, img_size=image_size, interpolation=interpolation, dropout=dropout)
+        model = load_pretrained(init, img_size=image_size, interpolation=interpolation, dropout=dropout,
+                                heads=heads)
         model.reset_head(num_classes)
         return model
     tag_dir = Path(ckpt_dir) / tag
@@ -193,9 +195,10 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
 
 
 def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: str | None = None,
-                  variant: str = "raw") -> dict:
+                  variant: str = "raw", heads: int | None = None) -> dict:
     """Fine-tune one checkpoint (its ``variant`` weights: ``raw`` or ``ema``; or published
-    weights ``init``) on one dataset: lr picked on dev, top-1 on the test split.
+    weights ``init`` with ``heads`` where the file does not record them) on one dataset: lr
+    picked on dev, top-1 on the test split.
 
     Returns ``{"top1", "best_lr", "dev_top1": {lr: acc}, "curves": {label: [(step, loss)]},
     "confusion", "num_classes", "test_samples", "seconds"}``, plus ``top1_ema`` (the test top-1
@@ -207,7 +210,8 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
         check_stored_size(split, ft.image_size, f"eval.finetune[{ft.name}]")
     _, _, device = dist_setup(standalone=True)
     num_classes = ft.num_classes or ShardIndex.load(ft.train).num_classes
-    base = load_for_finetune(ckpt_dir, tag, num_classes, ft.image_size, ft.pos_embed_interpolation, ft.dropout, init, variant)
+    base = load_for_finetune(ckpt_dir, tag, num_classes, ft.image_size, ft.pos_embed_interpolation, ft.dropout, init, variant,
+                             heads)
     lrs = [float(x) for x in ft.lrs]
     dev_top1, curves, kept = {}, {}, None
     if len(lrs) > 1 and ft.dev_fraction > 0:
@@ -250,7 +254,8 @@ def evaluate(ft: DictConfig, weights) -> Result:
     from pipeline.evaluate.record import metric_prefix
     from pipeline.evaluate.runner import Result
 
-    res = finetune_eval(ft, weights.ckpt_dir, weights.tag, init=weights.init, variant=weights.variant)
+    res = finetune_eval(ft, weights.ckpt_dir, weights.tag, init=weights.init, variant=weights.variant,
+                        heads=weights.heads)
     metrics = {"top1": res["top1"], "best_lr": res["best_lr"], "seconds": res["seconds"]}
     prefix = metric_prefix("finetune", ft.name, weights.variant)
     step_metrics = {f"{prefix}/top1": res["top1"]}

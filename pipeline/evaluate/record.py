@@ -4,8 +4,8 @@ Evaluators return results; :func:`record_of` turns one into a record that the ru
 (``RunDir.write_eval_record``, the fact that the checkpoint was evaluated), and
 :func:`publish` shows a record in MLflow as a child run of the pre-training run (tags: the
 checkpoint's tag, step and path, the dataset and protocol; params, metrics, the config and a
-confusion-matrix PNG) plus the parent's step metrics (``fewshot/<dataset>/<k>shot``,
-``finetune/<dataset>/top1``) and the transfer-vs-step plot.
+confusion-matrix PNG) plus the parent's step metrics (``<evaluator>/<dataset>/<metric>``, e.g.
+``fewshot/digits/5shot``, ``finetune/digits/top1``) and the transfer-vs-step plot of them all.
 
 Publishing talks to the server directly (MLflow's own HTTP retries, short timeouts) and is
 idempotent: a child run is found again by its tags, metrics carry the record's own
@@ -145,20 +145,22 @@ def plot_confusion(cm: np.ndarray, title: str, path: str) -> str:
 
 
 def plot_transfer(client, parent_run_id: str, keys: list[str]) -> None:
-    """PNG of transfer accuracy against pre-training step on the parent run."""
+    """PNG of every evaluator's parent-run metrics (``<evaluator>/<dataset>/<metric>``) against
+    pre-training step on the parent run; one marker per evaluator."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evaluators = sorted({key.split("/")[0] for key in keys})
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:
         hist = sorted(client.get_metric_history(parent_run_id, key), key=lambda m: m.step)
         if hist:
-            label = key.removeprefix("fewshot/").removeprefix("finetune/").replace("/", " ")
-            ax.plot([m.step for m in hist], [m.value for m in hist], marker="s" if key.startswith("finetune") else "o", label=label)
+            marker = "osD^v<>"[evaluators.index(key.split("/")[0]) % 7]
+            ax.plot([m.step for m in hist], [m.value for m in hist], marker=marker, label=key.replace("/", " "))
     ax.set_xlabel("pre-training step")
-    ax.set_ylabel("top-1")
+    ax.set_ylabel("transfer (top-1 unless named)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

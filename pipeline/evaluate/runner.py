@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import checkpoint
+from pipeline.compose import as_config_error
 from pipeline.config import ConfigError, from_container
 from pipeline.evaluate.record import eval_name, publish, record_of
 from pipeline.model import create_model
@@ -24,10 +26,12 @@ from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-# The evaluators, by the name of their list in the ``eval`` config: each module has
-# ``evaluate(spec, weights) -> Result`` and ``PROTOCOL`` (the records' protocol), optionally
-# ``check(spec)`` (run before anything starts). Modules load on first use (fine-tuning pulls
-# in DeepSpeed).
+# The evaluators, by name. An evaluator module has ``evaluate(spec, weights) -> Result`` and
+# ``PROTOCOL`` (the records' protocol), optionally ``check(spec)`` (run before anything starts)
+# and ``Config`` (a dataclass: the schema of its specs). The built-in ones have their own list
+# in the ``eval`` config (``eval.fewshot``, ``eval.finetune``); any other is named by module path
+# in an ``eval.extra`` entry and registered under the path's last part. Modules load on first
+# use (fine-tuning pulls in DeepSpeed).
 EVALUATORS = {"fewshot": "pipeline.evaluate.fewshot", "finetune": "pipeline.evaluate.finetune"}
 
 
@@ -36,6 +40,40 @@ def evaluator(name: str):
     if name not in EVALUATORS:
         raise ConfigError(f"eval.{name}: no such evaluator; known: {', '.join(EVALUATORS)}")
     return importlib.import_module(EVALUATORS[name])
+
+
+def register(module: str, key: str = "eval.extra") -> str:
+    """Register the evaluator module at the dotted path ``module`` under its last part
+    (``tests.knn_probe`` -> ``knn_probe``: its records' and metrics' name); returns that name."""
+    name = module.rsplit(".", 1)[-1]
+    if EVALUATORS.setdefault(name, module) != module:
+        raise ConfigError(f"{key}.evaluator: {module} would be named {name!r}, the name of {EVALUATORS[name]}")
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module + ".").startswith(e.name + "."):  # the module itself, not one it imports
+            del EVALUATORS[name]
+            raise ConfigError(f"{key}.evaluator: no module {module} (on this process's Python path)") from None
+        raise
+    return name
+
+
+def _extra(i: int, entry: DictConfig) -> tuple[str, DictConfig]:
+    """(name, spec) of ``eval.extra.<i>``: the evaluator's module registered, the rest of the
+    entry typed by the module's ``Config`` when it has one."""
+    key = f"eval.extra.{i}"
+    if not isinstance(entry, DictConfig) or not entry.get("evaluator") or not entry.get("name"):
+        raise ConfigError(f"{key}: needs evaluator (a registered name or a module path) and name (the dataset's)")
+    name = register(entry.evaluator, key) if "." in entry.evaluator else entry.evaluator
+    spec = OmegaConf.masked_copy(entry, [k for k in entry if k != "evaluator"])
+    schema = getattr(evaluator(name), "Config", None)
+    if schema is not None:
+        try:
+            spec = OmegaConf.merge(OmegaConf.structured(schema), spec)
+        except OmegaConfBaseException as e:
+            err = as_config_error(e)
+            raise ConfigError(f"{key}.{err}" if getattr(e, "key", None) else f"{key}: {err}") from None
+    return name, spec
 
 
 @dataclass
@@ -54,12 +92,12 @@ class Result:
 class Weights:
     """What is evaluated: a complete local checkpoint (``ckpt_dir``, ``tag``; ``variant`` ``raw``
     for its own weights, ``ema`` for their EMA) or published weights (``init``, see
-    ``pipeline.weights``). The model is loaded once, on first use, for all the evaluators that
-    share it."""
+    ``pipeline.weights``; ``heads`` where the file does not record them). The model is loaded
+    once, on first use, for all the evaluators that share it."""
 
     def __init__(self, ckpt_dir: str | None = None, tag: str | None = None, init: str | None = None,
-                 variant: str = "raw"):
-        self.ckpt_dir, self.tag, self.init, self.variant = ckpt_dir, tag, init, variant
+                 variant: str = "raw", heads: int | None = None):
+        self.ckpt_dir, self.tag, self.init, self.variant, self.heads = ckpt_dir, tag, init, variant, heads
         self._loaded: tuple[torch.nn.Module, int] | None = None
 
     @property
@@ -73,7 +111,7 @@ class Weights:
             if self.init:
                 from pipeline.weights import load_pretrained
 
-                model = load_pretrained(self.init)
+                model = load_pretrained(self.init, heads=self.heads)
                 size = model.spec.img_size
             else:
                 model, _, meta = load_model(self.ckpt_dir, self.tag, self.variant)
@@ -100,8 +138,10 @@ def load_model(ckpt_dir: str, tag: str, variant: str = "raw") -> tuple[torch.nn.
 
 
 def wanted(eval_cfg: DictConfig) -> list[tuple[str, DictConfig]]:
-    """(evaluator name, spec) of every evaluation each checkpoint gets, in registry order."""
-    return [(name, spec) for name in EVALUATORS for spec in eval_cfg.get(name, None) or []]
+    """(evaluator name, spec) of every evaluation each checkpoint gets: the built-in lists in
+    registry order, then ``eval.extra``."""
+    builtin = [(name, spec) for name in EVALUATORS for spec in eval_cfg.get(name, None) or []]
+    return builtin + [_extra(i, entry) for i, entry in enumerate(eval_cfg.get("extra", None) or [])]
 
 
 def evaluated(run: RunDir, eval_cfg: DictConfig) -> set[str]:
@@ -137,9 +177,10 @@ def validate_eval(eval_cfg: DictConfig) -> None:
 def run_evaluators(eval_cfg: DictConfig, weights: Weights, skip: set[str] = frozenset(), keep=None) -> dict:
     """Every configured evaluation of ``weights`` whose name is not in ``skip``; ``keep(name,
     spec, result)`` is called after each. Returns ``{evaluator name: {dataset: summary}}``."""
+    evaluations = wanted(eval_cfg)
     out: dict = {n: {} for n in EVALUATORS}
     try:
-        for n, spec in wanted(eval_cfg):
+        for n, spec in evaluations:
             if eval_name(n, spec.name, weights.variant) in skip:
                 continue
             result = evaluator(n).evaluate(spec, weights)
@@ -158,8 +199,8 @@ def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunD
     in the run dir, then show it in MLflow when tracking.
 
     ``source`` names the checkpoint dir in the records when ``ckpt_dir`` is a local copy.
-    Results are ``{"fewshot": {dataset: ...}, "finetune": {...}}`` for the raw weights, and the
-    same under ``"ema"`` for the EMA weights.
+    Results are ``{"fewshot": {dataset: ...}, "finetune": {...}, <other evaluator>: {...}}`` for
+    the raw weights, and the same under ``"ema"`` for the EMA weights.
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     step = checkpoint.step_of(tag)

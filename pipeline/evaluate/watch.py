@@ -19,7 +19,7 @@ import threading
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.evaluate.record import publish_pending
-from pipeline.evaluate.runner import evaluate_checkpoint, evaluated
+from pipeline.evaluate.runner import evaluate_checkpoint, evaluated, wanted
 from pipeline.rundir import RunDir, local_path
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,11 @@ class Watcher:
         self.unshown: list[tuple[str, str]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def needed(eval_cfg: DictConfig) -> bool:
+        """Whether ``eval_cfg`` asks for any evaluation (of any evaluator) of the checkpoints."""
+        return bool(eval_cfg.enabled and wanted(eval_cfg))
 
     @property
     def done(self) -> set[str]:
