@@ -8,7 +8,7 @@ whether it fits, with the largest micro-batch that does; images/s, step time, wa
 and GPU-hours; host cores per GPU to decode for that rate; checkpoint size and upload
 time; and the evaluations' cost per checkpoint. A micro-batch that does not fit the
 target at the configured stage is refused with exit status 2, naming the largest that
-fits. Every formula is a small function of values; ``bench/bench_plan.py`` checks them
+fits. Every formula is a small function of values; ``bench/bench_train_plan.py`` checks them
 against measurements (bench/RESULTS.md).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from pipeline.model import ViTSpec, flops_per_image, get_spec
 
 GIB = 2**30
-CALIBRATION = Path(__file__).resolve().parents[1] / "bench" / "plan_calibration.json"
+CALIBRATION = Path(__file__).resolve().parents[1] / "bench" / "train_plan_calibration.json"
 ASSUMED_MFU = 0.4  # no measured MFU for the device: a stated assumption, printed as such
 CORES_PER_GPU_DEFAULT = 14  # a DGX H100: 112 cores for 8 GPUs
 
@@ -69,15 +69,16 @@ def activation_bytes(spec: ViTSpec, micro_batch: int, num_classes: int, pool: st
     Counts what autograd saves per token in a pre-LN block (flash-style attention, no
     n x n scores): LN1 and qkv inputs, q/k/v and the attention output, the proj input, LN2
     and fc1 inputs, the GELU input and fc2 input (9 width + 2 MLP elements; dropout adds
-    1-byte masks), plus the model input, the last LayerNorm and the fp32 logits. The backward
-    pass holds one block's worth more while it runs. With ``recompute`` only each block's
-    input is kept and one block is rebuilt at a time."""
+    1-byte masks), plus the model input, the last LayerNorm and the fp32 logits; the peak is at
+    the end of the forward pass (the backward frees a block's saved tensors as it makes its
+    gradients: measured within 1% on this CPU, bench/RESULTS.md). With ``recompute`` only
+    each block's input is kept, and one block is rebuilt at a time in the backward pass."""
     e = 4 if precision == "fp32" else 2
     n, d, m = tokens_per_image(spec, pool), spec.width, spec.mlp_dim
     block = n * (e * (9 * d + 2 * m) + ((2 * d + m) if dropout else 0))
-    kept = spec.depth * (n * d * e if recompute else block)
+    kept = spec.depth * n * d * e + block if recompute else spec.depth * block
     edges = 3 * spec.img_size**2 * e + n * d * e + 3 * 4 * num_classes  # input, final LN, logits + loss in fp32
-    return micro_batch * (kept + 2 * block + edges)
+    return micro_batch * (kept + edges)
 
 
 # --- memory per rank --------------------------------------------------------------------
@@ -119,7 +120,27 @@ def images_per_second(flops_per_img: float, peak_tflops: float, mfu: float) -> f
 
 
 def step_seconds(global_batch: int, world: int, device_images_per_s: float) -> float:
+    """Compute time of one optimizer step (no communication)."""
     return global_batch / (world * device_images_per_s)
+
+
+def comm_bytes_per_step(params: int, stage: int, world: int, accumulation: int = 1, precision: str = "bf16",
+                        recompute: bool = False) -> float:
+    """Bytes through each rank's link per optimizer step (ring collectives move (N-1)/N of the
+    data per rank for a reduce-scatter or an all-gather, twice that for an all-reduce).
+    Stage 0: one gradient all-reduce; 1: a gradient reduce-scatter and a weight all-gather;
+    2: the reduce-scatter at every micro-step; 3: the weights gathered for the forward, the
+    backward (and the recomputed forward) and the gradients reduce-scattered, every micro-step."""
+    if world <= 1:
+        return 0.0
+    one = (2 if precision != "fp32" else 4) * params * (world - 1) / world
+    if stage == 0:
+        return 2 * one
+    if stage == 1:
+        return 2 * one
+    if stage == 2:
+        return accumulation * one + one
+    return accumulation * (3 + (1 if recompute else 0)) * one
 
 
 def host_cores_per_device(device_images_per_s: float, decode_images_per_core_s: float) -> float:
@@ -164,7 +185,7 @@ class Target:
 
 
 def calibration() -> dict:
-    """The measured figures the plan uses (bench/plan_calibration.json), or {}."""
+    """The measured figures the plan uses (bench/train_plan_calibration.json), or {}."""
     return json.loads(CALIBRATION.read_text()) if CALIBRATION.is_file() else {}
 
 
@@ -192,8 +213,6 @@ def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float
                    width: int, sbatch_args: str = "", cal: dict | None = None) -> Target:
     """The hardware the plan is for, from the ``plan`` settings, sbatch flags and the Ray keys;
     ``width`` picks the CPU calibration."""
-    from pipeline.train import PEAK_TFLOPS
-
     cal = calibration() if cal is None else cal
     shape = sbatch_shape(sbatch_args)
     name = plan.device if plan.device != "auto" else ("H100" if use_gpu else "cpu")
@@ -210,6 +229,10 @@ def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float
         peak = plan.peak_tflops or cpu_rate(cpu.get("rates", []), width) * cpus_per_worker / 1e3
         mfu, mfu_source = (plan.mfu or 1.0), cpu.get("source", "no CPU calibration: set plan.peak_tflops")
     else:
+        from pipeline.train import PEAK_TFLOPS
+
+        if not shape and not plan.nodes:  # the config's own ranks: ray.num_workers GPUs, 8 (gpus_per_node) a node
+            per_node = min(per_node, num_workers)
         nodes = shape.get("nodes") or plan.nodes or max(1, math.ceil(num_workers / per_node))
         known = next((k for k in sorted(GPU_MEMORY_GIB, key=len, reverse=True) if k.lower() in name.lower()), None)
         mem = plan.memory_gib or GPU_MEMORY_GIB.get(known, 0.0)
@@ -269,6 +292,16 @@ def make_plan(cfg, sbatch_args: str = "", cal: dict | None = None) -> dict:
         return activation_bytes(spec, b, classes_for_count, str(m.pool), precision, m.dropout > 0, recompute)
 
     budget = target.memory_gib * GIB * cfg.plan.memory_fraction
+    ips = images_per_second(flops, target.peak_tflops, target.mfu) if target.peak_tflops else 0.0
+    compute_s = step_seconds(glob, world, ips) if ips else 0.0
+    link = 0.0 if target.device == "cpu" else (cfg.plan.network_gbps if target.nodes > 1 else cfg.plan.nvlink_gbps)
+    accum = glob / (micro * world)
+
+    def step_s(stage: int) -> float:
+        """Compute plus communication, overlapped only with deepspeed.overlap_comm."""
+        comm = comm_bytes_per_step(params, stage, world, max(1, round(accum)), precision, m.grad_checkpointing) / (link * 1e9) if link else 0.0
+        return max(compute_s, comm) if d.overlap_comm else compute_s + comm
+
     stages = {}
     for stage in (0, 1, 2, 3):
         states = model_state_bytes(params, stage, world, precision, d.offload_optimizer and stage >= 1,
@@ -283,32 +316,32 @@ def make_plan(cfg, sbatch_args: str = "", cal: dict | None = None) -> dict:
             "total_gib": total / GIB,
             "fits": total <= budget,
             "largest_micro_batch": largest_micro_batch(budget, fixed, act(1, m.grad_checkpointing)),
+            "step_s": step_s(stage),
         }
-    ips = images_per_second(flops, target.peak_tflops, target.mfu) if target.peak_tflops else 0.0
     steps = train_steps(t.steps, t.epochs, samples, glob)
-    step_s = step_seconds(glob, world, ips) if ips else 0.0
-    wall_s = steps * step_s
+    step = step_s(d.zero_stage)
+    wall_s = steps * step
     ckpts = (steps // t.checkpoint_every) + (1 if t.checkpoint_at_start else 0) if steps else 0
     ckpt = checkpoint_bytes(params, d.zero_stage, precision, ema)
     kept = t.keep_checkpoints or ckpts
     eval_images = cfg.plan.eval_images
     eval_flops = flops_per_image(spec, 0, training=False) * eval_images * (2 if ema else 1)
     eval_gpu_s = eval_flops / (target.mfu * target.peak_tflops * 1e12) if ips and eval_images else 0.0
-    accum = glob / (micro * world)
     return {
         "config": {"model": m.name, "zero_stage": d.zero_stage, "offload_optimizer": d.offload_optimizer,
-                   "offload_param": d.offload_param, "precision": precision, "micro_batch_size": micro,
+                   "offload_param": d.offload_param, "overlap_comm": d.overlap_comm, "precision": precision, "micro_batch_size": micro,
                    "global_batch_size": glob, "grad_accumulation": accum, "grad_checkpointing": m.grad_checkpointing,
                    "ema": ema},
         "target": {**asdict(target), "world": world},
         "model": {"params": params, "classes": classes_for_count, "classes_known": bool(classes),
                   "tokens_per_image": tokens_per_image(spec, str(m.pool)), "train_gflops_per_image": flops / 1e9,
-                  "forward_gflops_per_image": flops_per_image(spec, classes_for_count, training=False) / 1e9},
+                  "forward_gflops_per_image": train_flops(spec, classes_for_count, m.representation_size) / 3e9},
         "memory": {"budget_gib": budget / GIB, "stages": stages},
-        "time": {"images_per_s_per_device": ips, "images_per_s": ips * world, "step_s": step_s, "steps": steps,
+        "time": {"images_per_s_per_device": glob / world / step if step else 0.0, "images_per_s": glob / step if step else 0.0,
+                 "compute_step_s": compute_s, "step_s": step, "link_gbps": link, "steps": steps,
                  "num_samples": samples, "corpus_source": corpus_source, "wall_h": wall_s / 3600,
                  "gpu_hours": wall_s * world / 3600},
-        "host": {"cores_per_device": host_cores_per_device(ips, target.decode_rate) if target.decode_rate else 0.0,
+        "host": {"cores_per_device": host_cores_per_device(glob / world / step, target.decode_rate) if target.decode_rate and step else 0.0,
                  "cores_per_device_available": target.cores_per_node / target.per_node},
         "checkpoints": {"count": ckpts, "gb_per_tag": ckpt / 1e9, "upload_s": ckpt / (cfg.plan.storage_gbps * 1e9),
                         "storage_gb": ckpt * kept / 1e9},
@@ -361,16 +394,18 @@ def format_plan(p: dict) -> str:
         f"batch: {c['micro_batch_size']} per {unit} x {tg['world']} x {c['grad_accumulation']:g} accumulation = {c['global_batch_size']}",
         f"memory per {unit} at micro-batch {c['micro_batch_size']} (GiB; budget {me['budget_gib']:.1f} = plan.memory_fraction of "
         f"{tg['memory_gib']:.0f}):",
-        "  ZeRO | weights  grads  optim    ema  bucket | activations (other ckpt) | total | host | fits | largest micro-batch",
+        "  ZeRO | weights  grads  optim    ema  bucket | activations (other ckpt) | total | host | fits | largest micro-batch | s/step",
     ]
     for s, v in me["stages"].items():
         dv = v["device_gib"]
         mark = "*" if s == str(c["zero_stage"]) else " "
         lines.append(f" {mark}{s:>3} | {dv['weights']:7.2f} {dv['gradients']:6.2f} {dv['optimizer']:6.2f} {dv['ema']:6.2f} "
                      f"{dv['buckets']:6.2f} | {v['activations_gib']:11.2f} ({v['activations_other_gib']:6.2f})"
-                     f"   | {v['total_gib']:5.1f} | {v['host_gib']:4.1f} | {'yes' if v['fits'] else 'NO ':>4} | {v['largest_micro_batch']}")
-    lines.append(f"time: {ti['images_per_s_per_device']:,.0f} images/s per {unit} at MFU {tg['mfu']:.2f} ({tg['mfu_source']}); "
-                 f"{ti['images_per_s']:,.0f} images/s in all; {ti['step_s']:.3f} s/step")
+                     f"   | {v['total_gib']:5.1f} | {v['host_gib']:4.1f} | {'yes' if v['fits'] else 'NO ':>4} | {v['largest_micro_batch']:>19,} | {v['step_s']:.3f}")
+    comm = (f" + communication at {ti['link_gbps']:.0f} GB/s per {unit} ({'overlapped' if c['overlap_comm'] else 'not overlapped'})"
+            if ti["link_gbps"] else " (communication not modelled on CPU ranks)")
+    lines.append(f"time: {ti['compute_step_s']:.3f} s/step compute at {tg['mfu']:.2f} of peak ({tg['mfu_source']}){comm} = "
+                 f"{ti['step_s']:.3f} s/step, {ti['images_per_s_per_device']:,.0f} images/s per {unit}, {ti['images_per_s']:,.0f} in all")
     if ti["steps"]:
         lines.append(f"  {ti['steps']:,} steps ({ti['num_samples']:,} samples from {ti['corpus_source']}): {_hours(ti['wall_h'])} "
                      f"wall, {ti['gpu_hours']:,.0f} {unit}-hours")
@@ -396,6 +431,32 @@ def plan_params(plan: dict) -> dict[str, float | int | str]:
             "plan/images_per_s": round(plan["time"]["images_per_s"], 1), "plan/step_s": round(plan["time"]["step_s"], 4),
             "plan/wall_h": round(plan["time"]["wall_h"], 2), "plan/mfu": plan["target"]["mfu"],
             "plan/mfu_source": plan["target"]["mfu_source"][:250]}
+
+
+def run_plan(cfg) -> dict:
+    """:func:`plan_params` of a run about to start; a plan that cannot be made is one
+    ``plan/error`` param, never an error of the run."""
+    try:
+        return plan_params(make_plan(cfg))
+    except Exception as e:  # noqa: BLE001 - the plan is advice
+        return {"plan/error": f"{type(e).__name__}: {e}"[:250]}
+
+
+def planned_vs_measured(planned: dict, images_per_s: float | None, tracker=None) -> list[str]:
+    """Summary lines putting the plan next to the run: images/s, step time, peak memory
+    (``train/memory_gib_max_rank`` read from ``tracker`` when given)."""
+    if "plan/images_per_s" not in planned:
+        return []
+    memory = None
+    try:
+        memory = max(m.value for m in tracker.metric_history("train/memory_gib_max_rank")) if tracker else None
+    except Exception:  # noqa: BLE001 - the server may be away: the line then says so
+        pass
+    lines = [f"planned / measured  : images/s {planned['plan/images_per_s']:.1f} / "
+             f"{'n/a' if not images_per_s else f'{images_per_s:.1f}'}; "
+             f"memory per rank {planned['plan/memory_gib_per_rank']:.2f} GiB (+ imports, CUDA context) / "
+             f"{'n/a' if memory is None else f'{memory:.2f} GiB'}"]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,11 +82,12 @@ def test_activation_memory_by_hand():
     n = 17  # 16 patches + the class token
     block = n * 2 * (9 * 32 + 2 * 64)
     edges = 3 * 16 * 16 * 2 + n * 32 * 2 + 12 * 10
-    assert activation_bytes(spec, 3, 10) == 3 * (2 * block + 2 * block + edges)
+    assert activation_bytes(spec, 3, 10) == 3 * (2 * block + edges)
     # Recomputation keeps each block's input only, and rebuilds one block at a time.
-    assert activation_bytes(spec, 3, 10, recompute=True) == 3 * (2 * n * 32 * 2 + 2 * block + edges)
+    assert activation_bytes(spec, 3, 10, recompute=True) == 3 * (2 * n * 32 * 2 + block + edges)
     dropout = activation_bytes(spec, 1, 10, dropout=True) - activation_bytes(spec, 1, 10)
-    assert dropout == 4 * n * (2 * 32 + 64)  # 1-byte masks in 2 kept + 2 transient blocks
+    assert dropout == 2 * n * (2 * 32 + 64)  # 1-byte masks in both blocks
+    assert activation_bytes(spec, 1, 10, precision="fp32") - edges - 3 * 16 * 16 * 2 - n * 32 * 2 == 2 * 2 * block
 
 
 def test_largest_micro_batch_and_the_batch_split():
