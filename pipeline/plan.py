@@ -203,6 +203,14 @@ def sbatch_shape(sbatch_args: str) -> dict[str, int]:
     return out
 
 
+def slurm_allocation(env: dict) -> str:
+    """The shape of the SLURM allocation this runs in, as sbatch flags ("" outside one)."""
+    if not env.get("SLURM_JOB_NUM_NODES"):
+        return ""
+    gpus = env.get("SLURM_GPUS_ON_NODE")
+    return f"--nodes={env['SLURM_JOB_NUM_NODES']}" + (f" --gpus-per-node={gpus}" if gpus else "")
+
+
 def cpu_rate(rates: list[dict], width: int) -> float:
     """Measured model GFLOP/s per thread of the calibrated model nearest in width (small
     matrices run slower: the demo's width 128 against ViT-B's 768), or 0."""
@@ -266,10 +274,9 @@ def corpus(cfg) -> tuple[int, int, str]:
         source = "demo corpus"
     url = str(cfg.data.train)
     if (not samples or not classes) and "://" not in url and Path(url).is_file():
-        index = json.loads(Path(url).read_text())
-        samples = samples or int(index.get("total", {}).get("nsamples") or index.get("nsamples") or
-                                 sum(s.get("nsamples", 0) for s in index.get("shardlist", [])))
-        classes = classes or len(index.get("classes", []))
+        index = json.loads(Path(url).read_text())  # data_prep's: wids shardlist plus totals
+        samples = samples or index.get("num_samples") or sum(s.get("nsamples", 0) for s in index.get("shardlist", []))
+        classes = classes or index.get("num_classes") or len(index.get("classes", []))
         source = url
     return int(samples or 0), int(classes or 0), source if samples else "unknown (set plan.num_samples)"
 
@@ -404,11 +411,12 @@ def format_plan(p: dict) -> str:
                      f"   | {v['total_gib']:5.1f} | {v['host_gib']:4.1f} | {'yes' if v['fits'] else 'NO ':>4} | {v['largest_micro_batch']:>19,} | {v['step_s']:.3f}")
     comm = (f" + communication at {ti['link_gbps']:.0f} GB/s per {unit} ({'overlapped' if c['overlap_comm'] else 'not overlapped'})"
             if ti["link_gbps"] else " (communication not modelled on CPU ranks)")
-    lines.append(f"time: {ti['compute_step_s']:.3f} s/step compute at {tg['mfu']:.2f} of peak ({tg['mfu_source']}){comm} = "
+    rate = "the measured CPU rate" if tg["device"] == "cpu" else f"{tg['mfu']:.2f} of peak"
+    lines.append(f"time: {ti['compute_step_s']:.3f} s/step compute at {rate} ({tg['mfu_source']}){comm} = "
                  f"{ti['step_s']:.3f} s/step, {ti['images_per_s_per_device']:,.0f} images/s per {unit}, {ti['images_per_s']:,.0f} in all")
     if ti["steps"]:
         lines.append(f"  {ti['steps']:,} steps ({ti['num_samples']:,} samples from {ti['corpus_source']}): {_hours(ti['wall_h'])} "
-                     f"wall, {ti['gpu_hours']:,.0f} {unit}-hours")
+                     f"wall, {ti['gpu_hours']:,.{0 if ti['gpu_hours'] >= 10 else 2}f} {unit}-hours")
     else:
         lines.append("  steps unknown: train.epochs needs the corpus size (plan.num_samples=...)")
     lines.append(f"host cores per {unit} to decode for that rate: {ho['cores_per_device']:.1f} needed, "
@@ -474,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         cfg = load_config(args.config or Path(__file__).resolve().parents[1] / "configs/experiment/demo.yaml", args.overrides)
-        plan = make_plan(cfg, args.sbatch_args)
+        plan = make_plan(cfg, args.sbatch_args or slurm_allocation(os.environ))
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from pipeline.plan import (
     main,
     model_state_bytes,
     sbatch_shape,
+    slurm_allocation,
     splits,
     train_flops,
     vit_params,
@@ -104,6 +104,8 @@ def test_checkpoint_size_per_tag():
 def test_sbatch_flags_give_the_cluster_shape():
     assert sbatch_shape("--nodes=64 --gpus-per-node=8 --partition=gpu") == {"nodes": 64, "gpus_per_node": 8}
     assert sbatch_shape("-N 4 --gpus-per-node h100:4") == {"nodes": 4, "gpus_per_node": 4}
+    inside = slurm_allocation({"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"})
+    assert sbatch_shape(inside) == {"nodes": 2, "gpus_per_node": 4} and slurm_allocation({}) == ""
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
@@ -114,6 +116,17 @@ def test_the_plan_runs_on_every_experiment_config(path, capsys):
     assert stage["fits"] and stage["largest_micro_batch"] >= plan["config"]["micro_batch_size"]
     assert plan["time"]["steps"] > 0 and plan["checkpoints"]["gb_per_tag"] > 0
     assert plan["model"]["classes_known"]
+
+
+def test_the_corpus_size_comes_from_a_local_index_when_the_config_has_none(tmp_path, capsys):
+    index = tmp_path / "train_index.json"  # the keys data_prep writes (data_prep/index.py)
+    index.write_text(json.dumps({"shardlist": [{"url": "a.tar", "nsamples": 600_000}, {"url": "b.tar", "nsamples": 681_167}],
+                                 "num_samples": 1_281_167, "num_classes": 1000, "classes": [str(i) for i in range(1000)]}))
+    assert main([str(ROOT / "configs/experiment/imagenet1k_vit_b16_scratch.yaml"), f"data.train={index}", "plan.num_samples=0",
+                 "plan.num_classes=0", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["time"]["corpus_source"] == str(index) and plan["model"]["classes"] == 1000
+    assert plan["time"]["steps"] == 300 * 1_281_167 // 4096
 
 
 def test_vit_h14_on_64_nodes_of_8_h100_plans_the_papers_compute(capsys):
