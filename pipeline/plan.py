@@ -451,8 +451,9 @@ def run_plan(cfg) -> dict:
 
 
 def planned_vs_measured(planned: dict, images_per_s: float | None, tracker=None) -> list[str]:
-    """Summary lines putting the plan next to the run: images/s, step time, peak memory
-    (``train/memory_gib_max_rank`` read from ``tracker`` when given)."""
+    """Summary lines putting the plan next to the run: images/s, step time (the global batch
+    over ``images_per_s``), peak memory (``train/memory_gib_max_rank`` read from ``tracker``
+    when given)."""
     if "plan/images_per_s" not in planned:
         return []
     memory = None
@@ -460,8 +461,10 @@ def planned_vs_measured(planned: dict, images_per_s: float | None, tracker=None)
         memory = max(m.value for m in tracker.metric_history("train/memory_gib_max_rank")) if tracker else None
     except Exception:  # noqa: BLE001 - the server may be away: the line then says so
         pass
+    batch = planned["plan/images_per_s"] * planned["plan/step_s"]  # the global batch
     lines = [f"planned / measured  : images/s {planned['plan/images_per_s']:.1f} / "
-             f"{'n/a' if not images_per_s else f'{images_per_s:.1f}'}; "
+             f"{'n/a' if not images_per_s else f'{images_per_s:.1f}'}; step {planned['plan/step_s']:.3f} s / "
+             f"{'n/a' if not images_per_s or not batch else f'{batch / images_per_s:.3f} s'}; "
              f"memory per rank {planned['plan/memory_gib_per_rank']:.2f} GiB (+ imports, CUDA context) / "
              f"{'n/a' if memory is None else f'{memory:.2f} GiB'}"]
     return lines

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
 from pipeline.model import ViTSpec, count_params, flops_per_image, get_spec
 from pipeline.plan import (
     activation_bytes,
@@ -16,6 +17,8 @@ from pipeline.plan import (
     largest_micro_batch,
     main,
     model_state_bytes,
+    planned_vs_measured,
+    run_plan,
     sbatch_shape,
     slurm_allocation,
     splits,
@@ -156,6 +159,15 @@ def test_a_micro_batch_that_fits_at_no_stage_is_refused_naming_the_largest_that_
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(capsys):
     assert main([str(ROOT / "configs/experiment/jft_vit_h14.yaml"), "--sbatch-args=--nodes=64 --gpus-per-node=8"]) == 2
     assert "data.micro_batch_size=8 splits it" in capsys.readouterr().err
+
+
+def test_a_run_logs_its_plan_and_sets_it_next_to_the_measured():
+
+    planned = run_plan(load_config(ROOT / "configs/experiment/demo.yaml"))
+    assert planned["plan/params"] == count_params("vit_demo", num_classes=100) and planned["plan/images_per_s"] > 0
+    line = planned_vs_measured(planned, planned["plan/images_per_s"] / 2)[0]
+    assert f"step {planned['plan/step_s']:.3f} s / {2 * planned['plan/step_s']:.3f} s" in line
+    assert "plan/error" in run_plan(load_config(ROOT / "configs/experiment/demo.yaml", ["plan.device=TPU"]))
 
 
 @pytest.mark.timeout(120)
