@@ -5,7 +5,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: launch/pretrain.sh [--slurm | --address URL] [--dry-run] [--num-cpus N] [--upload]
+Usage: launch/pretrain.sh [--slurm | --address URL] [--dry-run] [--plan] [--num-cpus N] [--upload]
                           [--sbatch-args "ARGS"] [--requeue] [--signal-lead S]
                           [<experiment.yaml>] [key=value ...]
 
@@ -35,6 +35,9 @@ Where the job runs:
 
 Options:
   --dry-run       print every command instead of running it (the config is still checked)
+  --plan          print the plan (memory per ZeRO stage, time, GPU-hours, host cores,
+                  checkpoints; `python -m pipeline.plan`) for the target in plan.* keys or
+                  --sbatch-args, start nothing; exit 2 when the micro-batch does not fit
   --quiet         the job logs warnings, errors and its summary only (no step lines, no bars)
   --num-cpus N    CPUs Ray may use per node (default: local: the cores, or what the config
                   needs if more; SLURM: $SLURM_CPUS_ON_NODE)
@@ -62,7 +65,7 @@ EOF
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ARGS=("$@")
-MODE=local ADDRESS=${RAY_ADDRESS:-} DRY=0 NUM_CPUS='' UPLOAD=0 CONFIG='' SBATCH_ARGS='' REQUEUE=0 SIGNAL_LEAD=''
+MODE=local ADDRESS=${RAY_ADDRESS:-} DRY=0 PLAN=0 NUM_CPUS='' UPLOAD=0 CONFIG='' SBATCH_ARGS='' REQUEUE=0 SIGNAL_LEAD=''
 OVERRIDES=() QUIET=()
 [[ -n $ADDRESS ]] && MODE=address
 while (($#)); do
@@ -72,6 +75,7 @@ while (($#)); do
     --address) MODE=address ADDRESS=${2:?--address needs a URL}; shift ;;
     --address=*) MODE=address ADDRESS=${1#*=} ;;
     --dry-run) DRY=1 ;;
+    --plan) PLAN=1 ;;
     --num-cpus) NUM_CPUS=${2:?--num-cpus needs a number}; shift ;;
     --num-cpus=*) NUM_CPUS=${1#*=} ;;
     --upload) UPLOAD=1 ;;
@@ -91,6 +95,9 @@ done
 # shellcheck source=launch/common.sh
 source "$REPO/launch/common.sh"
 resolve_config_and_python
+if ((PLAN)); then  # no cluster, no data: the plan of this config on the target hardware
+  cd "$REPO" && exec "$PYTHON" -m pipeline.plan "$CONFIG" "${OVERRIDES[@]}" "--sbatch-args=$SBATCH_ARGS"
+fi
 RAY=$(dirname "$PYTHON")/ray
 [[ -x $RAY ]] || RAY=ray
 

@@ -259,6 +259,27 @@ class DemoConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The target hardware and corpus facts of ``python -m pipeline.plan``; training ignores them."""
+
+    device: str = "auto"  # a GPU (H100, H200, A100, L40S, ...), cpu (this host) or any name with memory_gib/peak_tflops; auto: H100 with ray.use_gpu, else cpu
+    memory_gib: float = 0.0  # per device; 0: the device's
+    peak_tflops: float = 0.0  # dense bf16 per device; 0: train.peak_tflops, else the device's
+    mfu: float = 0.0  # 0: the measured one for the device (bench/train_plan_calibration.json), else an assumed 0.4
+    nodes: int = 0  # 0: from --sbatch-args, else ray.num_workers / gpus_per_node
+    gpus_per_node: int = 8
+    cpu_cores_per_node: int = 0  # 0: 14 per GPU (a DGX H100); cpu: this host's
+    memory_fraction: float = 0.9  # of device memory the run may plan for (CUDA context, fragmentation)
+    storage_gbps: float = 1.0  # GB/s to the run dir, for checkpoint uploads
+    network_gbps: float = 50.0  # GB/s per GPU between nodes (400 Gb/s InfiniBand a GPU, as a DGX H100)
+    nvlink_gbps: float = 450.0  # GB/s per GPU within a node (H100 NVLink 4)
+    num_samples: int = 0  # training corpus size, for train.epochs; 0: the index when it is a local file
+    num_classes: int = 0  # when model.num_classes is 0 and the index cannot be read
+    eval_images: int = 0  # images the evaluations of one checkpoint read (pools and test splits)
+    decode_rate: float = 0.0  # images per host core-second; 0: measured (bench/train_plan_calibration.json)
+
+
+@dataclass
 class Config:
     name: str = "vit"
     output_dir: str = "runs/${name}"  # this host's scratch dir (a local path on every host)
@@ -273,6 +294,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     prep: list[PrepConfig] = field(default_factory=list)  # data_prep jobs run before training
     # Published weights (vit_jax/big_vision .npz, timm .safetensors) that `python -m
     # pipeline.evaluate pretrained` evaluates in place of a checkpoint; pre-training ignores it.

@@ -195,6 +195,7 @@ def fit(cfg: DictConfig):
 
 def run_job(cfg: DictConfig) -> dict:
     from pipeline.evaluate.watch import Watcher
+    from pipeline.plan import planned_vs_measured, run_plan
     from pipeline.rundir import RunDir
     from pipeline.tracking import Tracker, spool_dir
 
@@ -217,8 +218,10 @@ def run_job(cfg: DictConfig) -> dict:
     run.mlflow_run_id = tracker.run_id
     OmegaConf.update(cfg, "tracking.run_id", tracker.run_id)
     OmegaConf.update(cfg, "tracking.uri", tracker.uri)
+    planned = run_plan(cfg)  # pipeline.plan: logged now, set next to the measured in the summary
     if not resumed:
         tracker.log_params(to_flat_dict(cfg))
+        tracker.log_params(planned)
         tracker.log_text(to_yaml(cfg), "config.yaml")
     run.write_text("config.yaml", to_yaml(cfg))
 
@@ -240,6 +243,7 @@ def run_job(cfg: DictConfig) -> dict:
     train_seconds = time.time() - t_train
     final = result.metrics or {}
     summary = _summary(run, tracker, prep, final, train_seconds, time.time() - t_start)
+    summary["plan"] = planned_vs_measured(planned, summary["images_per_s"], tracker)
     summary["stopped"] = status == "KILLED"
     summary["finished"] = status == "FINISHED"
     run.clear_stop()
@@ -359,6 +363,8 @@ def _print_summary(s: dict) -> None:
     if s["images_per_s"]:
         print(f"images/s (mean)     : {s['images_per_s']:.1f}")
     print(f"training time       : {s['train_seconds']:.0f}s (job {s['total_seconds']:.0f}s)")
+    for line in s.get("plan", []):
+        print(line)
     for name, steps in s["fewshot"].items():
         for step, acc in sorted(steps.items(), key=lambda t: int(t[0])):
             label = "random init" if int(step) == 0 else f"step {step}"
