@@ -96,6 +96,17 @@ def read_meta(tag_dir: str | os.PathLike) -> dict:
     return meta
 
 
+def saved_config(tag_dir: str | os.PathLike):
+    """A complete local checkpoint's resolved config (checked against its manifest) and meta."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import from_container
+
+    meta = read_meta(tag_dir)
+    check_files(tag_dir, [CONFIG_FILE])
+    return from_container(OmegaConf.to_container(OmegaConf.load(Path(tag_dir) / CONFIG_FILE))), meta
+
+
 # ---------------------------------------------------------------- integrity
 
 

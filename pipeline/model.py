@@ -264,6 +264,15 @@ def create_model(name: str, **kwargs) -> VisionTransformer:
     return VisionTransformer(spec, **{k: v for k, v in kwargs.items() if k not in spec_keys})
 
 
+def from_config(model_cfg, num_classes: int, **kwargs) -> VisionTransformer:
+    """The architecture a config's ``model`` section names (variant, resolution, patch,
+    pooling, pre-logits) with a ``num_classes`` head; ``kwargs``: the rest (``img_size`` to
+    override the resolution, dropout, drop path, ...), which a caller states for its purpose."""
+    kwargs.setdefault("img_size", model_cfg.img_size)
+    return create_model(model_cfg.name, num_classes=num_classes, patch_size=model_cfg.patch_size, pool=model_cfg.pool,
+                        representation_size=model_cfg.representation_size, **kwargs)
+
+
 def count_params(name: str, **kwargs) -> int:
     """Parameter count without allocating memory (built on the meta device)."""
     with torch.device("meta"):

@@ -46,13 +46,17 @@ _HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": 5, "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
 _RETRY_SECONDS = (1.0, 30.0)  # background replay: first wait, longest wait
 
 
+def resolve_uri(explicit: str | None = None, configured: str | None = None, recorded: str | None = None,
+                default: str | None = None) -> str | None:
+    """The one precedence rule for the tracking URI, for training and evaluation alike: a
+    command-line value, then the config's ``tracking.uri``, then $MLFLOW_TRACKING_URI, then
+    the one the run recorded (its checkpoints' meta), then ``default``."""
+    return explicit or configured or os.environ.get("MLFLOW_TRACKING_URI") or recorded or default
+
+
 def tracking_uri(cfg) -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else a sqlite file in the run dir."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+    """A run's tracking URI (:func:`resolve_uri`; by default a sqlite file in ``output_dir``)."""
+    return resolve_uri(configured=cfg.tracking.uri, default=f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}")
 
 
 def spool_dir(cfg) -> str:

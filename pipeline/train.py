@@ -35,7 +35,7 @@ from pipeline.engine import (
     micro_step,
     warmup_decay,
 )
-from pipeline.model import create_model, flops_per_image
+from pipeline.model import flops_per_image, from_config
 from pipeline.stop import Exit, StopRequest
 from pipeline.tracking import SystemMetrics, Tracker, tracking_uri
 
@@ -123,12 +123,10 @@ def _peak_flops(peak_tflops: float, device: torch.device) -> float:
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
-    return create_model(
-        cfg.model.name, num_classes=num_classes, img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
-        pool=cfg.model.pool, representation_size=cfg.model.representation_size, dropout=cfg.model.dropout,
-        head_bias_init=-10.0 if cfg.train.loss == "sigmoid" else 0.0, grad_checkpointing=cfg.model.grad_checkpointing,
-        drop_path=cfg.model.drop_path,
-    )
+    """The model to pre-train: the configured architecture with its regularisation and head init."""
+    return from_config(cfg.model, num_classes, dropout=cfg.model.dropout, drop_path=cfg.model.drop_path,
+                       head_bias_init=-10.0 if cfg.train.loss == "sigmoid" else 0.0,
+                       grad_checkpointing=cfg.model.grad_checkpointing)
 
 
 def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, device: torch.device,

@@ -74,7 +74,9 @@ def resolve(url: str, tag: str | None, path: str | None, overrides: list[str]) -
 
 
 def _tracking(args, cfg: DictConfig, meta: dict) -> tuple[str | None, str | None]:
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or meta.get("mlflow_uri")
+    from pipeline.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri, cfg.tracking.uri, meta.get("mlflow_uri"))
     run_id = args.run_id or cfg.tracking.run_id or meta.get("mlflow_run_id")
     return uri, run_id
 

@@ -39,7 +39,6 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from pipeline import checkpoint
-from pipeline.config import from_container
 from pipeline.data import (
     ShardIndex,
     StreamSpec,
@@ -60,7 +59,7 @@ from pipeline.engine import (
 from pipeline.evaluate.fewshot import confusion_matrix
 from pipeline.model import (
     VisionTransformer,
-    create_model,
+    from_config,
     get_spec,
     resize_pos_embed,
 )
@@ -90,15 +89,11 @@ def load_for_finetune(ckpt_dir: str | None, tag: str | None, num_classes: int, i
         model.reset_head(num_classes)
         return model
     tag_dir = Path(ckpt_dir) / tag
-    cfg = from_container(OmegaConf.to_container(OmegaConf.load(tag_dir / "config.yaml")))
-    meta = json.loads((tag_dir / "meta.json").read_text())
+    cfg, meta = checkpoint.saved_config(tag_dir)
     patch = get_spec(cfg.model.name, patch_size=cfg.model.patch_size).patch_size
     if image_size % patch:
         raise ValueError(f"fine-tuning image_size {image_size} is not a multiple of the patch size {patch} of {tag_dir}")
-    model = create_model(
-        cfg.model.name, num_classes=meta["num_classes"], img_size=image_size, patch_size=cfg.model.patch_size,
-        pool=cfg.model.pool, representation_size=cfg.model.representation_size, dropout=dropout,
-    )
+    model = from_config(cfg.model, meta["num_classes"], img_size=image_size, dropout=dropout)
     state = checkpoint.load_fp32_weights(ckpt_dir, tag, variant)
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], image_size // patch, model.num_prefix_tokens, interpolation)
     model.load_state_dict(state)

@@ -7,7 +7,6 @@ fact that it was evaluated, readable with MLflow down) and shown in MLflow by
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import checkpoint
 from pipeline.compose import as_config_error
-from pipeline.config import ConfigError, from_container
+from pipeline.config import ConfigError
 from pipeline.evaluate.record import eval_name, publish, record_of
-from pipeline.model import create_model
+from pipeline.model import from_config
 from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -126,13 +125,8 @@ class Weights:
 def load_model(ckpt_dir: str, tag: str, variant: str = "raw") -> tuple[torch.nn.Module, DictConfig, dict]:
     """The model of a complete checkpoint with consolidated fp32 weights (``variant`` ``ema``:
     its EMA weights), in eval mode."""
-    tag_dir = Path(ckpt_dir) / tag
-    cfg = from_container(OmegaConf.to_container(OmegaConf.load(tag_dir / "config.yaml")))
-    meta = json.loads((tag_dir / "meta.json").read_text())
-    model = create_model(
-        cfg.model.name, num_classes=meta["num_classes"], img_size=cfg.model.img_size, patch_size=cfg.model.patch_size,
-        pool=cfg.model.pool, representation_size=cfg.model.representation_size,
-    )
+    cfg, meta = checkpoint.saved_config(Path(ckpt_dir) / tag)
+    model = from_config(cfg.model, meta["num_classes"])
     model.load_state_dict(checkpoint.load_fp32_weights(ckpt_dir, tag, variant))
     return model.eval(), cfg, meta
 
