@@ -37,14 +37,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.rundir import MARKER, Checkpoints, RunDir, is_local, step_of, tag_for  # noqa: F401  (tags are the run dir's)
+from pipeline.rundir import CHECKPOINTS, MARKER, Checkpoints, RunDir, is_local, step_of, tag_for  # noqa: F401  (tags are the run dir's)
 
 log = logging.getLogger(__name__)
 
 EMA_FILE = "ema.safetensors"
 META_FILE = "meta.json"  # also the manifest: the one file it cannot cover is itself (plain JSON, checked on read)
 CONFIG_FILE = "config.yaml"
-STAGING = "checkpoints"  # under a host's output_dir: where DeepSpeed writes before a tag is published
 VARIANTS = ("raw", "ema")  # the weights of a checkpoint an evaluator can read
 _HASH_CHUNK = 8 << 20
 
@@ -74,7 +73,7 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
 
 def staging_dir(output_dir: str) -> str:
     """This host's staging dir: DeepSpeed writes and reads checkpoint files here."""
-    return str(Path(output_dir) / STAGING)
+    return str(Path(output_dir) / CHECKPOINTS)  # the run dir's layout, so a local run dir is its own staging dir
 
 
 def is_universal(tag_dir: str | os.PathLike) -> bool:

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STOP = "STOP"
+CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 _TAG = re.compile(r"^step_(\d+)$")
 
@@ -172,12 +173,15 @@ class RunDir:
         self.url = url.rstrip("/")
         self.local = is_local(self.url)
         self.fs, self.root = fsspec.core.url_to_fs(local_path(self.url) if self.local else self.url)
-        self.checkpoints = Checkpoints(f"{self.url}/checkpoints")
+        self.checkpoints = Checkpoints(f"{self.url}/{CHECKPOINTS}")
 
     @classmethod
-    def of_checkpoints(cls, ckpt_url: str) -> RunDir:
-        """The run dir of a checkpoints dir URL (its parent)."""
-        return cls(ckpt_url.rstrip("/").rsplit("/", 1)[0] if "/" in ckpt_url.rstrip("/") else ".")
+    def of(cls, url: str) -> RunDir:
+        """The run dir of a URL naming either a run dir or its checkpoints dir."""
+        url = url.rstrip("/")
+        if posixpath.basename(url) == CHECKPOINTS:
+            return cls(url.rsplit("/", 1)[0] if "/" in url else ".")
+        return cls(url)
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

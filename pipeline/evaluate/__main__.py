@@ -96,8 +96,7 @@ def _run_of(url: str):
     """The run dir of a URL naming a run dir or its ``checkpoints`` dir."""
     from pipeline.rundir import RunDir
 
-    url = url.rstrip("/")
-    return RunDir.of_checkpoints(url) if url.endswith("/checkpoints") else RunDir(url)
+    return RunDir.of(url)
 
 
 def cmd_watch(args) -> int:
