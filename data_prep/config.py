@@ -1,7 +1,7 @@
 """The one typed configuration of a data-prep job.
 
 `PrepConfig` is an OmegaConf structured config: `load_config` composes it the way every
-config of the project is composed (`pipeline.compose`: a YAML file with its includes, then
+config of the project is composed (`data_prep.compose`: a YAML file with its includes, then
 `key=value` overrides; choices are Enums checked at merge time), and `validate` checks the
 values once, before anything runs.
 """
@@ -18,7 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.compose import Choice, ConfigError, as_config_error, compose
+from .compose import Choice, ConfigError, as_config_error, compose
 
 __all__ = ["ConfigError", "PrepConfig", "load_config", "validate"]
 

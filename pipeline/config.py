@@ -17,8 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_prep.config import PrepConfig
-from pipeline.compose import (
+from data_prep.compose import (
     CONFIGS_DIR,
     Choice,
     ConfigError,
@@ -27,6 +26,7 @@ from pipeline.compose import (
     read_yaml,
     require,
 )
+from data_prep.config import PrepConfig
 
 __all__ = ["CONFIGS_DIR", "Config", "ConfigError", "load_config", "read_yaml", "validate", "check_paths"]
 
@@ -303,7 +303,7 @@ class Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Compose (``pipeline.compose``), override and validate a config; raises
+    """Compose (``data_prep.compose``), override and validate a config; raises
     :class:`ConfigError` naming the key."""
     cfg = compose(Config, path, overrides or [])
     try:

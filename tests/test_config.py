@@ -54,7 +54,7 @@ def test_a_bad_value_fails_fast_naming_the_key(override, key):
 
 
 def test_one_loader_and_one_error_for_training_data_prep_and_evaluation(tmp_path):
-    """pipeline, data_prep and evaluate compose through pipeline.compose: the same error class,
+    """pipeline, data_prep and evaluate compose through data_prep.compose: the same error class,
     the same message form (the key first), choices refused at merge time by their Enum."""
     import data_prep.config
     from pipeline.evaluate.__main__ import resolve

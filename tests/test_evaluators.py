@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from test_tracking import new_run
 from test_watcher import copy_tags, make_checkpoints, write_digits_shards
 
-from pipeline.compose import ConfigError
+from data_prep.compose import ConfigError
 from pipeline.config import check_paths, load_config
 from pipeline.evaluate.runner import validate_eval, wanted
 from pipeline.run import _print_summary, _summary

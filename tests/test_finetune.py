@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 from test_watcher import make_checkpoints, write_digits_shards
 
+from data_prep.compose import compose
 from pipeline import checkpoint
-from pipeline.compose import compose
 from pipeline.config import Config, ConfigError, FineTuneConfig, read_yaml
 from pipeline.data import ShardIndex, iter_tar_samples
 from pipeline.engine import warmup_decay

@@ -39,7 +39,7 @@ import time
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.compose import ConfigError, as_config_error, compose
+from data_prep.compose import ConfigError, as_config_error, compose
 from pipeline.config import Config
 
 log = logging.getLogger("pipeline.evaluate")

@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from data_prep.compose import as_config_error
 from pipeline import checkpoint
-from pipeline.compose import as_config_error
 from pipeline.config import ConfigError
 from pipeline.evaluate.record import eval_name, publish, record_of
 from pipeline.model import from_config
