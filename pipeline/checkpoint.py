@@ -536,3 +536,38 @@ def publish_checkpoint(run: RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
         run.checkpoints.keep_latest(keep)
     if dist.is_initialized():
         dist.barrier()
+
+
+USAGE = """usage: python -m pipeline.checkpoint COMMAND ...
+  verify <tag dir>                    check every file of a local checkpoint against its manifest
+  universal <ckpt dir> <tag> <out>    convert a checkpoint for another world size (DeepSpeed's
+                                      universal format); resume with train.resume_from=<out>/<tag>
+  export <ckpt dir> <tag> <out.safetensors> [raw|ema]
+                                      consolidated fp32 weights (timm names)"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A checkpoint from the shell; exits 1 with the file named when one is corrupt."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd, args = (argv[0], argv[1:]) if argv else ("", [])
+    try:
+        if cmd == "verify" and len(args) == 1:
+            check_files(args[0])
+            print(f"{args[0]}: every file matches its manifest")
+        elif cmd == "universal" and len(args) == 3:
+            print(to_universal(*args))
+        elif cmd == "export" and len(args) in (3, 4):
+            print(export_safetensors(*args))
+        else:
+            print(USAGE, file=sys.stderr)
+            return 2
+    except (CorruptCheckpoint, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -184,3 +184,24 @@ class _Payload:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.path),))
+
+
+def test_verify_from_the_shell_names_the_corrupt_file(saved, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    copy = tmp_path / TAG
+    shutil.copytree(saved["run"] / "checkpoints" / TAG, copy)
+    ok = subprocess.run([sys.executable, "-m", "pipeline.checkpoint", "verify", str(copy)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0 and "every file matches" in ok.stdout, ok.stderr
+    with open(copy / "rank_0.pt", "r+b") as f:
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0x80]))
+    bad = subprocess.run([sys.executable, "-m", "pipeline.checkpoint", "verify", str(copy)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and f"{copy / 'rank_0.pt'}: sha256 differs" in bad.stderr, bad.stderr
