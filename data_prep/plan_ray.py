@@ -1,0 +1,524 @@
+"""The plan of a big manifest source, made by Ray tasks: the driver holds O(shards) state
+and writes nothing but the plan's small files.
+
+A record's place in the shuffled order is its key: a 64-bit BLAKE2b hash, keyed by the
+seed, of its content (URL, labels, size, other fields). Sorting by key is a uniform shuffle
+that does not depend on how the manifest is cut into files or byte ranges, how many tasks
+ran, or in which order they finished: same inputs and seed, same plan bytes.
+
+1. **scatter**, one task per newline-aligned byte range of a manifest file (a compressed
+   file is one range): parse and validate its lines, count rejects by reason with the first
+   example, and append each record to the bucket of its key (buckets split the key space in
+   equal parts), one scratch file per (bucket, range); a marker per range written last lets
+   a rerun reuse finished ranges.
+2. **sort**, one task per bucket: resolve labels against the vocabulary (`classes_file`, or
+   the names the ranges reported), drop unknown ones, sort by key.
+3. **cut**, on the driver: shard boundaries from the bucket counts (with `shard_bytes`,
+   from each bucket's size estimates, one bucket in memory at a time).
+4. **write**, one task per bucket: the plan files of the shards that start in that bucket.
+
+A line belongs to the range holding its first byte; a range reads past its end to finish
+its last line. CSV records must be one line each (no newline inside a quoted field).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from . import failures as F
+from .config import PrepConfig, fingerprint
+from .plan import (
+    KEY_DIGITS,
+    PLAN_DIR,
+    PLAN_FILE,
+    Plan,
+    SplitPlan,
+    _derive_classes,
+    _plan_writer,
+    _resolve_labels,
+    holdout_size,
+    read_classes,
+    shard_name,
+)
+from .sources import (
+    COMPRESSED_EXTENSIONS,
+    Entry,
+    Rejected,
+    _csv_rows,
+    _jsonl_rows,
+    _manifest_entry,
+    check_csv_header,
+    csv_delimiter,
+    manifest_files,
+)
+from .storage import ensure_dir, is_local, join, list_names, open_fs, write_bytes
+
+log = logging.getLogger("data_prep")
+
+WHERE = "\x00"  # stands for `manifest:line` until the driver knows the line number
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bytes [start, end) of one manifest file; end -1: the whole (compressed) file."""
+
+    rid: int
+    file: int
+    path: str
+    url: str
+    start: int
+    end: int
+    header: list[str] | None  # CSV fieldnames; None for JSONL
+
+
+def manifest_bytes(cfg: PrepConfig) -> int:
+    """Total size of a manifest source's files (what `planning.on_ray_bytes` compares)."""
+    fs, path = open_fs(cfg.source, cfg.storage_options)
+    return sum(fs.size(p) for p, _ in manifest_files(fs, path, cfg.source))
+
+
+def plan_on_ray(cfg: PrepConfig, write: bool = True) -> Plan:
+    """`build_plan` for a manifest source, in Ray tasks (see the module docstring). Uses the
+    running Ray, else starts one (`cfg.ray_address`) and shuts it down after."""
+    fs, path = open_fs(cfg.source, cfg.storage_options)
+    ranges, total = _ranges(fs, path, cfg)
+    n_buckets = max(1, math.ceil(total / cfg.planning.bucket_bytes))
+    work = _work_url(cfg, ranges, n_buckets)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.ray_address)
+    try:
+        scattered = _scatter_all(cfg, ranges, n_buckets, work, total)
+        plan = _finish(cfg, ranges, scattered, n_buckets, work, write)
+    finally:
+        if started:
+            ray.shutdown()
+    wfs, wpath = open_fs(work, cfg.storage_options)
+    wfs.rm(wpath, recursive=True)
+    if cfg.planning.scratch is None and is_local(wfs):
+        with contextlib.suppress(OSError):  # other plans' scratch still there
+            os.rmdir(posixpath.dirname(wpath))
+    return plan
+
+
+# ---------------------------------------------------------------- driver
+
+
+def _ranges(fs, path: str, cfg: PrepConfig) -> tuple[list[Range], int]:
+    """The byte ranges of every manifest file in line order, and the files' total size.
+    Raises `ValueError` naming a CSV file whose header lacks a path or label column."""
+    ranges: list[Range] = []
+    total = 0
+    for i, (name, url) in enumerate(manifest_files(fs, path, cfg.source)):
+        size = fs.size(name)
+        total += size
+        delimiter = csv_delimiter(name)
+        header = None
+        if delimiter:
+            with fs.open(name, "rt", encoding="utf-8", errors="replace", compression="infer",
+                         newline="") as f:
+                header = next(csv.reader(f, delimiter=delimiter), [])
+            check_csv_header(header, url)
+        if name.lower().endswith(COMPRESSED_EXTENSIONS):
+            ranges.append(Range(len(ranges), i, name, url, 0, -1, header))
+            continue
+        step = cfg.planning.range_bytes
+        for start in range(0, size, step):
+            ranges.append(Range(len(ranges), i, name, url, start, min(size, start + step), header))
+    return ranges, total
+
+
+def _work_url(cfg: PrepConfig, ranges: list[Range], n_buckets: int) -> str:
+    """A scratch folder private to this plan's settings and range layout, so that a rerun
+    reuses only ranges scattered the same way."""
+    layout = json.dumps([fingerprint(cfg), n_buckets,
+                         [(r.url, r.start, r.end) for r in ranges]]).encode()
+    base = cfg.planning.scratch or join(cfg.output, PLAN_DIR, "_work")
+    return join(base, hashlib.sha256(layout).hexdigest()[:16])
+
+
+def _bounded(calls: list[Callable[[], ray.ObjectRef]], limit: int) -> Iterator[tuple[int, Any]]:
+    """Run `calls` with at most `limit` in flight; yield (index, result) as they finish."""
+    pending = list(reversed(range(len(calls))))
+    in_flight: dict[ray.ObjectRef, int] = {}
+    while pending or in_flight:
+        while pending and len(in_flight) < limit:
+            i = pending.pop()
+            in_flight[calls[i]()] = i
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            yield in_flight.pop(ref), ray.get(ref)
+
+
+def _limit(cfg: PrepConfig) -> int:
+    return cfg.planning.max_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _options(cfg: PrepConfig) -> dict[str, Any]:
+    from .job import _placement
+
+    return {"max_retries": cfg.retries, "retry_exceptions": True, **_placement(cfg)}
+
+
+def _scatter_all(cfg: PrepConfig, ranges: list[Range], n_buckets: int, work: str,
+                 total: int) -> list[dict[str, Any]]:
+    """Scatter every range not yet scattered; return every range's summary, in range order."""
+    fs, root = open_fs(work, cfg.storage_options)
+    done = list_names(fs, join(root, "ranges"))
+    summaries: dict[int, dict[str, Any]] = {}
+    for r in ranges:
+        if f"{r.rid:06d}.json" in done:
+            summaries[r.rid] = json.loads(fs.cat_file(join(root, "ranges", f"{r.rid:06d}.json")))
+    for d in ("ranges", *(f"scatter/{b:05d}" for b in range(n_buckets))):
+        ensure_dir(fs, join(root, d))
+    todo = [r for r in ranges if r.rid not in summaries]
+    if summaries:
+        log.info("reusing %d of %d ranges already scattered in %s", len(summaries), len(ranges),
+                 work)
+    task = _scatter_task.options(**_options(cfg))
+    cfg_ref = ray.put(cfg)
+    calls = [lambda r=r: task.remote(cfg_ref, r, n_buckets, work) for r in todo]
+    start = time.perf_counter()
+    records = rejects = 0
+    with tqdm(total=total, initial=sum(_range_bytes(ranges[i]) for i in summaries), unit="B",
+              unit_scale=True, desc="planning") as bar:
+        for i, summary in _bounded(calls, _limit(cfg)):
+            summaries[todo[i].rid] = summary
+            records += summary["entries"]
+            rejects += sum(summary["failures"].values())
+            bar.update(_range_bytes(todo[i]))
+            rate = records / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(ranges=f"{len(summaries)}/{len(ranges)}", records_s=f"{rate:,.0f}",
+                            rejects=rejects)
+    return [summaries[r.rid] for r in ranges]
+
+
+def _range_bytes(r: Range) -> int:
+    return r.end - r.start if r.end >= 0 else 0
+
+
+def _finish(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, Any]],
+            n_buckets: int, work: str, write: bool) -> Plan:
+    """Sort, cut and write, from the ranges' summaries."""
+    names: set[str] = set()
+    max_int = -1
+    failures: Counter = Counter()
+    examples: dict[str, str] = {}
+    first_line = _first_lines(ranges, scattered)
+    for r, s in zip(ranges, scattered, strict=True):
+        names.update(s["names"])
+        max_int = max(max_int, s["max_int"])
+        failures.update(s["failures"])
+        for reason, (line, text) in s["examples"].items():
+            examples.setdefault(reason, text.replace(WHERE, f"{r.url}:{first_line[r.rid] + line}"))
+    entries = sum(s["entries"] for s in scattered)
+    listed = entries + sum(failures.values())
+    classes = read_classes(cfg) if cfg.classes_file else _derive_classes(names, max_int)
+    sorted_ = _sort_all(cfg, ranges, scattered, n_buckets, work, classes)
+    kept = sum(s["count"] for s in sorted_)
+    unknown = [s for s in sorted_ if s["unknown"]]
+    if unknown:
+        failures[F.UNKNOWN_LABEL] += sum(s["unknown"] for s in unknown)
+        rid, line, text = min(s["example"] for s in unknown)
+        examples.setdefault(F.UNKNOWN_LABEL,
+                            f"{ranges[rid].url}:{first_line[rid] + line}: {text}")
+    if kept == 0:
+        raise ValueError(f"data-prep source {cfg.source} has no usable samples "
+                         f"(listed {listed}, failures {dict(failures)}, ignored 0)")
+    holdout = holdout_size(cfg, kept)
+    counts = [s["count"] for s in sorted_]
+    cuts = _cuts(cfg, counts, holdout, work)
+    splits = _write_all(cfg, cuts, counts, work, write)
+    plan = Plan(fingerprint=fingerprint(cfg), source=cfg.source, source_kind="manifest",
+                classes=classes, multi_label=any(s["multi"] for s in sorted_), listed=listed,
+                ignored=0, failures=dict(sorted(failures.items())),
+                examples=dict(sorted(examples.items())), splits=splits)
+    if write:
+        _plan_writer(cfg)(PLAN_FILE, plan.to_json())
+    return plan
+
+
+def _first_lines(ranges: list[Range], scattered: list[dict[str, Any]]) -> list[int]:
+    """The number of lines of its file before each range."""
+    out, before, file = [], 0, -1
+    for r, s in zip(ranges, scattered, strict=True):
+        if r.file != file:
+            before, file = 0, r.file
+        out.append(before)
+        before += s["lines"]
+    return out
+
+
+def _sort_all(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, Any]],
+              n_buckets: int, work: str, classes: list[str]) -> list[dict[str, Any]]:
+    """Sort every bucket; each bucket's count, unknown labels and whether it is multi-label."""
+    fs, root = open_fs(work, cfg.storage_options)
+    ensure_dir(fs, join(root, "sorted"))
+    holders: list[list[int]] = [[] for _ in range(n_buckets)]
+    for r, s in zip(ranges, scattered, strict=True):
+        for b in s["buckets"]:
+            holders[b].append(r.rid)
+    task = _sort_task.options(**_options(cfg))
+    index_ref = ray.put({name: i for i, name in enumerate(classes)})
+    estimates = cfg.shard_bytes is not None
+    calls = [lambda b=b: task.remote(work, b, holders[b], index_ref, len(classes),
+                                     cfg.assumed_sample_bytes, estimates, cfg.storage_options)
+             for b in range(n_buckets)]
+    out: list[dict[str, Any]] = [{}] * n_buckets
+    for b, result in tqdm(_bounded(calls, _limit(cfg)), total=n_buckets, unit="bucket",
+                          desc="shuffling"):
+        out[b] = result
+    return out
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One shard: its name, first key, and [start, end) in the global shuffled order."""
+
+    split: str
+    index: int
+    key: int
+    start: int
+    end: int
+
+
+def _cuts(cfg: PrepConfig, counts: list[int], holdout: int, work: str) -> list[Cut]:
+    """Shard boundaries: the holdout from the head of the order, then the train split, each
+    cut into shards of `shard_size` (fewer when `shard_bytes` is reached), as in-process."""
+    splits = [(cfg.holdout.name, holdout), (cfg.train_split, sum(counts) - holdout)]
+    chunks = _estimates(cfg, counts, work) if cfg.shard_bytes is not None else None
+    buf = np.zeros(0, np.int64)
+    cuts: list[Cut] = []
+    offset = 0
+    for split, n in splits:
+        pos = index = 0
+        while pos < n:
+            k = min(cfg.shard_size, n - pos)
+            if chunks is not None:
+                while len(buf) < k:
+                    buf = np.concatenate([buf, next(chunks)])
+                cum = np.cumsum(buf[:k])
+                k = max(1, int(np.searchsorted(cum, cfg.shard_bytes, side="right")))
+                buf = buf[k:]
+            cuts.append(Cut(split, index, pos, offset + pos, offset + pos + k))
+            pos += k
+            index += 1
+        offset += n
+    return cuts
+
+
+def _estimates(cfg: PrepConfig, counts: list[int], work: str) -> Iterator[np.ndarray]:
+    fs, root = open_fs(work, cfg.storage_options)
+    for b, n in enumerate(counts):
+        if n:
+            yield np.frombuffer(fs.cat_file(join(root, "sorted", f"{b:05d}.est")), np.int64)
+
+
+def _write_all(cfg: PrepConfig, cuts: list[Cut], counts: list[int], work: str,
+               write: bool) -> dict[str, SplitPlan]:
+    """Write each shard's plan from the task of the bucket it starts in."""
+    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    by_bucket: dict[int, list[Cut]] = {}
+    for cut in cuts:
+        b = int(np.searchsorted(starts, cut.start, side="right")) - 1
+        while counts[b] == 0:
+            b += 1
+        by_bucket.setdefault(b, []).append(cut)
+    if write:
+        fs, root = open_fs(cfg.output, cfg.storage_options)
+        ensure_dir(fs, join(root, PLAN_DIR))
+    task = _write_task.options(**_options(cfg))
+    buckets = sorted(by_bucket)
+    calls = [lambda b=b: task.remote(cfg, work, b, starts, by_bucket[b], write) for b in buckets]
+    sizes: dict[tuple[str, int], tuple[int, int]] = {}
+    for _, result in tqdm(_bounded(calls, _limit(cfg)), total=len(calls), unit="bucket",
+                          desc="writing plans"):
+        sizes.update(result)
+    splits: dict[str, SplitPlan] = {}
+    for cut in cuts:
+        sp = splits.setdefault(cut.split, SplitPlan())
+        count, nbytes = sizes[(cut.split, cut.index)]
+        sp.shard_counts.append(count)
+        sp.shard_bytes.append(nbytes)
+    return {name: splits[name] for name in (cfg.train_split, cfg.holdout.name) if name in splits}
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@ray.remote(num_cpus=1)
+def _scatter_task(cfg: PrepConfig, r: Range, n_buckets: int, work: str) -> dict[str, Any]:
+    return scatter_range(cfg, r, n_buckets, work)
+
+
+def scatter_range(cfg: PrepConfig, r: Range, n_buckets: int, work: str) -> dict[str, Any]:
+    """Parse one range, write its records to their buckets' scratch files, then its marker;
+    return the marker's summary (lines, entries, failures, first example of each reason with
+    its line in the range, label names, largest index label, buckets written)."""
+    fs, path = open_fs(cfg.source, cfg.storage_options)
+    key = str(cfg.seed).encode()
+    buckets: dict[int, list[bytes]] = {}
+    failures: Counter = Counter()
+    examples: dict[str, tuple[int, str]] = {}
+    names: set[str] = set()
+    max_int = -1
+    entries = 0
+    lines = _LineCounter()
+    base = posixpath.dirname(r.path)
+    for local, item in _range_items(fs, r, base, lines):
+        if not isinstance(item, Entry):
+            failures[item.reason] += 1
+            examples.setdefault(item.reason, (local, item.where))
+            continue
+        entries += 1
+        for label in item.labels:
+            if isinstance(label, str):
+                names.add(label)
+            else:
+                max_int = max(max_int, label)
+        content = json.dumps([item.url, item.labels, item.size, item.member, item.offset,
+                              item.extra], separators=(",", ":")).encode()
+        digest = hashlib.blake2b(content, digest_size=8, key=key).hexdigest().encode()
+        b = int(digest[:8], 16) * n_buckets >> 32
+        buckets.setdefault(b, []).append(b"%s\t%d:%d\t%s\n" % (digest, r.rid, local, content))
+    wfs, root = open_fs(work, cfg.storage_options)
+    for b, recs in buckets.items():
+        write_bytes(wfs, join(root, "scatter", f"{b:05d}", f"{r.rid:06d}"), b"".join(recs))
+    summary = {"lines": lines.n, "entries": entries, "failures": dict(failures),
+               "examples": examples, "names": sorted(names), "max_int": max_int,
+               "buckets": sorted(buckets)}
+    write_bytes(wfs, join(root, "ranges", f"{r.rid:06d}.json"), json.dumps(summary).encode())
+    return json.loads(json.dumps(summary))  # as a rerun reads it back
+
+
+class _LineCounter:
+    n = 0
+
+
+def _range_items(fs, r: Range, base: str, lines: _LineCounter) -> Iterator[tuple[int, Any]]:
+    """(line in the range, Entry or Rejected) of each record of the range."""
+    text = (raw.decode("utf-8", errors="replace") for raw in _range_lines(fs, r, lines))
+    skip = 0
+    if r.header is not None and r.start == 0:
+        next(text, None)  # the header
+        skip = 1
+    delimiter = csv_delimiter(r.path)
+    rows = (_csv_rows(text, r.url, delimiter, r.header) if delimiter else _jsonl_rows(text))
+    for line, row in rows:
+        if isinstance(row, str):
+            yield line + skip, Rejected(F.BAD_MANIFEST_LINE, f"{WHERE}: {row}")
+            continue
+        yield line + skip, _manifest_entry(fs, base, row, WHERE)
+
+
+def _range_lines(fs, r: Range, lines: _LineCounter) -> Iterator[bytes]:
+    """The lines whose first byte lies in the range, each read to its end."""
+    if r.end < 0:
+        with fs.open(r.path, "rb", compression="infer") as f:
+            for line in f:
+                lines.n += 1
+                yield line
+        return
+    with fs.open(r.path, "rb") as f:
+        pos = r.start
+        if pos > 0:
+            f.seek(pos - 1)
+            pos += len(f.readline()) - 1  # the rest of a line that started before the range
+        while pos < r.end:
+            line = f.readline()
+            if not line:
+                break
+            lines.n += 1
+            pos += len(line)
+            yield line
+
+
+@ray.remote(num_cpus=1)
+def _sort_task(work: str, b: int, rids: list[int], index: dict[str, int], n_classes: int,
+               assumed: int, estimates: bool, storage_options: dict[str, Any]) -> dict[str, Any]:
+    return sort_bucket(work, b, rids, index, n_classes, assumed, estimates, storage_options)
+
+
+def sort_bucket(work: str, b: int, rids: list[int], index: dict[str, int], n_classes: int,
+                assumed: int, estimates: bool, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """Resolve the labels of bucket `b`'s records, sort them by key and write them as
+    `<estimated bytes>\\t<plan line without its key>` (and, with `estimates`, the estimates
+    as int64). Returns the count kept, whether any is multi-label, the unknown-label count
+    and the first of those (range, line in range, text)."""
+    fs, root = open_fs(work, storage_options)
+    out: list[tuple[bytes, bytes, int]] = []
+    unknown = 0
+    example = None
+    multi = False
+    for rid in rids:
+        for line in fs.cat_file(join(root, "scatter", f"{b:05d}", f"{rid:06d}")).splitlines():
+            digest, where, content = line.split(b"\t", 2)
+            url, raw_labels, size, member, offset, extra = json.loads(content)
+            labels = _resolve_labels(raw_labels, index, n_classes)
+            if labels is None:
+                unknown += 1
+                r, local = (int(x) for x in where.split(b":"))
+                candidate = (r, local, f"{url}: labels {raw_labels}")
+                example = candidate if example is None else min(example, candidate)
+                continue
+            multi = multi or len(labels) > 1
+            rec: dict[str, Any] = {"url": url, "labels": labels}
+            if size is not None:
+                rec["size"] = size
+            if member is not None:
+                rec["member"], rec["offset"] = member, offset
+            if extra:
+                rec["extra"] = extra
+            body = json.dumps(rec, separators=(",", ":"))[1:].encode()
+            out.append((digest + b"\t" + body, body, size if size is not None else assumed))
+    out.sort(key=lambda t: t[0])  # by key; equal keys only for equal records
+    data = b"".join(b"%d\t%s\n" % (est, body) for _, body, est in out)
+    write_bytes(fs, join(root, "sorted", f"{b:05d}"), data)
+    if estimates:
+        write_bytes(fs, join(root, "sorted", f"{b:05d}.est"),
+                    np.array([est for _, _, est in out], np.int64).tobytes())
+    return {"count": len(out), "multi": multi, "unknown": unknown, "example": example}
+
+
+@ray.remote(num_cpus=1)
+def _write_task(cfg: PrepConfig, work: str, b: int, starts: list[int], cuts: list[Cut],
+                write: bool) -> dict[tuple[str, int], tuple[int, int]]:
+    return write_cuts(cfg, work, b, starts, cuts, write)
+
+
+def write_cuts(cfg: PrepConfig, work: str, b: int, starts: list[int], cuts: list[Cut],
+               write: bool) -> dict[tuple[str, int], tuple[int, int]]:
+    """Write the plans of `cuts` (shards starting in bucket `b`, reading on into the next
+    buckets for the last); return each one's (samples, estimated bytes)."""
+    fs, root = open_fs(work, cfg.storage_options)
+    sink = _plan_writer(cfg) if write else (lambda name, data: None)
+    lines: list[bytes] = []
+    first = starts[b]  # global position of lines[0]
+    nxt = b
+    out: dict[tuple[str, int], tuple[int, int]] = {}
+    for cut in cuts:
+        while first + len(lines) < cut.end:
+            lines += fs.cat_file(join(root, "sorted", f"{nxt:05d}")).splitlines()
+            nxt += 1
+        rows = [line.split(b"\t", 1) for line in lines[cut.start - first: cut.end - first]]
+        data = b"".join(b'{"key":"%0*d",%s\n' % (KEY_DIGITS, cut.key + j, body)
+                        for j, (_, body) in enumerate(rows))
+        sink(shard_name(cut.split, cut.index) + ".jsonl", data)
+        out[(cut.split, cut.index)] = (len(rows), sum(int(est) for est, _ in rows))
+    return out
