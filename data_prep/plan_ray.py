@@ -104,8 +104,8 @@ def plan_on_ray(cfg: PrepConfig, write: bool = True) -> Plan:
     if started:
         ray.init(address=cfg.ray_address)
     try:
-        scattered = _scatter_all(cfg, ranges, n_buckets, work, total)
-        plan = _finish(cfg, ranges, scattered, n_buckets, work, write)
+        scattered, names = _scatter_all(cfg, ranges, n_buckets, work, total)
+        plan = _finish(cfg, ranges, scattered, names, n_buckets, work, write)
     finally:
         if started:
             ray.shutdown()
@@ -177,14 +177,18 @@ def _options(cfg: PrepConfig) -> dict[str, Any]:
 
 
 def _scatter_all(cfg: PrepConfig, ranges: list[Range], n_buckets: int, work: str,
-                 total: int) -> list[dict[str, Any]]:
-    """Scatter every range not yet scattered; return every range's summary, in range order."""
+                 total: int) -> tuple[list[dict[str, Any]], set[str]]:
+    """Scatter every range not yet scattered; return every range's summary, in range order,
+    and the label names of them all (taken out of the summaries: the driver holds one copy
+    of the vocabulary, not one per range)."""
     fs, root = open_fs(work, cfg.storage_options)
     done = list_names(fs, join(root, "ranges"))
     summaries: dict[int, dict[str, Any]] = {}
+    names: set[str] = set()
     for r in ranges:
         if f"{r.rid:06d}.json" in done:
             summaries[r.rid] = json.loads(fs.cat_file(join(root, "ranges", f"{r.rid:06d}.json")))
+            names.update(summaries[r.rid].pop("names"))
     for d in ("ranges", *(f"scatter/{b:05d}" for b in range(n_buckets))):
         ensure_dir(fs, join(root, d))
     todo = [r for r in ranges if r.rid not in summaries]
@@ -199,6 +203,7 @@ def _scatter_all(cfg: PrepConfig, ranges: list[Range], n_buckets: int, work: str
     with tqdm(total=total, initial=sum(_range_bytes(ranges[i]) for i in summaries), unit="B",
               unit_scale=True, desc="planning") as bar:
         for i, summary in _bounded(calls, _limit(cfg)):
+            names.update(summary.pop("names"))
             summaries[todo[i].rid] = summary
             records += summary["entries"]
             rejects += sum(summary["failures"].values())
@@ -206,7 +211,7 @@ def _scatter_all(cfg: PrepConfig, ranges: list[Range], n_buckets: int, work: str
             rate = records / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(ranges=f"{len(summaries)}/{len(ranges)}", records_s=f"{rate:,.0f}",
                             rejects=rejects)
-    return [summaries[r.rid] for r in ranges]
+    return [summaries[r.rid] for r in ranges], names
 
 
 def _range_bytes(r: Range) -> int:
@@ -214,15 +219,13 @@ def _range_bytes(r: Range) -> int:
 
 
 def _finish(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, Any]],
-            n_buckets: int, work: str, write: bool) -> Plan:
-    """Sort, cut and write, from the ranges' summaries."""
-    names: set[str] = set()
+            names: set[str], n_buckets: int, work: str, write: bool) -> Plan:
+    """Sort, cut and write, from the ranges' summaries and label names."""
     max_int = -1
     failures: Counter = Counter()
     examples: dict[str, str] = {}
     first_line = _first_lines(ranges, scattered)
     for r, s in zip(ranges, scattered, strict=True):
-        names.update(s["names"])
         max_int = max(max_int, s["max_int"])
         failures.update(s["failures"])
         for reason, (line, text) in s["examples"].items():
@@ -277,8 +280,8 @@ def _sort_all(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, An
     task = _sort_task.options(**_options(cfg))
     index_ref = ray.put({name: i for i, name in enumerate(classes)})
     estimates = cfg.shard_bytes is not None
-    calls = [lambda b=b: task.remote(work, b, holders[b], index_ref, len(classes),
-                                     cfg.assumed_sample_bytes, estimates, cfg.storage_options)
+    calls = [lambda b=b: task.remote(work, b, holders[b], index_ref, len(classes), estimates,
+                                     cfg.storage_options)
              for b in range(n_buckets)]
     out: list[dict[str, Any]] = [{}] * n_buckets
     for b, result in tqdm(_bounded(calls, _limit(cfg)), total=n_buckets, unit="bucket",
@@ -392,11 +395,12 @@ def scatter_range(cfg: PrepConfig, r: Range, n_buckets: int, work: str) -> dict[
                 names.add(label)
             else:
                 max_int = max(max_int, label)
-        content = json.dumps([item.url, item.labels, item.size, item.member, item.offset,
-                              item.extra], separators=(",", ":")).encode()
+        content = _content(item)
         digest = hashlib.blake2b(content, digest_size=8, key=key).hexdigest().encode()
         b = int(digest[:8], 16) * n_buckets >> 32
-        buckets.setdefault(b, []).append(b"%s\t%d:%d\t%s\n" % (digest, r.rid, local, content))
+        estimate = item.size if item.size is not None else cfg.assumed_sample_bytes
+        buckets.setdefault(b, []).append(b"%s\t%d\t%d:%d\t%s\n"
+                                         % (digest, estimate, r.rid, local, content))
     wfs, root = open_fs(work, cfg.storage_options)
     for b, recs in buckets.items():
         write_bytes(wfs, join(root, "scatter", f"{b:05d}", f"{r.rid:06d}"), b"".join(recs))
@@ -405,6 +409,24 @@ def scatter_range(cfg: PrepConfig, r: Range, n_buckets: int, work: str) -> dict[
                "buckets": sorted(buckets)}
     write_bytes(wfs, join(root, "ranges", f"{r.rid:06d}.json"), json.dumps(summary).encode())
     return json.loads(json.dumps(summary))  # as a rerun reads it back
+
+
+def _content(item: Entry) -> bytes:
+    """The record as three tab-separated fields: its labels as listed, its URL as JSON, and
+    the plan line's fields after the labels (`,"size":...}`), cut where the sort task puts the
+    resolved labels; formatted as the in-process planner's `json.dumps` formats them."""
+    tail: dict[str, Any] = {}
+    if item.size is not None:
+        tail["size"] = item.size
+    if item.member is not None:
+        tail["member"], tail["offset"] = item.member, item.offset
+    if item.extra:
+        tail["extra"] = item.extra
+    rest = "," + _COMPACT.encode(tail)[1:] if tail else "}"
+    return f"{_COMPACT.encode(item.labels)}\t{_COMPACT.encode(item.url)}\t{rest}".encode()
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps(.., separators=) makes one a call
 
 
 class _LineCounter:
@@ -451,48 +473,40 @@ def _range_lines(fs, r: Range, lines: _LineCounter) -> Iterator[bytes]:
 
 @ray.remote(num_cpus=1)
 def _sort_task(work: str, b: int, rids: list[int], index: dict[str, int], n_classes: int,
-               assumed: int, estimates: bool, storage_options: dict[str, Any]) -> dict[str, Any]:
-    return sort_bucket(work, b, rids, index, n_classes, assumed, estimates, storage_options)
+               estimates: bool, storage_options: dict[str, Any]) -> dict[str, Any]:
+    return sort_bucket(work, b, rids, index, n_classes, estimates, storage_options)
 
 
 def sort_bucket(work: str, b: int, rids: list[int], index: dict[str, int], n_classes: int,
-                assumed: int, estimates: bool, storage_options: dict[str, Any]) -> dict[str, Any]:
+                estimates: bool, storage_options: dict[str, Any]) -> dict[str, Any]:
     """Resolve the labels of bucket `b`'s records, sort them by key and write them as
     `<estimated bytes>\\t<plan line without its key>` (and, with `estimates`, the estimates
     as int64). Returns the count kept, whether any is multi-label, the unknown-label count
     and the first of those (range, line in range, text)."""
     fs, root = open_fs(work, storage_options)
-    out: list[tuple[bytes, bytes, int]] = []
+    out: list[bytes] = []
     unknown = 0
     example = None
     multi = False
     for rid in rids:
         for line in fs.cat_file(join(root, "scatter", f"{b:05d}", f"{rid:06d}")).splitlines():
-            digest, where, content = line.split(b"\t", 2)
-            url, raw_labels, size, member, offset, extra = json.loads(content)
-            labels = _resolve_labels(raw_labels, index, n_classes)
+            digest, estimate, where, raw, url, rest = line.split(b"\t", 5)
+            labels = _resolve_labels(json.loads(raw.decode()), index, n_classes)
             if labels is None:
                 unknown += 1
                 r, local = (int(x) for x in where.split(b":"))
-                candidate = (r, local, f"{url}: labels {raw_labels}")
+                candidate = (r, local, f"{json.loads(url)}: labels {json.loads(raw)}")
                 example = candidate if example is None else min(example, candidate)
                 continue
             multi = multi or len(labels) > 1
-            rec: dict[str, Any] = {"url": url, "labels": labels}
-            if size is not None:
-                rec["size"] = size
-            if member is not None:
-                rec["member"], rec["offset"] = member, offset
-            if extra:
-                rec["extra"] = extra
-            body = json.dumps(rec, separators=(",", ":"))[1:].encode()
-            out.append((digest + b"\t" + body, body, size if size is not None else assumed))
-    out.sort(key=lambda t: t[0])  # by key; equal keys only for equal records
-    data = b"".join(b"%d\t%s\n" % (est, body) for _, body, est in out)
-    write_bytes(fs, join(root, "sorted", f"{b:05d}"), data)
+            out.append(b'%s\t%s\t"url":%s,"labels":[%s]%s'
+                       % (digest, estimate, url, b",".join(b"%d" % i for i in labels), rest))
+    out.sort()  # by key; equal keys only for equal records
+    write_bytes(fs, join(root, "sorted", f"{b:05d}"), b"".join(line[17:] + b"\n" for line in out))
     if estimates:
         write_bytes(fs, join(root, "sorted", f"{b:05d}.est"),
-                    np.array([est for _, _, est in out], np.int64).tobytes())
+                    np.array([int(line[17:line.index(b"\t", 17)]) for line in out],
+                             np.int64).tobytes())
     return {"count": len(out), "multi": multi, "unknown": unknown, "example": example}
 
 
