@@ -94,13 +94,16 @@ class DedupConfig:
 
 @dataclass
 class PlanningConfig:
-    """Where the plan is made. A manifest source of at least `on_ray_bytes` bytes is planned
-    by Ray tasks (newline-aligned byte ranges of `range_bytes`, scattered to buckets of about
-    `bucket_bytes` of input under `scratch`); a smaller one in this process. Only the choice
-    of path changes the plan: ranges, buckets and tasks do not."""
+    """Where the plan is made. A manifest source of at least `on_ray_bytes` bytes, or a
+    source of at least `on_ray_folders` class folders or tars, is planned by Ray tasks
+    (newline-aligned byte ranges of `range_bytes`, or groups of `folders_per_task` folders,
+    scattered to buckets under `scratch`); a smaller one in this process. Only the choice of
+    path changes the plan: ranges, buckets and tasks do not."""
 
     on_ray_bytes: int = 256 << 20  # manifests this big or bigger plan on Ray; 0 = never
+    on_ray_folders: int = 5000  # as many class folders/tars or more plan on Ray; 0 = never
     range_bytes: int = 64 << 20  # manifest bytes per planning task
+    folders_per_task: int = 100  # class folders/tars listed per planning task (and bucket)
     bucket_bytes: int = 128 << 20  # manifest bytes per shuffle bucket
     max_tasks: int = 0  # planning tasks in flight; 0 = the cluster's CPUs
     scratch: str | None = None  # URL for the buckets; None = <output>/_plan/_work
@@ -189,10 +192,12 @@ def validate(cfg: PrepConfig) -> None:
     if cfg.io_threads < 0:
         bad("io_threads", cfg.io_threads, "must be >= 0")
     p = cfg.planning
-    for key, value in (("on_ray_bytes", p.on_ray_bytes), ("max_tasks", p.max_tasks)):
+    for key, value in (("on_ray_bytes", p.on_ray_bytes), ("on_ray_folders", p.on_ray_folders),
+                       ("max_tasks", p.max_tasks)):
         if value < 0:
             bad(f"planning.{key}", value, "must be >= 0")
-    for key, value in (("range_bytes", p.range_bytes), ("bucket_bytes", p.bucket_bytes)):
+    for key, value in (("range_bytes", p.range_bytes), ("bucket_bytes", p.bucket_bytes),
+                       ("folders_per_task", p.folders_per_task)):
         if value < 1:
             bad(f"planning.{key}", value, "must be >= 1")
 

@@ -58,14 +58,17 @@ from .plan import (
 )
 from .sources import (
     COMPRESSED_EXTENSIONS,
+    IGNORED,
     Entry,
     Rejected,
     _csv_rows,
     _jsonl_rows,
     _manifest_entry,
     check_csv_header,
+    class_units,
     csv_delimiter,
     manifest_files,
+    unit_entries,
 )
 from .storage import ensure_dir, is_local, join, list_names, open_fs, write_bytes
 
@@ -76,7 +79,8 @@ WHERE = "\x00"  # stands for `manifest:line` until the driver knows the line num
 
 @dataclass(frozen=True)
 class Range:
-    """Bytes [start, end) of one manifest file; end -1: the whole (compressed) file."""
+    """What one scatter task reads: bytes [start, end) of one manifest file (end -1: the
+    whole compressed file), or the class folders / per-class tars in `units`."""
 
     rid: int
     file: int
@@ -85,27 +89,36 @@ class Range:
     start: int
     end: int
     header: list[str] | None  # CSV fieldnames; None for JSONL
+    units: tuple[str, ...] = ()
 
 
-def manifest_bytes(cfg: PrepConfig) -> int:
-    """Total size of a manifest source's files (what `planning.on_ray_bytes` compares)."""
+def worth_ray(cfg: PrepConfig, kind: str) -> bool:
+    """Whether the source is big enough for `planning.on_ray_bytes` / `on_ray_folders`."""
     fs, path = open_fs(cfg.source, cfg.storage_options)
-    return sum(fs.size(p) for p, _ in manifest_files(fs, path, cfg.source))
+    p = cfg.planning
+    if kind == "manifest":
+        return bool(p.on_ray_bytes) and sum(
+            fs.size(name) for name, _ in manifest_files(fs, path, cfg.source)) >= p.on_ray_bytes
+    return bool(p.on_ray_folders) and len(class_units(fs, path, kind)[0]) >= p.on_ray_folders
 
 
-def plan_on_ray(cfg: PrepConfig, write: bool = True) -> Plan:
-    """`build_plan` for a manifest source, in Ray tasks (see the module docstring). Uses the
-    running Ray, else starts one (`cfg.ray_address`) and shuts it down after."""
+def plan_on_ray(cfg: PrepConfig, kind: str, write: bool = True) -> Plan:
+    """`build_plan` in Ray tasks (see the module docstring). Uses the running Ray, else
+    starts one (`cfg.ray_address`) and shuts it down after."""
     fs, path = open_fs(cfg.source, cfg.storage_options)
-    ranges, total = _ranges(fs, path, cfg)
-    n_buckets = max(1, math.ceil(total / cfg.planning.bucket_bytes))
+    if kind == "manifest":
+        ranges, total = _ranges(fs, path, cfg)
+        n_buckets, ignored = max(1, math.ceil(total / cfg.planning.bucket_bytes)), 0
+    else:
+        ranges, ignored = _unit_ranges(fs, path, cfg, kind)
+        n_buckets = max(1, len(ranges))  # about one group of folders' records a bucket
     work = _work_url(cfg, ranges, n_buckets)
     started = not ray.is_initialized()
     if started:
         ray.init(address=cfg.ray_address)
     try:
-        scattered, names = _scatter_all(cfg, ranges, n_buckets, work, total)
-        plan = _finish(cfg, ranges, scattered, names, n_buckets, work, write)
+        scattered, names = _scatter_all(cfg, kind, ranges, n_buckets, work)
+        plan = _finish(cfg, kind, ranges, scattered, names, ignored, n_buckets, work, write)
     finally:
         if started:
             ray.shutdown()
@@ -144,11 +157,22 @@ def _ranges(fs, path: str, cfg: PrepConfig) -> tuple[list[Range], int]:
     return ranges, total
 
 
+def _unit_ranges(fs, path: str, cfg: PrepConfig, kind: str) -> tuple[list[Range], int]:
+    """Groups of `planning.folders_per_task` class folders or tars, and the count of other
+    entries of the source folder (ignored)."""
+    units, ignored = class_units(fs, path, kind)
+    step = cfg.planning.folders_per_task
+    return [Range(i, 0, path, cfg.source, 0, 0, None, tuple(units[lo:lo + step]))
+            for i, lo in enumerate(range(0, len(units), step))], ignored
+
+
 def _work_url(cfg: PrepConfig, ranges: list[Range], n_buckets: int) -> str:
-    """A scratch folder private to this plan's settings and range layout, so that a rerun
-    reuses only ranges scattered the same way."""
-    layout = json.dumps([fingerprint(cfg), n_buckets,
-                         [(r.url, r.start, r.end) for r in ranges]]).encode()
+    """A scratch folder private to this plan's settings, range layout and manifest file
+    versions, so that a rerun reuses only ranges scattered the same way from the same bytes."""
+    fs = open_fs(cfg.source, cfg.storage_options)[0]
+    versions = [fs.ukey(p) for p in sorted({r.path for r in ranges if not r.units})]
+    layout = json.dumps([fingerprint(cfg), n_buckets, versions,
+                         [(r.url, r.start, r.end, r.units) for r in ranges]]).encode()
     base = cfg.planning.scratch or join(cfg.output, PLAN_DIR, "_work")
     return join(base, hashlib.sha256(layout).hexdigest()[:16])
 
@@ -176,8 +200,8 @@ def _options(cfg: PrepConfig) -> dict[str, Any]:
     return {"max_retries": cfg.retries, "retry_exceptions": True, **_placement(cfg)}
 
 
-def _scatter_all(cfg: PrepConfig, ranges: list[Range], n_buckets: int, work: str,
-                 total: int) -> tuple[list[dict[str, Any]], set[str]]:
+def _scatter_all(cfg: PrepConfig, kind: str, ranges: list[Range], n_buckets: int,
+                 work: str) -> tuple[list[dict[str, Any]], set[str]]:
     """Scatter every range not yet scattered; return every range's summary, in range order,
     and the label names of them all (taken out of the summaries: the driver holds one copy
     of the vocabulary, not one per range)."""
@@ -197,29 +221,23 @@ def _scatter_all(cfg: PrepConfig, ranges: list[Range], n_buckets: int, work: str
                  work)
     task = _scatter_task.options(**_options(cfg))
     cfg_ref = ray.put(cfg)
-    calls = [lambda r=r: task.remote(cfg_ref, r, n_buckets, work) for r in todo]
+    calls = [lambda r=r: task.remote(cfg_ref, kind, r, n_buckets, work) for r in todo]
     start = time.perf_counter()
     records = rejects = 0
-    with tqdm(total=total, initial=sum(_range_bytes(ranges[i]) for i in summaries), unit="B",
-              unit_scale=True, desc="planning") as bar:
+    with tqdm(total=len(ranges), initial=len(summaries), unit="range", desc="planning") as bar:
         for i, summary in _bounded(calls, _limit(cfg)):
             names.update(summary.pop("names"))
             summaries[todo[i].rid] = summary
             records += summary["entries"]
             rejects += sum(summary["failures"].values())
-            bar.update(_range_bytes(todo[i]))
+            bar.update(1)
             rate = records / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(ranges=f"{len(summaries)}/{len(ranges)}", records_s=f"{rate:,.0f}",
-                            rejects=rejects)
+            bar.set_postfix(records_s=f"{rate:,.0f}", rejects=rejects)
     return [summaries[r.rid] for r in ranges], names
 
 
-def _range_bytes(r: Range) -> int:
-    return r.end - r.start if r.end >= 0 else 0
-
-
-def _finish(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, Any]],
-            names: set[str], n_buckets: int, work: str, write: bool) -> Plan:
+def _finish(cfg: PrepConfig, kind: str, ranges: list[Range], scattered: list[dict[str, Any]],
+            names: set[str], ignored: int, n_buckets: int, work: str, write: bool) -> Plan:
     """Sort, cut and write, from the ranges' summaries and label names."""
     max_int = -1
     failures: Counter = Counter()
@@ -231,6 +249,7 @@ def _finish(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, Any]
         for reason, (line, text) in s["examples"].items():
             examples.setdefault(reason, text.replace(WHERE, f"{r.url}:{first_line[r.rid] + line}"))
     entries = sum(s["entries"] for s in scattered)
+    ignored += sum(s["ignored"] for s in scattered)
     listed = entries + sum(failures.values())
     classes = read_classes(cfg) if cfg.classes_file else _derive_classes(names, max_int)
     sorted_ = _sort_all(cfg, ranges, scattered, n_buckets, work, classes)
@@ -243,14 +262,14 @@ def _finish(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, Any]
                             f"{ranges[rid].url}:{first_line[rid] + line}: {text}")
     if kept == 0:
         raise ValueError(f"data-prep source {cfg.source} has no usable samples "
-                         f"(listed {listed}, failures {dict(failures)}, ignored 0)")
+                         f"(listed {listed}, failures {dict(failures)}, ignored {ignored})")
     holdout = holdout_size(cfg, kept)
     counts = [s["count"] for s in sorted_]
     cuts = _cuts(cfg, counts, holdout, work)
     splits = _write_all(cfg, cuts, counts, work, write)
-    plan = Plan(fingerprint=fingerprint(cfg), source=cfg.source, source_kind="manifest",
+    plan = Plan(fingerprint=fingerprint(cfg), source=cfg.source, source_kind=kind,
                 classes=classes, multi_label=any(s["multi"] for s in sorted_), listed=listed,
-                ignored=0, failures=dict(sorted(failures.items())),
+                ignored=ignored, failures=dict(sorted(failures.items())),
                 examples=dict(sorted(examples.items())), splits=splits)
     if write:
         _plan_writer(cfg)(PLAN_FILE, plan.to_json())
@@ -366,14 +385,16 @@ def _write_all(cfg: PrepConfig, cuts: list[Cut], counts: list[int], work: str,
 
 
 @ray.remote(num_cpus=1)
-def _scatter_task(cfg: PrepConfig, r: Range, n_buckets: int, work: str) -> dict[str, Any]:
-    return scatter_range(cfg, r, n_buckets, work)
+def _scatter_task(cfg: PrepConfig, kind: str, r: Range, n_buckets: int,
+                  work: str) -> dict[str, Any]:
+    return scatter_range(cfg, kind, r, n_buckets, work)
 
 
-def scatter_range(cfg: PrepConfig, r: Range, n_buckets: int, work: str) -> dict[str, Any]:
-    """Parse one range, write its records to their buckets' scratch files, then its marker;
-    return the marker's summary (lines, entries, failures, first example of each reason with
-    its line in the range, label names, largest index label, buckets written)."""
+def scatter_range(cfg: PrepConfig, kind: str, r: Range, n_buckets: int,
+                  work: str) -> dict[str, Any]:
+    """Parse or list one range, write its records to their buckets' scratch files, then its
+    marker; return the marker's summary (lines, entries, ignored, failures, first example of
+    each reason with its line in the range, label names, largest index label, buckets)."""
     fs, path = open_fs(cfg.source, cfg.storage_options)
     key = str(cfg.seed).encode()
     buckets: dict[int, list[bytes]] = {}
@@ -381,13 +402,17 @@ def scatter_range(cfg: PrepConfig, r: Range, n_buckets: int, work: str) -> dict[
     examples: dict[str, tuple[int, str]] = {}
     names: set[str] = set()
     max_int = -1
-    entries = 0
+    entries = ignored = 0
     lines = _LineCounter()
-    base = posixpath.dirname(r.path)
-    for local, item in _range_items(fs, r, base, lines):
+    items = (enumerate((e for unit in r.units for e in unit_entries(fs, unit, kind)), 1)
+             if r.units else _range_items(fs, r, posixpath.dirname(r.path), lines))
+    for local, item in items:
         if not isinstance(item, Entry):
-            failures[item.reason] += 1
-            examples.setdefault(item.reason, (local, item.where))
+            if item.reason == IGNORED:
+                ignored += 1
+            else:
+                failures[item.reason] += 1
+                examples.setdefault(item.reason, (local, item.where))
             continue
         entries += 1
         for label in item.labels:
@@ -404,9 +429,9 @@ def scatter_range(cfg: PrepConfig, r: Range, n_buckets: int, work: str) -> dict[
     wfs, root = open_fs(work, cfg.storage_options)
     for b, recs in buckets.items():
         write_bytes(wfs, join(root, "scatter", f"{b:05d}", f"{r.rid:06d}"), b"".join(recs))
-    summary = {"lines": lines.n, "entries": entries, "failures": dict(failures),
-               "examples": examples, "names": sorted(names), "max_int": max_int,
-               "buckets": sorted(buckets)}
+    summary = {"lines": lines.n, "entries": entries, "ignored": ignored,
+               "failures": dict(failures), "examples": examples, "names": sorted(names),
+               "max_int": max_int, "buckets": sorted(buckets)}
     write_bytes(wfs, join(root, "ranges", f"{r.rid:06d}.json"), json.dumps(summary).encode())
     return json.loads(json.dumps(summary))  # as a rerun reads it back
 

@@ -135,13 +135,38 @@ def _iter_folders(fs: AbstractFileSystem, root: str, threads: int) -> Iterator[E
             yield Rejected(IGNORED, to_url(fs, e["name"]))
     listings = ordered_map(partial(_find, fs), class_dirs, threads)
     for class_dir, files in zip(class_dirs, listings, strict=True):
-        label = posixpath.basename(class_dir.rstrip("/"))
-        for name in sorted(files):
-            relative = name[len(class_dir):]
-            if not is_image_name(name) or any(p.startswith(".") for p in relative.split("/")):
-                yield Rejected(IGNORED, to_url(fs, name))
-                continue
-            yield Entry(to_url(fs, name), [label], size=files[name].get("size"))
+        yield from folder_entries(fs, class_dir, files)
+
+
+def class_units(fs: AbstractFileSystem, root: str, kind: str) -> tuple[list[str], int]:
+    """The class folders (`folders`) or per-class tars (`class_tars`) under `root`, sorted,
+    and how many other entries it holds (ignored)."""
+    listing = fs.ls(root, detail=True)
+    if kind == "folders":
+        units = [e["name"] for e in listing if e["type"] == "directory" and not _hidden(e["name"])]
+        return sorted(units), sum(e["type"] != "directory" for e in listing)
+    names = [e["name"] for e in listing if not _hidden(e["name"])]
+    units = [p for p in names if p.endswith(".tar")]
+    return sorted(units), len(names) - len(units)
+
+
+def unit_entries(fs: AbstractFileSystem, unit: str, kind: str) -> Iterator[Entry | Rejected]:
+    """The entries of one class folder or per-class tar, in a fixed order."""
+    if kind == "folders":
+        return folder_entries(fs, unit, _find(fs, unit))
+    return iter(_list_tar(fs, unit))
+
+
+def folder_entries(fs: AbstractFileSystem, class_dir: str,
+                   files: dict[str, dict]) -> Iterator[Entry | Rejected]:
+    """The entries of one class folder from its recursive listing, in name order."""
+    label = posixpath.basename(class_dir.rstrip("/"))
+    for name in sorted(files):
+        relative = name[len(class_dir):]
+        if not is_image_name(name) or any(p.startswith(".") for p in relative.split("/")):
+            yield Rejected(IGNORED, to_url(fs, name))
+            continue
+        yield Entry(to_url(fs, name), [label], size=files[name].get("size"))
 
 
 def _find(fs: AbstractFileSystem, folder: str) -> dict[str, dict]:

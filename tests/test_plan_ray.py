@@ -1,9 +1,10 @@
-"""Planning a big manifest as Ray tasks (`data_prep.plan_ray`): the same plan bytes whatever
+"""Planning a big source as Ray tasks (`data_prep.plan_ray`): the same plan bytes whatever
 the number of ranges, tasks or files; ranges cut anywhere; rejects named by file:line;
-sources on S3; a killed planning driver resumed from its finished ranges.
+class folders and tars listed by tasks; sources on S3; a killed planning driver resumed
+from its finished ranges.
 
-`planning.on_ray_bytes=1` sends these small manifests down the Ray path; one local Ray
-cluster serves the module.
+`planning.on_ray_bytes=1` and `on_ray_folders=1` send these small sources down the Ray
+path; one local Ray cluster serves the module.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import logging
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_prep import cfg_for, s3_server  # noqa: F401  (a fixture)
+from test_data_prep import cfg_for, make_folders, s3_server  # noqa: F401  (a fixture)
 
 from data_prep import failures as F
 from data_prep.config import PlanningConfig
@@ -58,10 +60,11 @@ def write_jsonl(path: Path, rows: list[dict], bad: dict[int, str] | None = None)
 
 
 def on_ray(source, output, range_bytes: int = 64 << 20, max_tasks: int = 0,
-           bucket_bytes: int = 128 << 20, **kw):
+           bucket_bytes: int = 128 << 20, folders_per_task: int = 100, **kw):
     cfg = cfg_for(source, output, **kw)
-    cfg.planning = PlanningConfig(on_ray_bytes=1, range_bytes=range_bytes, max_tasks=max_tasks,
-                                  bucket_bytes=bucket_bytes)
+    cfg.planning = PlanningConfig(on_ray_bytes=1, on_ray_folders=1, range_bytes=range_bytes,
+                                  max_tasks=max_tasks, bucket_bytes=bucket_bytes,
+                                  folders_per_task=folders_per_task)
     return cfg
 
 
@@ -244,6 +247,42 @@ def test_shard_bytes_cuts_as_in_process_whatever_the_ranges(ray_planner, tmp_pat
     assert pos == 1200 and plan.splits["val"].num_samples == 50
 
 
+def make_class_tars(root: Path, classes: int, per_class: int) -> None:
+    """Per-class tars whose members only need names and sizes to be planned."""
+    root.mkdir()
+    for c in range(classes):
+        with tarfile.open(root / f"n{c:08d}.tar", "w") as tf:
+            for i in range(per_class):
+                info = tarfile.TarInfo(f"n{c:08d}_{i}.JPEG" if i else "LICENSE.txt")
+                info.size = 10 + i
+                tf.addfile(info, io.BytesIO(b"x" * info.size))
+    (root / "notes.md").write_text("not a class")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_class_folders_and_tars_are_listed_by_tasks_whatever_the_grouping(ray_planner, tmp_path):
+    classes = [f"class{c:02d}" for c in range(10)] + ["dog"]  # make_folders hides a file in dog
+    make_folders(tmp_path / "folders", per_class=3, classes=classes, w=8, h=8)
+    make_class_tars(tmp_path / "tars", classes=9, per_class=4)
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    for kind in ("folders", "tars"):
+        local = cfg_for(tmp_path / kind, tmp_path / f"local-{kind}", shard_size=5)
+        local_plan = build_plan(local)
+        plans = []
+        for per_task in (1, 4, 100):
+            cfg = on_ray(tmp_path / kind, tmp_path / f"{kind}-{per_task}", shard_size=5,
+                         folders_per_task=per_task)
+            plan = build_plan(cfg)
+            plans.append(plan_files(tmp_path / f"{kind}-{per_task}"))
+            assert (plan.listed, plan.ignored, plan.classes, plan.source_kind) == (
+                local_plan.listed, local_plan.ignored, local_plan.classes, local_plan.source_kind)
+            want = sorted(map(key, records(local, local_plan)))
+            assert sorted(map(key, records(cfg, plan))) == want
+        assert plans[0] == plans[1] == plans[2], kind
+    assert local_plan.source_kind == "class_tars" and local_plan.listed == 27
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_manifest_on_s3_plans_to_s3_as_the_local_copy_does(ray_planner, s3_server, tmp_path):  # noqa: F811
@@ -263,6 +302,14 @@ def test_a_manifest_on_s3_plans_to_s3_as_the_local_copy_does(ray_planner, s3_ser
         if name != "_plan.json":
             assert s3.cat_file(f"planning/out/_plan/{name}") == data
     assert plan.splits == local.splits and plan.listed == 800
+
+    make_folders(tmp_path / "src", per_class=2, classes=[f"c{i}" for i in range(5)] + ["dog"],
+                 w=8, h=8)
+    s3.put(str(tmp_path / "src") + "/", "planning/src/", recursive=True)
+    plan = build_plan(on_ray("s3://planning/src", "s3://planning/folders", folders_per_task=2))
+    assert plan.source_kind == "folders" and plan.listed == 12 and plan.ignored == 2
+    first = read_shard_plan(on_ray("s3://planning/src", "s3://planning/folders"), "train", 0)
+    assert first[0]["url"].startswith("s3://planning/src/c")
 
 
 @pytest.mark.slow
