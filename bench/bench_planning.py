@@ -81,32 +81,34 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def ray_cpu_seconds() -> float:
-    """CPU seconds used so far by the Ray processes this process started (workers, raylet,
-    GCS): what the planning tasks cost, scheduling included."""
+def descendants_cpu() -> dict[int, float]:
+    """CPU seconds so far of each process this one started, recursively (the Ray cluster's
+    GCS, raylet and workers; the driver subprocess is measured by itself)."""
     import psutil
 
-    total = 0.0
+    out = {}
     for p in psutil.Process().children(recursive=True):
         try:
             t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.NoSuchProcess:
+            out[p.pid] = t.user + t.system
+        except psutil.Error:
             pass
-    return total
+    return out
 
 
 def run_driver(source: Path, output: Path, on_ray: int, tasks: int, range_bytes: int,
                env: dict) -> dict:
     """Plan in a fresh Python process; its figures, with the peak size of its TMPDIR and the
-    CPU seconds of the Ray processes meanwhile."""
-    ray_cpu = ray_cpu_seconds()
+    CPU seconds the Ray cluster's processes used meanwhile (polled every 0.2 s, so that a
+    worker that exits with the driver is counted up to its last poll)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-plan-tmp-"))
     code = DRIVER.format(root=str(ROOT), source=str(source), output=str(output),
                          on_ray=on_ray, tasks=tasks, range_bytes=range_bytes)
+    before = descendants_cpu()
     proc = subprocess.Popen([sys.executable, "-c", code], env=dict(env, TMPDIR=str(tmp)),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = [0]
+    last: dict[int, float] = {}
 
     def watch() -> None:
         while proc.poll() is None:
@@ -114,18 +116,22 @@ def run_driver(source: Path, output: Path, on_ray: int, tasks: int, range_bytes:
                 peak[0] = max(peak[0], dir_size(tmp))
             except FileNotFoundError:
                 pass  # a file went away while being listed
+            last.update(descendants_cpu())
             time.sleep(0.2)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     out, _ = proc.communicate()
     thread.join()
+    time.sleep(0.5)
+    last.update(descendants_cpu())
     shutil.rmtree(tmp, ignore_errors=True)
     if proc.returncode:
         raise RuntimeError(f"the planning driver failed (exit {proc.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
     result["tmpdir_peak_bytes"] = peak[0]
-    result["cpu_s"] = result["driver_cpu_s"] + (ray_cpu_seconds() - ray_cpu if tasks else 0.0)
+    ray_cpu = sum(v - before.get(pid, 0.0) for pid, v in last.items() if pid != proc.pid)
+    result["cpu_s"] = result["driver_cpu_s"] + (ray_cpu if tasks else 0.0)
     return result
 
 

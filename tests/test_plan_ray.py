@@ -214,6 +214,7 @@ def test_malformed_lines_unknown_labels_and_missing_fields_are_counted_with_file
     plan = build_plan(on_ray(bad_csv, tmp_path / "csv", range_bytes=8), write=False)
     assert plan.failures == {F.BAD_MANIFEST_LINE: 2}
     assert plan.examples[F.BAD_MANIFEST_LINE] == f"{bad_csv}:3: wrong number of fields"
+    assert not (tmp_path / "csv" / "_plan" / "_work").exists()  # a dry run leaves no scratch
     no_header = tmp_path / "n.csv"
     no_header.write_text("a,b\n/a.jpg,x\n")
     with pytest.raises(ValueError, match=f"manifest {no_header} needs a header"):
