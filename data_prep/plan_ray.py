@@ -455,6 +455,9 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps(.., separators=
 
 
 class _LineCounter:
+    """How many lines `_range_lines` has read: the line numbers of rejects are made global
+    from each range's count once every range before it is known."""
+
     n = 0
 
 

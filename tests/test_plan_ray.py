@@ -348,3 +348,12 @@ def test_sigkill_mid_plan_then_rerun_reuses_finished_ranges(ray_planner, tmp_pat
     clean = build_plan(on_ray(manifest, tmp_path / "clean", **settings))
     assert plan_files(tmp_path / "killed") == plan_files(tmp_path / "clean")
     assert resumed == clean and not work.exists()
+
+
+@pytest.mark.parametrize("override, key", [("planning.range_bytes=0", "planning.range_bytes"),
+                                           ("planning.on_ray_folders=-1", "planning.on_ray_folders")])
+def test_a_bad_planning_setting_is_an_error_naming_the_key(tmp_path, override, key):
+    from data_prep.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [f"source={tmp_path}", f"output={tmp_path / 'o'}", override])
