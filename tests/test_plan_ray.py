@@ -22,7 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_prep import cfg_for, make_folders, s3_server  # noqa: F401  (a fixture)
+from test_data_prep import (  # noqa: F401  (s3_server: a fixture)
+    all_samples,
+    cfg_for,
+    make_folders,
+    run_prep,
+    s3_server,
+)
 
 from data_prep import failures as F
 from data_prep.config import PlanningConfig
@@ -246,6 +252,21 @@ def test_shard_bytes_cuts_as_in_process_whatever_the_ranges(ray_planner, tmp_pat
             # greedy: the next record did not fit, or the shard was full, or the split ended
             assert last or count == 30 or nbytes + recs[pos]["size"] > cap
     assert pos == 1200 and plan.splits["val"].num_samples == 50
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_job_planned_on_ray_shards_every_sample_of_the_manifest(ray_planner, tmp_path):
+    files = make_folders(tmp_path / "src", per_class=5)
+    rows = [{"path": str(p), "labels": [p.parent.name], "n": i} for i, p in enumerate(files)]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows, bad={3: "{oops"})
+    cfg = on_ray(manifest, tmp_path / "out", range_bytes=300, shard_size=4)
+    cfg.holdout.count = 3
+    summary = run_prep(cfg)
+    assert summary["samples_per_split"] == {"train": 12, "val": 3} and summary["failed"] == 1
+    got = sorted(json.loads(s["json"])["n"] for split in ("train", "val")
+                 for s in all_samples(tmp_path / "out", split))
+    assert got == list(range(15)) and not (tmp_path / "out" / "_plan" / "_work").exists()
 
 
 def make_class_tars(root: Path, classes: int, per_class: int) -> None:
