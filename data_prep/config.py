@@ -93,6 +93,23 @@ class DedupConfig:
 
 
 @dataclass
+class PlanningConfig:
+    """Where the plan is made. A manifest source of at least `on_ray_bytes` bytes, or a
+    source of at least `on_ray_folders` class folders or tars, is planned by Ray tasks
+    (newline-aligned byte ranges of `range_bytes`, or groups of `folders_per_task` folders,
+    scattered to buckets under `scratch`); a smaller one in this process. Only the choice of
+    path changes the plan: ranges, buckets and tasks do not."""
+
+    on_ray_bytes: int = 256 << 20  # manifests this big or bigger plan on Ray; 0 = never
+    on_ray_folders: int = 5000  # as many class folders/tars or more plan on Ray; 0 = never
+    range_bytes: int = 64 << 20  # manifest bytes per planning task
+    folders_per_task: int = 100  # class folders/tars listed per planning task (and bucket)
+    bucket_bytes: int = 128 << 20  # manifest bytes per shuffle bucket
+    max_tasks: int = 0  # planning tasks in flight; 0 = the cluster's CPUs
+    scratch: str | None = None  # URL for the buckets; None = <output>/_plan/_work
+
+
+@dataclass
 class PrepConfig:
     """A sharding job: where the corpus is, where shards go, and how they are made."""
 
@@ -107,6 +124,7 @@ class PrepConfig:
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    planning: PlanningConfig = field(default_factory=PlanningConfig)
     max_failure_fraction: float = 0.1  # more failed samples than this fails the job, early if sure
     shard_give_up_after: int = 100  # a shard whose first this-many samples all fail stops; 0 = never
     max_in_flight: int = 0  # shard tasks at once; 0 = 2x the cluster's CPUs
@@ -173,6 +191,15 @@ def validate(cfg: PrepConfig) -> None:
         bad("retries", cfg.retries, "must be >= 0")
     if cfg.io_threads < 0:
         bad("io_threads", cfg.io_threads, "must be >= 0")
+    p = cfg.planning
+    for key, value in (("on_ray_bytes", p.on_ray_bytes), ("on_ray_folders", p.on_ray_folders),
+                       ("max_tasks", p.max_tasks)):
+        if value < 0:
+            bad(f"planning.{key}", value, "must be >= 0")
+    for key, value in (("range_bytes", p.range_bytes), ("bucket_bytes", p.bucket_bytes),
+                       ("folders_per_task", p.folders_per_task)):
+        if value < 1:
+            bad(f"planning.{key}", value, "must be >= 1")
 
 
 def _validate_dedup(d: DedupConfig, bad: Any) -> None:
@@ -201,8 +228,9 @@ def with_absolute_paths(cfg: PrepConfig) -> PrepConfig:
         return path if path is None or "://" in path else os.path.abspath(path)
 
     dedup = replace(cfg.dedup, against={k: absolute(v) for k, v in cfg.dedup.against.items()})
+    planning = replace(cfg.planning, scratch=absolute(cfg.planning.scratch))
     return replace(cfg, source=absolute(cfg.source), output=absolute(cfg.output),
-                   classes_file=absolute(cfg.classes_file), dedup=dedup)
+                   classes_file=absolute(cfg.classes_file), dedup=dedup, planning=planning)
 
 
 def fingerprint(cfg: PrepConfig) -> str:

@@ -105,8 +105,15 @@ class Plan:
 def build_plan(cfg: PrepConfig, write: bool = True) -> Plan:
     """List, shuffle, split and cut the source into shards. With `write`, stream the shard
     plans to the output and write `_plan.json` last; without, only count (dry run).
+    A big source (`planning.on_ray_bytes`, `on_ray_folders`) is planned by Ray tasks
+    (`plan_ray`).
     Raises `ValueError` naming the URL when the source is missing, empty or unusable."""
     kind = detect_kind(cfg)
+    if cfg.planning.on_ray_bytes or cfg.planning.on_ray_folders:
+        from .plan_ray import plan_on_ray, worth_ray
+
+        if worth_ray(cfg, kind):
+            return plan_on_ray(cfg, kind, write)
     given = read_classes(cfg) if cfg.classes_file else None
     sink = _plan_writer(cfg) if write else (lambda name, data: None)
     with tempfile.TemporaryDirectory(prefix="data_prep-plan-") as tmp:

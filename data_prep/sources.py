@@ -2,7 +2,7 @@
 
 Three layouts are read from any fsspec URL:
 - `folders`: `<root>/<class name>/**/<image>`; the class is the top-level folder.
-- `manifest`: a JSONL file (`{"path": ..., "label"|"labels": ..., ...}` a line) or a CSV/TSV
+- `manifest`: a JSONL file (or a folder of them, read in name order as one manifest) (`{"path": ..., "label"|"labels": ..., ...}` a line) or a CSV/TSV
   file with a header naming a path column and a `label`/`labels` column (several labels
   separated by `;`). Paths are relative to the manifest's folder unless absolute or URLs.
   An integer label (or a CSV label of digits only) is a class index, a string is a class
@@ -75,14 +75,18 @@ def detect_kind(cfg: PrepConfig) -> str:
     entries = [e for e in fs.ls(path, detail=True) if not _hidden(e["name"])]
     if not entries:
         raise ValueError(f"data-prep source is empty: {cfg.source}")
+    manifests = all(e["type"] != "directory" and _is_manifest_name(e["name"]) for e in entries)
     if cfg.source_kind != "auto":
-        if cfg.source_kind == "manifest":
-            raise ValueError(f"data-prep source {cfg.source} is a folder, not a manifest")
+        if cfg.source_kind == "manifest" and not manifests:
+            raise ValueError(f"data-prep source {cfg.source} is a folder, not a manifest or "
+                             "a folder of manifests")
         return cfg.source_kind
     if any(e["type"] == "directory" for e in entries):
         return "folders"
     if any(e["name"].endswith(".tar") for e in entries):
         return "class_tars"
+    if manifests:
+        return "manifest"
     raise ValueError(f"cannot tell the layout of data-prep source {cfg.source}: it holds no "
                      "class folders and no .tar files; set source_kind")
 
@@ -94,7 +98,18 @@ def iter_source(cfg: PrepConfig, kind: str) -> Iterator[Entry | Rejected]:
         return _iter_folders(fs, path, cfg.io_threads)
     if kind == "class_tars":
         return _iter_class_tars(fs, path, cfg.io_threads)
-    return _iter_manifest(fs, path, cfg.source)
+    return (item for name, url in manifest_files(fs, path, cfg.source)
+            for item in _iter_manifest(fs, name, url))
+
+
+def manifest_files(fs: AbstractFileSystem, path: str, url: str) -> list[tuple[str, str]]:
+    """(path, URL) of each manifest file of a manifest source, in the order their lines are
+    listed: the file itself, or a folder's manifest files sorted by name (the parts of one
+    big manifest)."""
+    if fs.isfile(path):
+        return [(path, url)]
+    names = sorted(p for p in fs.ls(path, detail=False) if not _hidden(p) and _is_manifest_name(p))
+    return [(p, to_url(fs, p)) for p in names]
 
 
 def is_image_name(name: str) -> bool:
@@ -120,13 +135,38 @@ def _iter_folders(fs: AbstractFileSystem, root: str, threads: int) -> Iterator[E
             yield Rejected(IGNORED, to_url(fs, e["name"]))
     listings = ordered_map(partial(_find, fs), class_dirs, threads)
     for class_dir, files in zip(class_dirs, listings, strict=True):
-        label = posixpath.basename(class_dir.rstrip("/"))
-        for name in sorted(files):
-            relative = name[len(class_dir):]
-            if not is_image_name(name) or any(p.startswith(".") for p in relative.split("/")):
-                yield Rejected(IGNORED, to_url(fs, name))
-                continue
-            yield Entry(to_url(fs, name), [label], size=files[name].get("size"))
+        yield from folder_entries(fs, class_dir, files)
+
+
+def class_units(fs: AbstractFileSystem, root: str, kind: str) -> tuple[list[str], int]:
+    """The class folders (`folders`) or per-class tars (`class_tars`) under `root`, sorted,
+    and how many other entries it holds (ignored)."""
+    listing = fs.ls(root, detail=True)
+    if kind == "folders":
+        units = [e["name"] for e in listing if e["type"] == "directory" and not _hidden(e["name"])]
+        return sorted(units), sum(e["type"] != "directory" for e in listing)
+    names = [e["name"] for e in listing if not _hidden(e["name"])]
+    units = [p for p in names if p.endswith(".tar")]
+    return sorted(units), len(names) - len(units)
+
+
+def unit_entries(fs: AbstractFileSystem, unit: str, kind: str) -> Iterator[Entry | Rejected]:
+    """The entries of one class folder or per-class tar, in a fixed order."""
+    if kind == "folders":
+        return folder_entries(fs, unit, _find(fs, unit))
+    return iter(_list_tar(fs, unit))
+
+
+def folder_entries(fs: AbstractFileSystem, class_dir: str,
+                   files: dict[str, dict]) -> Iterator[Entry | Rejected]:
+    """The entries of one class folder from its recursive listing, in name order."""
+    label = posixpath.basename(class_dir.rstrip("/"))
+    for name in sorted(files):
+        relative = name[len(class_dir):]
+        if not is_image_name(name) or any(p.startswith(".") for p in relative.split("/")):
+            yield Rejected(IGNORED, to_url(fs, name))
+            continue
+        yield Entry(to_url(fs, name), [label], size=files[name].get("size"))
 
 
 def _find(fs: AbstractFileSystem, folder: str) -> dict[str, dict]:
@@ -167,13 +207,8 @@ def _iter_manifest(fs: AbstractFileSystem, path: str, url: str) -> Iterator[Entr
     base = posixpath.dirname(path)
     with fs.open(path, "rt", encoding="utf-8", errors="replace", compression="infer",
                  newline="") as f:
-        name = path.lower()
-        for ext in COMPRESSED_EXTENSIONS:
-            name = name.removesuffix(ext)
-        if name.endswith((".csv", ".tsv")):
-            rows = _csv_rows(f, url, "\t" if name.endswith(".tsv") else ",")
-        else:
-            rows = _jsonl_rows(f)
+        delimiter = csv_delimiter(path)
+        rows = _csv_rows(f, url, delimiter) if delimiter else _jsonl_rows(f)
         for line_no, row in rows:
             where = f"{url}:{line_no}"
             if isinstance(row, str):
@@ -194,12 +229,12 @@ def _jsonl_rows(f) -> Iterator[tuple[int, dict | str]]:
         yield line_no, row if isinstance(row, dict) else "not a JSON object"
 
 
-def _csv_rows(f, url: str, delimiter: str) -> Iterator[tuple[int, dict | str]]:
-    reader = csv.DictReader(f, delimiter=delimiter)
-    header = reader.fieldnames or []
-    if not any(k in header for k in PATH_FIELDS) or not any(k in header for k in LABEL_FIELDS):
-        raise ValueError(f"manifest {url} needs a header with a path column ({', '.join(PATH_FIELDS)}) "
-                         f"and a label column ({', '.join(LABEL_FIELDS)}); it has {header}")
+def _csv_rows(f, url: str, delimiter: str,
+              fieldnames: list[str] | None = None) -> Iterator[tuple[int, dict | str]]:
+    """The rows of a CSV file, or (with `fieldnames`, the header read elsewhere) of lines
+    after its header; line numbers count from the first line of `f`."""
+    reader = csv.DictReader(f, delimiter=delimiter, fieldnames=fieldnames)
+    check_csv_header(reader.fieldnames or [], url)
     while True:
         try:
             row = next(reader)
@@ -215,6 +250,21 @@ def _csv_rows(f, url: str, delimiter: str) -> Iterator[tuple[int, dict | str]]:
         row.pop("label", None)
         row["labels"] = [int(s) if s.isdigit() else s for s in labels if s]
         yield reader.line_num, row
+
+
+def check_csv_header(header: list[str], url: str) -> None:
+    """Raise `ValueError` naming `url` when a CSV header has no path or no label column."""
+    if not any(k in header for k in PATH_FIELDS) or not any(k in header for k in LABEL_FIELDS):
+        raise ValueError(f"manifest {url} needs a header with a path column ({', '.join(PATH_FIELDS)}) "
+                         f"and a label column ({', '.join(LABEL_FIELDS)}); it has {header}")
+
+
+def csv_delimiter(path: str) -> str | None:
+    """`,` or a tab for a CSV/TSV manifest path, None for JSONL."""
+    name = path.lower()
+    for ext in COMPRESSED_EXTENSIONS:
+        name = name.removesuffix(ext)
+    return ("\t" if name.endswith(".tsv") else ",") if name.endswith((".csv", ".tsv")) else None
 
 
 def _manifest_entry(fs: AbstractFileSystem, base: str, row: dict, where: str) -> Entry | Rejected:
