@@ -26,8 +26,8 @@ import math
 import posixpath
 import random
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
