@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -14,12 +16,17 @@ from pipeline.data import (
     ShardIndex,
     StreamSpec,
     TrainStream,
+    _rng,
     decode_eval,
     decode_train,
     inception_crop_box,
     iter_eval_batches,
+    iter_tar_files,
+    iter_tar_samples,
     make_units,
+    multi_hot,
     reader_stream,
+    sample_labels,
     to_model_input,
 )
 
@@ -125,3 +132,61 @@ def test_transforms_produce_the_right_shapes_and_range():
         x0, y0, x1, y1 = inception_crop_box(400, 300, rng, (0.05, 1.0))
         area = (x1 - x0) * (y1 - y0) / (400 * 300)
         assert 0 <= x0 < x1 <= 400 and 0 <= y0 < y1 <= 300 and 0.04 <= area <= 1.0
+
+
+def test_stream_batches_hold_exactly_the_decoded_samples_of_each_reader_in_order(uneven):
+    # The worker writes each decoded image into a shared-memory batch: the pixels and targets
+    # must be those of decode_train on the reader's samples, with the documented per-sample rng.
+    s = spec(uneven, rank=1, world=2, workers=2, batch=4)
+    stream = TrainStream(s)
+    batches = [next(stream) for _ in range(16)]  # 32 samples per reader: past the first pass (about 10 each)
+    units, num_readers = make_units(ShardIndex.load(uneven), 4), 4
+    for logical in (0, 1):
+        reader = s.rank * s.num_workers + logical
+        samples = reader_stream(units, reader, num_readers, s.seed, s.shuffle_block)
+        for b in (b for b in batches if b["reader"] == logical):
+            taken = [next(samples) for _ in range(s.batch_size)]
+            expected = np.stack([decode_train(x["jpg"], s.image_size, _rng(s.seed, reader, *pos), s.crop_area, s.flip)
+                                 for x, pos in taken])
+            assert b["keys"] == [x["__key__"] for x, _ in taken] and tuple(b["position"]) == taken[-1][1]
+            assert b["images"].dtype == torch.uint8 and torch.equal(b["images"], torch.from_numpy(expected))
+            assert torch.equal(b["targets"], multi_hot([sample_labels(x) for x, _ in taken], s.num_classes))
+
+
+def _tar_of(path, fmt, members) -> str:
+    """A tar written by ``tarfile`` in ``fmt``; members are (name, bytes) files or (name, (type,)) others."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, body in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(body, tuple):
+                info.type, info.linkname = body[0], "target"
+                tar.addfile(info)
+            else:
+                info.size = len(body)
+                tar.addfile(info, io.BytesIO(body))
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_yields_the_files_and_names_tarfile_yields(tmp_path, fmt):
+    long_dir = "d" * 120 if fmt == tarfile.USTAR_FORMAT else "d" * 300  # ustar: prefix + name
+    members = [("a/000001.jpg", b"x" * 511), ("a/000001.cls", b"3"), ("a/dir", (tarfile.DIRTYPE,)),
+               ("a/link", (tarfile.SYMTYPE,)), ("a/000002.jpg", b""), ("a/000002.json", b"y" * 512),
+               (f"{long_dir}/000003.jpg", b"z" * 513), ("a/000004.txt", bytes(range(256)) * 9)]
+    if fmt != tarfile.USTAR_FORMAT:
+        members.append(("a/üñï.jpg", b"w" * 1000))  # non-ASCII: a pax path record, or raw bytes in GNU
+    url = _tar_of(tmp_path / "t.tar", fmt, members)
+    with tarfile.open(url) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with open(url, "rb") as f:
+        assert list(iter_tar_files(f, url)) == expected
+    assert len(expected) == len(members) - 2
+
+
+def test_a_corrupt_tar_header_names_the_shard_and_the_offset(tmp_path):
+    url = _tar_of(tmp_path / "t.tar", tarfile.PAX_FORMAT, [("k1.jpg", b"x" * 600), ("k1.cls", b"1")])
+    data = bytearray(open(url, "rb").read())
+    data[1536 + 10] ^= 0xFF  # the name field of the second header (512 header + 1024 data)
+    open(url, "wb").write(bytes(data))
+    with pytest.raises(ValueError, match=r"t\.tar: bad tar header checksum at byte 1536"):
+        list(iter_tar_samples(url))
