@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import sys
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,7 @@ def dist_setup(standalone: bool = False) -> tuple[int, int, torch.device]:
     describes (torchrun, the deepspeed launcher, Ray Train set the env). ``standalone`` makes a
     one-rank group on a free local port when there is none (an evaluation task); there, a
     group of more than one rank is an error."""
+    _own_extensions_dir()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -54,6 +56,15 @@ def dist_setup(standalone: bool = False) -> tuple[int, int, torch.device]:
     else:
         device = torch.device(accel.device_name())
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _own_extensions_dir() -> None:
+    """Build DeepSpeed's JIT ops (the CPU shm comm op, CPU Adam) inside this virtualenv, not in
+    the user-wide ~/.cache/torch_extensions: two environments sharing that folder rebuild the
+    ops in turn, and a process killed mid-build there leaves a lock that makes every later
+    process of every environment wait forever. $TORCH_EXTENSIONS_DIR, when set, wins."""
+    if sys.prefix != sys.base_prefix:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def _free_port() -> int:
