@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -74,3 +75,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(*buckets: str):
+    """A moto S3 endpoint on 127.0.0.1 with ``buckets`` made; yields (endpoint, environment for it).
+
+    fsspec keeps one S3FileSystem per set of arguments for the life of the process, and one made
+    with no endpoint argument keeps the endpoint of the environment it was made in: a later test
+    would reach a stopped server. The cache is cleared on the way in and on the way out.
+    """
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing")
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield endpoint, env
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

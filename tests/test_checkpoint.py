@@ -53,21 +53,10 @@ def _weights(engine) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def s3():
-    from conftest import free_port
-    from moto.server import ThreadedMotoServer
+    from conftest import moto_s3
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": url, "FSSPEC_S3_ENDPOINT_URL": url}
-    import boto3
-
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="runs")
-    yield env
-    server.stop()
+    with moto_s3("runs") as (_, env):
+        yield env
 
 
 @pytest.fixture(scope="module")

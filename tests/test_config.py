@@ -141,15 +141,10 @@ def test_a_path_that_will_not_exist_fails_the_check_naming_its_key(tmp_path, ove
 def test_an_existing_index_passes_and_s3_urls_are_asked_of_fsspec(tmp_path, tiny_shards, monkeypatch):
     import fsspec
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    from tests.conftest import free_port
+    from tests.conftest import moto_s3
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_s3() as (endpoint, _):
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             monkeypatch.setenv(k, "testing")
         monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
@@ -160,8 +155,6 @@ def test_an_existing_index_passes_and_s3_urls_are_asked_of_fsspec(tmp_path, tiny
                          "eval.fewshot.0.train=s3://pathcheck/digits/train_index.json"))
         with pytest.raises(ConfigError, match=r"^eval\.fewshot\.0\.test: s3://pathcheck/digits/test_index.json does not exist$"):
             check_paths(demo(tmp_path, "eval.fewshot.0.test=s3://pathcheck/digits/test_index.json"))
-    finally:
-        server.stop()
 
 
 def test_pipeline_run_exits_2_naming_the_missing_path_before_starting_ray(tmp_path, capsys):

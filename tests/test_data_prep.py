@@ -12,7 +12,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -372,27 +371,19 @@ def test_failure_watch_stops_when_certain_or_overwhelmingly_likely():
 @pytest.fixture(scope="module")
 def s3_server():
     """A moto S3 endpoint on 127.0.0.1 with dummy credentials in the environment."""
-    from moto.server import ThreadedMotoServer
+    from conftest import moto_s3
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint
-    yield endpoint
-    fsspec.config.conf["s3"].pop("endpoint_url", None)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with moto_s3() as (endpoint, env):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint
+        yield endpoint
+        fsspec.config.conf["s3"].pop("endpoint_url", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -164,31 +163,14 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": url, "FSSPEC_S3_ENDPOINT_URL": url}
     import s3fs
+    from conftest import moto_s3
 
-    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": url, "region_name": "us-east-1"})
-    import boto3
-
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="ckpts")
-    yield env, fs
-    server.stop()
+    with moto_s3("ckpts") as (url, env):
+        yield env, s3fs.S3FileSystem(key="testing", secret="testing",
+                                     client_kwargs={"endpoint_url": url, "region_name": "us-east-1"})
 
 
 @pytest.mark.slow
