@@ -60,6 +60,13 @@ class Slurm:
         out = self.run("scontrol", "-o", "show", "job", job_id).stdout
         return dict(w.split("=", 1) for w in out.split() if "=" in w)
 
+    def diagnose(self, job_id: str, lines: int = 30) -> str:
+        """What SLURM says of a job, and the tails of its daemons' logs (for a failing test's message)."""
+        parts = [self.run("scontrol", "show", "job", job_id, check=False).stdout]
+        for log in sorted(self.dir.glob("slurm*.log")):
+            parts.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(parts)
+
     def wait_state(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
         end, info = time.time() + timeout, {}
         while time.time() < end:

@@ -126,7 +126,8 @@ def test_scancel_term_stops_at_the_next_step_with_a_checkpoint_and_requeue_finis
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text[-6000:]
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
+        text[-6000:] + "\n" + slurm.diagnose(job)
     print(f"\nscancel --signal=TERM after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
           f"steps lost {max(0, logged - stopped)}; requeued, resumed and finished")
     assert stopped >= logged and stopped % 25 != 0
