@@ -115,6 +115,9 @@ while :; do  # a trapped signal interrupts wait; go on until the launcher has en
   if wait "$child"; then rc=0; else rc=$?; fi
   kill -0 "$child" 2> /dev/null || break
 done
+if ((rc != 0)) && "$PYTHON" -m pipeline.guard diverged "$run_dir"; then
+  exit "$EXIT_DIVERGED"  # torchrun says 1 when a rank exits with another status; the run dir says why
+fi
 if ((stopping)); then
   "$PYTHON" -m pipeline.rundir clear-stop "$run_dir" || true
   now=$(latest)

@@ -430,18 +430,20 @@ class CheckpointManager:
 
     def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0):
         self.run, self.staging, self.resume_from, self.keep = run, staging, resume_from, keep
-        self.engine = self.ema = self.stream = None
+        self.engine = self.ema = self.stream = self.guard = None
 
     @property
     def shared(self) -> bool:
         """Whether the run dir's checkpoints are this host's staging dir (one host, or a shared disk)."""
         return self.run.checkpoints.url == self.staging
 
-    def track(self, engine=None, ema=None, stream=None) -> None:
-        """Register the stateful parts (``stream``: anything with ``state_dict()``)."""
+    def track(self, engine=None, ema=None, stream=None, guard=None) -> None:
+        """Register the stateful parts (``stream``: anything with ``state_dict()``; ``guard``:
+        with ``state_dict()`` and ``load_state_dict()``, the same on every rank)."""
         self.engine = engine or self.engine
         self.ema = ema or self.ema
         self.stream = stream or self.stream
+        self.guard = guard or self.guard
 
     def latest(self) -> str | None:
         """The run's newest complete tag (the run dir decides, not a host's scratch)."""
@@ -460,16 +462,36 @@ class CheckpointManager:
         src = resume_source(self.staging, self.run, self.resume_from)
         if src is None:
             return {}, None
-        meta, rank_state = load(self.engine, *src)
-        if self.ema is not None:
-            _restore_ema(self.ema, rank_state, Path(*src))
+        meta, rank_state = self._load(*src)
         log.info("resumed from %s/%s at step %d", *src, self.engine.global_steps)
         return meta, (rank_state or {}).get("data")
+
+    def rollback(self, tag: str) -> dict:
+        """Load complete checkpoint ``tag`` of the run (fetched here if this host lacks it) into
+        every tracked part but the data stream, which goes on from where it is; returns its meta."""
+        if not self.shared:
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+                self.run.checkpoints.fetch(tag, self.staging)  # a complete local copy is kept as it is
+            if dist.is_initialized():
+                dist.barrier()
+        meta, _ = self._load(self.staging, tag)
+        log.info("rolled back to %s/%s", self.run.checkpoints.url, tag)
+        return meta
+
+    def _load(self, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
+        meta, rank_state = load(self.engine, ckpt_dir, tag)
+        if self.ema is not None:
+            _restore_ema(self.ema, rank_state, Path(ckpt_dir) / tag)
+        if self.guard is not None and rank_state and "guard" in rank_state:
+            self.guard.load_state_dict(rank_state["guard"])
+        return meta, rank_state
 
     def save(self, step: int, meta: dict, config_yaml: str) -> str:
         """Stage a checkpoint of every tracked part, publish it to the run dir (files, then the
         marker), prune to ``keep``; returns its tag."""
         data = {"data": self.stream.state_dict()} if self.stream is not None else {}
+        if self.guard is not None:
+            data["guard"] = self.guard.state_dict()
         tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep, ema=self.ema)
         publish_checkpoint(self.run, self.staging, tag, self.keep)
         log.info("checkpoint %s/%s complete", self.run.checkpoints.url, tag)

@@ -47,6 +47,12 @@ class Precision(Choice):
     fp32 = "fp32"
 
 
+class Fault(Choice):
+    none = "none"
+    nan = "nan"
+    spike = "spike"
+
+
 class Schedule(Choice):
     linear = "linear"
     cosine = "cosine"
@@ -124,6 +130,34 @@ class EmaConfig:
 
 
 @dataclass
+class GuardFaultConfig:
+    """TESTS ONLY, never for a real run: rank 0's loss of its micro-batches ``start`` to ``end - 1``
+    (their index in its data stream, from 1) made non-finite (``nan``) or ``scale`` times larger
+    (``spike``), to try the guard on a real engine."""
+
+    kind: Fault = Fault.none
+    start: int = 0
+    end: int = 0
+    scale: float = 10.0
+    exit_after_rollback: bool = False  # every rank exits (status 1) right after a rollback is recorded
+
+
+@dataclass
+class GuardConfig:
+    """The divergence guard (pipeline.guard): unhealthy steps skipped, trouble rolled back."""
+
+    enabled: bool = True
+    spike_factor: float = 2.0  # a loss above this multiple of the running median is a spike
+    spike_window: int = 50  # the running median's healthy steps
+    max_bad: int = 3  # unhealthy steps within bad_window steps that roll the run back
+    bad_window: int = 20  # also: no checkpoint while an unhealthy step is this recent
+    rollback_on_nonfinite: bool = False  # roll back on the first non-finite loss
+    skip_extra_steps: int = 0  # a rollback skips the data since its checkpoint and this many steps more
+    max_rollbacks: int = 3  # the next trouble stops the run (exit status 5)
+    fault: GuardFaultConfig = field(default_factory=GuardFaultConfig)
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = 4096
     steps: int = 0  # total optimizer steps; 0: derive from epochs
@@ -143,6 +177,7 @@ class TrainConfig:
     stop_at_step: int = 0  # checkpoint and stop here (time-boxed allocations); 0: run to the end
     resume_from: str | None = None  # a checkpoint tag dir to start from when the run dir has none of its own
     ema: EmaConfig = field(default_factory=EmaConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass
@@ -349,9 +384,27 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
     batch_split(cfg, cfg.ray.num_workers)
     _validate_augreg(cfg)
+    _validate_guard(cfg)
     for i, fs in enumerate(cfg.eval.fewshot):
         require(all(k > 0 for k in fs.shots), f"eval.fewshot.{i}.shots", "shot counts must be positive")
         require(fs.seeds > 0, f"eval.fewshot.{i}.seeds", "must be positive")
+
+
+def _validate_guard(cfg: DictConfig) -> None:
+    g = cfg.train.guard
+    if not g.enabled:
+        return
+    require(g.spike_factor > 1, "train.guard.spike_factor", f"must be > 1, got {g.spike_factor}")
+    for key in ("spike_window", "max_bad", "bad_window"):
+        require(g[key] > 0, f"train.guard.{key}", f"must be positive, got {g[key]}")
+    require(g.max_bad <= g.bad_window, "train.guard.max_bad", f"{g.max_bad} unhealthy steps cannot fit in bad_window {g.bad_window}")
+    require(g.skip_extra_steps >= 0, "train.guard.skip_extra_steps", f"must be >= 0, got {g.skip_extra_steps}")
+    require(g.max_rollbacks >= 0, "train.guard.max_rollbacks", f"must be >= 0, got {g.max_rollbacks}")
+    require(g.fault.kind == "none" or 0 < g.fault.start < g.fault.end, "train.guard.fault.start",
+            f"a fault needs 0 < start < end, got {g.fault.start}, {g.fault.end}")
+    require(cfg.deepspeed.zero_stage > 0 or cfg.train.precision != "fp32", "train.guard.enabled",
+            "DeepSpeed cannot skip an update in fp32 without ZeRO; use deepspeed.zero_stage >= 1, bf16, or "
+            "train.guard.enabled=false")
 
 
 AUG_PRESETS_DIR = CONFIGS_DIR / "aug"

@@ -133,11 +133,10 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, label_smooth
     return -(targets / targets.sum(-1, keepdim=True) * F.log_softmax(logits, -1)).sum(-1).mean()
 
 
-def micro_step(engine, batch: dict, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               dtype: torch.dtype, device: torch.device, mixup_lam: float | None = None) -> torch.Tensor:
-    """Forward, backward and (at the accumulation boundary) the optimizer step of one
-    ``pipeline.data`` batch, its images and targets mixed by ``mixup_lam`` when given
-    (``pipeline.augment.mixup``); the loss, detached."""
+def forward_loss(engine, batch: dict, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 dtype: torch.dtype, device: torch.device, mixup_lam: float | None = None) -> torch.Tensor:
+    """The loss of one ``pipeline.data`` batch, its images and targets mixed by ``mixup_lam``
+    when given (``pipeline.augment.mixup``); backward it with ``engine.backward``."""
     targets = batch["targets"].to(device, non_blocking=True)
     if mixup_lam is None:
         x = to_model_input(batch["images"].to(device, non_blocking=True), dtype)
@@ -146,7 +145,14 @@ def micro_step(engine, batch: dict, loss: Callable[[torch.Tensor, torch.Tensor],
 
         x, targets = mixup(to_model_input(batch["images"].to(device, non_blocking=True)), targets, mixup_lam)
         x = x.to(dtype)
-    value = loss(engine(x), targets)
+    return loss(engine(x), targets)
+
+
+def micro_step(engine, batch: dict, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               dtype: torch.dtype, device: torch.device, mixup_lam: float | None = None) -> torch.Tensor:
+    """Forward, backward and (at the accumulation boundary) the optimizer step of one batch
+    (:func:`forward_loss`); the loss, detached."""
+    value = forward_loss(engine, batch, loss, dtype, device, mixup_lam)
     engine.backward(value)
     engine.step()
     return value.detach()

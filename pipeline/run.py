@@ -38,8 +38,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import guard
 from pipeline.config import ConfigError, check_paths, load_config, to_flat_dict, to_yaml
-from pipeline.rundir import step_of
+from pipeline.rundir import CHECKPOINTS, step_of
 from pipeline.stop import Exit, StopRequest
 
 log = logging.getLogger("pipeline.run")
@@ -80,8 +81,11 @@ def _train_worker(config: dict) -> None:
     summary = train(cfg, on_checkpoint=report)
     from pipeline.rundir import tag_for
 
-    report({"step": summary["step"], "tag": tag_for(summary["step"]), "loss": summary["loss"], "total_steps": summary["total_steps"]},
-           final={"finished": summary["step"] >= summary["total_steps"], "preempted": summary["preempted"]})
+    diverged = (summary.get("guard") or {}).get("diverged")
+    tag = diverged["resume_from"] if diverged else tag_for(summary["step"])  # nothing was saved after the trouble
+    report({"step": summary["step"], "tag": tag, "loss": summary["loss"], "total_steps": summary["total_steps"]},
+           final={"finished": summary["step"] >= summary["total_steps"] and not diverged, "preempted": summary["preempted"],
+                  "diverged": bool(diverged)})
 
 
 def connect_ray(cfg: DictConfig) -> None:
@@ -233,7 +237,8 @@ def run_job(cfg: DictConfig) -> dict:
     t_train = time.time()
     try:
         result = fit(cfg)
-        status = "FINISHED" if (result.metrics or {}).get("finished") else "KILLED"
+        metrics = result.metrics or {}
+        status = "FINISHED" if metrics.get("finished") else "FAILED" if metrics.get("diverged") else "KILLED"
     finally:
         if watcher:
             watcher.finish()
@@ -246,6 +251,7 @@ def run_job(cfg: DictConfig) -> dict:
     summary["plan"] = planned_vs_measured(planned, summary["images_per_s"], tracker)
     summary["stopped"] = status == "KILLED"
     summary["finished"] = status == "FINISHED"
+    summary["guard"] = guard.read_record(run)
     run.clear_stop()
     summary["undelivered"] = _undelivered(run, tracker, spool_dir(cfg))
     run.write_summary(summary)
@@ -362,6 +368,8 @@ def _print_summary(s: dict) -> None:
     print(f"final step / loss   : {s['final_step']} / {loss if loss is None else f'{loss:.4f}'}")
     if s["images_per_s"]:
         print(f"images/s (mean)     : {s['images_per_s']:.1f}")
+    for event in (s.get("guard") or {}).get("rollbacks", []):
+        print(f"guard rollback      : {guard.describe(event)}")
     print(f"training time       : {s['train_seconds']:.0f}s (job {s['total_seconds']:.0f}s)")
     for line in s.get("plan", []):
         print(line)
@@ -418,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return Exit.CONFIG
+    if (diverged := (summary.get("guard") or {}).get("diverged")) is not None:
+        checkpoints = f"{summary['run_dir']}/{CHECKPOINTS}"
+        print(f"\n{guard.diverged_message(diverged, checkpoints)}", file=sys.stderr, flush=True)
+        return Exit.DIVERGED
     if summary.get("stopped"):
         return Exit.STOPPED
     left = summary.get("undelivered") or {}

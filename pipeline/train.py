@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from pipeline import checkpoint, rundir
+from pipeline import checkpoint, guard, rundir
 from pipeline.augment import mixup_lambda
 from pipeline.checkpoint import resume_source  # noqa: F401  (tests ask train for it)
 from pipeline.checkpoint import staging_dir as local_ckpt_dir  # noqa: F401
@@ -30,9 +31,9 @@ from pipeline.engine import (
     DTYPES,
     dist_setup,
     ds_config,
+    forward_loss,
     initialize,
     loss_fn,
-    micro_step,
     warmup_decay,
 )
 from pipeline.model import flops_per_image, from_config
@@ -85,6 +86,8 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
             "min_loss_scale": d.fp16_min_loss_scale}
     out = ds_config(cfg.train.global_batch_size, cfg.data.micro_batch_size, world_size, cfg.optim.grad_clip,
                     cfg.train.precision, zero, fp16)
+    if cfg.train.guard.enabled and cfg.train.precision == "bf16":
+        out["bf16"]["check_grad_overflow"] = True  # how the guard skips an update (pipeline.guard)
     return _merge(out, dict(d.extra))
 
 
@@ -173,7 +176,9 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     torch.manual_seed(cfg.train.seed * 1000 + rank + 1)  # dropout differs per rank
 
     ema = EMA(engine.module, cfg.train.ema.decay, cfg.train.ema.every, cfg.train.ema.warmup, engine.optimizer) if cfg.train.ema.decay else None
-    ckpts.track(engine=engine, ema=ema)
+    sentry = guard.Guard(cfg.train.guard, cfg.optim.warmup_steps, fp16=cfg.train.precision == "fp16",
+                         quiet=rank != 0) if cfg.train.guard.enabled else None
+    ckpts.track(engine=engine, ema=ema, guard=sentry)
     meta, data_state = ckpts.resume()
     step = engine.global_steps
     samples_seen = int(meta.get("samples_seen", 0))
@@ -188,6 +193,14 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     stream = TrainStream(spec, data_state)
     ckpts.track(stream=stream)
     checkpoint.set_rng_state(rng)  # the DataLoader seeds its workers from the global RNG: keep dropout's stream exact on resume
+    if sentry is not None:
+        record = guard.read_record(run)
+        sentry.events = record["rollbacks"]
+        if rank == 0 and record["diverged"] is not None:  # a new attempt (with other settings, one hopes)
+            guard.write_record(run, sentry.events)
+        if (event := guard.pending_skip(sentry.events, int(meta.get("guard_events", 0)), step)) is not None:
+            log.warning("replaying a rollback this checkpoint did not see: %s", guard.describe(event))
+            _skip_batches(stream, event["batches"])  # stopped between a rollback and its next checkpoint
 
     tracker = None
     if rank == 0:
@@ -210,7 +223,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     def save(at_step: int) -> None:
         meta = {"samples_seen": samples_seen, "world_size": world, "total_steps": steps, "num_classes": num_classes,
                 "model": cfg.model.name, "image_size": image_size, "mlflow_run_id": tracker.run_id if tracker else None,
-                "mlflow_uri": tracker.uri if tracker else None}
+                "mlflow_uri": tracker.uri if tracker else None, "guard_events": len(sentry.events) if sentry else 0}
         t = ckpts.save(at_step, meta, config_yaml)
         if on_checkpoint is not None:
             on_checkpoint({"step": at_step, "tag": t, "loss": last_loss, "total_steps": steps})
@@ -222,18 +235,40 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         save(0)
 
     window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
+    diverged = None
     engine.train()
     while step < steps:
+        verdict, step_loss, window_before = None, torch.zeros((), device=device), window_loss.clone()
+        skipped_before = engine.skipped_steps
         for micro in range(accum):
             batch = next(stream)
             # mixup: one lambda per micro-batch, from (seed, step, micro-batch): exact on resume
             lam = mixup_lambda(cfg.aug.mixup_alpha, cfg.train.seed, step, micro) if cfg.aug.mixup_alpha > 0 else None
-            loss = micro_step(engine, batch, loss_of, dtype, device, mixup_lam=lam)
+            value = forward_loss(engine, batch, loss_of, dtype, device, mixup_lam=lam)
+            if sentry is not None:
+                value = guard.fault(value, cfg.train.guard, stream.batches, rank)
+                step_loss += value.detach().float()
+                if micro == accum - 1:  # judged before the last backward, so a bad update is never applied
+                    verdict = sentry.judge(step + 1, step_loss, accum)
+            loss = value.detach()
+            engine.backward(value * math.nan if verdict is not None and verdict.reason else value)
+            engine.step()
             window_loss += torch.stack([loss.float(), torch.ones((), device=device)])
             if keys_file:
                 keys_file.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
         step = engine.global_steps
-        if ema is not None:
+        if sentry is not None and sentry.settle(verdict, engine.skipped_steps > skipped_before).reason:
+            window_loss.copy_(window_before)  # the logged loss is the mean of the applied steps
+            scheduler.step()  # DeepSpeed holds the schedule on a skipped step; it follows the step count
+            if trouble := sentry.trouble(verdict):
+                meta, diverged = _roll_back(sentry, trouble, ckpts, stream, step, cfg.train, accum, tracker)
+                if diverged is not None:
+                    break
+                step, samples_seen = engine.global_steps, int(meta.get("samples_seen", 0))
+                window_loss.zero_()
+                window_n, t0, window_start = 0, time.time(), step
+                continue
+        elif ema is not None:
             ema.step(step)
         samples_seen += cfg.train.global_batch_size
         window_n += 1
@@ -253,25 +288,31 @@ def _train(cfg: DictConfig, on_checkpoint=None):
                 "train/images_per_s": ips, "train/tokens_per_s": ips * tokens_per_image,
                 "train/memory_gib_max_rank": mem.item(), "train/samples_seen": samples_seen,
                 "train/skipped_samples": stream.skipped,
+                **(sentry.metrics() if sentry is not None else {}),
             }
             if peak:
                 metrics["train/mfu"] = ips * flops / (peak * world)
-            if rank == 0 and step > logged_upto:  # steps redone after a restart were logged already
+            if rank == 0 and step > logged_upto:  # steps redone after a restart or a rollback were logged already
                 steps_per_s = (step - window_start) / dt
                 log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f images/s %.1f steps/s %.2f eta %s mem %.2fGiB",
                          step, steps, last_loss, metrics["train/lr"], metrics["train/grad_norm"], ips, steps_per_s,
                          _eta(steps - step, steps_per_s), mem.item())
                 tracker.log_metrics(metrics, step)
+                logged_upto = step
             window_loss.zero_()
             window_n, t0, window_start = 0, time.time(), step
 
         stop_here = stop.item() or step == cfg.train.stop_at_step
         if step % cfg.train.checkpoint_every == 0 or step == steps or stop_here:
-            save(step)
+            if sentry is None or sentry.may_checkpoint(step) or (step == steps and verdict.reason is None):
+                save(step)
+            else:
+                log.warning("step %d: no checkpoint, an unhealthy step is within train.guard.bad_window=%d steps",
+                            step, cfg.train.guard.bad_window)
         if stop.item() and step < steps:
             preempt.requested = True
-            log.warning("stop requested (SIGTERM or %s/%s): checkpoint saved at step %d; rerun the same command to resume",
-                        run.url, rundir.STOP, step)
+            log.warning("stop requested (SIGTERM or %s/%s) at step %d, checkpoint %s; rerun the same command to resume",
+                        run.url, rundir.STOP, step, ckpts.latest())
             break
         if stop_here and step < steps:
             log.info("stopping at step %d (train.stop_at_step); rerun the same command to resume", step)
@@ -283,7 +324,51 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         monitor.finish()
     summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested),
                "samples_seen": samples_seen, "run_id": tracker.run_id if tracker else None}
+    if sentry is not None:
+        summary["guard"] = {"skipped_steps": sentry.skipped, "rollbacks": sentry.events, "diverged": diverged}
     return summary, engine
+
+
+# ---------------------------------------------------------------- the divergence guard (pipeline.guard)
+
+def _skip_batches(stream: TrainStream, upto: int) -> None:
+    """Consume the stream's batches until it has delivered ``upto`` (its position is per rank)."""
+    while stream.batches < upto:
+        next(stream)
+
+
+def _roll_back(sentry: guard.Guard, trouble: guard.Trouble, ckpts: checkpoint.CheckpointManager, stream: TrainStream,
+               step: int, train_cfg: DictConfig, accum: int, tracker: Tracker | None) -> tuple[dict, dict | None]:
+    """Back to the newest checkpoint before the trouble, past the data since then (every rank);
+    ``(its meta, None)``, or ``({}, why)`` when there is no such checkpoint or the rollbacks ran out."""
+    g = train_cfg.guard
+    complete = [rundir.step_of(t) for t in ckpts.run.checkpoints.complete_tags()]
+    to = guard.target(complete, trouble)
+    reasons = ", ".join(sorted({r for s, r in sentry.bad}))
+    if to is None or len(sentry.events) >= g.max_rollbacks:
+        why = "no checkpoint before it" if to is None else f"after {len(sentry.events)} rollbacks (train.guard.max_rollbacks)"
+        diverged = {"steps": trouble.steps, "reasons": reasons, "resume_from": ckpts.latest(), "why": why}
+        if tracker is not None:
+            guard.write_record(ckpts.run, sentry.events, diverged)
+            log.error("%s", guard.diverged_message(diverged, ckpts.run.checkpoints.url))
+        return {}, diverged
+    event = {"at_step": step, "first_bad": trouble.first, "bad_steps": trouble.steps, "reasons": reasons, "to_step": to,
+             "batches": stream.batches + g.skip_extra_steps * accum,
+             "samples_skipped": (step - to + g.skip_extra_steps) * train_cfg.global_batch_size}
+    sentry.events.append(event)
+    if tracker is not None:  # rank 0: the decision is recorded before it is carried out
+        guard.write_record(ckpts.run, sentry.events)
+        tracker.log_metrics({"guard/rollback_to_step": to, "guard/samples_skipped": event["samples_skipped"]}, step)
+        tracker.set_tags({f"guard.rollback.{len(sentry.events)}": guard.describe(event)})
+        log.warning("rollback %d of at most %d: %s", len(sentry.events), g.max_rollbacks, guard.describe(event))
+    if g.fault.exit_after_rollback:  # TESTS ONLY: a kill between the decision and the next checkpoint
+        dist.barrier()
+        os._exit(Exit.FAILED)
+    _skip_batches(stream, event["batches"])
+    skipped = sentry.skipped
+    meta = ckpts.rollback(rundir.tag_for(to))
+    sentry.skipped = skipped  # a count of this process's skips, not part of the decisions
+    return meta, None
 
 
 # ---------------------------------------------------------------- recovery (see pipeline/run.py)
@@ -345,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
     dist.barrier()
     dist.destroy_process_group()
+    if (summary.get("guard") or {}).get("diverged"):
+        return Exit.DIVERGED
     return Exit.STOPPED if summary["preempted"] and summary["step"] < summary["total_steps"] else Exit.OK
 
 

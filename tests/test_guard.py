@@ -1,0 +1,251 @@
+"""The divergence guard (pipeline.guard) on its own, then on real DeepSpeed CPU ranks.
+
+Faults come from ``train.guard.fault`` (a test-only setting: rank 0's loss of chosen batches of
+its data stream made NaN), so a rollback's data skip moves past them as past bad data:
+
+- one non-finite step: its update is skipped, training goes on, no checkpoint while it is recent;
+- a sustained one (ZeRO-3, bf16): rolled back to the checkpoint before it, the batches since
+  then skipped (the same keys an untouched stream delivers next); a run killed right after the
+  decision resumes, skips the same batches and ends bit-identical to the uninterrupted one;
+- one that never ends: after ``max_rollbacks`` the run stops with ``Exit.DIVERGED``, through
+  ``launch/pretrain.sh`` (Ray; nothing after the fault published or evaluated) and through
+  ``launch/train_dist.sh`` (torchrun).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, free_port, write_shards
+from omegaconf import OmegaConf
+
+from pipeline import guard
+from pipeline.config import ConfigError, GuardConfig, load_config
+from pipeline.stop import Exit
+
+DEMO = ROOT / "configs" / "experiment" / "demo.yaml"
+
+
+def _cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(GuardConfig), kw)
+
+
+def _step(g: guard.Guard, step: int, loss: float, ds_skipped: bool = False) -> guard.Verdict:
+    return g.settle(g.judge(step, torch.tensor(loss), 1), ds_skipped)
+
+
+def test_spikes_are_judged_against_the_running_median_after_warmup_only():
+    g = guard.Guard(_cfg(spike_factor=2.0, spike_window=10), warmup_steps=5)
+    assert _step(g, 1, 100.0).reason is None  # in warm-up: no spike judged, but the loss is history
+    for s in range(2, 12):
+        assert _step(g, s, 1.0 + 0.1 * (s % 2)).reason is None
+    v = _step(g, 12, 2.3)
+    assert v.reason == guard.SPIKE and v.ratio == pytest.approx(2.3 / 1.05)
+    assert _step(g, 13, 2.0).reason is None  # 2.0 / median 1.05 < 2
+    assert _step(g, 14, float("inf")).reason == guard.NONFINITE
+    assert _step(g, 15, 1.0, ds_skipped=True).reason == guard.GRAD  # DeepSpeed found a non-finite gradient norm
+    assert g.skipped == 3 and g.metrics()["guard/max_loss_ratio"] == pytest.approx(2.3 / 1.05)
+
+
+def test_fp16_overflow_skips_are_the_loss_scaler_not_unhealthy_steps():
+    g = guard.Guard(_cfg(), warmup_steps=0, fp16=True)
+    assert _step(g, 1, 1.0, ds_skipped=True).reason is None and g.skipped == 0
+
+
+def test_trouble_needs_max_bad_steps_within_the_window_and_blocks_checkpoints_meanwhile():
+    g = guard.Guard(_cfg(max_bad=3, bad_window=5), warmup_steps=0)
+    nan = float("nan")
+    assert g.trouble(_step(g, 1, nan)) is None
+    assert not g.may_checkpoint(5) and g.may_checkpoint(6)
+    _step(g, 2, 1.0)
+    assert g.trouble(_step(g, 4, nan)) is None
+    assert g.trouble(_step(g, 7, nan)) is None  # step 1 has left the window (7 - 5)
+    t = g.trouble(_step(g, 8, nan))
+    assert t == guard.Trouble(4, 8, [4, 7, 8])
+    assert guard.target([0, 3, 4, 6], t) == 3 and guard.target([4, 8], t) is None
+    sudden = guard.Guard(_cfg(rollback_on_nonfinite=True), warmup_steps=0)
+    assert sudden.trouble(_step(sudden, 1, nan)) == guard.Trouble(1, 1, [1])
+
+
+def test_state_round_trips_and_a_resume_replays_only_the_rollbacks_its_checkpoint_missed():
+    g = guard.Guard(_cfg(spike_window=4), warmup_steps=0)
+    for s, loss in enumerate([1.0, 2.0, float("nan"), 3.0, 4.0, 5.0], 1):
+        _step(g, s, loss)
+    other = guard.Guard(_cfg(spike_window=4), warmup_steps=0)
+    other.load_state_dict(json.loads(json.dumps(g.state_dict())))
+    assert other.state_dict() == g.state_dict() and list(other.history) == [2.0, 3.0, 4.0, 5.0]
+    events = [{"to_step": 4, "batches": 10}, {"to_step": 8, "batches": 30}, {"to_step": 8, "batches": 40}]
+    assert guard.pending_skip(events, seen=1, step=8) == events[2]
+    assert guard.pending_skip(events, seen=3, step=8) is None  # saved after all three
+    assert guard.pending_skip(events, seen=0, step=12) is None
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.guard.spike_factor=1", "train.guard.spike_factor"),
+    ("train.guard.max_bad=30", "train.guard.max_bad"),
+    ("train.guard.fault.kind=nan", "train.guard.fault.start"),
+    ("train.precision=fp32", "train.guard.enabled"),  # with deepspeed.zero_stage=0 below
+])
+def test_bad_guard_settings_fail_before_anything_starts_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(str(DEMO), [override, "deepspeed.zero_stage=0"] if "fp32" in override else [override])
+
+
+# ---------------------------------------------------------------- on real DeepSpeed ranks
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_shards(tmp_path_factory.mktemp("guard_shards"), num_classes=4, per_shard=[40, 40, 40])
+
+
+def _env() -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _overrides(out: Path, shards: str, *extra: str) -> list[str]:
+    """12 steps of a tiny ViT, 2 micro-batches a rank a step, a checkpoint every 4."""
+    return [f"data.train={shards}", f"output_dir={out}", "model.name=vit_tiny_test", "model.num_classes=0", "train.steps=12",
+            "train.global_batch_size=16", "data.micro_batch_size=4", "optim.warmup_steps=2", "optim.lr=3e-3",
+            "train.log_every=1", "train.checkpoint_every=4", "data.num_workers=1", "tracking.system_metrics=false",
+            "data.crop_min_area=0.8", "eval.enabled=false", "demo.enabled=false", "prep=[]", "train.log_sample_keys=true",
+            *extra]
+
+
+def _torchrun(out: Path, shards: str, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "pipeline.train", str(DEMO), *_overrides(out, shards, *extra)]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=230)
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _summary(proc) -> dict:
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"step"')))
+
+
+def _tags(out: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*/COMPLETE"))
+
+
+def _keys(out: Path, rank: int = 0) -> list[dict]:
+    return [json.loads(line) for line in (out / f"sample_keys_rank{rank}.jsonl").read_text().splitlines()]
+
+
+def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    from pipeline.checkpoint import load_fp32_weights
+
+    return load_fp32_weights(str(out / "checkpoints"), f"step_{step:08d}")
+
+
+@pytest.mark.timeout(260)
+def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, shards):
+    out = tmp_path / "run"
+    proc = _torchrun(out, shards, "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=14")
+    s = _summary(proc)
+    assert s["step"] == 12 and math.isfinite(s["loss"])
+    assert s["guard"] == {"skipped_steps": 1, "rollbacks": [], "diverged": None}
+    assert "step 7 unhealthy (non-finite loss" in proc.stderr
+    # step 8's checkpoint falls within bad_window (20) of step 7; the healthy last step is saved
+    assert _tags(out) == [0, 4, 12]
+    weights = _weights(out, 12)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.timeout(600)
+def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_after_a_kill(tmp_path, shards):
+    fault = ["deepspeed.zero_stage=3", "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=18"]
+    whole = tmp_path / "whole"
+    s = _summary(_torchrun(whole, shards, *fault))
+    (event,) = s["guard"]["rollbacks"]
+    # batches 13-17 of rank 0 are steps 7-9 (2 a step): three unhealthy steps, back to step 4,
+    # the 5 steps since skipped (80 samples); the stream goes on at batch 19
+    assert event == {"at_step": 9, "first_bad": 7, "bad_steps": [7, 8, 9], "reasons": "non-finite loss", "to_step": 4,
+                     "batches": 18, "samples_skipped": 80}
+    assert s["step"] == 12 and s["guard"]["diverged"] is None and math.isfinite(s["loss"])
+    assert _tags(whole) == [0, 4, 8, 12]
+    for rank in (0, 1):
+        lines = _keys(whole, rank)
+        assert [r["step"] for r in lines] == [s for s in range(9) for _ in (0, 1)] + [s for s in range(4, 12) for _ in (0, 1)]
+        assert [r["keys"] for r in lines[18:]] == [r["keys"] for r in _untouched_stream(shards, rank, 18, 34)]
+
+    killed = tmp_path / "killed"
+    proc = _torchrun(killed, shards, *fault, "train.guard.fault.exit_after_rollback=true", expect=1)
+    assert guard.read_record(_rundir(killed))["rollbacks"] == [event] and _tags(killed) == [0, 4], proc.stderr[-3000:]
+    again = _torchrun(killed, shards, *fault)
+    assert "replaying a rollback this checkpoint did not see: steps 7-9" in again.stderr
+    assert _summary(again)["loss"] == s["loss"]
+    # (the killed attempt's key log died in its buffer; the resumed one logs the steps it trained)
+    assert [(r["step"], r["keys"]) for r in _keys(killed)[-16:]] == [(r["step"], r["keys"]) for r in _keys(whole)[18:]]
+    a, b = _weights(whole, 12), _weights(killed, 12)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rundir(out: Path):
+    from pipeline.rundir import RunDir
+
+    return RunDir(str(out))
+
+
+def _untouched_stream(shards: str, rank: int, start: int, end: int) -> list[dict]:
+    """Batches ``start`` to ``end - 1`` (from 0) of a rank's stream as training reads it, never trained on."""
+    from pipeline.data import StreamSpec, TrainStream
+
+    spec = StreamSpec(index_url=shards, rank=rank, world_size=2, num_workers=1, batch_size=4, image_size=32, num_classes=4,
+                      seed=0, shuffle_block=2048, crop_area=(0.8, 1.0), flip=False)
+    stream = TrainStream(spec)
+    batches = [next(stream) for _ in range(end)]
+    return batches[start:]
+
+
+@pytest.mark.timeout(330)
+def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status(tmp_path, shards):
+    out = tmp_path / "run"
+    never_ends = ["train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=1000",
+                  "train.guard.max_rollbacks=1", "eval.enabled=true", "eval.fewshot.0.shots=[1]", "eval.fewshot.0.seeds=1",
+                  "eval.poll_seconds=0.5", "demo.enabled=true", "demo.classes=4", "demo.per_class=8", "ray.num_workers=2",
+                  "prep.0.shard_size=64", f"ray.storage_path={tmp_path / 'runs'}", "name=diverges"]
+    # the demo's digits evaluation, with the tiny shards above as the training set
+    overrides = [o for o in _overrides(out, shards, *never_ends) if o != "prep=[]"]
+    env = {**_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run([str(ROOT / "launch" / "pretrain.sh"), str(DEMO), *overrides], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == Exit.DIVERGED, text[-6000:]
+    run_dir = tmp_path / "runs" / "diverges"
+    assert "diverged: unhealthy steps [5, 6, 7] (non-finite loss), after 1 rollbacks (train.guard.max_rollbacks)" in text
+    assert f"resumes from {run_dir}/checkpoints/step_00000004" in text
+    assert "guard rollback      : steps 7-9 (non-finite loss) rolled back to step 4, 80 samples skipped" in text
+    assert _tags(run_dir) == [0, 4]  # nothing after the fault was published...
+    evaluated = sorted(p.parent.name for p in (run_dir / "evals").glob("*/*.json"))
+    assert evaluated and set(evaluated) <= {"step_00000000", "step_00000004"}  # ...or evaluated
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["guard"]["diverged"]["resume_from"] == "step_00000004" and len(summary["guard"]["rollbacks"]) == 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["guard.rollback.1"].startswith("steps 7-9 (non-finite loss) rolled back to step 4")
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "guard/rollback_to_step")] == [4.0]
+
+
+@pytest.mark.timeout(260)
+def test_train_dist_exits_with_the_divergence_status_that_torchrun_hides(tmp_path, shards):
+    out = tmp_path / "run"
+    cmd = [str(ROOT / "launch" / "train_dist.sh"), "--nproc", "2", str(DEMO),
+           *_overrides(out, shards, "deepspeed.zero_stage=3", "train.guard.fault.kind=nan", "train.guard.fault.start=13",
+                       "train.guard.fault.end=1000", "train.guard.max_rollbacks=0")]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == Exit.DIVERGED, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "diverged: unhealthy steps [7, 8, 9] (non-finite loss), after 0 rollbacks" in proc.stderr
+    assert _tags(out) == [0, 4]
