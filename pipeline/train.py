@@ -303,16 +303,18 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             window_n, t0, window_start = 0, time.time(), step
 
         stop_here = stop.item() or step == cfg.train.stop_at_step
+        saved = False
         if step % cfg.train.checkpoint_every == 0 or step == steps or stop_here:
             if sentry is None or sentry.may_checkpoint(step) or (step == steps and verdict.reason is None):
                 save(step)
+                saved = True
             else:
                 log.warning("step %d: no checkpoint, an unhealthy step is within train.guard.bad_window=%d steps",
                             step, cfg.train.guard.bad_window)
         if stop.item() and step < steps:
             preempt.requested = True
-            log.warning("stop requested (SIGTERM or %s/%s) at step %d, checkpoint %s; rerun the same command to resume",
-                        run.url, rundir.STOP, step, ckpts.latest())
+            log.warning("stop requested (SIGTERM or %s/%s): %s; rerun the same command to resume", run.url, rundir.STOP,
+                        f"checkpoint saved at step {step}" if saved else f"no checkpoint (unhealthy), the last is {ckpts.latest()}")
             break
         if stop_here and step < steps:
             log.info("stopping at step %d (train.stop_at_step); rerun the same command to resume", step)
