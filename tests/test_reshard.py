@@ -88,3 +88,33 @@ def test_a_rerun_back_on_more_ranks_resumes_with_identical_state_and_finishes_on
     _conversion_line((root / "back" / "log_Z1.txt").read_text(), TAG6, 1, 2)
     assert back["summary"]["run_id"] == one["summary"]["run_id"]
     assert [s for s, _ in back["loss_history"]] == list(range(1, 9)), "one loss point per step across both resizes"
+
+
+def _tag(ckpt_dir, tag: str, world_size: int | None, universal: bool = False):
+    import json
+
+    tag_dir = ckpt_dir / tag
+    (tag_dir / "zero" if universal else tag_dir).mkdir(parents=True)
+    (tag_dir / "meta.json").write_text(json.dumps({"step": 4, "files": {}, **({"world_size": world_size} if world_size else {})}))
+    (tag_dir / "COMPLETE").write_text("")
+    return tag_dir
+
+
+@pytest.mark.timeout(60)
+def test_a_complete_conversion_is_reused_and_a_checkpoint_of_this_world_size_is_loaded_as_it_is(tmp_path, caplog):
+    from pipeline import checkpoint
+    from pipeline.rundir import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    staging = checkpoint.staging_dir(str(tmp_path / "run"))
+    _tag(tmp_path / "run" / "checkpoints", TAG4, world_size=2)
+    converted = _tag(tmp_path / "run" / "checkpoints" / checkpoint.UNIVERSAL, TAG4, world_size=2, universal=True)
+    with caplog.at_level("INFO", logger="pipeline.checkpoint"):
+        assert checkpoint.CheckpointManager(run, staging).prepare() == (str(converted.parent), TAG4)
+    assert "its universal conversion" in caplog.text and "is reused" in caplog.text
+    assert run.checkpoints.complete_tags() == [TAG4], "the conversion is not one of the run's tags"
+
+    _tag(tmp_path / "run" / "checkpoints", TAG6, world_size=1)
+    assert checkpoint.CheckpointManager(run, staging).prepare() == (staging, TAG6), "saved at this world size (1)"
+    _tag(tmp_path / "run" / "checkpoints", "step_00000008", world_size=None)
+    assert checkpoint.CheckpointManager(run, staging).prepare() == (staging, "step_00000008"), "no world size recorded"
