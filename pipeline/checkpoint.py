@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 EMA_FILE = "ema.safetensors"
 META_FILE = "meta.json"  # also the manifest: the one file it cannot cover is itself (plain JSON, checked on read)
 CONFIG_FILE = "config.yaml"
+UNIVERSAL = "universal"  # a host's conversions for another world size, under its staging dir
 VARIANTS = ("raw", "ema")  # the weights of a checkpoint an evaluator can read
 _HASH_CHUNK = 8 << 20
 
@@ -74,6 +76,12 @@ def latest_tag(ckpt_dir: str | os.PathLike) -> str | None:
 def staging_dir(output_dir: str) -> str:
     """This host's staging dir: DeepSpeed writes and reads checkpoint files here."""
     return str(Path(output_dir) / CHECKPOINTS)  # the run dir's layout, so a local run dir is its own staging dir
+
+
+def universal_dir(staging: str) -> str:
+    """Where a host keeps its universal conversions (``<staging>/universal/<tag>``): not a tag
+    name, so the run's listing, publishing and pruning never see them."""
+    return str(Path(staging) / UNIVERSAL)
 
 
 def is_universal(tag_dir: str | os.PathLike) -> bool:
@@ -139,14 +147,16 @@ def _gather(obj) -> list:
     return out
 
 
-def manifest(tag_dir: str | os.PathLike) -> dict[str, dict]:
+def manifest(tag_dir: str | os.PathLike, collective: bool = True) -> dict[str, dict]:
     """``{file: {"size", "sha256"}}`` of every payload file of a tag, over all hosts (a
-    collective when distributed: each rank hashes its share of its host's files)."""
+    collective when distributed: each rank hashes its share of its host's files); with
+    ``collective=False`` this process hashes every file of its local copy alone."""
     tag_dir = Path(tag_dir)
+    names = _payload(tag_dir)
     mine = {name: {"size": (tag_dir / name).stat().st_size, "sha256": sha256_file(tag_dir / name)}
-            for name in _my_share(_payload(tag_dir))}
+            for name in (_my_share(names) if collective else names)}
     merged: dict[str, dict] = {}
-    for part in _gather(mine):
+    for part in (_gather(mine) if collective else [mine]):
         for name, entry in part.items():
             merged.setdefault(name, entry)  # the lowest rank's copy, as publish's order has it
     return dict(sorted(merged.items()))
@@ -397,6 +407,8 @@ def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
     meta = read_meta(src)
     check_files(src)
     dst = Path(out_dir) / tag
+    if dst.exists():  # an interrupted conversion: its marker was never written
+        shutil.rmtree(dst)
     subprocess.run(
         [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src), "--output_folder", str(dst),
          "--num_extract_workers", "1", "--num_merge_workers", "1"],
@@ -406,7 +418,7 @@ def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
     # the next pass starts (see ``load``).
     for path in [src / CONFIG_FILE, *_listed_rank_files(src, meta), *src.glob(EMA_FILE)]:
         shutil.copy2(path, dst / path.name)
-    _write_atomic(dst / META_FILE, json.dumps({**meta, "files": manifest(dst)}, indent=2))
+    _write_atomic(dst / META_FILE, json.dumps({**meta, "files": manifest(dst, collective=False)}, indent=2))
     _write_atomic(dst / MARKER, "")
     return str(dst)
 
@@ -431,6 +443,7 @@ class CheckpointManager:
     def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0):
         self.run, self.staging, self.resume_from, self.keep = run, staging, resume_from, keep
         self.engine = self.ema = self.stream = self.guard = None
+        self.source: tuple[str, str] | None = None  # what prepare() found; resume() loads it
 
     @property
     def shared(self) -> bool:
@@ -451,19 +464,48 @@ class CheckpointManager:
 
     def prepare(self) -> tuple[str, str] | None:
         """Bring the tag to resume from onto this host (each host's local rank 0 fetches; all
-        wait) and return it as ``(local dir, tag)``, or None for a fresh start. Call before the
-        engine is built: a universal source changes its config (:func:`is_universal`)."""
+        wait) and return it as ``(local dir, tag)``, or None for a fresh start. A checkpoint
+        saved at another world size comes back converted to the universal format (see
+        :meth:`_reshard`). Call before the engine is built: a universal source changes its
+        config (:func:`is_universal`)."""
         fetch_resume_checkpoint(self.staging, self.run, self.resume_from)
-        return resume_source(self.staging, self.run, self.resume_from)
+        self.source = resume_source(self.staging, self.run, self.resume_from)
+        if self.source is not None:
+            self.source = self._reshard(*self.source)
+        return self.source
+
+    def _reshard(self, ckpt_dir: str, tag: str) -> tuple[str, str]:
+        """``(ckpt_dir, tag)`` itself when it loads at this world size, else its universal
+        conversion in this host's :func:`universal_dir`: each host's local rank 0 converts
+        (every host has the whole tag after the fetch) unless a complete one is there; all wait."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        saved = read_meta(Path(ckpt_dir) / tag).get("world_size")
+        if is_universal(Path(ckpt_dir) / tag) or saved in (None, world):
+            return ckpt_dir, tag
+        out = universal_dir(self.staging)
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            if (Path(out) / tag / MARKER).is_file():
+                log.warning("checkpoint %s saved at world size %s, resuming at %d: its universal conversion "
+                            "%s/%s is reused", tag, saved, world, out, tag)
+            else:
+                for old in Path(out).glob("*"):  # conversions of older tags are of no further use
+                    if old.name != tag and old.is_dir():
+                        shutil.rmtree(old, ignore_errors=True)
+                t0 = time.perf_counter()
+                to_universal(ckpt_dir, tag, out)
+                log.warning("checkpoint %s saved at world size %s, resuming at %d: converted to universal in "
+                            "%s/%s (%.1f s)", tag, saved, world, out, tag, time.perf_counter() - t0)
+        if dist.is_initialized():
+            dist.barrier()
+        return out, tag
 
     def resume(self) -> tuple[dict, dict | None]:
         """Load the engine, EMA and RNG states from the source :meth:`prepare` found; returns
         ``(meta, data-stream state)``, ``({}, None)`` for a fresh start."""
-        src = resume_source(self.staging, self.run, self.resume_from)
-        if src is None:
+        if self.source is None:
             return {}, None
-        meta, rank_state = self._load(*src)
-        log.info("resumed from %s/%s at step %d", *src, self.engine.global_steps)
+        meta, rank_state = self._load(*self.source)
+        log.info("resumed from %s/%s at step %d", *self.source, self.engine.global_steps)
         return meta, (rank_state or {}).get("data")
 
     def rollback(self, tag: str) -> dict:

@@ -28,7 +28,8 @@ AUGREG = {"deepspeed.zero_stage": 3, "model.grad_checkpointing": True, "model.dr
 
 
 def run_phases(nproc: int, phases: list[dict], workdir: Path, timeout: int = 400) -> dict:
-    """Run ``phases`` in one torchrun invocation of ``nproc`` ranks; returns rank 0's findings."""
+    """Run ``phases`` in one torchrun invocation of ``nproc`` ranks; returns rank 0's findings
+    (its output is kept in ``workdir/log_<first phase>.txt``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     plan, result = workdir / f"plan_{phases[0]['name']}.json", workdir / f"result_{phases[0]['name']}.json"
     plan.write_text(json.dumps({"phases": phases}))
@@ -36,6 +37,7 @@ def run_phases(nproc: int, phases: list[dict], workdir: Path, timeout: int = 400
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(WORKER), str(plan), str(result)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    (workdir / f"log_{phases[0]['name']}.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(result.read_text())
 

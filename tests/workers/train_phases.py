@@ -14,6 +14,10 @@ others when runs are compared across processes. Optional keys of a phase:
   phase's config, load ``train.resume_from`` into it and compare its fp32 master weights
   and module weights with ``checkpoint.load_fp32_weights(ckpt_dir, tag)``.
 * ``"save_fp32": "path"``: after training, rank 0 saves the engine's fp32 master weights there.
+* ``"save_saved": "path"``: after each ``CheckpointManager.save`` inside ``_train``, rank 0
+  saves the engine's :func:`full_state` there (the last checkpoint's state wins).
+* ``"save_resumed": "path"``: right after ``CheckpointManager.resume`` loads a checkpoint
+  inside ``_train``, rank 0 saves the engine's :func:`full_state` there.
 
 Every phase records the config dicts passed to ``deepspeed.initialize``, the precision
 settings the engine parsed from them, the summary, and (rank 0) the MLflow ``train/loss``
@@ -30,7 +34,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoint
@@ -41,6 +45,7 @@ from pipeline.tracking import tracking_uri
 from pipeline.train import _train, build_engine, total_steps
 
 SEEN: dict = {}  # what the current phase handed to DeepSpeed and what DeepSpeed made of it
+DUMP: dict = {}  # where the current phase wants the engine's state after a resume or a save
 
 
 def _spy_initialize(real):
@@ -65,13 +70,45 @@ def _spy_sanity_check(real):
     return check
 
 
+def _spy_state(real, key: str):
+    """Wrap a CheckpointManager method: afterwards, dump the tracked state where the phase says."""
+    def method(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if DUMP.get(key) and self.engine.global_steps > 0:  # Adam has no moments before its first step
+            state = full_state(self.engine, self.ema)
+            if dist.get_rank() == 0:
+                torch.save(state, DUMP[key])
+        return out
+
+    return method
+
+
 deepspeed.initialize = _spy_initialize(deepspeed.initialize)
+checkpoint.CheckpointManager.resume = _spy_state(checkpoint.CheckpointManager.resume, "save_resumed")
+checkpoint.CheckpointManager.save = _spy_state(checkpoint.CheckpointManager.save, "save_saved")
 DeepSpeedEngine._do_sanity_check = _spy_sanity_check(DeepSpeedEngine._do_sanity_check)
 
 
 def full_fp32(engine) -> dict[str, torch.Tensor]:
     """The optimizer's fp32 master weights, whole, on every rank (a collective under ZeRO-3)."""
     return {k: safe_get_full_fp32_param(p).detach().float().cpu().clone() for k, p in engine.module.named_parameters()}
+
+
+def full_state(engine, ema=None) -> dict[str, dict[str, torch.Tensor]]:
+    """The whole fp32 master weights, both Adam moments and the EMA weights (a collective)."""
+    params = dict(engine.module.named_parameters())
+    # ZeRO-1/2 link a parameter to its optimizer state once, at the first step after the engine
+    # is built or loaded (or earlier, to an empty state): link it again to the state there is now
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+    state = {"fp32": full_fp32(engine)}
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key] = {k: safe_get_full_optimizer_state(p, key).detach().float().cpu().clone() for k, p in params.items()}
+    if ema is not None:
+        state["ema"] = {k: v.detach().float().cpu().clone() for k, v in ema.full_state_dict().items()}
+    state["step"] = {"global_steps": torch.tensor(engine.global_steps)}
+    return state
 
 
 def full_module(engine) -> dict[str, torch.Tensor]:
@@ -110,6 +147,7 @@ def offload_device(offload_config) -> str | None:
 
 def run_phase(phase: dict) -> dict:
     SEEN.clear()
+    DUMP.update(save_resumed=phase.get("save_resumed"), save_saved=phase.get("save_saved"))
     cfg = load_config(None, phase["overrides"])
     out: dict = {}
     if "check_load" in phase:
