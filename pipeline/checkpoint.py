@@ -294,6 +294,8 @@ def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
     tag_dir = Path(ckpt_dir) / tag
     meta = read_meta(tag_dir)
     check_files(tag_dir, collective=True)
+    # per source, not per engine: a rollback after a universal resume loads a plain tag
+    engine._config.load_universal_checkpoint = is_universal(tag_dir)
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
@@ -516,7 +518,7 @@ class CheckpointManager:
                 self.run.checkpoints.fetch(tag, self.staging)  # a complete local copy is kept as it is
             if dist.is_initialized():
                 dist.barrier()
-        meta, _ = self._load(self.staging, tag)
+        meta, _ = self._load(*self._reshard(self.staging, tag))  # saved before a resize: converted
         log.info("rolled back to %s/%s", self.run.checkpoints.url, tag)
         return meta
 
