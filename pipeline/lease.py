@@ -46,6 +46,8 @@ import fsspec
 
 log = logging.getLogger(__name__)
 
+LEASE_TOKEN = "PIPELINE_LEASE_TOKEN"  # the run owner's token, in the environment of its training ranks
+
 
 @dataclass
 class Owner:
@@ -86,6 +88,10 @@ class LeaseHeld(Exception):
     def __init__(self, url: str, owner: Owner):
         super().__init__(f"{url} is held by {owner.describe()}")
         self.url, self.owner = url, owner
+
+
+class LeaseLost(Exception):
+    """This holder's lease was taken over (it had expired): stop without writing."""
 
 
 class Lease:
@@ -234,7 +240,7 @@ class Fence:
     def __init__(self, url: str, token: str, every_s: float):
         self.url, self.token, self.every_s = url, token, every_s
         self.store = store_for(url)
-        self._checked, self._lost = time.monotonic(), False
+        self._checked, self._lost = -every_s, False  # the first call reads
 
     def lost(self, now: bool = False) -> bool:
         if not self._lost and (now or time.monotonic() - self._checked >= self.every_s):

@@ -12,6 +12,8 @@ Layout::
     <run>/checkpoints/step_00000100/COMPLETE   written last: a tag without it does not exist
     <run>/evals/step_00000100/<eval>.json      one evaluator's result on that checkpoint, written once
     <run>/evals/step_00000100/<eval>.mlflow    the MLflow child run that shows it (once it does)
+    <run>/evals/claims/<tag>__<eval>           who is evaluating it now (a lease, pipeline.lease)
+    <run>/LEASE                                the driver that owns the run (pipeline.lease)
     <run>/STOP                                 a graceful-stop request (workers checkpoint and exit)
     <run>/mlflow_run_id                        the MLflow run of this run (a rerun continues it)
     <run>/config.yaml, <run>/summary.json      the resolved config; the last summary
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STOP = "STOP"
+LEASE = "LEASE"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -195,6 +198,14 @@ class RunDir:
                 return f.read()
         except FileNotFoundError:
             return None
+
+    # -- ownership (pipeline.lease)
+    @property
+    def lease_url(self) -> str:
+        return f"{self.url}/{LEASE}"
+
+    def claim_url(self, tag: str, name: str) -> str:
+        return f"{self.url}/evals/claims/{tag}__{name}"
 
     # -- stop requests
     def request_stop(self, reason: str) -> None:

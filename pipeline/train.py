@@ -35,6 +35,7 @@ from pipeline.engine import (
     micro_step,
     warmup_decay,
 )
+from pipeline.lease import LEASE_TOKEN, Fence
 from pipeline.model import flops_per_image, from_config
 from pipeline.stop import Exit, StopRequest
 from pipeline.tracking import SystemMetrics, Tracker, tracking_uri
@@ -142,12 +143,16 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     return initialize(model, optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr, config)
 
 
+LOST = 2.0  # the ranks' stop code when the run's lease is another's (1.0: a stop request)
+
+
 def train(cfg: DictConfig, on_checkpoint=None) -> dict:
     """Train to ``total_steps``, resuming from the run's latest complete checkpoint if any.
 
     ``on_checkpoint(metrics)`` is called on every rank after each complete checkpoint
     (``step``, ``tag``, ``loss``, ``total_steps``; Ray Train reports them). Returns a summary
-    (final step, loss, images/s) on every rank.
+    (final step, loss, images/s; ``lost`` when the ranks stopped, writing nothing, because the
+    run's lease ($PIPELINE_LEASE_TOKEN, ``pipeline.lease``) names another owner) on every rank.
     """
     return _train(cfg, on_checkpoint)[0]
 
@@ -215,6 +220,10 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         if on_checkpoint is not None:
             on_checkpoint({"step": at_step, "tag": t, "loss": last_loss, "total_steps": steps})
 
+    # The driver owns the run (its lease); rank 0 checks that it still does, so that ranks whose
+    # driver lost the run to another launch stop before they write anything more.
+    fence = Fence(run.lease_url, os.environ[LEASE_TOKEN], cfg.lease.heartbeat_s) if rank == 0 and os.environ.get(LEASE_TOKEN) else None
+    lost = False
     last_loss = float("nan")
     # The run dir decides, as every rank sees the same one: a host's scratch dir may hold an
     # earlier run's tags (same output_dir), and ranks that disagreed would hang in save().
@@ -237,8 +246,15 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             ema.step(step)
         samples_seen += cfg.train.global_batch_size
         window_n += 1
-        stop = torch.tensor(float(preempt.requested or (rank == 0 and run.stop_requested())), device=device)
+        save_due = step % cfg.train.checkpoint_every == 0 or step == steps or step == cfg.train.stop_at_step
+        lost_here = fence is not None and fence.lost(now=save_due or preempt.requested)
+        stop = torch.tensor(LOST if lost_here else float(preempt.requested or (rank == 0 and run.stop_requested())), device=device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() == LOST:
+            lost = True
+            log.error("the run dir's lease names another owner (%s/%s): stopping at step %d with no checkpoint or metric",
+                      run.url, rundir.LEASE, step)
+            break
 
         if step % cfg.train.log_every == 0 or step == steps:
             dist.all_reduce(window_loss)
@@ -266,7 +282,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             window_n, t0, window_start = 0, time.time(), step
 
         stop_here = stop.item() or step == cfg.train.stop_at_step
-        if step % cfg.train.checkpoint_every == 0 or step == steps or stop_here:
+        if save_due or stop_here:
             save(step)
         if stop.item() and step < steps:
             preempt.requested = True
@@ -281,7 +297,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         keys_file.close()
     if monitor:
         monitor.finish()
-    summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested),
+    summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested), "lost": lost,
                "samples_seen": samples_seen, "run_id": tracker.run_id if tracker else None}
     return summary, engine
 

@@ -95,7 +95,7 @@ class Watcher:
             else:
                 self._run_inline(tag)
         self._collect(timeout=0)
-        self.unshown = publish_pending(self.run, self.uri, self.run_id) if self.uri and self.run_id else []
+        self.unshown = publish_pending(self.run, self.uri, self.run_id, self.eval_cfg.claims) if self.uri and self.run_id else []
 
     def _run_inline(self, tag: str) -> None:
         try:
@@ -128,6 +128,13 @@ class Watcher:
 
         self._thread = threading.Thread(target=loop, name="checkpoint-watcher", daemon=True)
         self._thread.start()
+
+    def abandon(self) -> None:
+        """Stop polling and write nothing more (the run has another owner now); tasks in flight
+        keep their claims until they end."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
 
     def finish(self) -> dict[str, dict]:
         """Stop polling, evaluate what is left, wait for every task, publish every record;
