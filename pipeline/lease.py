@@ -46,7 +46,8 @@ import fsspec
 
 log = logging.getLogger(__name__)
 
-LEASE_TOKEN = "PIPELINE_LEASE_TOKEN"  # the run owner's token, in the environment of its training ranks
+# The run owner's token, in the environment of its training ranks.
+LEASE_TOKEN = "PIPELINE_LEASE_TOKEN"
 
 
 @dataclass

@@ -114,13 +114,21 @@ def test_the_renewal_thread_keeps_a_lease_alive_past_its_expiry(lease_url):
 
 def _fabricated(url: str, expiry_s: float) -> Lease:
     """A lease taken by this test process, as another job's driver would hold it."""
-    lease = Lease(url, heartbeat_s=expiry_s / 4, expiry_s=expiry_s, job_id="raysubmit_other", cluster="10.0.0.9:6379")
+    lease = Lease(
+        url,
+        heartbeat_s=expiry_s / 4,
+        expiry_s=expiry_s,
+        job_id="raysubmit_other",
+        cluster="10.0.0.9:6379",
+    )
     lease.acquire()
     return lease
 
 
 @pytest.mark.timeout(120)
-def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ray_starts(tmp_path, capsys):
+def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ray_starts(
+    tmp_path, capsys
+):
     import ray
     from conftest import ROOT
     from test_recovery import TINY
@@ -130,13 +138,22 @@ def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ra
     out = tmp_path / "run"
     owner = _fabricated(str(out / "LEASE"), expiry_s=60)
     t0 = time.time()
-    assert main([str(ROOT / "configs" / "experiment" / "demo.yaml"), f"output_dir={out}", *TINY]) == 2
+    assert (
+        main([str(ROOT / "configs" / "experiment" / "demo.yaml"), f"output_dir={out}", *TINY]) == 2
+    )
     took = time.time() - t0
     err = capsys.readouterr().err
-    assert f"is owned by Ray job raysubmit_other of cluster 10.0.0.9:6379 on host {owner.me.host} (pid {owner.me.pid})" in err
+    assert (
+        f"is owned by Ray job raysubmit_other of cluster 10.0.0.9:6379 on host {owner.me.host} (pid {owner.me.pid})"
+        in err
+    )
     assert re.search(r"last heartbeat \d+s ago\. This launch does not train", err), err
     assert f"python -m pipeline.rundir stop {out}" in err
-    assert not ray.is_initialized() and not (out / "corpus").exists() and not (out / "mlflow_run_id").exists()
+    assert (
+        not ray.is_initialized()
+        and not (out / "corpus").exists()
+        and not (out / "mlflow_run_id").exists()
+    )
     assert owner.holds()  # untouched
     print(f"\nrefused in {took:.1f}s")
 
@@ -153,7 +170,9 @@ def jobs():
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_without_writing(tmp_path, jobs):
+def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_without_writing(
+    tmp_path, jobs
+):
     import os
     import signal
 
@@ -171,24 +190,34 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
 
     second = Job(*args)
     started.append(second)
-    t_took = second.wait_for(lambda: next((t for t, line in second.lines if "took over" in line), None), 120, "takeover")
-    t_step = second.wait_for(lambda: next((t for t, _ in second.steps()), None), 200, "a step of the new owner")
-    assert re.search(rf"took over {out} from a process on host \S+ \(pid {first.proc.pid}\)", second.text())
+    t_took = second.wait_for(
+        lambda: next((t for t, line in second.lines if "took over" in line), None), 120, "takeover"
+    )
+    t_step = second.wait_for(
+        lambda: next((t for t, _ in second.steps()), None), 200, "a step of the new owner"
+    )
+    assert re.search(
+        rf"took over {out} from a process on host \S+ \(pid {first.proc.pid}\)", second.text()
+    )
     assert second.wait(300) == 0, second.text()[-6000:]
     summary = (out / "summary.json").read_text()
     client, run_id = _mlflow(out)
     assert client.get_run(run_id).info.status == "FINISHED"
 
-    os.kill(first.proc.pid, signal.SIGCONT)  # the old owner comes back: it finds the lease another's
+    # The old owner comes back: it finds the lease another's.
+    os.kill(first.proc.pid, signal.SIGCONT)
     rc = first.wait(120)
     text = first.text()
-    print(f"\nowner stopped at {t_stop:.0f}; the next launch, started {4.5:.1f}s later, took over after "
-          f"{t_took - t_stop:.1f}s and logged its first step after {t_step - t_stop:.1f}s")
+    print(
+        f"\nowner stopped at {t_stop:.0f}; the next launch, started {4.5:.1f}s later, took over after "
+        f"{t_took - t_stop:.1f}s and logged its first step after {t_step - t_stop:.1f}s"
+    )
     assert rc == 5, text[-6000:]  # Exit.LOST
     assert "lease lost" in text and "stopped without writing" in text
     assert (out / "summary.json").read_text() == summary  # the new owner's, untouched
     assert _summary(out)["final_step"] == 60
-    run = _assert_one_run_with_steps(out, 60)  # every step once: the old ranks stopped without logging
+    # Every step once: the old ranks stopped without logging.
+    run = _assert_one_run_with_steps(out, 60)
     assert run.info.status == "FINISHED"
     assert not (out / "LEASE").exists()  # released by the new owner, not recreated by the old
 
@@ -197,7 +226,9 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
 
 
 @pytest.mark.timeout(60)
-def test_of_two_claimers_of_one_evaluation_one_wins_and_a_dead_claimers_claim_is_taken_over(lease_url):
+def test_of_two_claimers_of_one_evaluation_one_wins_and_a_dead_claimers_claim_is_taken_over(
+    lease_url,
+):
     from pipeline.config import LeaseConfig
     from pipeline.evaluate.record import claimed
     from pipeline.rundir import RunDir
@@ -209,7 +240,9 @@ def test_of_two_claimers_of_one_evaluation_one_wins_and_a_dead_claimers_claim_is
 
     def claim() -> set[str]:
         barrier.wait()
-        with claimed(run, "step_00000004", ["fewshot-digits", "fewshot-digits-ema"], claims) as mine:
+        with claimed(
+            run, "step_00000004", ["fewshot-digits", "fewshot-digits-ema"], claims
+        ) as mine:
             release.wait(5)  # held (and renewed) while the other tries
             return mine
 
@@ -218,8 +251,9 @@ def test_of_two_claimers_of_one_evaluation_one_wins_and_a_dead_claimers_claim_is
         time.sleep(1.0)  # past the expiry: renewals keep the winner's claims alive
         release.set()
         got = [f.result() for f in both]
-    assert sorted(map(len, got)) == [0, 2] or sorted(map(sorted, got)) == [["fewshot-digits"], ["fewshot-digits-ema"]]
-    assert not set.intersection(*got) and set.union(*got) == {"fewshot-digits", "fewshot-digits-ema"}  # each once
+    # Each evaluation claimed once, by one of the two.
+    assert not set.intersection(*got)
+    assert set.union(*got) == {"fewshot-digits", "fewshot-digits-ema"}
 
     dead = Lease(run.claim_url("step_00000008", "fewshot-digits"), heartbeat_s=0.1, expiry_s=0.5)
     dead.acquire()  # a claimer that never renews (its process died)
