@@ -213,6 +213,21 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
   return "$rc"
 }
 
+# A run whose live owner is a job of this cluster (a rerun after the submitting client died):
+# follow that job and exit with its status instead of submitting a second one, which the
+# run's lease would refuse. Ctrl-C leaves the job running (this script did not start it).
+attach() {
+  local owner state job code
+  owner=$(cd "$REPO" && "$PYTHON" -m pipeline.rundir owner "$RUN_DIR" 2> /dev/null) || return 0
+  read -r state job _ <<< "$owner"
+  [[ $state == live && $job != - ]] || return 0
+  "$RAY" job status --address "$DASHBOARD" "$job" > /dev/null 2>&1 || return 0
+  echo "run $NAME is owned by job $job of this cluster (${owner#* * }): following it (Ctrl-C leaves it running)"
+  run "$RAY" job logs --address "$DASHBOARD" --follow "$job" || true
+  code=$(cd "$REPO" && { cluster exit-code "$DASHBOARD" "$job" --run-dir "$RUN_DIR" 2> /dev/null || true; })
+  exit "${code:-$EXIT_FAILED}"
+}
+
 # --- teardown: only what this script started ------------------------------------------
 STARTED_PIDS=() STEP_PIDS=() RAY_TMP='' DRY_STOP=()
 cleanup() {
@@ -411,6 +426,7 @@ case $MODE in
       elif [[ $auth == token && ${RAY_AUTH_MODE:-} != disabled ]]; then
         die "$ADDRESS asks for a Ray auth token: put it in ~/.ray/auth_token or \$RAY_AUTH_TOKEN"
       fi
+      attach
     fi
     ;;
   slurm)

@@ -258,6 +258,12 @@ class Fence:
         return self._lost
 
 
+def owner_of(url: str) -> Owner | None:
+    """The holder the lease file at ``url`` names (None: no lease)."""
+    current = store_for(url).read()
+    return Owner.parse(current[0]) if current else None
+
+
 def job_identity() -> tuple[str | None, str | None]:
     """(Ray job submission id, cluster address) of this driver, when ``ray job submit`` started it.
 

@@ -322,7 +322,9 @@ USAGE = """usage: python -m pipeline.rundir COMMAND <run dir URL>
   stop <run> [reason]   ask a running job to stop gracefully (its workers checkpoint at the next
                         step boundary and it exits with pipeline.stop.Exit.STOPPED)
   clear-stop <run>      withdraw a stop request
-  latest <run>          print the URL of the run's newest complete checkpoint (nothing when none)"""
+  latest <run>          print the URL of the run's newest complete checkpoint (nothing when none)
+  owner <run>           print who owns the run (pipeline.lease): "live|expired <Ray job id or -> <owner>";
+                        exit status 1 when no one does"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] not in ("stop", "clear-stop", "latest"):
+    if len(argv) < 2 or argv[0] not in ("stop", "clear-stop", "latest", "owner"):
         print(USAGE, file=sys.stderr)
         return 2
     run = RunDir(argv[1])
@@ -339,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stop requested: {run.url}/{STOP}")
     elif argv[0] == "clear-stop":
         run.clear_stop()
+    elif argv[0] == "owner":
+        from pipeline.lease import owner_of
+
+        if (owner := owner_of(run.lease_url)) is None:
+            return 1
+        print(f"{'expired' if owner.expired() else 'live'} {owner.job_id or '-'} {owner.describe()}")
     elif (tag := run.checkpoints.latest()) is not None:
         print(run.checkpoints.tag_url(tag))
     return 0
