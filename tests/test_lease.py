@@ -277,3 +277,49 @@ def test_of_two_claimers_of_one_evaluation_one_wins_and_a_dead_claimers_claim_is
     time.sleep(0.7)
     with claimed(run, "step_00000008", ["fewshot-digits"], claims) as mine:
         assert mine == {"fewshot-digits"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_watchers_over_one_run_dir_evaluate_and_publish_each_checkpoint_once(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from test_tracking import MlflowServer, new_run
+    from test_watcher import child_runs, copy_tags, eval_cfg, make_checkpoints, write_digits_shards
+
+    from pipeline.evaluate.watch import Watcher
+    from pipeline.rundir import RunDir
+
+    digits = write_digits_shards(tmp_path / "digits")
+    ckpts = make_checkpoints(tmp_path / "pretrain", [0, 2])
+    srv = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        client = MlflowClient(srv.uri)
+        _, run_id = new_run(client, "two-watchers")
+        run = RunDir(str(tmp_path / "run"))
+        copy_tags(
+            ckpts, tmp_path / "run" / "checkpoints", ["step_00000000", "step_00000002"], run_id
+        )
+        # The in-job watcher and a `python -m pipeline.evaluate watch` of the same run, at once.
+        watchers = [
+            Watcher(eval_cfg(digits), run, srv.uri, run_id, use_ray=False) for _ in range(2)
+        ]
+        barrier = threading.Barrier(2)
+
+        def watch(w: Watcher) -> None:
+            barrier.wait()
+            for _ in range(3):
+                w.poll()
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(watch, watchers))
+        # Each checkpoint evaluated by one of the two.
+        evaluated = [tag for w in watchers for tag, res in w.results.items() if res["fewshot"]]
+        assert sorted(evaluated) == ["step_00000000", "step_00000002"]
+        assert not any(w.failed for w in watchers)
+        steps = sorted(int(c.data.tags["eval.checkpoint_step"]) for c in child_runs(client, run_id))
+        assert steps == [0, 2]
+        assert sorted(
+            m.step for m in client.get_metric_history(run_id, "fewshot/digits/5shot")
+        ) == [0, 2]
+    finally:
+        srv.stop()

@@ -20,6 +20,7 @@ from data_prep.compose import as_config_error
 from pipeline import checkpoint
 from pipeline.config import ConfigError, LeaseConfig
 from pipeline.evaluate.record import claimed, eval_name, publish, record_of
+from pipeline.lease import owner_of
 from pipeline.model import from_config
 from pipeline.rundir import RunDir
 
@@ -145,6 +146,14 @@ def evaluated(run: RunDir, eval_cfg: DictConfig) -> set[str]:
     ema = {eval_name(n, spec.name, "ema") for n, spec in wanted(eval_cfg)}
     return {tag for tag, recs in run.eval_records().items()
             if raw <= set(recs) and (ema <= set(recs) or not _has_ema(run, tag))}
+
+
+def left_to_others(run: RunDir, eval_cfg: DictConfig, tag: str) -> bool:
+    """Whether every evaluation of ``tag`` that has no record is claimed by another live
+    evaluator (read only: a watcher then neither submits nor fetches the checkpoint)."""
+    variants = ("raw", "ema") if _has_ema(run, tag) else ("raw",)
+    todo = {eval_name(n, spec.name, v) for n, spec in wanted(eval_cfg) for v in variants} - set(run.eval_records().get(tag, {}))
+    return all((owner := owner_of(run.claim_url(tag, name))) is not None and not owner.expired() for name in todo)
 
 
 _HAS_EMA: dict[tuple[str, str], bool] = {}  # a complete checkpoint's files never change: ask storage once
