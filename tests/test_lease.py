@@ -56,6 +56,25 @@ def test_of_holders_acquiring_at_once_exactly_one_wins(lease_url):
         winners[0].release()
 
 
+def _acquire_in_a_process(url: str, start_at: float) -> bool:
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        Lease(url, heartbeat_s=10, expiry_s=60).acquire()
+        return True
+    except LeaseHeld:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_of_processes_acquiring_at_once_exactly_one_wins(lease_url):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        start_at = time.time() + 5  # after every process has imported and started
+        won = pool.starmap(_acquire_in_a_process, [(lease_url, start_at)] * 4)
+    assert sorted(won) == [False, False, False, True]
+
+
 @pytest.mark.timeout(60)
 def test_the_owner_renews_and_no_one_else_can(lease_url):
     owner = Lease(lease_url, heartbeat_s=10, expiry_s=60)
