@@ -20,7 +20,9 @@ Where the job runs:
                   (Ctrl-C included) without touching any other Ray on the machine.
   --address URL   an existing cluster: its dashboard URL (http://head:8265) or GCS
                   address (head:6379). Nothing is started; Ctrl-C stops the job.
-                  $RAY_ADDRESS selects this mode too.
+                  $RAY_ADDRESS selects this mode too. A run that a live job of this
+                  cluster owns (its lease) is not submitted again: that job is followed
+                  (its logs, then its exit status; Ctrl-C leaves it running).
   --slurm         outside an allocation: sbatch launch/slurm/pretrain.sbatch with these
                   arguments (plus --sbatch-args, e.g. "--nodes=4 --gpus-per-node=8
                   --partition=gpu"). Inside one ($SLURM_JOB_ID set, as in that sbatch
