@@ -236,7 +236,8 @@ class Lease:
 class Fence:
     """A writer's check that the lease at ``url`` still names its holder ``token``: one read at
     most every ``every_s`` seconds, and whenever asked with ``now`` (before a write that must not
-    land after a takeover). Training rank 0 uses it: the driver holds the lease, the ranks write."""
+    land after a takeover). Training rank 0 uses it: the driver holds the lease, the ranks write.
+    A store that does not answer is asked again at the next call (training goes on meanwhile)."""
 
     def __init__(self, url: str, token: str, every_s: float):
         self.url, self.token, self.every_s = url, token, every_s
@@ -245,7 +246,11 @@ class Fence:
 
     def lost(self, now: bool = False) -> bool:
         if not self._lost and (now or time.monotonic() - self._checked >= self.every_s):
-            current = self.store.read()
+            try:
+                current = self.store.read()
+            except Exception as e:  # a store hiccup must not end training: ask again next time
+                log.warning("%s: lease not checked (will retry): %s", self.url, e)
+                return False
             owner = Owner.parse(current[0]) if current else None
             self._lost = owner is None or owner.token != self.token
             self._checked = time.monotonic()
