@@ -223,16 +223,18 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     # The driver owns the run (its lease); rank 0 checks that it still does, so that ranks whose
     # driver lost the run to another launch stop before they write anything more.
     fence = Fence(run.lease_url, os.environ[LEASE_TOKEN], cfg.lease.heartbeat_s) if rank == 0 and os.environ.get(LEASE_TOKEN) else None
-    lost = False
+    at_start = torch.tensor(float(fence is not None and fence.lost(now=True)), device=device)
+    dist.all_reduce(at_start, op=dist.ReduceOp.MAX)  # the run lost while these ranks started: write nothing
+    lost = bool(at_start.item())
     last_loss = float("nan")
     # The run dir decides, as every rank sees the same one: a host's scratch dir may hold an
     # earlier run's tags (same output_dir), and ranks that disagreed would hang in save().
-    if step == 0 and cfg.train.checkpoint_at_start and ckpts.latest() is None:
+    if not lost and step == 0 and cfg.train.checkpoint_at_start and ckpts.latest() is None:
         save(0)
 
     window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
     engine.train()
-    while step < steps:
+    while not lost and step < steps:
         for micro in range(accum):
             batch = next(stream)
             # mixup: one lambda per micro-batch, from (seed, step, micro-batch): exact on resume
