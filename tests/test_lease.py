@@ -248,8 +248,9 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
         f"{t_took - t_stop:.1f}s and logged its first step after {t_step - t_stop:.1f}s"
     )
     assert rc == 5, text[-6000:]  # Exit.LOST
-    assert "lease names another owner" in text and "with no checkpoint or metric" in text  # its ranks
-    assert "lease lost" in text and "stopped without writing" in text  # its driver
+    # Its ranks stopped on the lease (they trained on while the driver was frozen), then its driver.
+    assert "lease names another owner" in text and "with no checkpoint or metric" in text
+    assert "lease lost" in text and "stopped without writing" in text
     assert (out / "summary.json").read_text() == summary  # the new owner's, untouched
     assert _summary(out)["final_step"] == 60
     # Every step once: the old ranks stopped without logging.
