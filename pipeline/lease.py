@@ -5,8 +5,9 @@ has one, whoever holds its claim (``<run>/evals/claims/<tag>__<name>``, ``pipeli
 A lease file is a small JSON record naming its holder (a random token, host, pid, the Ray
 job's submission id and cluster, when it started, its last heartbeat and the expiry it
 promises). The holder renews it every ``heartbeat_s``; a lease whose heartbeat is older than
-its ``expiry_s`` may be taken over, and the holder that comes back finds another token at
-its next renewal: it has lost the lease and must stop writing.
+its ``expiry_s`` may be taken over (at once when its holder is a process of the same machine
+that has ended), and the holder that comes back finds another token at its next renewal: it
+has lost the lease and must stop writing.
 
 Every step is a compare-and-swap on one file, as strong as the store makes it:
 
@@ -43,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import fsspec
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class Owner:
     started: float
     heartbeat: float
     expiry_s: float
+    pid_space: str = ""  # where ``pid`` means this process (see :func:`pid_space`)
 
     @classmethod
     def parse(cls, data: bytes) -> Owner | None:
@@ -76,6 +79,22 @@ class Owner:
 
     def expired(self) -> bool:
         return self.age() > self.expiry_s
+
+    def ended(self) -> bool:
+        """Whether the owner is a process of this pid space (this machine, this container) that
+        has ended: its pid is gone, a zombie, or another process's that started after the lease."""
+        if not self.pid_space or self.pid_space != pid_space():
+            return False
+        try:
+            proc = psutil.Process(self.pid)
+            return proc.status() == psutil.STATUS_ZOMBIE or proc.create_time() > self.started
+        except psutil.NoSuchProcess:
+            return True
+
+    def free(self) -> bool:
+        """Whether the lease may be taken over: expired, or its owner ended (a rerun on the
+        owner's machine after the driver died need not wait for the expiry)."""
+        return self.expired() or self.ended()
 
     def describe(self) -> str:
         job = f"Ray job {self.job_id}" if self.job_id else "a process"
@@ -98,8 +117,8 @@ class LeaseLost(Exception):
 class Lease:
     """A lease on the file at ``url`` (any fsspec URL), for this process.
 
-    ``acquire`` takes it (a live owner raises :class:`LeaseHeld`; an expired one is taken
-    over), ``start`` renews it every ``heartbeat_s`` in a thread, ``release`` deletes it.
+    ``acquire`` takes it (a live owner raises :class:`LeaseHeld`; an expired one, or one whose
+    process ended on this machine, is taken over), ``start`` renews it every ``heartbeat_s`` in a thread, ``release`` deletes it.
     ``lost`` is set once a renewal finds another owner; ``on_lost(owner)`` is called then.
     """
 
@@ -124,6 +143,7 @@ class Lease:
             started=time.time(),
             heartbeat=time.time(),
             expiry_s=expiry_s,
+            pid_space=pid_space(),
         )
         self.on_lost = on_lost
         self.lost = threading.Event()
@@ -141,7 +161,7 @@ class Lease:
         return json.dumps(asdict(self.me)).encode()
 
     def acquire(self) -> Owner | None:
-        """Take the lease; returns the expired owner taken over (None when it was free)."""
+        """Take the lease; returns the previous owner taken over (None when there was none)."""
         for _ in range(3):  # each retry follows another writer's change: a live owner ends it
             self.requests += 1
             if (version := self.store.create(self._record())) is not None:
@@ -152,13 +172,13 @@ class Lease:
                 continue  # released meanwhile
             data, version = current
             owner = Owner.parse(data)
-            if owner is not None and not owner.expired() and owner.token != self.token:
+            if owner is not None and not owner.free() and owner.token != self.token:
                 raise LeaseHeld(self.url, owner)
             self.requests += 1
             if (new := self.store.replace(self._record(), version)) is not None:
                 self._version = new
                 if owner is not None:
-                    log.warning("%s: took over the expired lease of %s", self.url, owner.describe())
+                    log.warning("%s: took over the lease of %s", self.url, owner.describe())
                 return owner
         raise LeaseHeld(self.url, self._owner() or self.me)
 
@@ -261,6 +281,16 @@ class Fence:
                     f"now held by {owner.describe()}" if owner else "the lease file is gone",
                 )
         return self._lost
+
+
+def pid_space() -> str:
+    """This process's pid namespace, unique across machines: the kernel's boot id and the
+    namespace's inode ("" where /proc does not say; an owner is then judged by expiry only)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def owner_of(url: str) -> Owner | None:

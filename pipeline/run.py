@@ -230,8 +230,8 @@ def take_lease(cfg: DictConfig, run: RunDir) -> Lease:
                   cluster=cfg.ray.address or cluster)
     previous = lease.acquire()
     if previous is not None:
-        print(f"took over {run.url} from {previous.describe()} (its lease had expired: no heartbeat for "
-              f"{previous.expiry_s:g}s)", flush=True)
+        why = "its process has ended" if previous.ended() else f"no heartbeat for over {previous.expiry_s:g}s"
+        print(f"took over {run.url} from {previous.describe()} ({why})", flush=True)
     os.environ[LEASE_TOKEN] = lease.token
     return lease.start()
 

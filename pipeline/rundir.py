@@ -323,7 +323,7 @@ USAGE = """usage: python -m pipeline.rundir COMMAND <run dir URL>
                         step boundary and it exits with pipeline.stop.Exit.STOPPED)
   clear-stop <run>      withdraw a stop request
   latest <run>          print the URL of the run's newest complete checkpoint (nothing when none)
-  owner <run>           print who owns the run (pipeline.lease): "live|expired <Ray job id or -> <owner>";
+  owner <run>           print who owns the run (pipeline.lease): "live|free <Ray job id or -> <owner>";
                         exit status 1 when no one does"""
 
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if (owner := owner_of(run.lease_url)) is None:
             return 1
-        print(f"{'expired' if owner.expired() else 'live'} {owner.job_id or '-'} {owner.describe()}")
+        print(f"{'free' if owner.free() else 'live'} {owner.job_id or '-'} {owner.describe()}")
     elif (tag := run.checkpoints.latest()) is not None:
         print(run.checkpoints.tag_url(tag))
     return 0

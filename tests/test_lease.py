@@ -117,6 +117,22 @@ def test_an_expired_lease_is_taken_over_and_its_old_owner_finds_it_lost(lease_ur
 
 
 @pytest.mark.timeout(60)
+def test_the_lease_of_a_process_of_this_machine_that_ended_is_taken_over_at_once(lease_url):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    take = f"from pipeline.lease import Lease; import os; Lease({lease_url!r}, 10, 60).acquire(); os._exit(0)"
+    dead = subprocess.run(
+        [sys.executable, "-c", take], cwd=ROOT, capture_output=True, text=True, timeout=50
+    )
+    assert dead.returncode == 0, dead.stderr[-3000:]
+    previous = Lease(lease_url, heartbeat_s=10, expiry_s=60).acquire()  # 60 s before it expires
+    assert previous is not None and previous.ended() and not previous.expired()
+
+
+@pytest.mark.timeout(60)
 def test_the_renewal_thread_keeps_a_lease_alive_past_its_expiry(lease_url):
     # Timings with room for a loaded machine: a renewal stalled past the expiry loses the lease.
     owner = Lease(lease_url, heartbeat_s=0.2, expiry_s=1.5)

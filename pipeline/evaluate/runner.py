@@ -153,7 +153,7 @@ def left_to_others(run: RunDir, eval_cfg: DictConfig, tag: str) -> bool:
     evaluator (read only: a watcher then neither submits nor fetches the checkpoint)."""
     variants = ("raw", "ema") if _has_ema(run, tag) else ("raw",)
     todo = {eval_name(n, spec.name, v) for n, spec in wanted(eval_cfg) for v in variants} - set(run.eval_records().get(tag, {}))
-    return all((owner := owner_of(run.claim_url(tag, name))) is not None and not owner.expired() for name in todo)
+    return all((owner := owner_of(run.claim_url(tag, name))) is not None and not owner.free() for name in todo)
 
 
 _HAS_EMA: dict[tuple[str, str], bool] = {}  # a complete checkpoint's files never change: ask storage once
