@@ -10,7 +10,7 @@ EXIT_FAILED=1
 EXIT_CONFIG=2
 EXIT_STOPPED=3
 EXIT_UNDELIVERED=4
-EXIT_LOST=5
+EXIT_LOST=6
 
 resolve_config_and_python() {
   CONFIG=${CONFIG:-$REPO/configs/experiment/demo.yaml}

@@ -22,7 +22,7 @@ Recovery:
   older than ``lease.expiry_s`` takes it over. The old owner, if it comes back, finds the lease
   another's: its training rank 0 (which checks the lease token every ``lease.heartbeat_s`` and
   before every checkpoint) stops the ranks at the next step without a checkpoint or a metric,
-  and the driver exits ``Exit.LOST`` (5) without a summary, an MLflow status or an evaluation;
+  and the driver exits ``Exit.LOST`` (6) without a summary, an MLflow status or an evaluation;
 - SIGTERM to this driver (preemption, ``scancel``, ``kill``): it writes the run dir's ``STOP``,
   the workers checkpoint at the next step boundary and exit, and the job exits with status
   ``Exit.STOPPED`` (3, ``pipeline.stop``) after printing how to resume (rerun the same command);

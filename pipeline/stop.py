@@ -31,7 +31,7 @@ class Exit(enum.IntEnum):
     CONFIG = 2  # a bad config or command line: refused before anything started
     STOPPED = 3  # stopped on request with a checkpoint saved: rerun the same command to resume
     UNDELIVERED = 4  # trained and evaluated, but MLflow lacks some evaluations (the message says how to deliver them)
-    LOST = 5  # another launch took the run over (this one's lease had expired): stopped without writing
+    LOST = 6  # another launch took the run over (this one's lease had expired): stopped without writing
 
 
 class StopRequest:

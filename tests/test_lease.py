@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pipeline.lease import Fence, Lease, LeaseHeld
+from pipeline.stop import Exit
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -263,7 +264,7 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
         f"\nowner stopped at {t_stop:.0f}; the next launch, started {4.5:.1f}s later, took over after "
         f"{t_took - t_stop:.1f}s and logged its first step after {t_step - t_stop:.1f}s"
     )
-    assert rc == 5, text[-6000:]  # Exit.LOST
+    assert rc == Exit.LOST, text[-6000:]
     # Its ranks stopped on the lease (they trained on while the driver was frozen), then its driver.
     assert "lease names another owner" in text and "with no checkpoint or metric" in text
     assert "lease lost" in text and "stopped without writing" in text
