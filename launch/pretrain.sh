@@ -20,7 +20,9 @@ Where the job runs:
                   (Ctrl-C included) without touching any other Ray on the machine.
   --address URL   an existing cluster: its dashboard URL (http://head:8265) or GCS
                   address (head:6379). Nothing is started; Ctrl-C stops the job.
-                  $RAY_ADDRESS selects this mode too.
+                  $RAY_ADDRESS selects this mode too. A run that a live job of this
+                  cluster owns (its lease) is not submitted again: that job is followed
+                  (its logs, then its exit status; Ctrl-C leaves it running).
   --slurm         outside an allocation: sbatch launch/slurm/pretrain.sbatch with these
                   arguments (plus --sbatch-args, e.g. "--nodes=4 --gpus-per-node=8
                   --partition=gpu"). Inside one ($SLURM_JOB_ID set, as in that sbatch
@@ -211,6 +213,21 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
   fi
   JOB_ID=
   return "$rc"
+}
+
+# A run whose live owner is a job of this cluster (a rerun after the submitting client died):
+# follow that job and exit with its status instead of submitting a second one, which the
+# run's lease would refuse. Ctrl-C leaves the job running (this script did not start it).
+attach() {
+  local owner state job code
+  owner=$(cd "$REPO" && "$PYTHON" -m pipeline.rundir owner "$RUN_DIR" 2> /dev/null) || return 0
+  read -r state job _ <<< "$owner"
+  [[ $state == live && $job != - ]] || return 0
+  "$RAY" job status --address "$DASHBOARD" "$job" > /dev/null 2>&1 || return 0
+  echo "run $NAME is owned by job $job of this cluster (${owner#* * }): following it (Ctrl-C leaves it running)"
+  run "$RAY" job logs --address "$DASHBOARD" --follow "$job" || true
+  code=$(cd "$REPO" && { cluster exit-code "$DASHBOARD" "$job" --run-dir "$RUN_DIR" 2> /dev/null || true; })
+  exit "${code:-$EXIT_FAILED}"
 }
 
 # --- teardown: only what this script started ------------------------------------------
@@ -411,6 +428,7 @@ case $MODE in
       elif [[ $auth == token && ${RAY_AUTH_MODE:-} != disabled ]]; then
         die "$ADDRESS asks for a Ray auth token: put it in ~/.ray/auth_token or \$RAY_AUTH_TOKEN"
       fi
+      attach
     fi
     ;;
   slurm)

@@ -244,6 +244,14 @@ class FineTuneConfig:
 
 
 @dataclass
+class LeaseConfig:
+    """A holder's lease (pipeline.lease): the run's owner (``lease``), each evaluation's claim (``eval.claims``)."""
+
+    heartbeat_s: float = 10.0  # renewed this often (one conditional write)
+    expiry_s: float = 60.0  # a heartbeat older than this is taken over by the next launch (or claimer)
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True
     fewshot: list[FewShotConfig] = field(default_factory=list)
@@ -254,6 +262,7 @@ class EvalConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     poll_seconds: float = 2.0
+    claims: LeaseConfig = field(default_factory=LeaseConfig)  # one evaluator per (checkpoint, evaluation) at a time
 
 
 @dataclass
@@ -328,6 +337,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)  # one driver owns the run dir at a time
     demo: DemoConfig = field(default_factory=DemoConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     prep: list[PrepConfig] = field(default_factory=list)  # data_prep jobs run before training
@@ -383,6 +393,10 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
     batch_split(cfg, cfg.ray.num_workers)
+    for key, lease in (("lease", cfg.lease), ("eval.claims", cfg.eval.claims)):
+        require(lease.heartbeat_s > 0, f"{key}.heartbeat_s", f"must be positive, got {lease.heartbeat_s}")
+        require(lease.expiry_s >= 2 * lease.heartbeat_s, f"{key}.expiry_s",
+                 f"must be at least two heartbeats ({2 * lease.heartbeat_s:g}s), got {lease.expiry_s}")
     _validate_augreg(cfg)
     _validate_guard(cfg)
     for i, fs in enumerate(cfg.eval.fewshot):

@@ -16,6 +16,13 @@ Recovery:
   rank 0 does not log again the steps the MLflow run already has (no duplicated curves);
 - the driver dies: rerun the same command (same ``name`` and storage): training resumes from
   the run dir's latest checkpoint and its ``mlflow_run_id`` continues the same MLflow run;
+- one owner at a time (``pipeline.lease``): the driver takes the run dir's ``LEASE`` before it
+  starts Ray or writes anything, and renews it every ``lease.heartbeat_s``. A launch over a run
+  that a live job owns exits ``Exit.CONFIG`` (2) naming the owner; one whose owner's heartbeat is
+  older than ``lease.expiry_s`` takes it over. The old owner, if it comes back, finds the lease
+  another's: its training rank 0 (which checks the lease token every ``lease.heartbeat_s`` and
+  before every checkpoint) stops the ranks at the next step without a checkpoint or a metric,
+  and the driver exits ``Exit.LOST`` (6) without a summary, an MLflow status or an evaluation;
 - SIGTERM to this driver (preemption, ``scancel``, ``kill``): it writes the run dir's ``STOP``,
   the workers checkpoint at the next step boundary and exit, and the job exits with status
   ``Exit.STOPPED`` (3, ``pipeline.stop``) after printing how to resume (rerun the same command);
@@ -40,7 +47,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import guard
 from pipeline.config import ConfigError, check_paths, load_config, to_flat_dict, to_yaml
-from pipeline.rundir import CHECKPOINTS, step_of
+from pipeline.lease import LEASE_TOKEN, Lease, LeaseHeld, LeaseLost, job_identity
+from pipeline.rundir import CHECKPOINTS, RunDir, step_of
 from pipeline.stop import Exit, StopRequest
 
 log = logging.getLogger("pipeline.run")
@@ -79,6 +87,8 @@ def _train_worker(config: dict) -> None:
             ray.train.report({**metrics, **(final or {})}, checkpoint=ckpt)
 
     summary = train(cfg, on_checkpoint=report)
+    if summary["lost"]:
+        return  # another launch owns the run: no report (Ray would record a pointer checkpoint)
     from pipeline.rundir import tag_for
 
     diverged = (summary.get("guard") or {}).get("diverged")
@@ -96,7 +106,7 @@ def connect_ray(cfg: DictConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not cfg.ray.use_gpu else "cuda")}
     for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL",
-                "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "PIPELINE_QUIET", "TQDM_DISABLE"):
+                "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "PIPELINE_QUIET", "TQDM_DISABLE", LEASE_TOKEN):
         if var in os.environ:
             env[var] = os.environ[var]
     runtime_env = {"env_vars": env}
@@ -198,20 +208,43 @@ def fit(cfg: DictConfig):
 
 
 def run_job(cfg: DictConfig) -> dict:
-    from pipeline.evaluate.watch import Watcher
-    from pipeline.plan import planned_vs_measured, run_plan
-    from pipeline.rundir import RunDir
-    from pipeline.tracking import Tracker, spool_dir
-
+    """The job, once this process owns the run (``pipeline.lease``): refused with
+    :class:`~pipeline.lease.LeaseHeld` while a live job owns it; :class:`~pipeline.lease.LeaseLost`
+    when another launch took it over meanwhile (nothing more was written)."""
     t_start = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     run = RunDir(cfg.run_dir)
     if (finished := _finished_summary(cfg, run)) is not None:
         print(f"run {cfg.name} is finished (step {finished['final_step']} of {finished['total_steps']}, {run.url}); "
               "its summary:", flush=True)
         _print_summary(finished)
         return finished
+    lease = take_lease(cfg, run)
+    try:
+        return _owned_job(cfg, run, lease, t_start)
+    finally:
+        lease.release()
+
+
+def take_lease(cfg: DictConfig, run: RunDir) -> Lease:
+    """Own the run dir (its ``LEASE``), renewed in a thread; the token reaches the training ranks
+    ($PIPELINE_LEASE_TOKEN), whose rank 0 stops without a checkpoint once it is not the lease's."""
+    job_id, cluster = job_identity()
+    lease = Lease(run.lease_url, cfg.lease.heartbeat_s, cfg.lease.expiry_s, job_id=job_id,
+                  cluster=cfg.ray.address or cluster)
+    previous = lease.acquire()
+    if previous is not None:
+        why = "its process has ended" if previous.ended() else f"no heartbeat for over {previous.expiry_s:g}s"
+        print(f"took over {run.url} from {previous.describe()} ({why})", flush=True)
+    os.environ[LEASE_TOKEN] = lease.token
+    return lease.start()
+
+
+def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> dict:
+    from pipeline.evaluate.watch import Watcher
+    from pipeline.plan import planned_vs_measured, run_plan
+    from pipeline.tracking import Tracker, spool_dir
+
     connect_ray(cfg)
     check_resources(cfg)
     _install_stop_handler(run)
@@ -240,6 +273,10 @@ def run_job(cfg: DictConfig) -> dict:
         metrics = result.metrics or {}
         status = "FINISHED" if metrics.get("finished") else "FAILED" if metrics.get("diverged") else "KILLED"
     finally:
+        if not _still_owner(lease):  # the new owner's run from here: no status, summary or STOP removal
+            if watcher:
+                watcher.abandon()
+            raise LeaseLost(f"{run.url} was taken over by another launch")
         if watcher:
             watcher.finish()
         if status == "FINISHED" and (last := run.checkpoints.latest()):
@@ -253,13 +290,23 @@ def run_job(cfg: DictConfig) -> dict:
     summary["finished"] = status == "FINISHED"
     summary["guard"] = guard.read_record(run)
     run.clear_stop()
-    summary["undelivered"] = _undelivered(run, tracker, spool_dir(cfg))
+    summary["undelivered"] = _undelivered(run, tracker, spool_dir(cfg), cfg.eval.claims)
     run.write_summary(summary)
     _print_summary(summary)
     if summary["stopped"]:
         print(f"\nstopped on request at step {summary['final_step']} of {summary['total_steps']}, checkpoint saved in "
               f"{run.checkpoints.url}; to resume, rerun the same command (same name and storage): {' '.join(sys.argv)}", flush=True)
     return summary
+
+
+def _still_owner(lease: Lease) -> bool:
+    """Whether the lease still names this job: read afresh (rank 0 may have seen the takeover
+    before the renewal thread); a store that does not answer leaves the thread's verdict."""
+    try:
+        return lease.holds()
+    except Exception as e:
+        log.warning("could not read %s (%s); the last renewal's verdict stands", lease.url, e)
+        return not lease.lost.is_set()
 
 
 def _finished_summary(cfg: DictConfig, run) -> dict | None:
@@ -293,12 +340,12 @@ def _log_final_weights(tracker, run, tag: str, register_as: str | None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _undelivered(run, tracker, spool: str) -> dict:
+def _undelivered(run, tracker, spool: str, claims) -> dict:
     """What MLflow still lacks: evaluation records, and writes left in the spool (this
     process's and those of training processes that ended)."""
     from pipeline.evaluate.record import publish_pending
 
-    evals = publish_pending(run, tracker.uri, tracker.run_id)
+    evals = publish_pending(run, tracker.uri, tracker.run_id, claims)
     return {"evaluations": [f"{tag}/{name}" for tag, name in evals], "spool": None if tracker.flush(0.0) else spool}
 
 
@@ -426,6 +473,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return Exit.CONFIG
+    except LeaseHeld as e:
+        print(f"error: run {cfg.name} ({cfg.run_dir}) is owned by {e.owner.describe()}. This launch does not train. "
+              f"Either wait for that job to end, or stop it (it checkpoints at the next step boundary) and launch again:\n"
+              f"  python -m pipeline.rundir stop {cfg.run_dir}\n"
+              f"(a lease whose heartbeat is older than {e.owner.expiry_s:g}s is taken over by the next launch)",
+              file=sys.stderr, flush=True)
+        return Exit.CONFIG
+    except LeaseLost as e:
+        print(f"lease lost: {e}; this job stopped without writing (no checkpoint, summary or MLflow status): "
+              "the run goes on under its new owner", file=sys.stderr, flush=True)
+        return Exit.LOST
     if (diverged := (summary.get("guard") or {}).get("diverged")) is not None:
         checkpoints = f"{summary['run_dir']}/{CHECKPOINTS}"
         print(f"\n{guard.diverged_message(diverged, checkpoints)}", file=sys.stderr, flush=True)

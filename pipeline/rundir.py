@@ -12,6 +12,8 @@ Layout::
     <run>/checkpoints/step_00000100/COMPLETE   written last: a tag without it does not exist
     <run>/evals/step_00000100/<eval>.json      one evaluator's result on that checkpoint, written once
     <run>/evals/step_00000100/<eval>.mlflow    the MLflow child run that shows it (once it does)
+    <run>/evals/claims/<tag>__<eval>           who is evaluating it now (a lease, pipeline.lease)
+    <run>/LEASE                                the driver that owns the run (pipeline.lease)
     <run>/STOP                                 a graceful-stop request (workers checkpoint and exit)
     <run>/mlflow_run_id                        the MLflow run of this run (a rerun continues it)
     <run>/config.yaml, <run>/summary.json      the resolved config; the last summary
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STOP = "STOP"
+LEASE = "LEASE"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "summary.json"
 _TAG = re.compile(r"^step_(\d+)$")
@@ -196,6 +199,14 @@ class RunDir:
         except FileNotFoundError:
             return None
 
+    # -- ownership (pipeline.lease)
+    @property
+    def lease_url(self) -> str:
+        return f"{self.url}/{LEASE}"
+
+    def claim_url(self, tag: str, name: str) -> str:
+        return f"{self.url}/evals/claims/{tag}__{name}"
+
     # -- stop requests
     def request_stop(self, reason: str) -> None:
         self.write_text(STOP, reason + "\n")
@@ -311,7 +322,9 @@ USAGE = """usage: python -m pipeline.rundir COMMAND <run dir URL>
   stop <run> [reason]   ask a running job to stop gracefully (its workers checkpoint at the next
                         step boundary and it exits with pipeline.stop.Exit.STOPPED)
   clear-stop <run>      withdraw a stop request
-  latest <run>          print the URL of the run's newest complete checkpoint (nothing when none)"""
+  latest <run>          print the URL of the run's newest complete checkpoint (nothing when none)
+  owner <run>           print who owns the run (pipeline.lease): "live|free <Ray job id or -> <owner>";
+                        exit status 1 when no one does"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[0] not in ("stop", "clear-stop", "latest"):
+    if len(argv) < 2 or argv[0] not in ("stop", "clear-stop", "latest", "owner"):
         print(USAGE, file=sys.stderr)
         return 2
     run = RunDir(argv[1])
@@ -328,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stop requested: {run.url}/{STOP}")
     elif argv[0] == "clear-stop":
         run.clear_stop()
+    elif argv[0] == "owner":
+        from pipeline.lease import owner_of
+
+        if (owner := owner_of(run.lease_url)) is None:
+            return 1
+        print(f"{'free' if owner.free() else 'live'} {owner.job_id or '-'} {owner.describe()}")
     elif (tag := run.checkpoints.latest()) is not None:
         print(run.checkpoints.tag_url(tag))
     return 0

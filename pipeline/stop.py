@@ -32,6 +32,7 @@ class Exit(enum.IntEnum):
     STOPPED = 3  # stopped on request with a checkpoint saved: rerun the same command to resume
     UNDELIVERED = 4  # trained and evaluated, but MLflow lacks some evaluations (the message says how to deliver them)
     DIVERGED = 5  # the divergence guard's rollbacks ran out: the message names the steps and what to change
+    LOST = 6  # another launch took the run over (this one's lease had expired): stopped without writing
 
 
 class StopRequest:

@@ -36,6 +36,7 @@ from pipeline.engine import (
     loss_fn,
     warmup_decay,
 )
+from pipeline.lease import LEASE_TOKEN, Fence
 from pipeline.model import flops_per_image, from_config
 from pipeline.stop import Exit, StopRequest
 from pipeline.tracking import SystemMetrics, Tracker, tracking_uri
@@ -145,12 +146,16 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     return initialize(model, optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr, config)
 
 
+LOST = 2.0  # the ranks' stop code when the run's lease is another's (1.0: a stop request)
+
+
 def train(cfg: DictConfig, on_checkpoint=None) -> dict:
     """Train to ``total_steps``, resuming from the run's latest complete checkpoint if any.
 
     ``on_checkpoint(metrics)`` is called on every rank after each complete checkpoint
     (``step``, ``tag``, ``loss``, ``total_steps``; Ray Train reports them). Returns a summary
-    (final step, loss, images/s) on every rank.
+    (final step, loss, images/s; ``lost`` when the ranks stopped, writing nothing, because the
+    run's lease ($PIPELINE_LEASE_TOKEN, ``pipeline.lease``) names another owner) on every rank.
     """
     return _train(cfg, on_checkpoint)[0]
 
@@ -228,16 +233,22 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         if on_checkpoint is not None:
             on_checkpoint({"step": at_step, "tag": t, "loss": last_loss, "total_steps": steps})
 
+    # The driver owns the run (its lease); rank 0 checks that it still does, so that ranks whose
+    # driver lost the run to another launch stop before they write anything more.
+    fence = Fence(run.lease_url, os.environ[LEASE_TOKEN], cfg.lease.heartbeat_s) if rank == 0 and os.environ.get(LEASE_TOKEN) else None
+    at_start = torch.tensor(float(fence is not None and fence.lost(now=True)), device=device)
+    dist.all_reduce(at_start, op=dist.ReduceOp.MAX)  # the run lost while these ranks started: write nothing
+    lost = bool(at_start.item())
     last_loss = float("nan")
     # The run dir decides, as every rank sees the same one: a host's scratch dir may hold an
     # earlier run's tags (same output_dir), and ranks that disagreed would hang in save().
-    if step == 0 and cfg.train.checkpoint_at_start and ckpts.latest() is None:
+    if not lost and step == 0 and cfg.train.checkpoint_at_start and ckpts.latest() is None:
         save(0)
 
     window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
     diverged = None
     engine.train()
-    while step < steps:
+    while not lost and step < steps:
         verdict, step_loss, window_before = None, torch.zeros((), device=device), window_loss.clone()
         skipped_before = engine.skipped_steps
         for micro in range(accum):
@@ -272,8 +283,15 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             ema.step(step)
         samples_seen += cfg.train.global_batch_size
         window_n += 1
-        stop = torch.tensor(float(preempt.requested or (rank == 0 and run.stop_requested())), device=device)
+        save_due = step % cfg.train.checkpoint_every == 0 or step == steps or step == cfg.train.stop_at_step
+        lost_here = fence is not None and fence.lost(now=save_due or preempt.requested)
+        stop = torch.tensor(LOST if lost_here else float(preempt.requested or (rank == 0 and run.stop_requested())), device=device)
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() == LOST:
+            lost = True
+            log.error("the run dir's lease names another owner (%s/%s): stopping at step %d with no checkpoint or metric",
+                      run.url, rundir.LEASE, step)
+            break
 
         if step % cfg.train.log_every == 0 or step == steps:
             dist.all_reduce(window_loss)
@@ -304,7 +322,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
 
         stop_here = stop.item() or step == cfg.train.stop_at_step
         saved = False
-        if step % cfg.train.checkpoint_every == 0 or step == steps or stop_here:
+        if save_due or stop_here:
             if sentry is None or sentry.may_checkpoint(step) or (step == steps and verdict.reason is None):
                 save(step)
                 saved = True
@@ -324,7 +342,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         keys_file.close()
     if monitor:
         monitor.finish()
-    summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested),
+    summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested), "lost": lost,
                "samples_seen": samples_seen, "run_id": tracker.run_id if tracker else None}
     if sentry is not None:
         summary["guard"] = {"skipped_steps": sentry.skipped, "rollbacks": sentry.events, "diverged": diverged}

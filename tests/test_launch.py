@@ -325,3 +325,36 @@ def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(r
     print(f"\nray job stop after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
           f"steps lost {max(0, logged - stopped)}")
     assert stopped >= logged and stopped % 50 != 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_of_submitting_another(ray_cluster, tmp_path):
+    log = tmp_path / "pretrain.log"
+    run = [str(PRETRAIN), "--address", ray_cluster, *TINY, "train.log_every=1", "train.checkpoint_every=50",
+           f"output_dir={tmp_path}/run", "train.steps=1000"]
+    with log.open("w") as out:  # the first launch, its own session: the dropped ssh session kills all of it
+        first = subprocess.Popen(run, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    again = None
+    try:
+        _wait_for_step(first, log, 3)
+        job = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+        again = subprocess.Popen(run, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        followed = ""
+        while not _STEP.search(followed):  # the job's own log lines, streamed to the rerun
+            line = again.stdout.readline()
+            assert line, followed[-3000:]
+            followed += line
+        subprocess.run([sys.executable, "-m", "pipeline.rundir", "stop", f"{tmp_path}/run"], cwd=ROOT, check=True,
+                       capture_output=True, timeout=60)
+        rest, _ = again.communicate(timeout=200)
+    finally:
+        for proc in (first, again):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    text = followed + rest
+    assert f"is owned by job {job} of this cluster" in text and "following it" in text, text[-3000:]
+    assert "job submit" not in text  # no second job
+    assert again.returncode == 3, text[-3000:]  # the followed job's status: stopped with a checkpoint

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.compose import ConfigError, as_config_error, compose
-from pipeline.config import Config
+from pipeline.config import Config, LeaseConfig
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -174,7 +174,8 @@ def cmd_sync(args) -> int:
         run_id = args.run_id or run.mlflow_run_id
         if not (uri and run_id):
             raise ConfigError(f"sync: no MLflow run id or tracking URI for {run.url} (pass --run-id / --tracking-uri)")
-        left = publish_pending(run, uri, run_id)
+        claims = OmegaConf.select(saved, "eval.claims") or LeaseConfig()  # the run's own; an older run has none
+        left = publish_pending(run, uri, run_id, claims)
         print(f"{run.url}: {'every evaluation is in MLflow' if not left else f'{len(left)} evaluation(s) still not in MLflow at {uri}'}")
         ok = not left
     directory = args.spool_dir or default_spool_dir()

@@ -17,13 +17,16 @@ unshown; whoever holds the run dir publishes it later (the job's driver before i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -108,13 +111,38 @@ def publish(run: RunDir, uri: str, parent_run_id: str, tag: str, name: str, reco
     return True
 
 
-def publish_pending(run: RunDir, uri: str | None, parent_run_id: str | None, timeout_s: int = 10) -> list[tuple[str, str]]:
-    """Publish every record not yet in MLflow; returns ``(tag, name)`` of those still not shown."""
+def publish_pending(run: RunDir, uri: str | None, parent_run_id: str | None, claims, timeout_s: int = 10) -> list[tuple[str, str]]:
+    """Publish every record not yet in MLflow, each under its claim (``claims``: the claims'
+    ``LeaseConfig``); returns ``(tag, name)`` of those still not shown (or being shown elsewhere)."""
     left = []
     for tag, name, rec in run.unshown_evals():
-        if not (uri and parent_run_id and publish(run, uri, parent_run_id, tag, name, rec, timeout_s)):
-            left.append((tag, name))
+        with claimed(run, tag, [name], claims) as mine:
+            if not (name in mine and uri and parent_run_id and publish(run, uri, parent_run_id, tag, name, rec, timeout_s)):
+                left.append((tag, name))
     return left
+
+
+@contextlib.contextmanager
+def claimed(run: RunDir, tag: str, names: Iterable[str], claims) -> Iterator[set[str]]:
+    """Claim each evaluation ``name`` of checkpoint ``tag`` (a lease on ``run.claim_url``, renewed
+    every ``claims.heartbeat_s``); yields the names claimed here, leaving out those another live
+    claimer holds; released on exit. One evaluator and one publisher per evaluation at a time:
+    the in-job watcher and any ``python -m pipeline.evaluate watch`` never evaluate or publish the
+    same thing twice; the claim of an evaluator that died is taken over after ``claims.expiry_s``."""
+    held: dict[str, Lease] = {}
+    try:
+        for name in names:
+            lease = Lease(run.claim_url(tag, name), claims.heartbeat_s, claims.expiry_s)
+            try:
+                lease.acquire()
+            except LeaseHeld as e:
+                log.info("%s of %s is claimed by %s: left to it", name, tag, e.owner.describe())
+                continue
+            held[name] = lease.start()
+        yield set(held)
+    finally:
+        for lease in held.values():
+            lease.release()
 
 
 def plot_confusion(cm: np.ndarray, title: str, path: str) -> str:

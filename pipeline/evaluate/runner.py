@@ -18,8 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.compose import as_config_error
 from pipeline import checkpoint
-from pipeline.config import ConfigError
-from pipeline.evaluate.record import eval_name, publish, record_of
+from pipeline.config import ConfigError, LeaseConfig
+from pipeline.evaluate.record import claimed, eval_name, publish, record_of
+from pipeline.lease import owner_of
 from pipeline.model import from_config
 from pipeline.rundir import RunDir
 
@@ -147,6 +148,14 @@ def evaluated(run: RunDir, eval_cfg: DictConfig) -> set[str]:
             if raw <= set(recs) and (ema <= set(recs) or not _has_ema(run, tag))}
 
 
+def left_to_others(run: RunDir, eval_cfg: DictConfig, tag: str) -> bool:
+    """Whether every evaluation of ``tag`` that has no record is claimed by another live
+    evaluator (read only: a watcher then neither submits nor fetches the checkpoint)."""
+    variants = ("raw", "ema") if _has_ema(run, tag) else ("raw",)
+    todo = {eval_name(n, spec.name, v) for n, spec in wanted(eval_cfg) for v in variants} - set(run.eval_records().get(tag, {}))
+    return all((owner := owner_of(run.claim_url(tag, name))) is not None and not owner.free() for name in todo)
+
+
 _HAS_EMA: dict[tuple[str, str], bool] = {}  # a complete checkpoint's files never change: ask storage once
 
 
@@ -192,7 +201,9 @@ def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunD
     for each weights variant it holds (``raw``; ``ema`` when trained with an EMA); record each
     in the run dir, then show it in MLflow when tracking.
 
-    ``source`` names the checkpoint dir in the records when ``ckpt_dir`` is a local copy.
+    Each evaluation is claimed first (``pipeline.evaluate.record.claimed``): one that another
+    live evaluator holds is left to it. ``source`` names the checkpoint dir in the records when
+    ``ckpt_dir`` is a local copy.
     Results are ``{"fewshot": {dataset: ...}, "finetune": {...}, <other evaluator>: {...}}`` for
     the raw weights, and the same under ``"ema"`` for the EMA weights.
     """
@@ -213,13 +224,18 @@ def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunD
                 publish(run, tracking_uri, parent_run_id, tag, name, run.eval_record(tag, name))
         return keep
 
-    results: dict = {"step": step, "tag": tag}
-    for variant in variants:  # the checkpoint's own weights, then its EMA's (their results under "ema")
-        out = run_evaluators(eval_cfg, Weights(ckpt_dir, tag, variant=variant), skip=recorded, keep=keep(variant))
-        if variant == "raw":
-            results.update(out)
-        else:
-            results[variant] = out
     names = {eval_name(n, spec.name, v) for n, spec in wanted(eval_cfg) for v in variants}
+    results: dict = {"step": step, "tag": tag}
+    claims = eval_cfg.get("claims", None) or LeaseConfig()  # an eval section written by hand may lack it
+    with claimed(run, tag, sorted(names - recorded), claims) as mine:
+        recorded = set(run.eval_records().get(tag, {}))  # records written before the claims were ours
+        for variant in variants:  # the checkpoint's own weights, then its EMA's (their results under "ema")
+            out = run_evaluators(eval_cfg, Weights(ckpt_dir, tag, variant=variant), skip=names - (mine - recorded),
+                                 keep=keep(variant))
+            if variant == "raw":
+                results.update(out)
+            else:
+                results[variant] = out
     results["skipped"] = sorted(recorded & names)
+    results["elsewhere"] = sorted(names - recorded - mine)  # claimed by another evaluator
     return results

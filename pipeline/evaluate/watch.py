@@ -1,7 +1,9 @@
 """Watch a run's checkpoints and evaluate every complete one once, as Ray tasks.
 
 Used inside the pre-training job (a thread beside ``trainer.fit``) and standalone
-(``python -m pipeline.evaluate watch``). The run dir is any fsspec URL (a local path,
+(``python -m pipeline.evaluate watch``), any number of them over one run dir: each evaluation
+is claimed before it starts (``pipeline.evaluate.record.claimed``), and a checkpoint whose
+open evaluations others hold is left to them. The run dir is any fsspec URL (a local path,
 ``s3://...``, see ``pipeline.rundir``); a task on a host that cannot see it as a local path
 copies the checkpoint into a temp dir first. A checkpoint is evaluated only once its marker
 exists, and never twice: what was evaluated is the run dir's records, so the watcher
@@ -19,7 +21,7 @@ import threading
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.evaluate.record import publish_pending
-from pipeline.evaluate.runner import evaluate_checkpoint, evaluated, wanted
+from pipeline.evaluate.runner import evaluate_checkpoint, evaluated, left_to_others, wanted
 from pipeline.rundir import RunDir, local_path
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class Watcher:
         in_flight = set(self.pending.values())
         done = self.done
         for tag in self.run.checkpoints.complete_tags():
-            if tag in done or tag in in_flight or tag in self.failed:
+            if tag in done or tag in in_flight or tag in self.failed or left_to_others(self.run, self.eval_cfg, tag):
                 continue
             log.info("evaluating checkpoint %s/%s", self.run.checkpoints.url, tag)
             if self.use_ray:
@@ -95,7 +97,7 @@ class Watcher:
             else:
                 self._run_inline(tag)
         self._collect(timeout=0)
-        self.unshown = publish_pending(self.run, self.uri, self.run_id) if self.uri and self.run_id else []
+        self.unshown = publish_pending(self.run, self.uri, self.run_id, self.eval_cfg.claims) if self.uri and self.run_id else []
 
     def _run_inline(self, tag: str) -> None:
         try:
@@ -128,6 +130,13 @@ class Watcher:
 
         self._thread = threading.Thread(target=loop, name="checkpoint-watcher", daemon=True)
         self._thread.start()
+
+    def abandon(self) -> None:
+        """Stop polling and write nothing more (the run has another owner now); tasks in flight
+        keep their claims until they end."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
 
     def finish(self) -> dict[str, dict]:
         """Stop polling, evaluate what is left, wait for every task, publish every record;
