@@ -20,6 +20,10 @@ On several nodes (torchrun only), run it once per node, e.g. under SLURM:
            --rdzv-id $SLURM_JOB_ID -m pipeline.train <experiment.yaml> ...
 The run dir (ray.storage_path, or output_dir) must be one every node sees.
 
+One run, one writer: rank 0 takes the run dir's lease (pipeline.lease) before anything is
+written and renews it; a run that a live job owns is not trained (exit 2, naming the owner),
+and a rank 0 that finds its lease taken over stops without writing (exit 6).
+
 Stopping: SIGTERM or SIGINT (scancel --signal=TERM, Ctrl-C, preemption) writes the run dir's
 STOP; the ranks checkpoint at the next step boundary and the script exits 3, saying how to
 resume (rerun the same command); a second signal stops at once.
@@ -108,6 +112,11 @@ on_signal() {
 trap 'on_signal 143' TERM
 trap 'on_signal 130' INT
 before=$(latest)  # the latest checkpoint at launch: a stop that saved one leaves a newer one
+# Rank 0 writes its exit status here (torchrun turns any failure into 1): 2 when a live job owns
+# the run (rank 0 takes the run dir's lease, pipeline.lease), 5 diverged, 6 taken over.
+status_file=$(mktemp)
+trap 'rm -f "$status_file"' EXIT
+export PIPELINE_STATUS_FILE=$status_file
 setsid "${cmd[@]}" &
 child=$!
 rc=0
@@ -115,8 +124,13 @@ while :; do  # a trapped signal interrupts wait; go on until the launcher has en
   if wait "$child"; then rc=0; else rc=$?; fi
   kill -0 "$child" 2> /dev/null || break
 done
-if ((rc != 0)) && "$PYTHON" -m pipeline.guard diverged "$run_dir"; then
-  exit "$EXIT_DIVERGED"  # torchrun says 1 when a rank exits with another status; the run dir says why
+status=$(cat "$status_file")
+if ((rc != 0)) && [[ -n $status && $status != 0 ]]; then
+  # 2 and 6: the run is another job's, so its STOP is not this launch's to clear
+  ((status == EXIT_CONFIG || status == EXIT_LOST || status == EXIT_DIVERGED)) && exit "$status"
+  rc=$status
+elif ((rc != 0)) && "$PYTHON" -m pipeline.guard diverged "$run_dir"; then
+  exit "$EXIT_DIVERGED"  # rank 0 ran on another node; the run dir says why
 fi
 if ((stopping)); then
   "$PYTHON" -m pipeline.rundir clear-stop "$run_dir" || true

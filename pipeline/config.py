@@ -283,6 +283,10 @@ class TrackingConfig:
 class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS, else a local instance
     num_workers: int = 2
+    # Elastic (Ray Train's (min, max) group): None keeps the group at num_workers; else it runs on
+    # min_workers..num_workers, shrinks when hosts are lost and grows back when they return.
+    min_workers: int | None = None
+    resize_check_s: float = 60.0  # how often a running elastic group looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
@@ -393,6 +397,7 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
     batch_split(cfg, cfg.ray.num_workers)
+    _validate_elastic(cfg)
     for key, lease in (("lease", cfg.lease), ("eval.claims", cfg.eval.claims)):
         require(lease.heartbeat_s > 0, f"{key}.heartbeat_s", f"must be positive, got {lease.heartbeat_s}")
         require(lease.expiry_s >= 2 * lease.heartbeat_s, f"{key}.expiry_s",
@@ -530,6 +535,26 @@ def _normal(url: str) -> str:
 
 def _under(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
+
+
+def _validate_elastic(cfg: DictConfig) -> None:
+    """An elastic range (``ray.min_workers``..``ray.num_workers``) in which every world size keeps
+    ``train.global_batch_size``, and a group that is allowed to restart after a host loss."""
+    lo, hi = cfg.ray.min_workers, cfg.ray.num_workers
+    if lo is None:
+        return
+    require(1 <= lo <= hi, "ray.min_workers", f"must be in 1..ray.num_workers={hi}, got {lo}")
+    micro, glob = cfg.data.micro_batch_size, cfg.train.global_batch_size
+    bad = [w for w in range(lo, hi + 1) if glob % (micro * w)]
+    good = [w for w in range(1, hi + 1) if glob % (micro * w) == 0]
+    require(not bad, "ray.min_workers",
+            f"world sizes {', '.join(map(str, bad))} of {lo}..{hi} cannot keep train.global_batch_size={glob} "
+            f"(data.micro_batch_size {micro} x accumulation x world size); the sizes up to {hi} that can: "
+            f"{', '.join(map(str, good))} (narrow the range, or change the batch sizes)")
+    require(cfg.ray.max_failures != 0, "ray.max_failures",
+            "an elastic group restarts on the hosts left after a loss, and each restart counts as a failure: "
+            "set how many it may take (-1: no limit)")
+    require(cfg.ray.resize_check_s > 0, "ray.resize_check_s", f"must be positive, got {cfg.ray.resize_check_s}")
 
 
 def batch_split(cfg: DictConfig, world_size: int) -> int:

@@ -97,7 +97,13 @@ class Owner:
         return self.expired() or self.ended()
 
     def describe(self) -> str:
-        job = f"Ray job {self.job_id}" if self.job_id else "a process"
+        if not self.job_id:
+            job = "a process"
+        elif ":" in self.job_id:  # a batch job (launcher_job)
+            kind, _, ident = self.job_id.partition(":")
+            job = f"{'SLURM' if kind == 'slurm' else kind} job {ident}"
+        else:  # a Ray job's submission id
+            job = f"Ray job {self.job_id}"
         cluster = f" of cluster {self.cluster}" if self.cluster else ""
         return f"{job}{cluster} on host {self.host} (pid {self.pid}), last heartbeat {self.age():.0f}s ago"
 
@@ -112,6 +118,27 @@ class LeaseHeld(Exception):
 
 class LeaseLost(Exception):
     """This holder's lease was taken over (it had expired): stop without writing."""
+
+
+def refusal(name: str, run_dir: str, owner: Owner) -> str:
+    """What a launch over a run that ``owner`` holds says before it exits ``Exit.CONFIG``."""
+    return (
+        f"error: run {name} ({run_dir}) is owned by {owner.describe()}. This launch does not train. "
+        f"Either wait for that job to end, or stop it (it checkpoints at the next step boundary) and launch again:\n"
+        f"  python -m pipeline.rundir stop {run_dir}\n"
+        f"(a lease whose heartbeat is older than {owner.expiry_s:g}s is taken over by the next launch)"
+    )
+
+
+def launcher_job() -> str | None:
+    """The batch job this process runs in, for a lease's record (no spaces: ``rundir owner``
+    prints it as one word): ``slurm:<job id>[.<restart count>]``, else ``torchrun:<run id>``
+    when torchrun was given one."""
+    if job := os.environ.get("SLURM_JOB_ID"):
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        return f"slurm:{job}" + (f".{restart}" if restart != "0" else "")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return f"torchrun:{run_id}" if run_id and run_id != "none" else None
 
 
 class Lease:

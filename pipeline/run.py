@@ -47,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import guard
 from pipeline.config import ConfigError, check_paths, load_config, to_flat_dict, to_yaml
-from pipeline.lease import LEASE_TOKEN, Lease, LeaseHeld, LeaseLost, job_identity
+from pipeline.lease import LEASE_TOKEN, Lease, LeaseHeld, LeaseLost, job_identity, refusal
 from pipeline.rundir import CHECKPOINTS, RunDir, step_of
 from pipeline.stop import Exit, StopRequest
 
@@ -142,9 +142,11 @@ def check_resources(cfg: DictConfig) -> None:
     import ray
 
     total = ray.cluster_resources()
-    if cfg.ray.use_gpu and total.get("GPU", 0) < cfg.ray.num_workers:
-        raise ConfigError(f"ray.num_workers: {cfg.ray.num_workers} GPU workers asked, the cluster has {total.get('GPU', 0):g} GPUs")
-    need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    workers = cfg.ray.min_workers or cfg.ray.num_workers  # an elastic group starts with what there is
+    if cfg.ray.use_gpu and total.get("GPU", 0) < workers:
+        key = "ray.min_workers" if cfg.ray.min_workers else "ray.num_workers"
+        raise ConfigError(f"{key}: {workers} GPU workers asked, the cluster has {total.get('GPU', 0):g} GPUs")
+    need = workers * cfg.ray.cpus_per_worker
     if total.get("CPU", 0) < need:
         raise ConfigError(f"ray.cpus_per_worker: {need:g} CPUs asked for training, the cluster has {total.get('CPU', 0):g}")
 
@@ -198,7 +200,9 @@ def fit(cfg: DictConfig):
         train_loop_config=OmegaConf.to_container(cfg, resolve=True),
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker}
+            num_workers=(cfg.ray.num_workers if cfg.ray.min_workers is None else (cfg.ray.min_workers, cfg.ray.num_workers)),
+            elastic_resize_monitor_interval_s=cfg.ray.resize_check_s,
+            use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
         ),
         run_config=RunConfig(name="ray", storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
@@ -249,6 +253,8 @@ def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> di
     check_resources(cfg)
     _install_stop_handler(run)
     prep = prepare_data(cfg)
+    if not _still_owner(lease):  # frozen (or preparing data) past the expiry: the run went to another launch
+        raise LeaseLost(f"{run.url} was taken over by another launch before this one wrote to it")
 
     resumed = bool(run.mlflow_run_id) and not cfg.tracking.run_id
     tracker = Tracker.start(cfg, run_id=run.mlflow_run_id if resumed else None)
@@ -474,11 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return Exit.CONFIG
     except LeaseHeld as e:
-        print(f"error: run {cfg.name} ({cfg.run_dir}) is owned by {e.owner.describe()}. This launch does not train. "
-              f"Either wait for that job to end, or stop it (it checkpoints at the next step boundary) and launch again:\n"
-              f"  python -m pipeline.rundir stop {cfg.run_dir}\n"
-              f"(a lease whose heartbeat is older than {e.owner.expiry_s:g}s is taken over by the next launch)",
-              file=sys.stderr, flush=True)
+        print(refusal(cfg.name, cfg.run_dir, e.owner), file=sys.stderr, flush=True)
         return Exit.CONFIG
     except LeaseLost as e:
         print(f"lease lost: {e}; this job stopped without writing (no checkpoint, summary or MLflow status): "

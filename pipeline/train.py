@@ -36,7 +36,7 @@ from pipeline.engine import (
     loss_fn,
     warmup_decay,
 )
-from pipeline.lease import LEASE_TOKEN, Fence
+from pipeline.lease import LEASE_TOKEN, Fence, Lease, LeaseHeld, launcher_job, refusal
 from pipeline.model import flops_per_image, from_config
 from pipeline.stop import Exit, StopRequest
 from pipeline.tracking import SystemMetrics, Tracker, tracking_uri
@@ -216,6 +216,11 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             tracker.log_params(to_flat_dict(cfg))
             tracker.log_text(to_yaml(cfg), "config.yaml")
     logged_upto = _last_logged_step(tracker) if tracker is not None else 0  # recovery: steps logged before a restart
+    if (saved_world := int(meta.get("world_size") or world)) != world:  # an elastic group resized, or a rerun
+        log.warning("resized: step %d resumes on %d ranks, its checkpoint was saved by %d", step, world, saved_world)
+        if tracker is not None:
+            tracker.log_metrics({"elastic/resized_from": saved_world, "elastic/resized_to": world}, step)
+            tracker.set_tags({f"elastic.resize.step_{step}": f"{saved_world} -> {world} ranks"})
     monitor = _system_metrics(cfg.tracking.system_metrics, tracker)
     dtype = DTYPES[cfg.train.precision]
     loss_of = functools.partial(loss_fn, kind=cfg.train.loss, label_smoothing=cfg.train.label_smoothing)
@@ -305,7 +310,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
                 "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "train/images_per_s": ips, "train/tokens_per_s": ips * tokens_per_image,
                 "train/memory_gib_max_rank": mem.item(), "train/samples_seen": samples_seen,
-                "train/skipped_samples": stream.skipped,
+                "train/skipped_samples": stream.skipped, "train/world_size": world,
                 **(sentry.metrics() if sentry is not None else {}),
             }
             if peak:
@@ -440,19 +445,77 @@ def _system_metrics(enabled: bool, tracker: Tracker | None):
 
 def main(argv: list[str] | None = None) -> int:
     """Exits 0 at the end of training, ``Exit.STOPPED`` (3) after a stop request (SIGTERM, the
-    run dir's STOP) with the stop checkpoint saved."""
+    run dir's STOP) with the stop checkpoint saved, ``Exit.CONFIG`` (2) when a live job owns the
+    run, ``Exit.DIVERGED`` (5), ``Exit.LOST`` (6) when another launch took the run over. Rank 0
+    also writes its status to $PIPELINE_STATUS_FILE when set: torchrun itself exits 1 whenever
+    a rank exits with another status than 0, and launch/train_dist.sh passes the real one on."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]
     path = argv[0] if argv and "=" not in argv[0] else None
     cfg = load_config(path, argv[1:] if path else argv)
-    summary = train(cfg)
-    if dist.get_rank() == 0:
-        print(json.dumps(summary))
-    dist.barrier()
-    dist.destroy_process_group()
+    rank, _, device = dist_setup()
+    code = _run(cfg, rank, device)
+    if rank == 0 and (where := os.environ.get(STATUS_FILE)):
+        Path(where).write_text(f"{int(code)}\n")
+    return code
+
+
+STATUS_FILE = "PIPELINE_STATUS_FILE"
+
+
+def _run(cfg: DictConfig, rank: int, device: torch.device) -> Exit:
+    lease = None
+    if not os.environ.get(LEASE_TOKEN):  # torchrun or the deepspeed launcher: no driver owns the run
+        lease = _own_run(cfg, rank, device)
+        if lease is False:
+            dist.destroy_process_group()
+            return Exit.CONFIG
+    try:
+        summary = train(cfg)
+        if rank == 0:
+            print(json.dumps(summary))
+        dist.barrier()
+        dist.destroy_process_group()
+    finally:
+        if lease:
+            lease.release()  # a lease another launch took over is left to it
+    if summary["lost"]:
+        return Exit.LOST
     if (summary.get("guard") or {}).get("diverged"):
         return Exit.DIVERGED
     return Exit.STOPPED if summary["preempted"] and summary["step"] < summary["total_steps"] else Exit.OK
+
+
+def _own_run(cfg: DictConfig, rank: int, device: torch.device) -> Lease | None | bool:
+    """Own the run when no driver does (``pipeline.lease``): rank 0 takes the run dir's lease,
+    renews it in a thread and hands its token to its own fence (see ``_train``); every rank
+    learns in one all-reduce whether it did. Returns rank 0's lease (None on the other ranks),
+    or False on every rank when a live job owns the run (rank 0 says who)."""
+    lease, held, failed = None, None, None
+    if rank == 0:
+        run = rundir.RunDir(cfg.run_dir)
+        lease = Lease(run.lease_url, cfg.lease.heartbeat_s, cfg.lease.expiry_s, job_id=launcher_job())
+        try:
+            if (previous := lease.acquire()) is not None:
+                why = "its process has ended" if previous.ended() else f"no heartbeat for over {previous.expiry_s:g}s"
+                print(f"took over {run.url} from {previous.describe()} ({why})", file=sys.stderr, flush=True)
+            os.environ[LEASE_TOKEN] = lease.token
+            lease.start()
+        except LeaseHeld as e:
+            held = refusal(cfg.name, cfg.run_dir, e.owner)
+        except Exception as e:  # the store did not answer: every rank stops, rank 0 says why
+            failed = e
+    verdict = torch.tensor(2.0 if failed else float(held is not None), device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    if failed is not None:
+        raise failed
+    if verdict.item() == 2.0:
+        raise RuntimeError("rank 0 could not take the run dir's lease (see its log)")
+    if verdict.item():
+        if held is not None:
+            print(held, file=sys.stderr, flush=True)
+        return False
+    return lease
 
 
 if __name__ == "__main__":

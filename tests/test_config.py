@@ -80,6 +80,22 @@ def test_batch_split_is_validated_against_the_world_size():
         batch_split(cfg, 3)
 
 
+def test_an_elastic_range_is_refused_unless_every_world_size_in_it_keeps_the_global_batch():
+    demo = CONFIGS / "experiment" / "demo.yaml"  # global 128, micro 64: world sizes 1 and 2
+    ok = load_config(demo, ["ray.min_workers=1", "ray.num_workers=2", "ray.max_failures=-1"])
+    assert [batch_split(ok, w) for w in (1, 2)] == [2, 1]
+    wide = ["data.micro_batch_size=8", "ray.num_workers=8", "ray.max_failures=3"]  # 128 / 8 = 16 = world x accumulation
+    with pytest.raises(ConfigError) as e:
+        load_config(demo, [*wide, "ray.min_workers=3"])
+    assert str(e.value) == (
+        "ray.min_workers: world sizes 3, 5, 6, 7 of 3..8 cannot keep train.global_batch_size=128 (data.micro_batch_size 8 "
+        "x accumulation x world size); the sizes up to 8 that can: 1, 2, 4, 8 (narrow the range, or change the batch sizes)")
+    for bad, key in ((["ray.min_workers=0"], "ray.min_workers"), (["ray.min_workers=3"], "ray.min_workers"),  # of 1..2
+                     (["ray.min_workers=1", "ray.max_failures=0"], "ray.max_failures")):  # a restart is a failure
+        with pytest.raises(ConfigError, match=rf"^{key}: "):
+            load_config(demo, ["ray.max_failures=3", *bad])
+
+
 def test_schedule_warmup_end_and_last_step():
     cfg = load_config(CONFIGS / "experiment" / "demo.yaml", ["optim.lr=1e-3", "optim.warmup_steps=10", "optim.end_lr=1e-5"])
     assert lr_at(cfg, 0, 100) == pytest.approx(1e-4)

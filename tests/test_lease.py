@@ -276,6 +276,52 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
     assert not (out / "LEASE").exists()  # released by the new owner, not recreated by the old
 
 
+# ---------------------------------------------------------------- launch/train_dist.sh (torchrun): rank 0 owns the run
+
+
+@pytest.mark.timeout(300)
+def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains(tmp_path, capsys):
+    import subprocess
+
+    from conftest import ROOT, write_shards
+    from test_guard import DEMO, _env, _overrides
+    from test_recovery import TINY
+
+    from pipeline.run import main
+
+    shards = write_shards(tmp_path / "shards", num_classes=4, per_shard=[40, 40, 40])
+    out = tmp_path / "run"
+    cmd = [str(ROOT / "launch" / "train_dist.sh"), "--nproc", "2", str(DEMO), *_overrides(out, shards)]
+
+    owner = _fabricated(str(out / "LEASE"), expiry_s=120)
+    refused = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == Exit.CONFIG, refused.stdout[-3000:] + refused.stderr[-5000:]
+    assert f"is owned by Ray job raysubmit_other of cluster 10.0.0.9:6379 on host {owner.me.host}" in refused.stderr
+    assert "This launch does not train" in refused.stderr
+    assert owner.holds() and not (out / "checkpoints").exists() and not (out / "mlflow.db").exists()
+    owner.release()
+
+    # Its own run: rank 0 holds the lease while it trains (a Ray launch of the run is refused, naming
+    # the torchrun job) and releases it at the end.
+    with subprocess.Popen([*cmd, "train.steps=24"], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            deadline = time.time() + 120
+            while not (out / "LEASE").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert (out / "LEASE").exists(), "train_dist.sh took no lease"
+            capsys.readouterr()
+            assert main([str(DEMO), f"output_dir={out}", *TINY]) == Exit.CONFIG
+            err = capsys.readouterr().err
+            assert re.search(r"is owned by torchrun job \S+ on host \S+ \(pid \d+\)", err), err
+            text, _ = proc.communicate(timeout=200)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, text[-6000:]
+    assert (out / "checkpoints" / "step_00000024").is_dir()
+    assert not (out / "LEASE").exists()  # released at the end
+
+
 # ---------------------------------------------------------------- evaluations, claimed once
 
 

@@ -168,3 +168,55 @@ def test_losing_a_host_restarts_the_group_from_the_latest_checkpoint_in_s3(clust
     run_id = fs.cat("runs/two/hostloss/mlflow_run_id").decode().strip()
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 13))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.timeout(1200)
+def test_an_elastic_group_goes_on_without_a_lost_host_and_grows_back_when_it_returns(cluster):
+    """min 1 / max 2 workers, one per host (each host has 1 CPU): host 2 lost for good -> the
+    run goes on with 1 rank from the latest checkpoint (resharded); host 2 back -> 2 ranks again."""
+    h1, h2, env = cluster["h1"], cluster["h2"], cluster["env"]
+    fs = _s3fs(cluster["s3"])
+    total = 18
+    job = h1.popen([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={cluster['disk']}/elastic",
+                    "name=elastic", "ray.storage_path=s3://runs/two", f"ray.address={h1.addr}:6379", "ray.min_workers=1",
+                    "ray.num_workers=2", "ray.max_failures=4", "ray.resize_check_s=5", "eval.enabled=false", *TINY,
+                    f"train.steps={total}", "train.checkpoint_every=3"], env, "elastic-job")
+    log = cluster["logs"] / f"{h1.name}-elastic-job.log"
+    steps = re.compile(rf"step (\d+)/{total} loss")
+    end = time.time() + 900
+
+    def wait(what: str, ok) -> float:
+        while not ok(log.read_text()):
+            assert job.poll() is None and time.time() < end, f"waiting for {what}:\n" + log.read_text()[-6000:]
+            time.sleep(0.5)
+            fs.invalidate_cache()
+        return time.time()
+
+    wait("step 4 on 2 ranks", lambda t: fs.exists("runs/two/elastic/checkpoints/step_00000003/COMPLETE")
+         and any(int(m) >= 4 for m in steps.findall(t)))
+    before = len(log.read_text())
+    t_kill = time.time()
+    h2.kill_all()  # for good: no Ray node comes back on host 2 until the group has shrunk
+    t_small = wait("a step on 1 rank", lambda t: "resumes on 1 ranks" in t[before:] and steps.search(t[before:].split("resumes on 1 ranks", 1)[1]))
+    small = len(log.read_text())
+    h2.boot()
+    t_back = time.time()
+    h2.popen([cluster["ray"], "start", "--block", "--address", f"{h1.addr}:6379", "--node-ip-address", h2.addr,
+              "--num-cpus", "1", "--disable-usage-stats"], env, "ray-worker-back")
+    t_big = wait("a step on 2 ranks", lambda t: "resumes on 2 ranks" in t[small:] and steps.search(t[small:].split("resumes on 2 ranks", 1)[1]))
+    assert job.wait(400) == 0, log.read_text()[-6000:]
+    print(f"\nelastic: host 2 lost -> first step on 1 rank after {t_small - t_kill:.0f}s; host 2 back -> first step "
+          f"on 2 ranks after {t_big - t_back:.0f}s")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster["mlflow"])
+    run_id = fs.cat("runs/two/elastic/mlflow_run_id").decode().strip()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, total + 1))
+    sizes = [int(m.value) for m in sorted(client.get_metric_history(run_id, "train/world_size"), key=lambda m: m.step)]
+    changes = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
+    assert changes == [2, 1, 2], sizes
+    resizes = sorted(v for k, v in run.data.tags.items() if k.startswith("elastic.resize."))
+    assert resizes == ["1 -> 2 ranks", "2 -> 1 ranks"], run.data.tags
