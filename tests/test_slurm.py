@@ -121,9 +121,11 @@ def test_scancel_term_stops_at_the_next_step_with_a_checkpoint_and_requeue_finis
     stopped = _complete_steps(run_dir)[-1]
     first = log.read_text()
     assert "to resume, rerun the same command" in first
-    # SLURM holds a requeued job for 2 minutes (BeginTime); let it start now.
+    # SLURM holds a requeued job for 2 minutes (BeginTime); let it start in 3 s, not now: slurmd
+    # refuses a launch whose credential is from the same second as the requeue revoked the old
+    # one ("Job credential revoked"; seen in CI as a FAILED rerun that never started).
     slurm.wait_state(job, {"PENDING"}, 60)
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now+3")
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
