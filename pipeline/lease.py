@@ -130,6 +130,12 @@ def refusal(name: str, run_dir: str, owner: Owner) -> str:
     )
 
 
+def took_over(url: str, previous: Owner) -> str:
+    """What a launch that took the lease of ``url`` over from ``previous`` says."""
+    why = "its process has ended" if previous.ended() else f"no heartbeat for over {previous.expiry_s:g}s"
+    return f"took over {url} from {previous.describe()} ({why})"
+
+
 def launcher_job() -> str | None:
     """The batch job this process runs in, for a lease's record (no spaces: ``rundir owner``
     prints it as one word): ``slurm:<job id>[.<restart count>]``, else ``torchrun:<run id>``

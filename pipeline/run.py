@@ -47,7 +47,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import guard
 from pipeline.config import ConfigError, check_paths, load_config, to_flat_dict, to_yaml
-from pipeline.lease import LEASE_TOKEN, Lease, LeaseHeld, LeaseLost, job_identity, refusal
+from pipeline.lease import (
+    LEASE_TOKEN,
+    Lease,
+    LeaseHeld,
+    LeaseLost,
+    job_identity,
+    refusal,
+    took_over,
+)
 from pipeline.rundir import CHECKPOINTS, RunDir, step_of
 from pipeline.stop import Exit, StopRequest
 
@@ -238,8 +246,7 @@ def take_lease(cfg: DictConfig, run: RunDir) -> Lease:
                   cluster=cfg.ray.address or cluster)
     previous = lease.acquire()
     if previous is not None:
-        why = "its process has ended" if previous.ended() else f"no heartbeat for over {previous.expiry_s:g}s"
-        print(f"took over {run.url} from {previous.describe()} ({why})", flush=True)
+        print(took_over(run.url, previous), flush=True)
     os.environ[LEASE_TOKEN] = lease.token
     return lease.start()
 

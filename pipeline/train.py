@@ -36,7 +36,7 @@ from pipeline.engine import (
     loss_fn,
     warmup_decay,
 )
-from pipeline.lease import LEASE_TOKEN, Fence, Lease, LeaseHeld, launcher_job, refusal
+from pipeline.lease import LEASE_TOKEN, Fence, Lease, LeaseHeld, launcher_job, refusal, took_over
 from pipeline.model import flops_per_image, from_config
 from pipeline.stop import Exit, StopRequest
 from pipeline.tracking import SystemMetrics, Tracker, tracking_uri
@@ -497,8 +497,7 @@ def _own_run(cfg: DictConfig, rank: int, device: torch.device) -> Lease | None |
         lease = Lease(run.lease_url, cfg.lease.heartbeat_s, cfg.lease.expiry_s, job_id=launcher_job())
         try:
             if (previous := lease.acquire()) is not None:
-                why = "its process has ended" if previous.ended() else f"no heartbeat for over {previous.expiry_s:g}s"
-                print(f"took over {run.url} from {previous.describe()} ({why})", file=sys.stderr, flush=True)
+                print(took_over(run.url, previous), file=sys.stderr, flush=True)
             os.environ[LEASE_TOKEN] = lease.token
             lease.start()
         except LeaseHeld as e:
