@@ -341,11 +341,10 @@ def _replay_cpu_adam_beta_powers(engine) -> None:
 
 
 def _merged_data_state(rank_files: list[Path]) -> dict:
-    """Every saved reader's position in one data-stream state (as saved: old world size)."""
-    states = [_load_rank_file(f).get("data") or {} for f in rank_files]
-    positions = [pos for s in states for pos in s.get("positions", {}).values()]
-    return {"batches": 0, "positions": {str(i): list(p) for i, p in enumerate(positions)},
-            "world_size": states[0].get("world_size"), "num_workers": states[0].get("num_workers")}
+    """Every saved rank's data-stream state in one (as saved: old world size)."""
+    from pipeline.data import merge_states
+
+    return merge_states([_load_rank_file(f).get("data") or {} for f in rank_files])
 
 
 def load_ema_full(tag_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int] | None:

@@ -64,6 +64,11 @@ class Backend(Choice):
     gloo = "gloo"
 
 
+class Order(Choice):
+    readers = "readers"  # each (rank, loader worker) reads its own stream: the order follows the world size
+    canonical = "canonical"  # canonical streams: the samples of step s depend on (seed, s) alone (elastic runs)
+
+
 class Interpolation(Choice):
     bilinear = "bilinear"  # vit_jax's scipy zoom, order 1
     bicubic = "bicubic"  # timm's
@@ -92,6 +97,8 @@ class DataConfig:
     crop_max_area: float = 1.0
     flip: bool = True
     prefetch_factor: int = 2
+    order: Order = Order.readers  # canonical: the same samples at every step whatever the world size or workers
+    streams: int = 0  # canonical streams (order=canonical); 0: global batch / (micro / gcd(micro, 8))
 
 
 @dataclass
@@ -398,6 +405,9 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
     batch_split(cfg, cfg.ray.num_workers)
     _validate_elastic(cfg)
+    sizes = range(cfg.ray.num_workers if cfg.ray.min_workers is None else cfg.ray.min_workers, cfg.ray.num_workers + 1)
+    for world in sizes:
+        data_streams(cfg, world)
     for key, lease in (("lease", cfg.lease), ("eval.claims", cfg.eval.claims)):
         require(lease.heartbeat_s > 0, f"{key}.heartbeat_s", f"must be positive, got {lease.heartbeat_s}")
         require(lease.expiry_s >= 2 * lease.heartbeat_s, f"{key}.expiry_s",
@@ -567,6 +577,22 @@ def batch_split(cfg: DictConfig, world_size: int) -> int:
         f"{glob} is not a multiple of data.micro_batch_size x world size = {micro} x {world_size} = {per_step}",
     )
     return glob // per_step
+
+
+def data_streams(cfg: DictConfig, world_size: int) -> int:
+    """The canonical streams of ``data.order=canonical`` at this world size (0 for reader order)."""
+    from pipeline.data import default_streams
+
+    if cfg.data.order != Order.canonical:
+        return 0
+    glob, micro = cfg.train.global_batch_size, cfg.data.micro_batch_size
+    streams = cfg.data.streams or default_streams(glob, micro)
+    require(streams > 0 and glob % streams == 0, "data.streams",
+            f"{streams} streams do not divide train.global_batch_size={glob} (every stream gives as many samples a step)")
+    require(streams % world_size == 0, "data.streams",
+            f"{streams} streams cannot be shared by {world_size} ranks (a rank reads every {world_size}-th stream); "
+            f"use a multiple of every world size the run may have")
+    return streams
 
 
 def to_yaml(cfg: DictConfig) -> str:

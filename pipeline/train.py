@@ -24,8 +24,8 @@ from pipeline import checkpoint, guard, rundir
 from pipeline.augment import mixup_lambda
 from pipeline.checkpoint import resume_source  # noqa: F401  (tests ask train for it)
 from pipeline.checkpoint import staging_dir as local_ckpt_dir  # noqa: F401
-from pipeline.config import batch_split, load_config, to_flat_dict, to_yaml
-from pipeline.data import ShardIndex, StreamSpec, TrainStream
+from pipeline.config import batch_split, data_streams, load_config, to_flat_dict, to_yaml
+from pipeline.data import CanonicalStream, ShardIndex, StreamSpec, TrainStream, train_stream
 from pipeline.ema import EMA
 from pipeline.engine import (
     DTYPES,
@@ -193,9 +193,10 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         batch_size=cfg.data.micro_batch_size, image_size=image_size, num_classes=num_classes, seed=cfg.train.seed,
         shuffle_block=cfg.data.shuffle_block, crop_area=(cfg.data.crop_min_area, cfg.data.crop_max_area), flip=cfg.data.flip,
         randaug_layers=cfg.aug.randaug_layers, randaug_magnitude=cfg.aug.randaug_magnitude,
+        streams=data_streams(cfg, world), global_batch=cfg.train.global_batch_size,
     )
     rng = checkpoint.rng_state()
-    stream = TrainStream(spec, data_state)
+    stream = train_stream(spec, data_state)
     ckpts.track(stream=stream)
     checkpoint.set_rng_state(rng)  # the DataLoader seeds its workers from the global RNG: keep dropout's stream exact on resume
     if sentry is not None:
@@ -356,13 +357,13 @@ def _train(cfg: DictConfig, on_checkpoint=None):
 
 # ---------------------------------------------------------------- the divergence guard (pipeline.guard)
 
-def _skip_batches(stream: TrainStream, upto: int) -> None:
+def _skip_batches(stream: TrainStream | CanonicalStream, upto: int) -> None:
     """Consume the stream's batches until it has delivered ``upto`` (its position is per rank)."""
     while stream.batches < upto:
         next(stream)
 
 
-def _roll_back(sentry: guard.Guard, trouble: guard.Trouble, ckpts: checkpoint.CheckpointManager, stream: TrainStream,
+def _roll_back(sentry: guard.Guard, trouble: guard.Trouble, ckpts: checkpoint.CheckpointManager, stream: TrainStream | CanonicalStream,
                step: int, train_cfg: DictConfig, accum: int, tracker: Tracker | None) -> tuple[dict, dict | None]:
     """Back to the newest checkpoint before the trouble, past the data since then (every rank);
     ``(its meta, None)``, or ``({}, why)`` when there is no such checkpoint or the rollbacks ran out."""

@@ -96,6 +96,27 @@ def test_an_elastic_range_is_refused_unless_every_world_size_in_it_keeps_the_glo
             load_config(demo, ["ray.max_failures=3", *bad])
 
 
+def test_the_canonical_order_refuses_streams_that_a_world_size_of_the_range_cannot_share():
+    from pipeline.config import data_streams
+
+    demo = CONFIGS / "experiment" / "demo.yaml"  # global 128, micro 64
+    elastic = ["ray.min_workers=1", "ray.num_workers=2", "ray.max_failures=-1", "data.order=canonical"]
+    cfg = load_config(demo, elastic)
+    assert [data_streams(cfg, w) for w in (1, 2)] == [16, 16]  # 8 samples of each of 16 streams a step, any size
+    assert data_streams(load_config(demo), 2) == 0  # the reader order stays the default
+    wide = ["data.micro_batch_size=8", "ray.num_workers=8", "ray.max_failures=3",
+            "data.order=canonical"]
+    assert data_streams(load_config(demo, wide), 8) == 128  # micro 8: one sample of each stream
+    with pytest.raises(ConfigError) as e:
+        load_config(demo, [*wide, "data.streams=4"])
+    assert str(e.value) == ("data.streams: 4 streams cannot be shared by 8 ranks (a rank reads every 8-th stream); "
+                            "use a multiple of every world size the run may have")
+    with pytest.raises(ConfigError, match=r"^data.streams: 48 streams do not divide train.global_batch_size=128"):
+        load_config(demo, [*elastic, "data.streams=48"])
+    with pytest.raises(ConfigError, match=r"^data.order: "):
+        load_config(demo, ["data.order=global"])
+
+
 def test_schedule_warmup_end_and_last_step():
     cfg = load_config(CONFIGS / "experiment" / "demo.yaml", ["optim.lr=1e-3", "optim.warmup_steps=10", "optim.end_lr=1e-5"])
     assert lr_at(cfg, 0, 100) == pytest.approx(1e-4)

@@ -190,3 +190,80 @@ def test_a_corrupt_tar_header_names_the_shard_and_the_offset(tmp_path):
     open(url, "wb").write(bytes(data))
     with pytest.raises(ValueError, match=r"t\.tar: bad tar header checksum at byte 1536"):
         list(iter_tar_samples(url))
+
+
+# ---------------------------------------------------------------- the canonical order (data.order=canonical)
+
+
+def canonical(index: str, rank: int, world: int, workers: int, streams: int, state=None, glob: int = 24):
+    from pipeline.data import CanonicalStream
+
+    s = spec(index, rank=rank, world=world, workers=workers, block=8)
+    s.streams, s.global_batch = streams, glob
+    return CanonicalStream(s, state)
+
+
+def global_steps(streams_of_ranks: list, steps: int, glob: int = 24, micro: int = 4) -> list[dict[str, int]]:
+    """Per global step: every sample key of every rank's micro-batches -> a checksum of its pixels."""
+    out = []
+    for _ in range(steps):
+        step: dict[str, int] = {}
+        for stream in streams_of_ranks:
+            for _ in range(glob // len(streams_of_ranks) // micro):
+                batch = next(stream)
+                assert batch["images"].shape == (micro, 16, 16, 3) and len(batch["keys"]) == micro
+                for key, image in zip(batch["keys"], batch["images"], strict=True):
+                    step[key] = step.get(key, 0) + int(image.to(torch.int64).sum())  # a key twice in a step adds up
+        out.append(step)
+    return out
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("streams", [24, 6])
+def test_the_samples_of_each_global_step_are_the_same_for_any_world_size_and_worker_count(uneven, streams):
+    from pipeline.data import default_streams
+
+    assert default_streams(24, 4) == 24  # micro-batch 4: one sample of each of 24 streams a step
+    steps = 5  # 120 samples of a 41-sample set: the streams cross several passes
+    reference = global_steps([canonical(uneven, 0, 1, 0, streams)], steps)
+    assert sum(len(s) for s in reference) >= 41 * 2, "steps are made of distinct samples, not one repeated"
+    for world in (1, 2, 3):
+        for workers in (1, 2):
+            got = global_steps([canonical(uneven, r, world, workers, streams) for r in range(world)], steps)
+            assert got == reference, f"world {world} x {workers} workers read other samples (or crops) than 1 rank"
+
+
+@pytest.mark.timeout(300)
+def test_a_resize_mid_pass_goes_on_with_the_samples_the_fixed_run_takes_next(uneven):
+    from pipeline.data import merge_states
+
+    reference = global_steps([canonical(uneven, 0, 1, 0, 6)], 6)
+    two = [canonical(uneven, r, 2, 2, 6) for r in range(2)]
+    got = global_steps(two, 2)  # 48 of 41 samples: the second pass has begun
+    states = [s.state_dict() for s in two]
+    assert {tuple(p) for s in states for p in s["positions"].values()} != {(0, 0)}
+    three = [canonical(uneven, r, 3, 1, 6, merge_states(states)) for r in range(3)]  # 2 -> 3 ranks, 2 -> 1 workers
+    got += global_steps(three, 2)
+    one = canonical(uneven, 0, 1, 2, 6, merge_states([s.state_dict() for s in three]))  # 3 -> 1 rank
+    got += global_steps([one], 2)
+    assert got == reference
+
+
+@pytest.mark.timeout(120)
+def test_canonical_streams_skip_and_count_corrupt_samples_and_refuse_a_world_size_they_cannot_share(tmp_path):
+    index = write_shards(tmp_path, per_shard=[20], corrupt_keys=("000000003", "000000011"))
+    stream = canonical(index, 0, 1, 0, 4, glob=8)
+    keys = list(itertools.chain.from_iterable(next(stream)["keys"] for _ in range(4)))
+    assert stream.skipped == 2 and len(keys) == 16 and not {"000000003", "000000011"} & set(keys)
+    with pytest.raises(ValueError, match="4 canonical streams cannot feed a global batch of 8 on 3 ranks"):
+        canonical(index, 0, 3, 0, 4, glob=8)
+    with pytest.raises(ValueError, match="5 canonical streams"):
+        canonical(index, 0, 1, 0, 5, glob=8)
+
+
+def test_a_stream_state_saved_in_one_order_starts_the_next_pass_in_the_other(uneven, caplog):
+    reader_state = {"batches": 3, "positions": {"0": [1, 5], "1": [0, 9]}, "world_size": 1, "num_workers": 2}
+    stream = canonical(uneven, 0, 1, 0, 6, state=reader_state)
+    assert set(stream.positions.values()) == {(2, 0)} and "in reader order" in caplog.text
+    canonical_state = {"batches": 3, "streams": 6, "positions": {"0": [1, 2]}, "world_size": 1, "num_workers": 0}
+    assert set(TrainStream(spec(uneven, world=1, workers=0), canonical_state).positions.values()) == {(2, 0)}

@@ -378,3 +378,16 @@ def test_a_bad_planning_setting_is_an_error_naming_the_key(tmp_path, override, k
 
     with pytest.raises(ConfigError, match=key):
         load_config(None, [f"source={tmp_path}", f"output={tmp_path / 'o'}", override])
+
+
+@pytest.mark.timeout(300)
+def test_the_planning_benchmark_runs_its_three_planners_and_the_ray_plans_agree(ray_planner, tmp_path):
+    """``bench/bench_planning.py`` at a small size (its figures come from the by-hand runs)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_planning.py"), "--lines", "20000",
+                          "--range-mb", "1", "--holdout", "2000", "--address", ray_planner, "--keep", str(tmp_path)],
+                         capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if "records/s" in line]
+    assert [r.split(":")[0].strip() for r in rows] == ["in-process", "ray, 1 task", "ray, 2 tasks"]
+    assert "ray plans byte-identical across task counts: True" in out.stdout
+    assert "ray 2 tasks / 1 task:" in out.stdout and "ray 1 task / in-process:" in out.stdout

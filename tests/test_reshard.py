@@ -7,6 +7,8 @@ stage, 2 ranks train to step 4 and stop; the same command on 1 rank resumes ther
 at step 6; the same command on 2 ranks again resumes there and finishes at step 8. The
 worker dumps the whole fp32 master weights, both Adam moments and the EMA right after each
 checkpoint is saved and right after each is loaded (``tests/workers/train_phases.py``).
+The runs read in the canonical order (``data.order=canonical``), so each step's samples are
+those of a one-rank run's step, across both resizes.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ def resized(tmp_path_factory) -> dict:
     def phase(stage: int, dumps: dict, **extra) -> dict:
         """The same command for every world size (``extra``: where it stops), with its state dumps."""
         ov = overrides(root / f"Z{stage}", shards, uri, **{"deepspeed.zero_stage": stage, "train.ema.decay": 0.7,
-                                                            "train.checkpoint_every": 2, **extra})
+                                                            "train.checkpoint_every": 2, "data.order": "canonical",
+                                                            **extra})
         return {"name": f"Z{stage}", "overrides": ov, **{k: str(root / f"Z{stage}_{v}.pt") for k, v in dumps.items()}}
 
     two = run_phases(2, [phase(z, {"save_saved": "saved4"}, **{"train.stop_at_step": 4}) for z in STAGES], root / "two", 600)
     one = run_phases(1, [phase(z, {"save_resumed": "resumed4", "save_saved": "saved6"}, **{"train.stop_at_step": 6})
                          for z in STAGES], root / "one", 600)
     back = run_phases(2, [phase(z, {"save_resumed": "resumed6"}) for z in STAGES], root / "back", 600)
-    return {"root": root, "two": two, "one": one, "back": back}
+    return {"root": root, "two": two, "one": one, "back": back, "config": lambda stage: phase(stage, {})["overrides"]}
 
 
 def _assert_same_state(root, before: str, after: str) -> None:
@@ -118,3 +121,29 @@ def test_a_complete_conversion_is_reused_and_a_checkpoint_of_this_world_size_is_
     assert checkpoint.CheckpointManager(run, staging).prepare() == (staging, TAG6), "saved at this world size (1)"
     _tag(tmp_path / "run" / "checkpoints", "step_00000008", world_size=None)
     assert checkpoint.CheckpointManager(run, staging).prepare() == (staging, "step_00000008"), "no world size recorded"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stage", STAGES)
+def test_in_the_canonical_order_every_step_across_both_resizes_takes_the_samples_of_a_one_rank_run(resized, stage):
+    from collections import Counter
+
+    from pipeline.config import data_streams, load_config
+    from pipeline.data import StreamSpec, train_stream
+    from test_resume import keys_by_step
+
+    root, name = resized["root"], f"Z{stage}"
+    cfg = load_config(None, resized["config"](stage))
+    assert cfg.data.order == "canonical" and data_streams(cfg, 1) == 16
+    logged: dict[int, Counter] = {}
+    for steps in keys_by_step(root / name).values():  # ranks 0 and 1: 2 ranks, then 1, then 2 again
+        for step, micro_batches in steps.items():
+            logged.setdefault(step, Counter()).update(k for keys in micro_batches for k in keys)
+    assert sorted(logged) == list(range(8)) and all(sum(c.values()) == 16 for c in logged.values())
+    spec = StreamSpec(index_url=cfg.data.train, rank=0, world_size=1, num_workers=0, batch_size=4, image_size=16,
+                      num_classes=4, seed=cfg.train.seed, shuffle_block=cfg.data.shuffle_block, crop_area=(0.8, 1.0),
+                      flip=True, streams=16, global_batch=16)
+    one_rank = train_stream(spec)
+    for step in range(8):
+        expected = Counter(k for _ in range(4) for k in next(one_rank)["keys"])
+        assert logged[step] == expected, f"step {step} took other samples than a 1-rank run's step {step}"
