@@ -128,9 +128,10 @@ def test_a_complete_conversion_is_reused_and_a_checkpoint_of_this_world_size_is_
 def test_in_the_canonical_order_every_step_across_both_resizes_takes_the_samples_of_a_one_rank_run(resized, stage):
     from collections import Counter
 
+    from test_resume import keys_by_step
+
     from pipeline.config import data_streams, load_config
     from pipeline.data import StreamSpec, train_stream
-    from test_resume import keys_by_step
 
     root, name = resized["root"], f"Z{stage}"
     cfg = load_config(None, resized["config"](stage))
