@@ -416,7 +416,7 @@ def scatter_range(cfg: PrepConfig, kind: str, r: Range, n_buckets: int,
             continue
         entries += 1
         for label in item.labels:
-            if isinstance(label, str):
+            if type(label) is str:
                 names.add(label)
             else:
                 max_int = max(max_int, label)
@@ -448,10 +448,16 @@ def _content(item: Entry) -> bytes:
     if item.extra:
         tail["extra"] = item.extra
     rest = "," + _COMPACT.encode(tail)[1:] if tail else "}"
-    return f"{_COMPACT.encode(item.labels)}\t{_COMPACT.encode(item.url)}\t{rest}".encode()
+    labels = item.labels
+    if all(type(label) is str for label in labels):  # the usual case, without the encoder's call layers
+        labels = "[" + ",".join(map(_string, labels)) + "]"
+    else:
+        labels = _COMPACT.encode(labels)
+    return f"{labels}\t{_string(item.url)}\t{rest}".encode()
 
 
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps(.., separators=) makes one a call
+_string = json.encoder.encode_basestring_ascii  # a str as JSON (C), as _COMPACT writes it
 
 
 class _LineCounter:
@@ -519,7 +525,7 @@ def sort_bucket(work: str, b: int, rids: list[int], index: dict[str, int], n_cla
     for rid in rids:
         for line in fs.cat_file(join(root, "scatter", f"{b:05d}", f"{rid:06d}")).splitlines():
             digest, estimate, where, raw, url, rest = line.split(b"\t", 5)
-            labels = _resolve_labels(json.loads(raw.decode()), index, n_classes)
+            labels = _resolve_labels(_labels_of(raw), index, n_classes)
             if labels is None:
                 unknown += 1
                 r, local = (int(x) for x in where.split(b":"))
@@ -536,6 +542,14 @@ def sort_bucket(work: str, b: int, rids: list[int], index: dict[str, int], n_cla
                     np.array([int(line[17:line.index(b"\t", 17)]) for line in out],
                              np.int64).tobytes())
     return {"count": len(out), "multi": multi, "unknown": unknown, "example": example}
+
+
+def _labels_of(raw: bytes) -> list:
+    """A record's labels as `_content` wrote them: names without escapes split as they are
+    (a quote or backslash in a name is escaped, so it takes the JSON path), else JSON."""
+    if raw.startswith(b'["') and b"\\" not in raw:
+        return raw[2:-2].decode().split('","')
+    return json.loads(raw.decode())
 
 
 @ray.remote(num_cpus=1)
