@@ -279,8 +279,8 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
 # ---------------------------------------------------------------- launch/train_dist.sh (torchrun): rank 0 owns the run
 
 
-@pytest.mark.timeout(300)
-def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains(tmp_path, capsys):
+@pytest.mark.timeout(540)
+def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and_resumes_it_on_another_nproc(tmp_path, capsys):
     import subprocess
 
     from conftest import ROOT, write_shards
@@ -320,6 +320,13 @@ def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains(tmp
     assert proc.returncode == 0, text[-6000:]
     assert (out / "checkpoints" / "step_00000024").is_dir()
     assert not (out / "LEASE").exists()  # released at the end
+
+    # The same command on another --nproc goes on with the run: the checkpoint converts by itself.
+    cmd[2] = "1"
+    again = subprocess.run([*cmd, "train.steps=28"], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert "checkpoint step_00000024 saved at world size 2, resuming at 1: converted to universal in" in again.stdout + again.stderr
+    assert (out / "checkpoints" / "step_00000028").is_dir() and not (out / "LEASE").exists()
 
 
 # ---------------------------------------------------------------- evaluations, claimed once
