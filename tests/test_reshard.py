@@ -148,3 +148,25 @@ def test_in_the_canonical_order_every_step_across_both_resizes_takes_the_samples
     for step in range(8):
         expected = Counter(k for _ in range(4) for k in next(one_rank)["keys"])
         assert logged[step] == expected, f"step {step} took other samples than a 1-rank run's step {step}"
+
+
+@pytest.mark.timeout(900)
+def test_in_the_canonical_order_a_run_resized_2_to_1_ranks_follows_the_loss_curve_of_a_fixed_2_rank_run(tmp_path):
+    """Without dropout (whose masks are per rank), the only difference left is the order of
+    the gradient sums: the curves agree to fp32 rounding, before the resize to the bit."""
+    shards = write_shards(tmp_path / "shards", num_classes=4, per_shard=[40, 40, 40])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def phase(name: str, **extra) -> dict:
+        return {"name": name, "overrides": overrides(tmp_path / name, shards, uri, **{
+            "deepspeed.zero_stage": 2, "model.dropout": 0.0, "data.order": "canonical", "train.checkpoint_every": 4,
+            "train.precision": "fp32", **extra})}
+
+    two = run_phases(2, [phase("fixed"), phase("resized", **{"train.stop_at_step": 4})], tmp_path / "two", 600)
+    one = run_phases(1, [phase("resized")], tmp_path / "one", 600)
+    fixed, resized = dict(two["fixed"]["loss_history"]), dict(one["resized"]["loss_history"])
+    assert sorted(fixed) == sorted(resized) == list(range(1, 9)), "every step logged once"
+    assert all(resized[s] == fixed[s] for s in range(1, 5)), "the same run until the resize"
+    worst = max(abs(resized[s] - fixed[s]) / abs(fixed[s]) for s in range(5, 9))
+    print(f"\nloss after the 2 -> 1 resize vs fixed 2 ranks: largest relative difference {worst:.2e}")
+    assert worst < 1e-5, {s: (fixed[s], resized[s]) for s in range(5, 9)}
