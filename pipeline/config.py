@@ -293,7 +293,7 @@ class RayConfig:
     # Elastic (Ray Train's (min, max) group): None keeps the group at num_workers; else it runs on
     # min_workers..num_workers, shrinks when hosts are lost and grows back when they return.
     min_workers: int | None = None
-    resize_check_s: float = 60.0  # how often a running elastic group looks for room to grow
+    grow_wait_s: float = 30.0  # how long rank 0 waits at a checkpoint for a group with room to grow (pipeline.elastic)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
@@ -564,7 +564,7 @@ def _validate_elastic(cfg: DictConfig) -> None:
     require(cfg.ray.max_failures != 0, "ray.max_failures",
             "an elastic group restarts on the hosts left after a loss, and each restart counts as a failure: "
             "set how many it may take (-1: no limit)")
-    require(cfg.ray.resize_check_s > 0, "ray.resize_check_s", f"must be positive, got {cfg.ray.resize_check_s}")
+    require(cfg.ray.grow_wait_s > 0, "ray.grow_wait_s", f"must be positive, got {cfg.ray.grow_wait_s}")
 
 
 def batch_split(cfg: DictConfig, world_size: int) -> int:

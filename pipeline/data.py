@@ -384,6 +384,27 @@ def _log_skip(sample: dict, error: Exception, skipped: int) -> None:
     log.warning("skipping sample %s of %s (%s); %d skipped so far", sample.get("__key__"), sample.get("__url__"), error, skipped)
 
 
+def _take(spec: StreamSpec, stream, upto: int, pixels: np.ndarray, labels: list, keys: list, rng_of, skipped: int):
+    """Decode the next samples of ``stream`` into batch rows ``len(keys)..upto-1`` (crop and flip
+    seeded by ``rng_of(position)``); a corrupt sample is skipped and counted, never raised.
+    Returns the stream's position after the last sample read and the skip count."""
+    pos = None
+    while len(keys) < upto:
+        sample, pos = next(stream)
+        if spec.skip_key is not None and spec.skip_key(sample["__key__"]):
+            continue
+        try:
+            image, label = _train_sample(spec, sample, rng_of(pos), pos[0])
+        except Exception as e:  # a corrupt sample must never crash a rank
+            skipped += 1
+            _log_skip(sample, e, skipped)
+            continue
+        pixels[len(keys)] = image
+        labels.append(label)
+        keys.append(sample["__key__"])
+    return pos, skipped
+
+
 class _ReaderDataset(torch.utils.data.IterableDataset):
     """Batches of one rank: each dataloader worker serves one logical reader."""
 
@@ -409,20 +430,8 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
             images = _batch_tensor((spec.batch_size, spec.image_size, spec.image_size, 3), torch.uint8, shared)
             pixels = images.numpy()  # each image is written into the batch as soon as it is decoded
             labels, keys = [], []
-            pos = start
-            while len(keys) < spec.batch_size:
-                sample, pos = next(stream)
-                if spec.skip_key is not None and spec.skip_key(sample["__key__"]):
-                    continue
-                try:
-                    image, label = _train_sample(spec, sample, _rng(spec.seed, reader, pos[0], pos[1]), pos[0])
-                except Exception as e:  # a corrupt sample must never crash a rank
-                    skipped += 1
-                    _log_skip(sample, e, skipped)
-                    continue
-                pixels[len(keys)] = image
-                labels.append(label)
-                keys.append(sample["__key__"])
+            pos, skipped = _take(spec, stream, spec.batch_size, pixels, labels, keys,
+                                 lambda p: _rng(spec.seed, reader, p[0], p[1]), skipped)
             targets = _batch_tensor((spec.batch_size, spec.num_classes), torch.float32, shared)
             yield {
                 "images": images,
@@ -529,21 +538,8 @@ class _StepDataset(torch.utils.data.IterableDataset):
             pixels = images.numpy()
             labels, keys = [], []
             for c in mine:
-                end = len(keys) + per
-                while len(keys) < end:
-                    sample, positions[c] = next(readers[c])
-                    if spec.skip_key is not None and spec.skip_key(sample["__key__"]):
-                        continue
-                    pos = positions[c]
-                    try:
-                        image, label = _train_sample(spec, sample, _rng(spec.seed, 0x5EED, c, pos[0], pos[1]), pos[0])
-                    except Exception as e:  # a corrupt sample must never crash a rank
-                        skipped += 1
-                        _log_skip(sample, e, skipped)
-                        continue
-                    pixels[len(keys)] = image
-                    labels.append(label)
-                    keys.append(sample["__key__"])
+                positions[c], skipped = _take(spec, readers[c], len(keys) + per, pixels, labels, keys,
+                                              lambda p, c=c: _rng(spec.seed, 0x5EED, c, p[0], p[1]), skipped)
             targets = _batch_tensor((len(keys), spec.num_classes), torch.float32, shared)
             yield {"images": images, "targets": multi_hot(labels, spec.num_classes, targets), "keys": keys,
                    "streams": mine, "positions": [positions[c] for c in mine], "worker": worker, "skipped": skipped}

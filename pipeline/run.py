@@ -80,6 +80,7 @@ def _train_worker(config: dict) -> None:
     import ray.train
 
     from pipeline.config import from_container
+    from pipeline.elastic import ROOM, hold, room_for, worker_resources
     from pipeline.train import train
 
     cfg = from_container(config)
@@ -88,11 +89,16 @@ def _train_worker(config: dict) -> None:
           f"({ray.util.get_node_ip_address()})", flush=True)
 
     def report(metrics: dict, final: dict | None = None) -> None:
+        is_rank0 = ctx.get_world_rank() == 0
+        # An elastic group below its size asks at each checkpoint whether it can grow (pipeline.elastic).
+        grow = (is_rank0 and final is None and cfg.ray.min_workers is not None
+                and ctx.get_world_size() < cfg.ray.num_workers and room_for(worker_resources(cfg.ray)))
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "pointer.json").write_text(json.dumps({"run_dir": cfg.run_dir, "tag": metrics["tag"]}))
-            is_rank0 = ray.train.get_context().get_world_rank() == 0
             ckpt = ray.train.Checkpoint.from_directory(d) if is_rank0 else None
-            ray.train.report({**metrics, **(final or {})}, checkpoint=ckpt)
+            ray.train.report({**metrics, **(final or {}), ROOM: int(grow)}, checkpoint=ckpt)
+        if grow:
+            hold(cfg.ray.grow_wait_s)  # Ray restarts the group at the larger size from this checkpoint
 
     summary = train(cfg, on_checkpoint=report)
     if summary["lost"]:
@@ -191,6 +197,7 @@ def fit(cfg: DictConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.elastic import grow_at_checkpoints
     from pipeline.rundir import is_local
 
     backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if cfg.ray.use_gpu else "gloo")
@@ -209,14 +216,16 @@ def fit(cfg: DictConfig):
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
             num_workers=(cfg.ray.num_workers if cfg.ray.min_workers is None else (cfg.ray.min_workers, cfg.ray.num_workers)),
-            elastic_resize_monitor_interval_s=cfg.ray.resize_check_s,
             use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
         ),
         run_config=RunConfig(name="ray", storage_path=storage, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    return trainer.fit()
+    if cfg.ray.min_workers is None:
+        return trainer.fit()
+    with grow_at_checkpoints(cfg.ray.grow_wait_s):  # an elastic group grows back at a checkpoint
+        return trainer.fit()
 
 
 def run_job(cfg: DictConfig) -> dict:

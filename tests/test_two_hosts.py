@@ -173,14 +173,15 @@ def test_losing_a_host_restarts_the_group_from_the_latest_checkpoint_in_s3(clust
 @pytest.mark.timeout(1200)
 def test_an_elastic_group_goes_on_without_a_lost_host_and_grows_back_when_it_returns(cluster):
     """min 1 / max 2 workers, one per host (each host has 1 CPU): host 2 lost for good -> the
-    run goes on with 1 rank from the latest checkpoint (resharded); host 2 back -> 2 ranks again.
+    run goes on with 1 rank from the latest checkpoint (resharded); host 2 back -> 2 ranks again,
+    from the next checkpoint of the 1-rank group.
     In the canonical order (``data.order=canonical``), as the README advises for elastic runs."""
     h1, h2, env = cluster["h1"], cluster["h2"], cluster["env"]
     fs = _s3fs(cluster["s3"])
     total = 18
     job = h1.popen([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={cluster['disk']}/elastic",
                     "name=elastic", "ray.storage_path=s3://runs/two", f"ray.address={h1.addr}:6379", "ray.min_workers=1",
-                    "ray.num_workers=2", "ray.max_failures=4", "ray.resize_check_s=5", "data.order=canonical",
+                    "ray.num_workers=2", "ray.max_failures=4", "data.order=canonical",
                     "eval.enabled=false", *TINY,
                     f"train.steps={total}", "train.checkpoint_every=3"], env, "elastic-job")
     log = cluster["logs"] / f"{h1.name}-elastic-job.log"
@@ -209,6 +210,13 @@ def test_an_elastic_group_goes_on_without_a_lost_host_and_grows_back_when_it_ret
     assert job.wait(400) == 0, log.read_text()[-6000:]
     print(f"\nelastic: host 2 lost -> first step on 1 rank after {t_small - t_kill:.0f}s; host 2 back -> first step "
           f"on 2 ranks after {t_big - t_back:.0f}s")
+    # Growth waits for a checkpoint (pipeline.elastic): the 2-rank group resumes from the step the
+    # 1-rank group had just checkpointed, so no step was trained twice.
+    grown = log.read_text()[small:]
+    regrow = re.search(r"step (\d+) resumes on 2 ranks", grown)
+    last_small = max(int(m) for m in steps.findall(grown[:regrow.start()]))
+    assert int(regrow.group(1)) == last_small and last_small % 3 == 0, grown[:regrow.end()][-6000:]
+    assert "waiting up to" in grown[:regrow.start()]
 
     from mlflow.tracking import MlflowClient
 
