@@ -53,6 +53,18 @@ def room_for(resources: dict[str, float], timeout_s: float = 2.0) -> bool:
         remove_placement_group(pg)
 
 
+def room_to_grow(ray_cfg, world_size: int) -> bool:
+    """Whether an elastic group of ``world_size`` ranks, below ``ray.num_workers``, could place
+    one more worker now; a probe that fails (a GCS hiccup) says no, and training goes on."""
+    if ray_cfg.min_workers is None or world_size >= ray_cfg.num_workers:
+        return False
+    try:
+        return room_for(worker_resources(ray_cfg))
+    except Exception as e:
+        log.warning("could not ask Ray for room to grow (%s); asking again at the next checkpoint", e)
+        return False
+
+
 def hold(seconds: float) -> None:
     """Rank 0 after reporting room to grow: wait for Ray to restart the group at the larger size
     (which ends this process); returns when it did not within ``seconds``."""

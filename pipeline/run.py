@@ -80,7 +80,7 @@ def _train_worker(config: dict) -> None:
     import ray.train
 
     from pipeline.config import from_container
-    from pipeline.elastic import ROOM, hold, room_for, worker_resources
+    from pipeline.elastic import ROOM, hold, room_to_grow
     from pipeline.train import train
 
     cfg = from_container(config)
@@ -91,8 +91,7 @@ def _train_worker(config: dict) -> None:
     def report(metrics: dict, final: dict | None = None) -> None:
         is_rank0 = ctx.get_world_rank() == 0
         # An elastic group below its size asks at each checkpoint whether it can grow (pipeline.elastic).
-        grow = (is_rank0 and final is None and cfg.ray.min_workers is not None
-                and ctx.get_world_size() < cfg.ray.num_workers and room_for(worker_resources(cfg.ray)))
+        grow = is_rank0 and final is None and room_to_grow(cfg.ray, ctx.get_world_size())
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "pointer.json").write_text(json.dumps({"run_dir": cfg.run_dir, "tag": metrics["tag"]}))
             ckpt = ray.train.Checkpoint.from_directory(d) if is_rank0 else None

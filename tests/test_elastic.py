@@ -2,8 +2,11 @@
 The whole of it (a group that shrinks when a host is lost and grows back at a checkpoint) runs
 on two network-namespace hosts in ``tests/test_two_hosts.py``."""
 
+from pathlib import Path
+
 import pytest
 
+DEMO = str(Path(__file__).resolve().parent.parent / "configs" / "experiment" / "demo.yaml")
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -64,3 +67,19 @@ def test_an_elastic_trainer_gets_the_checkpoint_aligned_policy_and_a_fixed_one_k
     assert type(elastic).__name__ == "GrowAtCheckpoint" and elastic.window_s == 7.0
     assert type(fixed).__name__ == "FixedScalingPolicy"
     assert dpt.create_scaling_policy is original
+
+
+def test_only_an_elastic_group_below_its_size_asks_for_room(ray_cluster):
+    from pipeline.config import load_config
+    from pipeline.elastic import room_to_grow
+
+    fixed = load_config(DEMO, ["ray.num_workers=2"]).ray
+    elastic = load_config(DEMO, ["ray.min_workers=1", "ray.num_workers=2",
+                                                          "ray.max_failures=-1"]).ray
+    assert _released(2)
+    assert not room_to_grow(fixed, 1)  # a fixed group never grows
+    assert not room_to_grow(elastic, 2)  # already at ray.num_workers
+    assert room_to_grow(elastic, 1)  # 1 of 2, and a CPU is free
+    wide = load_config(DEMO, ["ray.min_workers=1", "ray.num_workers=2", "ray.max_failures=-1",
+                                                       "ray.cpus_per_worker=4"]).ray
+    assert not room_to_grow(wide, 1)  # a worker of 4 CPUs does not fit
