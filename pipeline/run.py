@@ -90,8 +90,10 @@ def _train_worker(config: dict) -> None:
 
     def report(metrics: dict, final: dict | None = None) -> None:
         is_rank0 = ctx.get_world_rank() == 0
-        # An elastic group below its size asks at each checkpoint whether it can grow (pipeline.elastic).
-        grow = is_rank0 and final is None and room_to_grow(cfg.ray, ctx.get_world_size())
+        # An elastic group below its size asks at each checkpoint whether it can grow (pipeline.elastic);
+        # not at the last one, where a restart would only end the run.
+        grow = (is_rank0 and final is None and metrics["step"] < metrics["total_steps"]
+                and room_to_grow(cfg.ray, ctx.get_world_size()))
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "pointer.json").write_text(json.dumps({"run_dir": cfg.run_dir, "tag": metrics["tag"]}))
             ckpt = ray.train.Checkpoint.from_directory(d) if is_rank0 else None
