@@ -370,6 +370,11 @@ class StreamSpec:
     streams: int = 0  # canonical streams (``data.order=canonical``); 0: one stream per reader
     global_batch: int = 0  # samples per training step over all ranks (canonical order)
 
+    @property
+    def per_step(self) -> int:
+        """This rank's micro-batches a training step (1 when the spec names no global batch)."""
+        return max(1, self.global_batch // (self.world_size * self.batch_size)) if self.global_batch else 1
+
 
 def _train_sample(spec: StreamSpec, sample: dict, rng: random.Random, pass_idx: int) -> tuple[np.ndarray, list[int]]:
     """One training image (crop, flip, RandAugment) and its labels; raises on a corrupt sample."""
@@ -453,6 +458,7 @@ class TrainStream:
     def __init__(self, spec: StreamSpec, state: dict | None = None):
         self.spec = spec
         state = state or {}
+        steps = _saved_steps(state, spec)
         if state and ((state.get("world_size"), state.get("num_workers")) != (spec.world_size, spec.num_workers)
                       or state.get("streams")):  # saved in the canonical order
             log.warning("data stream saved with world %s x workers %s, now %s x %s: starting the next pass fresh",
@@ -460,6 +466,7 @@ class TrainStream:
             nxt = 1 + max((p[0] for p in state.get("positions", {}).values()), default=-1)
             state = {"batches": 0, "positions": {w: (nxt, 0) for w in range(max(1, spec.num_workers))}}
         self.batches = int(state.get("batches", 0))
+        self._steps_at = (steps, self.batches)
         self.positions = {int(k): tuple(v) for k, v in state.get("positions", {}).items()}
         workers = max(1, spec.num_workers)
         dataset = _ReaderDataset(spec, dict(self.positions), self.batches % workers)
@@ -483,9 +490,14 @@ class TrainStream:
         self.skipped = int(batch["skipped"])
         return batch
 
+    @property
+    def steps(self) -> int:
+        return _steps(self)
+
     def state_dict(self) -> dict:
         return {
             "batches": self.batches,
+            "steps": self.steps,
             "positions": {str(k): list(v) for k, v in self.positions.items()},
             "world_size": self.spec.world_size,
             "num_workers": self.spec.num_workers,
@@ -576,7 +588,8 @@ class CanonicalStream:
             saved = {int(c): tuple(p) for c, p in state["positions"].items()}
             self.positions = {c: saved.get(c, (0, 0)) for c in self.positions}
         self.batches = int(state.get("batches", 0)) if state.get("world_size") == world else 0
-        self.per_step = spec.global_batch // world // spec.batch_size  # micro-batches a step
+        self._steps_at = (_saved_steps(state, spec), self.batches)
+        self.per_step = spec.per_step  # micro-batches a step
         self.workers = max(1, spec.num_workers)
         self.loader = torch.utils.data.DataLoader(
             _StepDataset(spec, dict(self.positions)), batch_size=None, num_workers=spec.num_workers,
@@ -617,15 +630,35 @@ class CanonicalStream:
         self.skipped = sum(self._skipped)
         return {**batch, "skipped": self.skipped}
 
+    @property
+    def steps(self) -> int:
+        return _steps(self)
+
     def state_dict(self) -> dict:
         """Where each of this rank's streams stands after the last whole step it delivered."""
         return {
             "batches": self.batches,
+            "steps": self.steps,
             "streams": self.spec.streams,
             "positions": {str(c): list(p) for c, p in self.positions.items()},
             "world_size": self.spec.world_size,
             "num_workers": self.spec.num_workers,
         }
+
+
+def _saved_steps(state: dict, spec: StreamSpec) -> int:
+    """The training steps of data a saved stream had delivered: its own count, or (a state saved
+    before streams counted steps) its batches when saved at this world size, else 0."""
+    if "steps" in state:
+        return int(state["steps"])
+    return int(state.get("batches", 0)) // spec.per_step if state.get("world_size") == spec.world_size else 0
+
+
+def _steps(stream: TrainStream | CanonicalStream) -> int:
+    """Training steps of data the stream has delivered since the run began, in any world size
+    (a rank's micro-batch count is not: it restarts at a resize and a step holds more or fewer)."""
+    steps, batches = stream._steps_at
+    return steps + (stream.batches - batches) // stream.spec.per_step
 
 
 def _saved_positions(state: dict) -> list[tuple[int, int]]:
@@ -646,7 +679,8 @@ def merge_states(states: list[dict]) -> dict:
         positions = {c: p for s in states for c, p in s.get("positions", {}).items()}
     else:
         positions = {str(i): list(p) for i, p in enumerate(p for s in states for p in _saved_positions(s))}
-    return {"batches": 0, "positions": positions, "world_size": first.get("world_size"),
+    steps = {"steps": max(int(s["steps"]) for s in states)} if all("steps" in s for s in states) else {}
+    return {"batches": 0, **steps, "positions": positions, "world_size": first.get("world_size"),
             "num_workers": first.get("num_workers"), **({"streams": first["streams"]} if first.get("streams") else {})}
 
 

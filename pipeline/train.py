@@ -206,7 +206,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             guard.write_record(run, sentry.events)
         if (event := guard.pending_skip(sentry.events, int(meta.get("guard_events", 0)), step)) is not None:
             log.warning("replaying a rollback this checkpoint did not see: %s", guard.describe(event))
-            _skip_batches(stream, event["batches"])  # stopped between a rollback and its next checkpoint
+            _skip_past(stream, event)  # stopped between a rollback and its next checkpoint
 
     tracker = None
     if rank == 0:
@@ -357,9 +357,15 @@ def _train(cfg: DictConfig, on_checkpoint=None):
 
 # ---------------------------------------------------------------- the divergence guard (pipeline.guard)
 
-def _skip_batches(stream: TrainStream | CanonicalStream, upto: int) -> None:
-    """Consume the stream's batches until it has delivered ``upto`` (its position is per rank)."""
-    while stream.batches < upto:
+def _skip_past(stream: TrainStream | CanonicalStream, event: dict) -> None:
+    """Consume the stream until it has delivered the data a rollback skips to: ``data_steps``
+    training steps of data (the same in any world size, so a replay after a resize skips the
+    same samples), or in an event recorded before that count, ``batches`` of this rank's."""
+    if "data_steps" in event:
+        while stream.steps < event["data_steps"]:
+            next(stream)
+        return
+    while stream.batches < event["batches"]:
         next(stream)
 
 
@@ -379,7 +385,7 @@ def _roll_back(sentry: guard.Guard, trouble: guard.Trouble, ckpts: checkpoint.Ch
             log.error("%s", guard.diverged_message(diverged, ckpts.run.checkpoints.url))
         return {}, diverged
     event = {"at_step": step, "first_bad": trouble.first, "bad_steps": trouble.steps, "reasons": reasons, "to_step": to,
-             "batches": stream.batches + g.skip_extra_steps * accum,
+             "batches": stream.batches + g.skip_extra_steps * accum, "data_steps": stream.steps + g.skip_extra_steps,
              "samples_skipped": (step - to + g.skip_extra_steps) * train_cfg.global_batch_size}
     sentry.events.append(event)
     if tracker is not None:  # rank 0: the decision is recorded before it is carried out
@@ -390,7 +396,7 @@ def _roll_back(sentry: guard.Guard, trouble: guard.Trouble, ckpts: checkpoint.Ch
     if g.fault.exit_after_rollback:  # TESTS ONLY: a kill between the decision and the next checkpoint
         dist.barrier()
         os._exit(Exit.FAILED)
-    _skip_batches(stream, event["batches"])
+    _skip_past(stream, event)
     skipped = sentry.skipped
     meta = ckpts.rollback(rundir.tag_for(to))
     sentry.skipped = skipped  # a count of this process's skips, not part of the decisions
