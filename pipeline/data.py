@@ -448,7 +448,22 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
             }
 
 
-class TrainStream:
+class _StepCount:
+    """``steps``: training steps of data a stream has delivered since the run began, in any world
+    size (a rank's micro-batch count ``batches`` is not: it restarts at a resize, and a step holds
+    more or fewer). ``_steps_at`` is (steps, batches) when the stream was made."""
+
+    spec: StreamSpec
+    batches: int
+    _steps_at: tuple[int, int]
+
+    @property
+    def steps(self) -> int:
+        steps, batches = self._steps_at
+        return steps + (self.batches - batches) // self.spec.per_step
+
+
+class TrainStream(_StepCount):
     """Endless batches for one rank, with a resumable position.
 
     ``state_dict()`` records batches consumed and each reader's position after the last
@@ -489,10 +504,6 @@ class TrainStream:
         self.positions[int(batch["reader"])] = tuple(int(x) for x in batch["position"])
         self.skipped = int(batch["skipped"])
         return batch
-
-    @property
-    def steps(self) -> int:
-        return _steps(self)
 
     def state_dict(self) -> dict:
         return {
@@ -557,7 +568,7 @@ class _StepDataset(torch.utils.data.IterableDataset):
                    "streams": mine, "positions": [positions[c] for c in mine], "worker": worker, "skipped": skipped}
 
 
-class CanonicalStream:
+class CanonicalStream(_StepCount):
     """Endless micro-batches for one rank in the canonical order (``data.order=canonical``).
 
     The samples are read in ``spec.streams`` canonical streams, each an endless deterministic
@@ -630,10 +641,6 @@ class CanonicalStream:
         self.skipped = sum(self._skipped)
         return {**batch, "skipped": self.skipped}
 
-    @property
-    def steps(self) -> int:
-        return _steps(self)
-
     def state_dict(self) -> dict:
         """Where each of this rank's streams stands after the last whole step it delivered."""
         return {
@@ -652,13 +659,6 @@ def _saved_steps(state: dict, spec: StreamSpec) -> int:
     if "steps" in state:
         return int(state["steps"])
     return int(state.get("batches", 0)) // spec.per_step if state.get("world_size") == spec.world_size else 0
-
-
-def _steps(stream: TrainStream | CanonicalStream) -> int:
-    """Training steps of data the stream has delivered since the run began, in any world size
-    (a rank's micro-batch count is not: it restarts at a resize and a step holds more or fewer)."""
-    steps, batches = stream._steps_at
-    return steps + (stream.batches - batches) // stream.spec.per_step
 
 
 def _saved_positions(state: dict) -> list[tuple[int, int]]:
