@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from conftest import moto_s3  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.lease import Fence, Lease  # noqa: E402
+from tests.support.services import moto_s3  # noqa: E402
 
 
 class Count(logging.Handler):

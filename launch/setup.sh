@@ -5,7 +5,8 @@
 # no later resolver step can swap it for another build.
 #
 #   launch/setup.sh            # runtime
-#   launch/setup.sh --dev      # + test tools (pytest, moto, s3fs, ruff; shellcheck via apt-get when root)
+#   launch/setup.sh --dev      # + test tools (pytest, moto, s3fs, ruff) and, as root, the system
+#                              #   packages of the tests (shellcheck, slurm-wlm, munge, chromium)
 #   launch/setup.sh --fresh    # delete .venv first (what CI does)
 #   launch/setup.sh --locked   # install the known-good versions of requirements.lock
 #   launch/setup.sh --venv DIR # another venv directory (default .venv)
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --fresh) fresh=1 ;;
     --locked) locked=1 ;;
     --venv) venv=${2:?--venv needs a directory}; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -59,9 +60,28 @@ fi
 extra=""
 if [ "$dev" = 1 ]; then extra="[dev]"; fi
 "$py" -m pip install -q -c "$constraints" -e ".$extra"
-if [ "$dev" = 1 ] && ! command -v shellcheck >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null) || echo "setup.sh: could not install shellcheck" >&2
-fi
+# The system packages of the test tiers that need them (shellcheck: the launch scripts' lint;
+# slurm-wlm and munge: the real SLURM of the cluster tier; chromium: the browser tier). Only
+# as root with apt-get; elsewhere those tests skip and pytest's last lines say which and why.
+system_packages() {
+  local missing=() cmd pkg cmd_pkg
+  for cmd_pkg in shellcheck:shellcheck slurmctld:slurm-wlm slurmd:slurm-wlm munged:munge chromium:chromium; do
+    cmd=${cmd_pkg%%:*} pkg=${cmd_pkg#*:}
+    if ! PATH="$PATH:/usr/sbin" command -v "$cmd" >/dev/null 2>&1 && [[ " ${missing[*]} " != *" $pkg "* ]]; then
+      missing+=("$pkg")
+    fi
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup.sh: not installing ${missing[*]} (needs root and apt-get): their test tiers will skip" >&2
+    return 0
+  fi
+  echo "setup.sh: installing system packages for the tests: ${missing[*]}"
+  if ! (export DEBIAN_FRONTEND=noninteractive; apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null); then
+    echo "setup.sh: could not install ${missing[*]}: their test tiers will skip" >&2
+  fi
+}
+if [ "$dev" = 1 ]; then system_packages; fi
 
 now=$("$py" -c "import torch; print(torch.__version__)")
 if [ "$now" != "$torch_version" ]; then

@@ -1,60 +1,54 @@
-"""Shared fixtures: small real data (JPEG shards written the way data_prep writes them)."""
+"""Shared fixtures and the test tiers.
+
+Real components, each started where the tests that need it share it: small real shards, a
+moto S3 endpoint and a local Ray cluster per module that uses them, process registries that
+kill what a test started by pid. Helpers live in ``tests/support``; tiers are markers applied
+from the fixtures a test uses (``tests/support/tiers.py``).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
-import socket
-from pathlib import Path
 
-import numpy as np
+import fsspec
 import pytest
-from PIL import Image
+
+from tests.support.data import write_shards
+from tests.support.services import MlflowServer, moto_s3
+from tests.support.tiers import TIERS, Processes, TierReport, tier_of
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROOT = Path(__file__).resolve().parent.parent
+_REPORT = TierReport()
 
 
-def write_shards(out: Path, num_classes: int = 4, per_shard: list[int] | None = None, size: int = 16,
-                 seed: int = 0, corrupt_keys: tuple[str, ...] = (), split: str = "train") -> str:
-    """Write class-coloured JPEG shards plus a ``{split}_index.json``; returns the index path.
+def pytest_configure(config):
+    for tier in TIERS:
+        config.addinivalue_line("markers", f"{tier}: test tier, applied from the fixtures a test uses")
 
-    Each class is a distinct colour pattern so a tiny model can learn it in a few steps.
-    """
-    import webdataset as wds
 
-    per_shard = per_shard or [24, 24]
-    rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    shardlist, key = [], 0
-    for s, n in enumerate(per_shard):
-        name = f"{split}-{s:06d}.tar"
-        with wds.TarWriter(str(out / name)) as sink:
-            for _ in range(n):
-                label = key % num_classes
-                img = np.zeros((size, size, 3), np.uint8)
-                img[..., label % 3] = 60 + 60 * (label // 3)
-                img[: size // 2, :, (label + 1) % 3] = 200 if label % 2 else 0
-                img = np.clip(img + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="JPEG", quality=95)
-                k = f"{key:09d}"
-                data = b"\xff\xd8 not a jpeg" if k in corrupt_keys else buf.getvalue()
-                sink.write({"__key__": k, "jpg": data, "cls": str(label).encode(),
-                            "json": json.dumps({"labels": [label]}).encode()})
-                key += 1
-        shardlist.append({"url": name, "nsamples": n, "filesize": (out / name).stat().st_size, "md5sum": ""})
-    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split, "shardlist": shardlist,
-             "num_samples": sum(per_shard), "num_classes": num_classes,
-             "classes": [f"c{i}" for i in range(num_classes)], "multi_label": False}
-    path = out / f"{split}_index.json"
-    path.write_text(json.dumps(index))
-    return str(path)
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Before `-m` deselects: mark each test with its tier."""
+    for item in items:
+        tier = tier_of(item.fixturenames)
+        item.add_marker(getattr(pytest.mark, tier))
+        _REPORT.tier[item.nodeid] = tier
+
+
+def pytest_runtest_logreport(report):
+    _REPORT.add(report)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    lines = _REPORT.lines()
+    if lines:
+        terminalreporter.write_sep("=", "time by tier (setup + call + teardown)")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)
@@ -71,36 +65,67 @@ def tiny_shards(tmp_path_factory) -> str:
     return write_shards(tmp_path_factory.mktemp("shards"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto S3 endpoint on 127.0.0.1 with dummy credentials in the environment."""
+    with moto_s3() as (endpoint, env):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint
+        yield endpoint
+        fsspec.config.conf["s3"].pop("endpoint_url", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-@contextlib.contextmanager
-def moto_s3(*buckets: str):
-    """A moto S3 endpoint on 127.0.0.1 with ``buckets`` made; yields (endpoint, environment for it).
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """One local Ray cluster in this process for the module; started after the S3 environment
+    is set, so that its workers inherit the endpoint and the dummy credentials."""
+    import ray
 
-    fsspec keeps one S3FileSystem per set of arguments for the life of the process, and one made
-    with no endpoint argument keeps the endpoint of the environment it was made in: a later test
-    would reach a stopped server. The cache is cleared on the way in and on the way out.
-    """
-    import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing")
-        for bucket in buckets:
-            client.create_bucket(Bucket=bucket)
-        yield endpoint, env
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+
+@pytest.fixture(scope="module")
+def ranks():
+    """torchrun / DeepSpeed process groups: started through this, killed by pid at the end."""
+    procs = Processes()
+    yield procs
+    procs.close()
+
+
+@pytest.fixture(scope="module")
+def job():
+    """Whole jobs (launchers, ``pipeline.run``): started through this, killed by pid at the end."""
+    procs = Processes()
+    yield procs
+    procs.close()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (sqlite store, proxied artifacts) on 127.0.0.1 for the module."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def mlflow_servers():
+    """Start ``mlflow server``s of the test's own (for outages: the test stops and restarts
+    them); each is stopped at the end of the test."""
+    started: list[MlflowServer] = []
+
+    def start(root) -> MlflowServer:
+        started.append(MlflowServer(root).start())
+        return started[-1]
+
+    yield start
+    for srv in started:
+        srv.stop()

@@ -53,7 +53,7 @@ def _weights(engine) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def s3():
-    from conftest import moto_s3
+    from tests.support.services import moto_s3
 
     with moto_s3("runs") as (_, env):
         yield env
@@ -179,7 +179,7 @@ def test_verify_from_the_shell_names_the_corrupt_file(saved, tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from tests.support import ROOT
 
     copy = tmp_path / TAG
     shutil.copytree(saved["run"] / "checkpoints" / TAG, copy)

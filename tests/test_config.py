@@ -179,7 +179,7 @@ def test_an_existing_index_passes_and_s3_urls_are_asked_of_fsspec(tmp_path, tiny
     import fsspec
     import s3fs
 
-    from tests.conftest import moto_s3
+    from tests.support.services import moto_s3
 
     with moto_s3() as (endpoint, _):
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):

@@ -1,6 +1,6 @@
 """data_prep: shards, indexes, bad input, resume and object storage, on real Ray and real files.
 
-Tests without the `ray_cluster` fixture run in-process (on local disk or `memory://`); the
+Tests without the `ray_local` fixture run in-process (on local disk or `memory://`); the
 others share one local Ray cluster started once for this module, after a moto S3 server so
 that Ray's workers inherit its endpoint and dummy credentials from the environment.
 """
@@ -26,33 +26,24 @@ from PIL import Image
 
 from data_prep import failures as F
 from data_prep.__main__ import main
-from data_prep.config import ConfigError, HoldoutConfig, ImageConfig, PrepConfig, load_config
+from data_prep.config import ConfigError, HoldoutConfig, ImageConfig, load_config
 from data_prep.index import write_indexes
 from data_prep.plan import build_plan, load_plan, read_shard_plan
 from data_prep.process import process_image, target_size
 from data_prep.shard import write_shard
+from tests.support.prep import (
+    CLASSES,
+    all_samples,
+    cfg_for,
+    jpeg,
+    make_folders,
+    run_prep,
+    tar_samples,
+    tree_bytes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-CLASSES = ("cat", "dog", "eel")
-PER_CLASS = 8
-ODD_NAMES = ("a.b.c photo.jpg", "caf\u00e9 \u00fc\u00f1\u00ee.jpeg", "x y.JPG")
-
-
 # ---------------------------------------------------------------- building real data
-
-
-def jpeg(w: int = 40, h: int = 30, seed: int = 0, mode: str = "RGB", quality: int = 90,
-         exif_orientation: int | None = None) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
-    out = io.BytesIO()
-    kwargs = {}
-    if exif_orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        kwargs["exif"] = exif.tobytes()
-    img.save(out, "JPEG", quality=quality, **kwargs)
-    return out.getvalue()
 
 
 def png(mode: str, w: int = 24, h: int = 20) -> bytes:
@@ -72,64 +63,6 @@ def png(mode: str, w: int = 24, h: int = 20) -> bytes:
     out = io.BytesIO()
     img.save(out, "PNG")
     return out.getvalue()
-
-
-def make_folders(root: Path, per_class: int = PER_CLASS, classes=CLASSES, w: int = 40,
-                 h: int = 30) -> list[Path]:
-    """Class folders of small noisy JPEGs; a few names have dots, spaces and accents."""
-    paths = []
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            fname = ODD_NAMES[i] if c == 0 and i < len(ODD_NAMES) else f"img_{i:03d}.jpg"
-            p = root / name / fname
-            p.write_bytes(jpeg(w, h, seed=100 * c + i))
-            paths.append(p)
-    (root / "README.txt").write_text("not a sample")
-    (root / "dog" / ".hidden.jpg").write_bytes(jpeg(seed=9))
-    return paths
-
-
-def cfg_for(source, output, **kw) -> PrepConfig:
-    image = kw.pop("image", ImageConfig())
-    return PrepConfig(source=str(source), output=str(output), image=image, **kw)
-
-
-def run_prep(cfg: PrepConfig) -> dict:
-    """`data_prep.job.run_prep`, imported (with Ray) only by the tests that run it."""
-    from data_prep.job import run_prep as run
-
-    return run(cfg)
-
-
-def tar_samples(shard: Path | bytes) -> list[dict]:
-    """The samples of one shard as webdataset groups them (key = basename up to first dot)."""
-    samples: dict[str, dict] = {}
-    source = {"fileobj": io.BytesIO(shard)} if isinstance(shard, bytes) else {"name": shard}
-    with tarfile.open(**source) as tf:
-        for m in tf.getmembers():
-            key, ext = m.name.split(".", 1)
-            samples.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
-    return list(samples.values())
-
-
-def all_samples(out: Path, split: str = "train") -> list[dict]:
-    index = json.loads((out / f"{split}_index.json").read_text())
-    return [s for shard in index["shardlist"] for s in tar_samples(out / shard["url"])]
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    """Every file under root; `_stats.json` without its timings."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name.endswith("_stats.json"):
-                stats = json.loads(data)
-                stats.pop("seconds"), stats.pop("cpu_seconds")
-                data = json.dumps(stats, sort_keys=True).encode()
-            out[str(p.relative_to(root))] = data
-    return out
 
 
 # ---------------------------------------------------------------- per-sample processing
@@ -368,34 +301,6 @@ def test_failure_watch_stops_when_certain_or_overwhelmingly_likely():
 # ---------------------------------------------------------------- on Ray
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 endpoint on 127.0.0.1 with dummy credentials in the environment."""
-    from conftest import moto_s3
-
-    with moto_s3() as (endpoint, env):
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint
-        yield endpoint
-        fsspec.config.conf["s3"].pop("endpoint_url", None)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """One local Ray cluster for the module; started after the S3 environment is set."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 def wids_check(index_path: Path) -> None:
     """What wids checks and assumes: kind and version, url + nsamples per shard, urls
     relative to the index, and (its index tool's) filesize / md5sum / nsamples of each tar."""
@@ -428,7 +333,7 @@ def timm_and_open_clip_check(out: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_folders_round_trip_every_image_once_readable_by_webdataset(ray_cluster, tmp_path):
+def test_folders_round_trip_every_image_once_readable_by_webdataset(ray_local, tmp_path):
     import ray
 
     files = make_folders(tmp_path / "src")
@@ -459,7 +364,7 @@ def test_folders_round_trip_every_image_once_readable_by_webdataset(ray_cluster,
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_jsonl_manifest_with_multi_labels_and_extra_fields(ray_cluster, tmp_path):
+def test_jsonl_manifest_with_multi_labels_and_extra_fields(ray_local, tmp_path):
     src = tmp_path / "imgs"
     src.mkdir()
     lines = []
@@ -482,7 +387,7 @@ def test_jsonl_manifest_with_multi_labels_and_extra_fields(ray_cluster, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_csv_manifest_with_a_classes_file_counts_unknown_labels(ray_cluster, tmp_path):
+def test_csv_manifest_with_a_classes_file_counts_unknown_labels(ray_local, tmp_path):
     rows = ["file,label,photographer"]
     for i in range(10):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg(seed=i))
@@ -502,7 +407,7 @@ def test_csv_manifest_with_a_classes_file_counts_unknown_labels(ray_cluster, tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_per_class_tars_are_read_in_place(ray_cluster, tmp_path):
+def test_per_class_tars_are_read_in_place(ray_local, tmp_path):
     src = tmp_path / "tars"
     src.mkdir()
     expected = set()
@@ -565,7 +470,7 @@ BAD_COUNTS = {F.TRUNCATED_IMAGE: 1, F.EMPTY_FILE: 1, F.NOT_AN_IMAGE: 1, F.TOO_MA
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_bad_inputs_are_skipped_and_counted_by_reason(ray_cluster, tmp_path):
+def test_bad_inputs_are_skipped_and_counted_by_reason(ray_local, tmp_path):
     manifest, classes = make_bad_corpus(tmp_path)
     out = tmp_path / "out"
     cfg = cfg_for(manifest, out, classes_file=str(classes), shard_size=6,
@@ -588,7 +493,7 @@ def test_bad_inputs_are_skipped_and_counted_by_reason(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_too_many_failures_raise_and_the_cli_exits_non_zero(ray_cluster, tmp_path, capsys):
+def test_too_many_failures_raise_and_the_cli_exits_non_zero(ray_local, tmp_path, capsys):
     from data_prep.job import FailureFractionExceeded
 
     manifest, classes = make_bad_corpus(tmp_path)
@@ -605,10 +510,10 @@ def test_too_many_failures_raise_and_the_cli_exits_non_zero(ray_cluster, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_manifest_of_missing_paths_stops_in_seconds_and_the_cli_exits_1(ray_cluster, tmp_path):
+def test_a_manifest_of_missing_paths_stops_in_seconds_and_the_cli_exits_1(ray_local, tmp_path):
     manifest = missing_manifest(tmp_path, 4000)
     out = tmp_path / "out"
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    env = dict(os.environ, RAY_ADDRESS=ray_local)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "data_prep", f"source={manifest}",
                            f"output={out}", "shard_size=1000"], cwd=ROOT, env=env,
@@ -627,7 +532,7 @@ def test_a_manifest_of_missing_paths_stops_in_seconds_and_the_cli_exits_1(ray_cl
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_stopped_job_keeps_its_finished_shards_and_a_rerun_resumes(ray_cluster, tmp_path):
+def test_a_stopped_job_keeps_its_finished_shards_and_a_rerun_resumes(ray_local, tmp_path):
     from data_prep.job import FailureFractionExceeded
 
     manifest = missing_manifest(tmp_path, 200, good_every=10)
@@ -645,7 +550,7 @@ def test_a_stopped_job_keeps_its_finished_shards_and_a_rerun_resumes(ray_cluster
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_a_missing_or_empty_source_is_a_clear_error_before_any_task(ray_cluster, tmp_path, capsys):
+def test_a_missing_or_empty_source_is_a_clear_error_before_any_task(ray_local, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty.jsonl").write_text("")
     for source in (tmp_path / "nowhere", tmp_path / "empty", tmp_path / "empty.jsonl"):
@@ -659,12 +564,12 @@ def test_a_missing_or_empty_source_is_a_clear_error_before_any_task(ray_cluster,
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_sigkill_then_rerun_gives_the_bytes_of_an_uninterrupted_run(ray_cluster, tmp_path):
+def test_sigkill_then_rerun_gives_the_bytes_of_an_uninterrupted_run(ray_local, tmp_path):
     make_folders(tmp_path / "src", per_class=16, w=640, h=480)
     args = [f"source={tmp_path / 'src'}", "shard_size=3", "max_in_flight=1", "holdout.count=5",
             "image.resize_mode=shorter", "image.size=96"]
     killed, clean = tmp_path / "killed" / "shards", tmp_path / "clean" / "shards"
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    env = dict(os.environ, RAY_ADDRESS=ray_local)
     log = open(tmp_path / "cli.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args, f"output={killed}"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -692,7 +597,7 @@ def test_sigkill_then_rerun_gives_the_bytes_of_an_uninterrupted_run(ray_cluster,
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_s3_input_and_output_with_a_resume(ray_cluster, s3_server, tmp_path):
+def test_s3_input_and_output_with_a_resume(ray_local, s3_server, tmp_path):
     import s3fs
 
     make_folders(tmp_path / "src", per_class=4)

@@ -10,7 +10,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import write_shards
 
 from pipeline.data import (
     ShardIndex,
@@ -29,6 +28,7 @@ from pipeline.data import (
     sample_labels,
     to_model_input,
 )
+from tests.support.data import write_shards
 
 
 def spec(index: str, rank=0, world=2, workers=2, batch=4, seed=0, block=16) -> StreamSpec:

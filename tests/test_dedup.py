@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_prep import all_samples, cfg_for, run_prep, tree_bytes
 
 from bench.dedup_rates import COPIES, draw_scene, encode, measure
 from data_prep.__main__ import main
 from data_prep.config import ConfigError, DedupConfig, load_config
 from data_prep.dedup import NearDuplicateIndex, crop_boxes, phash, popcount
+from tests.support.prep import all_samples, cfg_for, run_prep, tree_bytes
 
 KINDS = tuple(COPIES)  # resized, jpeg_q50, cropped, greyscale
 
@@ -106,16 +106,6 @@ def test_a_missing_test_set_fails_before_anything_runs(tmp_path, capsys):
 # ---------------------------------------------------------------- whole jobs on Ray
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray cluster for the module (as test_data_prep starts it)."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def make_corpus(root: Path, tests: dict[str, list[int]]) -> tuple[dict[str, Path], dict[str, tuple]]:
     """Test sets of procedural scenes (one folder per set, `<class>/<i>.jpg`) and a corpus of
     class folders: 12 distinct scenes plus one copy of each kind, each of another test image.
@@ -147,7 +137,7 @@ def listed(out: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_exclude_drops_each_kind_of_copy_and_the_index_records_how_many(ray_cluster, tmp_path):
+def test_exclude_drops_each_kind_of_copy_and_the_index_records_how_many(ray_local, tmp_path):
     sets, copies = make_corpus(tmp_path, {"tst": [1, 2, 3, 4, 5, 6]})
     out, clean = tmp_path / "run" / "shards", tmp_path / "clean" / "shards"
     cfg = cfg_for(tmp_path / "src", out, shard_size=5)
@@ -183,7 +173,7 @@ def test_exclude_drops_each_kind_of_copy_and_the_index_records_how_many(ray_clus
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_list_mode_keeps_the_samples_against_a_manifest_and_our_own_shard_index(ray_cluster, tmp_path):
+def test_list_mode_keeps_the_samples_against_a_manifest_and_our_own_shard_index(ray_local, tmp_path):
     sets, copies = make_corpus(tmp_path, {"folder": [1, 2, 3], "shards": [4, 5, 6]})
     shards = cfg_for(sets["shards"], tmp_path / "shards", shard_size=2)
     run_prep(shards)  # the second test set is one of our own sharded splits

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 from mlflow.tracking import MlflowClient
+
+from tests.support import ROOT
 
 TINY = [
     "demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.steps=4", "train.global_batch_size=32",
@@ -19,15 +20,15 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, job):
     out = tmp_path_factory.mktemp("e2e") / "run"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
+    proc = job.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    rerun = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
+    rerun = job.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     return out, proc.stdout, rerun
 

@@ -10,15 +10,6 @@ DEMO = str(Path(__file__).resolve().parent.parent / "configs" / "experiment" / "
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _released(cpus: float) -> bool:
     """Whether Ray shows ``cpus`` free again within 10 s (a removed placement group is returned
     asynchronously, and ``ray.available_resources`` lags behind)."""
@@ -34,7 +25,7 @@ def _released(cpus: float) -> bool:
     return True
 
 
-def test_room_for_asks_rays_scheduler_and_leaves_nothing_reserved(ray_cluster):
+def test_room_for_asks_rays_scheduler_and_leaves_nothing_reserved(ray_local):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -69,7 +60,7 @@ def test_an_elastic_trainer_gets_the_checkpoint_aligned_policy_and_a_fixed_one_k
     assert dpt.create_scaling_policy is original
 
 
-def test_only_an_elastic_group_below_its_size_asks_for_room(ray_cluster):
+def test_only_an_elastic_group_below_its_size_asks_for_room(ray_local):
     from pipeline.config import load_config
     from pipeline.elastic import room_to_grow
 

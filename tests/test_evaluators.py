@@ -1,5 +1,5 @@
 """An evaluator is named by the config and nothing else: a k-NN probe that lives in a test
-module (``tests/knn_probe.py``) runs on every checkpoint through the evaluate CLI, is recorded
+module (``tests/support/knn_probe.py``) runs on every checkpoint through the evaluate CLI, is recorded
 in the run dir and in MLflow (child run, parent step metric, transfer plot) and appears in the
 run's summary next to the few-shot lines, with no change outside its module and its config."""
 
@@ -11,11 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
-from test_tracking import new_run
-from test_watcher import copy_tags, make_checkpoints, write_digits_shards
 
 from data_prep.compose import ConfigError
 from pipeline.config import check_paths, load_config
@@ -23,11 +20,14 @@ from pipeline.evaluate.runner import validate_eval, wanted
 from pipeline.run import _print_summary, _summary
 from pipeline.rundir import RunDir
 from pipeline.tracking import PARENT_TAG, Tracker
+from tests.support import ROOT
+from tests.support.data import copy_tags, make_checkpoints, write_digits_shards
+from tests.support.services import new_run
 
 
 def _eval_yaml(path, train: str, test: str) -> str:
     fewshot = {"name": "digits", "train": train, "test": test, "shots": [1, 5], "seeds": 1, "crop_ratio": 1.0, "batch_size": 250}
-    knn = {"evaluator": "tests.knn_probe", "name": "digits", "train": train, "test": test, "k": 3, "batch_size": 250}
+    knn = {"evaluator": "tests.support.knn_probe", "name": "digits", "train": train, "test": test, "k": 3, "batch_size": 250}
     path.write_text(OmegaConf.to_yaml({"eval": {"fewshot": [fewshot], "extra": [knn]}}))
     return str(path)
 
@@ -82,7 +82,7 @@ def test_an_evaluator_named_in_the_config_is_run_recorded_tracked_and_summarised
 
 def test_an_extra_evaluator_is_checked_by_its_own_schema_before_anything_starts(tmp_path):
     base = ["data.train=unused", "train.steps=1", f"output_dir={tmp_path}"]
-    knn = "eval.extra=[{evaluator: tests.knn_probe, name: digits, train: a, test: b}]"
+    knn = "eval.extra=[{evaluator: tests.support.knn_probe, name: digits, train: a, test: b}]"
     cfg = load_config(None, [*base, knn])
     assert [(n, spec.k) for n, spec in wanted(cfg.eval)] == [("knn_probe", 5)]  # typed by its Config: k's default
     with pytest.raises(ConfigError, match=r"eval\.extra\.0\.train: a does not exist"):  # its paths are checked at start

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_watcher import make_checkpoints, write_digits_shards
 
 from data_prep.compose import compose
 from pipeline import checkpoint
@@ -26,6 +25,7 @@ from pipeline.evaluate.finetune import (
     load_for_finetune,
 )
 from pipeline.model import resize_pos_embed
+from tests.support.data import make_checkpoints, write_digits_shards
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -188,9 +188,8 @@ def test_a_split_stored_below_the_finetuning_resolution_is_refused(tmp_path, cap
 def test_published_weights_are_a_starting_point_for_finetuning_and_the_cli(tmp_path, digits, capsys):
     import json
 
-    from test_weights import flax_params
-
     from pipeline.evaluate.__main__ import main
+    from tests.support.weights import flax_params
 
     npz = tmp_path / "ViT-test.npz"
     np.savez(npz, **flax_params(np.random.default_rng(0)))

@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, write_shards
 from omegaconf import OmegaConf
 
 from pipeline import guard
 from pipeline.config import ConfigError, GuardConfig, load_config
 from pipeline.stop import Exit
-
-DEMO = ROOT / "configs" / "experiment" / "demo.yaml"
+from tests.support import DEMO, ROOT
+from tests.support.data import write_shards
+from tests.support.phases import guard_run_overrides, ranks_env
+from tests.support.services import free_port
 
 
 def _cfg(**kw):
@@ -106,25 +106,10 @@ def shards(tmp_path_factory) -> str:
     return write_shards(tmp_path_factory.mktemp("guard_shards"), num_classes=4, per_shard=[40, 40, 40])
 
 
-def _env() -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def _overrides(out: Path, shards: str, *extra: str) -> list[str]:
-    """12 steps of a tiny ViT, 2 micro-batches a rank a step, a checkpoint every 4."""
-    return [f"data.train={shards}", f"output_dir={out}", "model.name=vit_tiny_test", "model.num_classes=0", "train.steps=12",
-            "train.global_batch_size=16", "data.micro_batch_size=4", "optim.warmup_steps=2", "optim.lr=3e-3",
-            "train.log_every=1", "train.checkpoint_every=4", "data.num_workers=1", "tracking.system_metrics=false",
-            "data.crop_min_area=0.8", "eval.enabled=false", "demo.enabled=false", "prep=[]", "train.log_sample_keys=true",
-            *extra]
-
-
-def _torchrun(out: Path, shards: str, *extra: str, expect: int = 0, nproc: int = 2) -> subprocess.CompletedProcess:
+def _torchrun(ranks, out: Path, shards: str, *extra: str, expect: int = 0, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "pipeline.train", str(DEMO), *_overrides(out, shards, *extra)]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=230)
+           "-m", "pipeline.train", str(DEMO), *guard_run_overrides(out, shards, *extra)]
+    proc = ranks.run(cmd, env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=230)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -148,9 +133,9 @@ def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.timeout(260)
-def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, shards):
+def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, shards, ranks):
     out = tmp_path / "run"
-    proc = _torchrun(out, shards, "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=14")
+    proc = _torchrun(ranks, out, shards, "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=14")
     s = _summary(proc)
     assert s["step"] == 12 and math.isfinite(s["loss"])
     assert s["guard"] == {"skipped_steps": 1, "rollbacks": [], "diverged": None}
@@ -162,10 +147,10 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, shards):
 
 
 @pytest.mark.timeout(600)
-def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_after_a_kill(tmp_path, shards):
+def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_after_a_kill(tmp_path, shards, ranks):
     fault = ["deepspeed.zero_stage=3", "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=18"]
     whole = tmp_path / "whole"
-    s = _summary(_torchrun(whole, shards, *fault))
+    s = _summary(_torchrun(ranks, whole, shards, *fault))
     (event,) = s["guard"]["rollbacks"]
     # batches 13-17 of rank 0 are steps 7-9 (2 a step): three unhealthy steps, back to step 4,
     # the 5 steps since skipped (80 samples); the stream goes on at batch 19
@@ -179,9 +164,9 @@ def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_afte
         assert [r["keys"] for r in lines[18:]] == [r["keys"] for r in _untouched_stream(shards, rank, 18, 34)]
 
     killed = tmp_path / "killed"
-    proc = _torchrun(killed, shards, *fault, "train.guard.fault.exit_after_rollback=true", expect=1)
+    proc = _torchrun(ranks, killed, shards, *fault, "train.guard.fault.exit_after_rollback=true", expect=1)
     assert guard.read_record(_rundir(killed))["rollbacks"] == [event] and _tags(killed) == [0, 4], proc.stderr[-3000:]
-    again = _torchrun(killed, shards, *fault)
+    again = _torchrun(ranks, killed, shards, *fault)
     assert "replaying a rollback this checkpoint did not see: steps 7-9" in again.stderr
     assert _summary(again)["loss"] == s["loss"]
     # (the killed attempt's key log died in its buffer; the resumed one logs the steps it trained)
@@ -191,18 +176,18 @@ def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_afte
 
 
 @pytest.mark.timeout(600)
-def test_a_rollback_replayed_after_a_resize_skips_the_same_samples(tmp_path, shards):
+def test_a_rollback_replayed_after_a_resize_skips_the_same_samples(tmp_path, shards, ranks):
     # canonical order: a global step's samples depend on (seed, step) only, so the keys of a
     # rerun on 1 rank must equal those of the uninterrupted 2-rank run, step by step
     fault = ["data.order=canonical", "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=18"]
     whole = tmp_path / "whole"
-    s = _summary(_torchrun(whole, shards, *fault))
+    s = _summary(_torchrun(ranks, whole, shards, *fault))
     (event,) = s["guard"]["rollbacks"]
     assert (event["to_step"], event["at_step"], event["batches"], event["data_steps"]) == (4, 9, 18, 9)
     killed = tmp_path / "killed"
-    _torchrun(killed, shards, *fault, "train.guard.fault.exit_after_rollback=true", expect=1)
+    _torchrun(ranks, killed, shards, *fault, "train.guard.fault.exit_after_rollback=true", expect=1)
     assert guard.read_record(_rundir(killed))["rollbacks"] == [event] and _tags(killed) == [0, 4]
-    again = _torchrun(killed, shards, *fault, nproc=1)
+    again = _torchrun(ranks, killed, shards, *fault, nproc=1)
     assert "resumes on 1 ranks, its checkpoint was saved by 2" in again.stderr
     assert "replaying a rollback this checkpoint did not see: steps 7-9" in again.stderr
     s1 = _summary(again)
@@ -240,16 +225,16 @@ def _untouched_stream(shards: str, rank: int, start: int, end: int) -> list[dict
 
 
 @pytest.mark.timeout(330)
-def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status(tmp_path, shards):
+def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status(tmp_path, shards, job):
     out = tmp_path / "run"
     never_ends = ["train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=1000",
                   "train.guard.max_rollbacks=1", "eval.enabled=true", "eval.fewshot.0.shots=[1]", "eval.fewshot.0.seeds=1",
                   "eval.poll_seconds=0.5", "demo.enabled=true", "demo.classes=4", "demo.per_class=8", "ray.num_workers=2",
                   "prep.0.shard_size=64", f"ray.storage_path={tmp_path / 'runs'}", "name=diverges"]
     # the demo's digits evaluation, with the tiny shards above as the training set
-    overrides = [o for o in _overrides(out, shards, *never_ends) if o != "prep=[]"]
-    env = {**_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = subprocess.run([str(ROOT / "launch" / "pretrain.sh"), str(DEMO), *overrides], env=env, cwd=ROOT,
+    overrides = [o for o in guard_run_overrides(out, shards, *never_ends) if o != "prep=[]"]
+    env = {**ranks_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = job.run([str(ROOT / "launch" / "pretrain.sh"), str(DEMO), *overrides], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
     assert proc.returncode == Exit.DIVERGED, text[-6000:]
@@ -272,12 +257,12 @@ def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status
 
 
 @pytest.mark.timeout(260)
-def test_train_dist_exits_with_the_divergence_status_that_torchrun_hides(tmp_path, shards):
+def test_train_dist_exits_with_the_divergence_status_that_torchrun_hides(tmp_path, shards, ranks):
     out = tmp_path / "run"
     cmd = [str(ROOT / "launch" / "train_dist.sh"), "--nproc", "2", str(DEMO),
-           *_overrides(out, shards, "deepspeed.zero_stage=3", "train.guard.fault.kind=nan", "train.guard.fault.start=13",
+           *guard_run_overrides(out, shards, "deepspeed.zero_stage=3", "train.guard.fault.kind=nan", "train.guard.fault.start=13",
                        "train.guard.fault.end=1000", "train.guard.max_rollbacks=0")]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = ranks.run(cmd, env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == Exit.DIVERGED, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "diverged: unhealthy steps [7, 8, 9] (non-finite loss), after 0 rollbacks" in proc.stderr
     assert _tags(out) == [0, 4]

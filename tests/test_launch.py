@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.support import ROOT
+from tests.support.services import free_port
 
 PRETRAIN = ROOT / "launch" / "pretrain.sh"
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
@@ -48,8 +49,10 @@ def launch_env(ray_tmp: Path | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def pretrain(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PRETRAIN), *args], env=env, capture_output=True, text=True, timeout=timeout)
+def pretrain(*args: str, env: dict[str, str], timeout: float = 60, job=None) -> subprocess.CompletedProcess:
+    """launch/pretrain.sh; through the ``job`` fixture when it starts a real job."""
+    run = job.run if job is not None else subprocess.run
+    return run([str(PRETRAIN), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -195,7 +198,7 @@ def test_launch_scripts_are_shellcheck_clean():
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_head():
     """A one-node Ray cluster started here, as `ray start --head` would be on a real head."""
     tmp = Path(tempfile.mkdtemp(prefix="ptc.", dir="/tmp"))
     port, dash, client, agent = (free_port() for _ in range(4))
@@ -229,8 +232,8 @@ def ray_cluster():
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_job_round_trip_on_an_existing_cluster(ray_cluster, tmp_path):
-    r = pretrain("--address", ray_cluster, *TINY, f"output_dir={tmp_path}/run", env=launch_env(), timeout=280)
+def test_job_round_trip_on_an_existing_cluster(ray_head, tmp_path, job):
+    r = pretrain("--address", ray_head, *TINY, f"output_dir={tmp_path}/run", env=launch_env(), timeout=280, job=job)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "pre-training summary" in r.stdout
     assert f"outputs: {tmp_path}/run" in r.stdout
@@ -239,10 +242,10 @@ def test_job_round_trip_on_an_existing_cluster(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_the_jobs_exit_code_is_the_launchers(ray_cluster, tmp_path):
+def test_the_jobs_exit_code_is_the_launchers(ray_head, tmp_path, job):
     # Valid config, impossible on a 2-CPU cluster: pipeline.run exits 2 once connected.
-    r = pretrain("--address", ray_cluster, *TINY, "ray.cpus_per_worker=64", f"output_dir={tmp_path}/run",
-                 env=launch_env(), timeout=110)
+    r = pretrain("--address", ray_head, *TINY, "ray.cpus_per_worker=64", f"output_dir={tmp_path}/run",
+                 env=launch_env(), timeout=110, job=job)
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ray.cpus_per_worker" in r.stdout
 
@@ -269,11 +272,11 @@ def _latest_complete_step(ckpt_dir: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stops_its_cluster(ray_tmp, tmp_path):
+def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stops_its_cluster(ray_tmp, tmp_path, job):
     log = tmp_path / "pretrain.log"
     run = [str(PRETRAIN), *TINY, "train.log_every=1", "train.checkpoint_every=50", f"output_dir={tmp_path}/run"]
     with log.open("w") as out:
-        proc = subprocess.Popen([*run, "train.steps=1000"], env=launch_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT)
+        proc = job.popen([*run, "train.steps=1000"], env=launch_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_step(proc, log, 3)
         [temp_dir] = ray_tmp.iterdir()
@@ -296,7 +299,7 @@ def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stop
         time.sleep(1)
     assert not any(map(processes_mentioning, leftovers))
 
-    again = subprocess.run([*run, f"train.steps={stopped + 2}"], env=launch_env(ray_tmp), capture_output=True, text=True,
+    again = job.run([*run, f"train.steps={stopped + 2}"], env=launch_env(ray_tmp), capture_output=True, text=True,
                            timeout=240)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {tmp_path}/run/checkpoints/step_{stopped:08d}" in again.stdout + again.stderr
@@ -304,17 +307,17 @@ def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stop
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(ray_cluster, tmp_path):
+def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(ray_head, tmp_path, job):
     log = tmp_path / "pretrain.log"
-    run = [str(PRETRAIN), "--address", ray_cluster, *TINY, "train.log_every=1", "train.checkpoint_every=50",
+    run = [str(PRETRAIN), "--address", ray_head, *TINY, "train.log_every=1", "train.checkpoint_every=50",
            f"output_dir={tmp_path}/run"]
     with log.open("w") as out:
-        proc = subprocess.Popen([*run, "train.steps=1000"], env=launch_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = job.popen([*run, "train.steps=1000"], env=launch_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_step(proc, log, 3)
         logged = _last_step(log)
-        job = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
-        subprocess.run([RAY, "job", "stop", "--address", ray_cluster, job], env=launch_env(), capture_output=True,
+        submission = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
+        subprocess.run([RAY, "job", "stop", "--address", ray_head, submission], env=launch_env(), capture_output=True,
                        timeout=200, check=True)
         assert proc.wait(100) == 3, log.read_text()[-4000:]
     finally:
@@ -329,19 +332,19 @@ def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(r
 
 @pytest.mark.slow
 @pytest.mark.timeout(500)
-def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_of_submitting_another(ray_cluster, tmp_path):
+def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_of_submitting_another(ray_head, tmp_path, job):
     log = tmp_path / "pretrain.log"
-    run = [str(PRETRAIN), "--address", ray_cluster, *TINY, "train.log_every=1", "train.checkpoint_every=50",
+    run = [str(PRETRAIN), "--address", ray_head, *TINY, "train.log_every=1", "train.checkpoint_every=50",
            f"output_dir={tmp_path}/run", "train.steps=1000"]
     with log.open("w") as out:  # the first launch, its own session: the dropped ssh session kills all of it
-        first = subprocess.Popen(run, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        first = job.popen(run, env=launch_env(), stdout=out, stderr=subprocess.STDOUT)
     again = None
     try:
         _wait_for_step(first, log, 3)
-        job = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
+        submission = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(10)
-        again = subprocess.Popen(run, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        again = job.popen(run, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         followed = ""
         while not _STEP.search(followed):  # the job's own log lines, streamed to the rerun
             line = again.stdout.readline()
@@ -355,6 +358,6 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
             if proc is not None and proc.poll() is None:
                 proc.kill()
     text = followed + rest
-    assert f"is owned by job {job} of this cluster" in text and "following it" in text, text[-3000:]
+    assert f"is owned by job {submission} of this cluster" in text and "following it" in text, text[-3000:]
     assert "job submit" not in text  # no second job
     assert again.returncode == 3, text[-3000:]  # the followed job's status: stopped with a checkpoint

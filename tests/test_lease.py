@@ -23,7 +23,7 @@ def lease_url(request, tmp_path):
     if request.param == "local":
         yield str(tmp_path / "run" / "LEASE")
         return
-    from conftest import moto_s3
+    from tests.support.services import moto_s3
 
     with moto_s3("leases") as (_, env):
         import os
@@ -122,7 +122,7 @@ def test_the_lease_of_a_process_of_this_machine_that_ended_is_taken_over_at_once
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from tests.support import ROOT
 
     take = f"from pipeline.lease import Lease; import os; Lease({lease_url!r}, 10, 60).acquire(); os._exit(0)"
     dead = subprocess.run(
@@ -167,10 +167,10 @@ def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ra
     tmp_path, capsys
 ):
     import ray
-    from conftest import ROOT
-    from test_recovery import TINY
 
     from pipeline.run import main
+    from tests.support import ROOT
+    from tests.support.jobs import TINY
 
     out = tmp_path / "run"
     owner = _fabricated(str(out / "LEASE"), expiry_s=60)
@@ -197,7 +197,7 @@ def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ra
 
 @pytest.fixture
 def jobs():
-    from test_recovery import Job
+    from tests.support.jobs import Job
 
     started: list[Job] = []
     yield Job, started
@@ -228,7 +228,7 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
     import os
     import signal
 
-    from test_recovery import _assert_one_run_with_steps, _mlflow, _summary
+    from tests.support.jobs import assert_one_run_with_steps, mlflow_of, summary_of
 
     Job, started = jobs
     out = tmp_path / "run"
@@ -253,7 +253,7 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
     )
     assert second.wait(300) == 0, second.text()[-6000:]
     summary = (out / "summary.json").read_text()
-    client, run_id = _mlflow(out)
+    client, run_id = mlflow_of(out)
     assert client.get_run(run_id).info.status == "FINISHED"
 
     # The old owner comes back: it finds the lease another's.
@@ -269,9 +269,9 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
     assert "lease names another owner" in text and "with no checkpoint or metric" in text
     assert "lease lost" in text and "stopped without writing" in text
     assert (out / "summary.json").read_text() == summary  # the new owner's, untouched
-    assert _summary(out)["final_step"] == 60
+    assert summary_of(out)["final_step"] == 60
     # Every step once: the old ranks stopped without logging.
-    run = _assert_one_run_with_steps(out, 60)
+    run = assert_one_run_with_steps(out, 60)
     assert run.info.status == "FINISHED"
     assert not (out / "LEASE").exists()  # released by the new owner, not recreated by the old
 
@@ -280,21 +280,23 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
 
 
 @pytest.mark.timeout(540)
-def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and_resumes_it_on_another_nproc(tmp_path, capsys):
+def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and_resumes_it_on_another_nproc(
+    tmp_path, capsys, ranks
+):
     import subprocess
 
-    from conftest import ROOT, write_shards
-    from test_guard import DEMO, _env, _overrides
-    from test_recovery import TINY
-
     from pipeline.run import main
+    from tests.support import DEMO, ROOT
+    from tests.support.data import write_shards
+    from tests.support.jobs import TINY
+    from tests.support.phases import guard_run_overrides, ranks_env
 
     shards = write_shards(tmp_path / "shards", num_classes=4, per_shard=[40, 40, 40])
     out = tmp_path / "run"
-    cmd = [str(ROOT / "launch" / "train_dist.sh"), "--nproc", "2", str(DEMO), *_overrides(out, shards)]
+    cmd = [str(ROOT / "launch" / "train_dist.sh"), "--nproc", "2", str(DEMO), *guard_run_overrides(out, shards)]
 
     owner = _fabricated(str(out / "LEASE"), expiry_s=120)
-    refused = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    refused = ranks.run(cmd, env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == Exit.CONFIG, refused.stdout[-3000:] + refused.stderr[-5000:]
     assert f"is owned by Ray job raysubmit_other of cluster 10.0.0.9:6379 on host {owner.me.host}" in refused.stderr
     assert "This launch does not train" in refused.stderr
@@ -303,7 +305,7 @@ def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and
 
     # Its own run: rank 0 holds the lease while it trains (a Ray launch of the run is refused, naming
     # the torchrun job) and releases it at the end.
-    with subprocess.Popen([*cmd, "train.steps=24"], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
+    with ranks.popen([*cmd, "train.steps=24"], env=ranks_env(), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
         try:
             deadline = time.time() + 120
@@ -323,7 +325,7 @@ def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and
 
     # The same command on another --nproc goes on with the run: the checkpoint converts by itself.
     cmd[2] = "1"
-    again = subprocess.run([*cmd, "train.steps=28"], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    again = ranks.run([*cmd, "train.steps=28"], env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert "checkpoint step_00000024 saved at world size 2, resuming at 1: converted to universal in" in again.stdout + again.stderr
     assert (out / "checkpoints" / "step_00000028").is_dir() and not (out / "LEASE").exists()
@@ -372,17 +374,17 @@ def test_of_two_claimers_of_one_evaluation_one_wins_and_a_dead_claimers_claim_is
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_watchers_over_one_run_dir_evaluate_and_publish_each_checkpoint_once(tmp_path):
+def test_two_watchers_over_one_run_dir_evaluate_and_publish_each_checkpoint_once(tmp_path, mlflow_servers):
     from mlflow.tracking import MlflowClient
-    from test_tracking import MlflowServer, new_run
-    from test_watcher import child_runs, copy_tags, eval_cfg, make_checkpoints, write_digits_shards
 
     from pipeline.evaluate.watch import Watcher
     from pipeline.rundir import RunDir
+    from tests.support.data import copy_tags, eval_cfg, make_checkpoints, write_digits_shards
+    from tests.support.services import child_runs, new_run
 
     digits = write_digits_shards(tmp_path / "digits")
     ckpts = make_checkpoints(tmp_path / "pretrain", [0, 2])
-    srv = MlflowServer(tmp_path / "mlflow").start()
+    srv = mlflow_servers(tmp_path / "mlflow")
     try:
         client = MlflowClient(srv.uri)
         _, run_id = new_run(client, "two-watchers")

@@ -22,30 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_prep import (  # noqa: F401  (s3_server: a fixture)
-    all_samples,
-    cfg_for,
-    make_folders,
-    run_prep,
-    s3_server,
-)
 
 from data_prep import failures as F
-from data_prep.config import PlanningConfig
 from data_prep.plan import build_plan, read_shard_plan
+from tests.support.prep import all_samples, cfg_for, make_folders, on_ray, run_prep
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CLASSES = 50
-
-
-@pytest.fixture(scope="module")
-def ray_planner(s3_server):  # noqa: F811
-    """One local Ray cluster for the module; started after the S3 environment is set."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 def jft_rows(n: int, seed: int = 0) -> list[dict]:
@@ -65,15 +48,6 @@ def write_jsonl(path: Path, rows: list[dict], bad: dict[int, str] | None = None)
     return path
 
 
-def on_ray(source, output, range_bytes: int = 64 << 20, max_tasks: int = 0,
-           bucket_bytes: int = 128 << 20, folders_per_task: int = 100, **kw):
-    cfg = cfg_for(source, output, **kw)
-    cfg.planning = PlanningConfig(on_ray_bytes=1, on_ray_folders=1, range_bytes=range_bytes,
-                                  max_tasks=max_tasks, bucket_bytes=bucket_bytes,
-                                  folders_per_task=folders_per_task)
-    return cfg
-
-
 def plan_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "_plan").iterdir()) if p.is_file()}
 
@@ -91,7 +65,7 @@ def records(cfg, plan) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_1_3_and_8_planning_tasks_give_byte_identical_plans(ray_planner, tmp_path):
+def test_1_3_and_8_planning_tasks_give_byte_identical_plans(ray_local, tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", jft_rows(3000), bad={7: "{not json"})
     size = manifest.stat().st_size
     plans = {}
@@ -116,7 +90,7 @@ def test_1_3_and_8_planning_tasks_give_byte_identical_plans(ray_planner, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_the_shuffled_order_is_uniform_in_the_line_number(ray_planner, tmp_path):
+def test_the_shuffled_order_is_uniform_in_the_line_number(ray_local, tmp_path):
     n = 4000
     manifest = write_jsonl(tmp_path / "m.jsonl", jft_rows(n, seed=1))
     cfg = on_ray(manifest, tmp_path / "out", range_bytes=manifest.stat().st_size // 4 + 1,
@@ -135,7 +109,7 @@ def test_the_shuffled_order_is_uniform_in_the_line_number(ray_planner, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_manifest_split_in_many_files_plans_as_its_concatenation(ray_planner, tmp_path):
+def test_a_manifest_split_in_many_files_plans_as_its_concatenation(ray_local, tmp_path):
     rows = jft_rows(1500, seed=2)
     whole = write_jsonl(tmp_path / "whole.jsonl", rows)
     parts = tmp_path / "parts"
@@ -168,7 +142,7 @@ def awkward_step(data: bytes) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_ranges_cut_utf8_characters_crlf_line_ends_and_very_long_lines(ray_planner, tmp_path):
+def test_ranges_cut_utf8_characters_crlf_line_ends_and_very_long_lines(ray_local, tmp_path):
     rows = [{"path": f"/img/{i}.jpg", "label": "ünïcødé-€" if i % 2 else "plain",
              "caption": "日本語のキャプション" * (300 if i == 5 else 1 + i % 3)} for i in range(40)]
     manifest = tmp_path / "m.jsonl"
@@ -198,7 +172,7 @@ def test_ranges_cut_utf8_characters_crlf_line_ends_and_very_long_lines(ray_plann
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_malformed_lines_unknown_labels_and_missing_fields_are_counted_with_file_and_line(
-        ray_planner, tmp_path):
+        ray_local, tmp_path):
     rows = jft_rows(300, seed=3)
     rows[40]["labels"] = ["no-such-class"]  # line 45 once the bad lines are in
     manifest = write_jsonl(tmp_path / "m.jsonl", rows, bad={
@@ -229,7 +203,7 @@ def test_malformed_lines_unknown_labels_and_missing_fields_are_counted_with_file
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_shard_bytes_cuts_as_in_process_whatever_the_ranges(ray_planner, tmp_path):
+def test_shard_bytes_cuts_as_in_process_whatever_the_ranges(ray_local, tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", jft_rows(1200, seed=4))
     cap = 400_000
     plans = []
@@ -256,7 +230,7 @@ def test_shard_bytes_cuts_as_in_process_whatever_the_ranges(ray_planner, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_job_planned_on_ray_shards_every_sample_of_the_manifest(ray_planner, tmp_path):
+def test_a_job_planned_on_ray_shards_every_sample_of_the_manifest(ray_local, tmp_path):
     files = make_folders(tmp_path / "src", per_class=5)
     rows = [{"path": str(p), "labels": [p.parent.name], "n": i} for i, p in enumerate(files)]
     manifest = write_jsonl(tmp_path / "m.jsonl", rows, bad={3: "{oops"})
@@ -283,7 +257,7 @@ def make_class_tars(root: Path, classes: int, per_class: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_class_folders_and_tars_are_listed_by_tasks_whatever_the_grouping(ray_planner, tmp_path):
+def test_class_folders_and_tars_are_listed_by_tasks_whatever_the_grouping(ray_local, tmp_path):
     classes = [f"class{c:02d}" for c in range(10)] + ["dog"]  # make_folders hides a file in dog
     make_folders(tmp_path / "folders", per_class=3, classes=classes, w=8, h=8)
     make_class_tars(tmp_path / "tars", classes=9, per_class=4)
@@ -307,7 +281,7 @@ def test_class_folders_and_tars_are_listed_by_tasks_whatever_the_grouping(ray_pl
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_manifest_on_s3_plans_to_s3_as_the_local_copy_does(ray_planner, s3_server, tmp_path):  # noqa: F811
+def test_a_manifest_on_s3_plans_to_s3_as_the_local_copy_does(ray_local, s3_server, tmp_path):  # noqa: F811
     import s3fs
 
     manifest = write_jsonl(tmp_path / "m.jsonl", jft_rows(800, seed=5))
@@ -336,14 +310,14 @@ def test_a_manifest_on_s3_plans_to_s3_as_the_local_copy_does(ray_planner, s3_ser
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_sigkill_mid_plan_then_rerun_reuses_finished_ranges(ray_planner, tmp_path, caplog):
+def test_sigkill_mid_plan_then_rerun_reuses_finished_ranges(ray_local, tmp_path, caplog):
     manifest = write_jsonl(tmp_path / "m.jsonl", jft_rows(20000, seed=6))
     settings = dict(range_bytes=manifest.stat().st_size // 40 + 1, max_tasks=1, shard_size=1000)
-    script = (f"from test_plan_ray import on_ray\n"
+    script = (f"from tests.support.prep import on_ray\n"
               f"from data_prep.plan import build_plan\n"
               f"build_plan(on_ray({str(manifest)!r}, {str(tmp_path / 'killed')!r}, **{settings!r}))\n")
-    env = dict(os.environ, RAY_ADDRESS=ray_planner,
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    env = dict(os.environ, RAY_ADDRESS=ray_local,
+               PYTHONPATH=str(ROOT))
     log = open(tmp_path / "driver.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -381,10 +355,10 @@ def test_a_bad_planning_setting_is_an_error_naming_the_key(tmp_path, override, k
 
 
 @pytest.mark.timeout(300)
-def test_the_planning_benchmark_runs_its_three_planners_and_the_ray_plans_agree(ray_planner, tmp_path):
+def test_the_planning_benchmark_runs_its_three_planners_and_the_ray_plans_agree(ray_local, tmp_path):
     """``bench/bench_planning.py`` at a small size (its figures come from the by-hand runs)."""
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_planning.py"), "--lines", "20000",
-                          "--range-mb", "1", "--holdout", "2000", "--address", ray_planner, "--keep", str(tmp_path)],
+                          "--range-mb", "1", "--holdout", "2000", "--address", ray_local, "--keep", str(tmp_path)],
                          capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if "records/s" in line]

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_shards
-from test_resume import overrides, run_phases
+
+from tests.support.data import write_shards
+from tests.support.phases import overrides, run_phases
 
 TAG4 = "step_00000004"
 # fp16 settings unlike DeepSpeed's defaults, so the test sees ours arrive, not its own.
@@ -23,7 +24,7 @@ STAGES = {
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory, ranks) -> dict:
     root = tmp_path_factory.mktemp("stages")
     shards = write_shards(root / "shards", num_classes=4, per_shard=[40, 40, 40])
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -33,13 +34,13 @@ def runs(tmp_path_factory) -> dict:
 
     # ZeRO-3 replaces torch.nn.functional.linear process-wide (DeepSpeed's memory-efficient
     # linear), which shifts later stage-1/2 runs' numerics: stage-3 runs go last in a process.
-    first = run_phases(2, [
+    first = run_phases(ranks, 2, [
         {"name": "fp16", "overrides": ov("fp16", **FP16), "expect_error": FP16_REFUSAL.split(": ", 1)[1]},
         *(phase for n, s in STAGES.items() for phase in (
             {"name": f"{n}_ref", "overrides": ov(f"{n}_ref", **s), "save_fp32": str(root / f"{n}_ref_fp32.pt")},
             {"name": n, "overrides": ov(n, **s, **{"train.stop_at_step": 2})})),
     ], root)
-    resumed = run_phases(2, [{"name": n, "overrides": ov(n, **s, **{"train.stop_at_step": 2})} for n, s in STAGES.items()],
+    resumed = run_phases(ranks, 2, [{"name": n, "overrides": ov(n, **s, **{"train.stop_at_step": 2})} for n, s in STAGES.items()],
                          root / "resumed")
     return {"root": root, "first": first, "resumed": resumed}
 

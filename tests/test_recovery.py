@@ -15,83 +15,14 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
-from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
-TINY = [
-    "demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.global_batch_size=32",
-    "data.micro_batch_size=16", "optim.warmup_steps=1", "train.log_every=1", "eval.enabled=false",
-    "train.steps=12", "train.checkpoint_every=3",
-]
-STEP_LINE = re.compile(r"step (\d+)/(\d+) loss")
-
-
-def _env(**extra) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-class Job:
-    """``python -m pipeline.run`` in its own session; its output lines kept with their arrival time."""
-
-    def __init__(self, out, *overrides, env=None):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY, *overrides],
-            cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.lines: list[tuple[float, str]] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append((time.time(), line))
-
-    def text(self) -> str:
-        return "".join(line for _, line in self.lines)
-
-    def steps(self) -> list[tuple[float, int]]:
-        return [(t, int(m.group(1))) for t, line in self.lines if (m := STEP_LINE.search(line))]
-
-    def wait_for(self, pred, timeout: float, what: str):
-        end = time.time() + timeout
-        while time.time() < end:
-            if (v := pred()):
-                return v
-            assert self.proc.poll() is None, f"job ended (rc {self.proc.returncode}) before {what}:\n{self.text()[-6000:]}"
-            time.sleep(0.2)
-        raise AssertionError(f"no {what} in {timeout}s:\n{self.text()[-6000:]}")
-
-    def wait(self, timeout: float) -> int:
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"job still running after {timeout}s:\n{self.text()[-6000:]}") from None
-        self._reader.join(5)
-        return rc
-
-    def kill(self):
-        """Everything this job started: its session, and any descendant that left it."""
-        try:
-            family = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(10)
+from tests.support import ROOT
+from tests.support.jobs import Job, assert_one_run_with_steps, job_env, mlflow_of, summary_of
 
 
 @pytest.fixture
@@ -100,29 +31,6 @@ def jobs():
     yield started
     for job in started:
         job.kill()
-
-
-def _mlflow(out, run_dir=None) -> tuple[MlflowClient, str]:
-    from pipeline.rundir import RunDir
-
-    run_id = RunDir(run_dir or str(out)).mlflow_run_id
-    return MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"), run_id
-
-
-def _summary(run_dir) -> dict:
-    from pipeline.rundir import RunDir
-
-    return RunDir(str(run_dir)).summary()
-
-
-def _assert_one_run_with_steps(out, last: int, run_dir=None):
-    client, run_id = _mlflow(out, run_dir)
-    runs = client.search_runs([client.get_run(run_id).info.experiment_id])
-    assert [r.info.run_id for r in runs] == [run_id]
-    for key in ("train/loss", "train/lr"):
-        steps = [m.step for m in client.get_metric_history(run_id, key)]
-        assert sorted(steps) == list(range(1, last + 1)), (key, steps)
-    return client.get_run(run_id)
 
 
 @pytest.mark.slow
@@ -151,8 +59,8 @@ def test_a_sigkilled_worker_is_restarted_and_resumes_without_duplicate_metrics(t
           f"{t_first - t_kill:.1f}s after the SIGKILL")
     assert first == done + 1
     assert done - restart_ckpt <= 3  # train.checkpoint_every
-    assert _summary(out)["final_step"] == 12
-    run = _assert_one_run_with_steps(out, 12)
+    assert summary_of(out)["final_step"] == 12
+    run = assert_one_run_with_steps(out, 12)
     assert run.info.status == "FINISHED"
 
 
@@ -166,7 +74,8 @@ def _cmdline(p: psutil.Process) -> list[str]:
 @pytest.fixture
 def s3():
     import s3fs
-    from conftest import moto_s3
+
+    from tests.support.services import moto_s3
 
     with moto_s3("ckpts") as (url, env):
         yield env, s3fs.S3FileSystem(key="testing", secret="testing",
@@ -181,7 +90,7 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
     out = tmp_path / "run"
     run_dir = "s3://ckpts/ray/demo"  # <ray.storage_path>/<name>: the run's records
     args = (out, "ray.storage_path=s3://ckpts/ray")
-    job = Job(*args, env=_env(**env))
+    job = Job(*args, env=job_env(**env))
     jobs.append(job)
     job.wait_for(lambda: any(s >= 4 for _, s in job.steps()), 150, "step 4")
     job.proc.send_signal(signal.SIGTERM)
@@ -189,21 +98,21 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
     text = job.text()
     assert rc == 3, text[-6000:]
     assert "to resume, rerun the same command" in text
-    stopped = _summary(run_dir)["final_step"]
+    stopped = summary_of(run_dir)["final_step"]
     assert 4 <= stopped < 12
     tag = f"step_{stopped:08d}"
     assert (out / "checkpoints" / tag / "COMPLETE").exists()
     fs.invalidate_cache()
     assert fs.exists(f"ckpts/ray/demo/checkpoints/{tag}/COMPLETE")
     assert not fs.exists("ckpts/ray/demo/STOP")
-    client, run_id = _mlflow(out, run_dir)
+    client, run_id = mlflow_of(out, run_dir)
     assert client.get_run(run_id).info.status == "KILLED"
 
     # Another node (no local checkpoints): the rerun of the same command resumes from S3.
     import shutil
 
     shutil.rmtree(out / "checkpoints")
-    again = Job(*args, env=_env(**env))
+    again = Job(*args, env=job_env(**env))
     jobs.append(again)
     again.wait_for(lambda: any(s >= stopped + 1 for _, s in again.steps()), 150, "a new step")
     assert f"checkpoint {tag} fetched from s3://ckpts/ray/demo/checkpoints" in again.text()
@@ -216,12 +125,12 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
     again.proc.wait(10)
     time.sleep(2)
     again.kill()  # what is left of the local cluster (the machine it ran on is gone)
-    third = Job(*args, env=_env(**env))
+    third = Job(*args, env=job_env(**env))
     jobs.append(third)
     assert third.wait(150) == 0, third.text()[-6000:]
     assert "resumed from" in third.text()
-    assert _summary(run_dir)["final_step"] == 12
-    run = _assert_one_run_with_steps(out, 12, run_dir)
+    assert summary_of(run_dir)["final_step"] == 12
+    run = assert_one_run_with_steps(out, 12, run_dir)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     fs.invalidate_cache()
     assert fs.exists("ckpts/ray/demo/checkpoints/step_00000012/COMPLETE"), fs.find("ckpts/ray/demo/checkpoints")
@@ -231,7 +140,7 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
 def test_an_unreachable_ray_address_fails_fast(tmp_path):
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={tmp_path / 'r'}",
-                           "ray.address=127.0.0.1:1"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+                           "ray.address=127.0.0.1:1"], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot reach a Ray cluster at 127.0.0.1:1" in proc.stderr
     assert time.time() - t0 < 30
@@ -242,7 +151,7 @@ def test_an_unreachable_ray_address_fails_fast(tmp_path):
 def test_more_gpus_than_the_cluster_has_fails_before_any_worker_starts(tmp_path):
     out = tmp_path / "r"
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}",
-                           "ray.use_gpu=true", "ray.num_workers=2"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           "ray.use_gpu=true", "ray.num_workers=2"], cwd=ROOT, env=job_env(), capture_output=True, text=True,
                           timeout=110)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "ray.num_workers: 2 GPU workers asked, the cluster has 0 GPUs" in proc.stderr
@@ -271,10 +180,9 @@ def _assert_all_in_mlflow(srv, out):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_an_mlflow_server_killed_mid_run_and_back_before_the_end_gets_everything(tmp_path, jobs):
-    from test_tracking import MlflowServer
+def test_an_mlflow_server_killed_mid_run_and_back_before_the_end_gets_everything(tmp_path, jobs, mlflow_servers):
 
-    srv = MlflowServer(tmp_path / "mlflow").start()
+    srv = mlflow_servers(tmp_path / "mlflow")
     try:
         out = tmp_path / "run"
         job = _outage_job(out, srv, jobs)
@@ -292,10 +200,9 @@ def test_an_mlflow_server_killed_mid_run_and_back_before_the_end_gets_everything
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_an_mlflow_server_still_down_at_the_end_exits_4_and_sync_delivers_everything_once(tmp_path, jobs):
-    from test_tracking import MlflowServer
+def test_an_mlflow_server_still_down_at_the_end_exits_4_and_sync_delivers_everything_once(tmp_path, jobs, mlflow_servers):
 
-    srv = MlflowServer(tmp_path / "mlflow").start()
+    srv = mlflow_servers(tmp_path / "mlflow")
     try:
         out = tmp_path / "run"
         job = _outage_job(out, srv, jobs, "tracking.flush_timeout_s=2")
@@ -308,7 +215,7 @@ def test_an_mlflow_server_still_down_at_the_end_exits_4_and_sync_delivers_everyt
         sync = re.findall(r"python -m pipeline\.evaluate sync .*", text)[-1].split()  # the job's last word
         srv.start()
         for _ in range(2):  # the second finds nothing left and duplicates nothing
-            proc = subprocess.run([sys.executable, *sync[1:]], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+            proc = subprocess.run([sys.executable, *sync[1:]], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=180)
             assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
         _assert_all_in_mlflow(srv, out)
     finally:

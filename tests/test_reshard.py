@@ -14,15 +14,16 @@ those of a one-rank run's step, across both resizes.
 from __future__ import annotations
 
 import pytest
-from conftest import write_shards
-from test_resume import overrides, run_phases
+
+from tests.support.data import write_shards
+from tests.support.phases import overrides, run_phases
 
 STAGES = (1, 2, 3)  # ZeRO-3 last in each process: its engine patches torch's linear for the rest of it
 TAG4, TAG6 = "step_00000004", "step_00000006"
 
 
 @pytest.fixture(scope="module")
-def resized(tmp_path_factory) -> dict:
+def resized(tmp_path_factory, ranks) -> dict:
     root = tmp_path_factory.mktemp("reshard")
     shards = write_shards(root / "shards", num_classes=4, per_shard=[40, 40, 40])
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -34,10 +35,10 @@ def resized(tmp_path_factory) -> dict:
                                                             **extra})
         return {"name": f"Z{stage}", "overrides": ov, **{k: str(root / f"Z{stage}_{v}.pt") for k, v in dumps.items()}}
 
-    two = run_phases(2, [phase(z, {"save_saved": "saved4"}, **{"train.stop_at_step": 4}) for z in STAGES], root / "two", 600)
-    one = run_phases(1, [phase(z, {"save_resumed": "resumed4", "save_saved": "saved6"}, **{"train.stop_at_step": 6})
+    two = run_phases(ranks, 2, [phase(z, {"save_saved": "saved4"}, **{"train.stop_at_step": 4}) for z in STAGES], root / "two", 600)
+    one = run_phases(ranks, 1, [phase(z, {"save_resumed": "resumed4", "save_saved": "saved6"}, **{"train.stop_at_step": 6})
                          for z in STAGES], root / "one", 600)
-    back = run_phases(2, [phase(z, {"save_resumed": "resumed6"}) for z in STAGES], root / "back", 600)
+    back = run_phases(ranks, 2, [phase(z, {"save_resumed": "resumed6"}) for z in STAGES], root / "back", 600)
     return {"root": root, "two": two, "one": one, "back": back, "config": lambda stage: phase(stage, {})["overrides"]}
 
 
@@ -128,10 +129,9 @@ def test_a_complete_conversion_is_reused_and_a_checkpoint_of_this_world_size_is_
 def test_in_the_canonical_order_every_step_across_both_resizes_takes_the_samples_of_a_one_rank_run(resized, stage):
     from collections import Counter
 
-    from test_resume import keys_by_step
-
     from pipeline.config import data_streams, load_config
     from pipeline.data import StreamSpec, train_stream
+    from tests.support.phases import keys_by_step
 
     root, name = resized["root"], f"Z{stage}"
     cfg = load_config(None, resized["config"](stage))
@@ -151,7 +151,7 @@ def test_in_the_canonical_order_every_step_across_both_resizes_takes_the_samples
 
 
 @pytest.mark.timeout(900)
-def test_in_the_canonical_order_a_run_resized_2_to_1_ranks_follows_the_loss_curve_of_a_fixed_2_rank_run(tmp_path):
+def test_in_the_canonical_order_a_run_resized_2_to_1_ranks_follows_the_loss_curve_of_a_fixed_2_rank_run(tmp_path, ranks):
     """Without dropout (whose masks are per rank), the only difference left is the order of
     the gradient sums: the curves agree to fp32 rounding, before the resize to the bit."""
     shards = write_shards(tmp_path / "shards", num_classes=4, per_shard=[40, 40, 40])
@@ -162,8 +162,8 @@ def test_in_the_canonical_order_a_run_resized_2_to_1_ranks_follows_the_loss_curv
             "deepspeed.zero_stage": 2, "model.dropout": 0.0, "data.order": "canonical", "train.checkpoint_every": 4,
             "train.precision": "fp32", **extra})}
 
-    two = run_phases(2, [phase("fixed"), phase("resized", **{"train.stop_at_step": 4})], tmp_path / "two", 600)
-    one = run_phases(1, [phase("resized")], tmp_path / "one", 600)
+    two = run_phases(ranks, 2, [phase("fixed"), phase("resized", **{"train.stop_at_step": 4})], tmp_path / "two", 600)
+    one = run_phases(ranks, 1, [phase("resized")], tmp_path / "one", 600)
     fixed, resized = dict(two["fixed"]["loss_history"]), dict(one["resized"]["loss_history"])
     assert sorted(fixed) == sorted(resized) == list(range(1, 9)), "every step logged once"
     assert all(resized[s] == fixed[s] for s in range(1, 5)), "the same run until the resize"

@@ -8,16 +8,17 @@ as it would be after a real stop.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, write_shards
+
+from tests.support import ROOT
+from tests.support.data import write_shards
+from tests.support.phases import keys_by_step, overrides, run_phases
 
 WORKER = ROOT / "tests" / "workers" / "train_phases.py"
 TAG4, TAG8 = "step_00000004", "step_00000008"
@@ -27,76 +28,32 @@ AUGREG = {"deepspeed.zero_stage": 3, "model.grad_checkpointing": True, "model.dr
           "train.checkpoint_every": 1}
 
 
-def run_phases(nproc: int, phases: list[dict], workdir: Path, timeout: int = 400) -> dict:
-    """Run ``phases`` in one torchrun invocation of ``nproc`` ranks; returns rank 0's findings
-    (its output is kept in ``workdir/log_<first phase>.txt``)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    plan, result = workdir / f"plan_{phases[0]['name']}.json", workdir / f"result_{phases[0]['name']}.json"
-    plan.write_text(json.dumps({"phases": phases}))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           str(WORKER), str(plan), str(result)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    (workdir / f"log_{phases[0]['name']}.txt").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads(result.read_text())
-
-
-def overrides(out: Path, shards: str, mlflow_uri: str, **extra) -> list[str]:
-    """A 2-layer ViT on 16 px images, 8 steps of 16 images; dropout on, so RNG state matters.
-
-    Two dataloader workers per rank and 24-sample shuffle blocks make step 4 fall mid-pass
-    (30 samples per reader) and mid-block; step 8 crosses into the next pass.
-    """
-    base = {
-        "model.name": "vit_tiny_test", "model.dropout": 0.1, "data.train": shards, "output_dir": str(out),
-        "train.steps": 8, "train.global_batch_size": 16, "data.micro_batch_size": 4, "optim.warmup_steps": 2,
-        "optim.lr": 3e-3, "train.log_every": 1, "train.checkpoint_every": 4, "train.loss": "softmax",
-        "data.num_workers": 2, "data.shuffle_block": 24, "data.crop_min_area": 0.8, "data.flip": True,
-        "train.log_sample_keys": True, "tracking.system_metrics": False, "tracking.uri": mlflow_uri,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def keys_by_step(run_dir: Path) -> dict[int, dict[int, list[list[str]]]]:
-    """rank -> step -> the keys of each micro-batch, from ``sample_keys_rank{r}.jsonl``."""
-    out: dict[int, dict[int, list[list[str]]]] = {}
-    for path in sorted(run_dir.glob("sample_keys_rank*.jsonl")):
-        steps: dict[int, list[list[str]]] = defaultdict(list)
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            steps[record["step"]].append(record["keys"])
-        out[int(path.stem.removeprefix("sample_keys_rank"))] = dict(steps)
-    return out
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     return write_shards(tmp_path_factory.mktemp("resume_shards"), num_classes=4, per_shard=[40, 40, 40])
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, shards) -> dict:
+def runs(tmp_path_factory, shards, ranks) -> dict:
     """A: 8 steps straight. B: stopped at step 4, then rerun. Z2/Z3: 2 ranks stopped at step 4,
     converted to universal checkpoints and resumed on 1 rank. One MLflow store for all."""
     root = tmp_path_factory.mktemp("resume")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     ov = lambda name, **kw: overrides(root / name, shards, uri, **kw)  # noqa: E731
-    first = run_phases(2, [
+    first = run_phases(ranks, 2, [
         {"name": "A", "overrides": ov("A")},
         {"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
         *({"name": f"Z{z}", "overrides": ov(f"Z{z}", **{"train.stop_at_step": 4, "deepspeed.zero_stage": z})} for z in (2, 3)),
         {"name": "AUG", "overrides": ov("AUG", **AUGREG)},
         {"name": "AUGB", "overrides": ov("AUGB", **AUGREG, **{"train.stop_at_step": 4})},
     ], root)
-    second = run_phases(2, [{"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
+    second = run_phases(ranks, 2, [{"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
                             {"name": "AUGB", "overrides": ov("AUGB", **AUGREG, **{"train.stop_at_step": 4})}], root / "rerun")
     with ThreadPoolExecutor(2) as pool:
         converted = pool.map(lambda z: checkpoint_to_universal(str(root / f"Z{z}" / "checkpoints"), TAG4,
                                                                str(root / f"Z{z}_universal")), (2, 3))
         universal = dict(zip((2, 3), converted, strict=True))
-    one_rank = run_phases(1, [
+    one_rank = run_phases(ranks, 1, [
         {"name": f"U{z}", "overrides": ov(f"U{z}", **{"deepspeed.zero_stage": z, "train.resume_from": universal[z]}),
          "check_load": {"ckpt_dir": str(root / f"Z{z}" / "checkpoints"), "tag": TAG4}}
         for z in (2, 3)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+
+from tests.support import ROOT
 
 MAX_VENV_MB = 2560
 
@@ -17,12 +19,19 @@ def _has_gpu() -> bool:
     return bool(nvidia) and subprocess.run([nvidia, "-L"], capture_output=True).returncode == 0
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_setup_into_a_fresh_venv_keeps_the_cpu_torch_and_stays_small(tmp_path):
+@pytest.fixture
+def fresh_venv(tmp_path) -> tuple[Path, subprocess.CompletedProcess]:
+    """``launch/setup.sh --locked`` into a new directory: the venv and the script's output."""
     venv = tmp_path / "venv"
     proc = subprocess.run([str(ROOT / "launch" / "setup.sh"), "--venv", str(venv), "--locked"],
                           cwd=ROOT, capture_output=True, text=True, timeout=880)
+    return venv, proc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_setup_into_a_fresh_venv_keeps_the_cpu_torch_and_stays_small(fresh_venv):
+    venv, proc = fresh_venv
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     version = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch; print(torch.__version__)"],
                              capture_output=True, text=True, check=True).stdout.strip()

@@ -1,6 +1,6 @@
 """launch/pretrain.sh --slurm and launch/train_dist.sh on a real 2-node SLURM cluster.
 
-The cluster (``tests/slurm_cluster.py``: slurmctld, two slurmd, munge) runs on two network-
+The cluster (``tests/support/slurm.py``: slurmctld, two slurmd, munge) runs on two network-
 namespace hosts with private disks; the repository is shared, as the sbatch script assumes.
 Each node's scratch (``output_dir``) and Ray temp dir are on its private disk; the run dir
 and the MLflow store (sqlite) are in a directory both nodes see. This machine is the login
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.slurm_cluster import Slurm, cannot_run_slurm, slurm_cluster
+from tests.support import ROOT
+from tests.support.slurm import Slurm, cannot_run_slurm, slurm_cluster
 
 pytestmark = [pytest.mark.slow]
 

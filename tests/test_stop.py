@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
 
 from pipeline.stop import Exit, StopRequest
+from tests.support import ROOT
 
 
 def test_the_shell_launchers_and_python_name_the_same_exit_statuses():

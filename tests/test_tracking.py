@@ -3,108 +3,37 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.tracking import SystemMetrics, Tracker, deliver_orphans
-
-
-class MlflowServer:
-    """``mlflow server`` with a sqlite store and proxied artifacts under ``root``.
-
-    One worker and no job runner: the defaults (4 workers, a huey job runner) take close to
-    a minute to come up on 2 cores.
-    """
-
-    def __init__(self, root: Path):
-        self.root, self.port, self.proc = root, free_port(), None
-        root.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 150.0) -> MlflowServer:
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", "1"]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.root / "server.log", "a") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.uri}/health", timeout=1).status_code == 200:
-                    return self
-            except requests.exceptions.RequestException:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"mlflow server did not answer /health within {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        deadline = time.time() + 30
-        while time.time() < deadline:  # the uvicorn child lets go of the port a moment later
-            try:
-                requests.get(f"{self.uri}/health", timeout=0.5)
-                time.sleep(0.2)
-            except requests.exceptions.RequestException:
-                return
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
-    yield srv
-    srv.stop()
-
-
-def new_run(client: MlflowClient, name: str) -> tuple[str, str]:
-    exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
-    return exp_id, client.create_run(exp_id, run_name=name).info.run_id
+from tests.support.services import new_run
 
 
 @pytest.mark.timeout(240)
-def test_an_outage_loses_nothing_and_duplicates_nothing(server, tmp_path):
-    client = MlflowClient(server.uri)
+def test_an_outage_loses_nothing_and_duplicates_nothing(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.uri)
     exp_id, run_id = new_run(client, "outage")
     spool = tmp_path / "spool"
-    tracker = Tracker(server.uri, run_id, spool_dir=str(spool))
+    tracker = Tracker(mlflow_server.uri, run_id, spool_dir=str(spool))
     tracker.log_params({"model.name": "vit_demo", "optim.lr": 1e-3})
     for step in range(5):
         tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
     started = client.get_run(run_id).info.start_time / 1000
     system = SystemMetrics(tracker, interval_s=1.0)
 
-    server.stop()
+    mlflow_server.stop()
     down = time.time() - started
     t0 = time.time()
     for step in range(5, 10):  # training goes on
         tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
     cfg = load_config(None, ["data.train=x", f"output_dir={tmp_path}", "train.steps=1", "ray.num_workers=1",
-                             "train.global_batch_size=64", f"tracking.uri={server.uri}", f"tracking.spool_dir={spool}"])
+                             "train.global_batch_size=64", f"tracking.uri={mlflow_server.uri}", f"tracking.spool_dir={spool}"])
     resumed = Tracker.start(cfg, run_id=run_id)  # a restarted rank 0 resumes its run offline
     resumed.log_metrics({"train/lr": 0.5}, 9)
     tracker.log_text("l2: 1024\n", "notes/eval_config.yaml")  # an artifact, from a temp file the spool copies
@@ -115,7 +44,7 @@ def test_an_outage_loses_nothing_and_duplicates_nothing(server, tmp_path):
 
     time.sleep(2)  # system metrics are sampled while the server is away
     up = time.time() - started
-    server.start()  # same port, same store
+    mlflow_server.start()  # same port, same store
     time.sleep(1.5)
     system.finish()
     assert tracker.flush(timeout=60)
@@ -131,13 +60,13 @@ def test_an_outage_loses_nothing_and_duplicates_nothing(server, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_replaying_a_spool_twice_lands_every_write_once(server, tmp_path):
+def test_replaying_a_spool_twice_lands_every_write_once(mlflow_server, tmp_path):
     """A crash between sending a record and noting it sent makes replay send it again."""
-    client = MlflowClient(server.uri)
+    client = MlflowClient(mlflow_server.uri)
     exp_id, run_id = new_run(client, "replay")
     spool = tmp_path / "spool"
-    tracker = Tracker(server.uri, run_id, spool_dir=str(spool))
-    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": server.uri, "metrics": [["acc", 0.25, 1000, 3]]})
+    tracker = Tracker(mlflow_server.uri, run_id, spool_dir=str(spool))
+    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "metrics": [["acc", 0.25, 1000, 3]]})
     tracker.log_metrics({"top1": 0.75}, 3)  # spooled: earlier writes wait
     tracker.log_params({"shots": [1, 5]})
     tracker.set_tags({"phase": "replayed"})
@@ -154,13 +83,13 @@ def test_replaying_a_spool_twice_lands_every_write_once(server, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_the_ui_serves_the_run_page_and_its_ajax_api(server):
-    client = MlflowClient(server.uri)
+def test_the_ui_serves_the_run_page_and_its_ajax_api(mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
     exp_id, run_id = new_run(client, "ui")
-    Tracker(server.uri, run_id).log_metrics({"train/loss": 0.5}, 1)
-    page = requests.get(f"{server.uri}/#/experiments/{exp_id}/runs/{run_id}", timeout=10)
+    Tracker(mlflow_server.uri, run_id).log_metrics({"train/loss": 0.5}, 1)
+    page = requests.get(f"{mlflow_server.uri}/#/experiments/{exp_id}/runs/{run_id}", timeout=10)
     assert page.status_code == 200 and "<html" in page.text.lower()  # the single-page app
-    api = requests.get(f"{server.uri}/ajax-api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=10)
+    api = requests.get(f"{mlflow_server.uri}/ajax-api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=10)
     assert api.status_code == 200
     run = api.json()["run"]
     assert run["info"]["run_id"] == run_id
@@ -168,31 +97,31 @@ def test_the_ui_serves_the_run_page_and_its_ajax_api(server):
 
 
 @pytest.mark.timeout(90)
-def test_system_metrics_of_the_training_run_land_in_the_run(server, tmp_path, monkeypatch):
+def test_system_metrics_of_the_training_run_land_in_the_run(mlflow_server, tmp_path, monkeypatch):
     from pipeline.train import _system_metrics
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     cfg = load_config(None, ["data.train=x", f"output_dir={tmp_path}", "train.steps=1", "ray.num_workers=1",
-                             "train.global_batch_size=64", f"tracking.uri={server.uri}", "tracking.experiment=sysmetrics"])
+                             "train.global_batch_size=64", f"tracking.uri={mlflow_server.uri}", "tracking.experiment=sysmetrics"])
     tracker = Tracker.start(cfg)
     monitor = _system_metrics(cfg.tracking.system_metrics, tracker)
     assert monitor is not None
     time.sleep(3.5)
     monitor.finish()
-    keys = set(MlflowClient(server.uri).get_run(tracker.run_id).data.metrics)
+    keys = set(MlflowClient(mlflow_server.uri).get_run(tracker.run_id).data.metrics)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys
     tracker.finish()
 
 
 @pytest.mark.timeout(60)
-def test_a_refused_write_is_set_aside_not_retried_forever(server, tmp_path):
-    client = MlflowClient(server.uri)
+def test_a_refused_write_is_set_aside_not_retried_forever(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.uri)
     _, run_id = new_run(client, "refused")
     spool = tmp_path / "spool"
-    tracker = Tracker(server.uri, run_id, spool_dir=str(spool))
+    tracker = Tracker(mlflow_server.uri, run_id, spool_dir=str(spool))
     tracker.log_params({"optim.lr": 0.001})
-    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": server.uri, "params": [["optim.lr", "0.5"]]})
-    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": server.uri, "metrics": [["acc", 0.5, 1000, 1]]})
+    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "params": [["optim.lr", "0.5"]]})
+    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "metrics": [["acc", 0.5, 1000, 1]]})
     assert tracker.flush(timeout=10)
     assert client.get_run(run_id).data.params["optim.lr"] == "0.001"
     assert [m.step for m in client.get_metric_history(run_id, "acc")] == [1]

@@ -9,17 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, write_shards
+
+from tests.support import ROOT
+from tests.support.data import write_shards
+from tests.support.services import free_port
 
 WORKER = ROOT / "tests" / "workers" / "ds_check.py"
 
 
-def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(ranks, nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # each run's own sqlite store
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", *args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = ranks.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -42,9 +45,9 @@ def shards(tmp_path_factory) -> str:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_rank_zero_bf16_trains_saves_and_reloads_identically(tmp_path, shards, stage):
+def test_two_rank_zero_bf16_trains_saves_and_reloads_identically(tmp_path, shards, stage, ranks):
     result = tmp_path / "result.json"
-    torchrun(2, [str(WORKER), str(result), *tiny_overrides(tmp_path / "run", shards, **{"deepspeed.zero_stage": stage})])
+    torchrun(ranks, 2, [str(WORKER), str(result), *tiny_overrides(tmp_path / "run", shards, **{"deepspeed.zero_stage": stage})])
     r = json.loads(result.read_text())
     assert r["zero_stage"] == stage and r["bf16"] and r["world"] == 2
     assert r["summary"]["step"] == 8

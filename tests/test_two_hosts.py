@@ -1,6 +1,6 @@
 """Two hosts that share no disk: the demo trains across them with its run dir on S3.
 
-The hosts are network namespaces on a bridge (``tests/hosts.py``), each with a private
+The hosts are network namespaces on a bridge (``tests/support/hosts.py``), each with a private
 tmpfs over the same path (its "local disk"): nothing one host writes there is visible to
 the other. Host 1 runs the Ray head, a moto S3 server and an MLflow server, reached by
 address (not 127.0.0.1); host 2 runs a Ray worker. Only what the fixture started is
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.hosts import Host, cannot_make_hosts, network, wait_port
+from tests.support import ROOT
+from tests.support.hosts import Host, cannot_make_hosts, network, wait_port
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def two_hosts(tmp_path_factory):
     reason = cannot_make_hosts()
     if reason:
         print(f"two-host tests skipped: {reason}")
@@ -90,22 +90,22 @@ TINY = ["demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.s
 
 
 @pytest.mark.timeout(900)
-def test_the_demo_trains_across_two_hosts_with_private_disks_through_s3(cluster):
-    h1, env = cluster["h1"], cluster["env"]
+def test_the_demo_trains_across_two_hosts_with_private_disks_through_s3(two_hosts):
+    h1, env = two_hosts["h1"], two_hosts["env"]
     t0 = time.time()
-    proc = h1.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={cluster['disk']}/run",
+    proc = h1.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={two_hosts['disk']}/run",
                    "ray.storage_path=s3://runs/two", f"ray.address={h1.addr}:6379", "eval.num_cpus=1", *TINY],
                   env, timeout=780)
     wall = time.time() - t0
     text = proc.stdout + proc.stderr
-    (cluster["logs"] / "job.log").write_text(text)
+    (two_hosts["logs"] / "job.log").write_text(text)
     assert proc.returncode == 0, text[-8000:]
     print(f"\ntwo-host demo: {wall:.0f}s wall; " + " | ".join(x.strip() for x in proc.stdout.splitlines() if x.startswith("few-shot")))
 
     nodes = set(re.findall(r"training worker rank \d on node (\w+)", text))
     assert len(nodes) == 2, f"the two training workers ran on {nodes}"
 
-    fs = _s3fs(cluster["s3"])
+    fs = _s3fs(two_hosts["s3"])
     for step in (0, 2, 4):
         tag = f"step_{step:08d}"
         assert fs.exists(f"runs/two/demo/checkpoints/{tag}/COMPLETE"), fs.find("runs/two/demo/checkpoints")
@@ -118,7 +118,7 @@ def test_the_demo_trains_across_two_hosts_with_private_disks_through_s3(cluster)
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cluster["mlflow"])
+    client = MlflowClient(two_hosts["mlflow"])
     run_id = fs.cat("runs/two/demo/mlflow_run_id").decode().strip()
     parent = client.get_run(run_id)
     assert parent.info.status == "FINISHED"
@@ -126,18 +126,18 @@ def test_the_demo_trains_across_two_hosts_with_private_disks_through_s3(cluster)
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'")
     assert sorted(int(c.data.tags["eval.checkpoint_step"]) for c in children) == [0, 2, 4]
     # Nothing of the run is on host 2's disk but its scratch copy; host 1's scratch is not on the shared one.
-    assert not Path(cluster["disk"], "run").exists()
+    assert not Path(two_hosts["disk"], "run").exists()
 
 
 
 @pytest.mark.timeout(900)
-def test_losing_a_host_restarts_the_group_from_the_latest_checkpoint_in_s3(cluster):
-    h1, h2, env = cluster["h1"], cluster["h2"], cluster["env"]
-    fs = _s3fs(cluster["s3"])
-    job = h1.popen([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={cluster['disk']}/loss",
+def test_losing_a_host_restarts_the_group_from_the_latest_checkpoint_in_s3(two_hosts):
+    h1, h2, env = two_hosts["h1"], two_hosts["h2"], two_hosts["env"]
+    fs = _s3fs(two_hosts["s3"])
+    job = h1.popen([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={two_hosts['disk']}/loss",
                     "name=hostloss", "ray.storage_path=s3://runs/two", f"ray.address={h1.addr}:6379", "ray.max_failures=3",
                     "eval.enabled=false", *TINY, "train.steps=12", "train.checkpoint_every=3"], env, "hostloss-job")
-    log = cluster["logs"] / f"{h1.name}-hostloss-job.log"
+    log = two_hosts["logs"] / f"{h1.name}-hostloss-job.log"
     steps = re.compile(r"step (\d+)/12 loss")
     end = time.time() + 400
     while not (fs.exists("runs/two/hostloss/checkpoints/step_00000003/COMPLETE") and
@@ -149,7 +149,7 @@ def test_losing_a_host_restarts_the_group_from_the_latest_checkpoint_in_s3(clust
     t_kill = time.time()
     h2.kill_all()  # its raylet, its workers (one training rank among them) and the host's disk
     h2.boot()
-    h2.popen([cluster["ray"], "start", "--block", "--address", f"{h1.addr}:6379", "--node-ip-address", h2.addr,
+    h2.popen([two_hosts["ray"], "start", "--block", "--address", f"{h1.addr}:6379", "--node-ip-address", h2.addr,
               "--num-cpus", "1", "--disable-usage-stats"], env, "ray-worker-again")
     while not (steps.search(log.read_text()[before:]) and "resumed from" in log.read_text()[before:]):
         assert job.poll() is None and time.time() < end + 300, log.read_text()[-6000:]
@@ -164,27 +164,27 @@ def test_losing_a_host_restarts_the_group_from_the_latest_checkpoint_in_s3(clust
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cluster["mlflow"])
+    client = MlflowClient(two_hosts["mlflow"])
     run_id = fs.cat("runs/two/hostloss/mlflow_run_id").decode().strip()
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 13))
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
 @pytest.mark.timeout(1200)
-def test_an_elastic_group_goes_on_without_a_lost_host_and_grows_back_when_it_returns(cluster):
+def test_an_elastic_group_goes_on_without_a_lost_host_and_grows_back_when_it_returns(two_hosts):
     """min 1 / max 2 workers, one per host (each host has 1 CPU): host 2 lost for good -> the
     run goes on with 1 rank from the latest checkpoint (resharded); host 2 back -> 2 ranks again,
     from the next checkpoint of the 1-rank group.
     In the canonical order (``data.order=canonical``), as the README advises for elastic runs."""
-    h1, h2, env = cluster["h1"], cluster["h2"], cluster["env"]
-    fs = _s3fs(cluster["s3"])
+    h1, h2, env = two_hosts["h1"], two_hosts["h2"], two_hosts["env"]
+    fs = _s3fs(two_hosts["s3"])
     total = 60  # the 1-rank group must still be training when host 2 is back (its steps take ~0.35 s here)
-    job = h1.popen([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={cluster['disk']}/elastic",
+    job = h1.popen([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={two_hosts['disk']}/elastic",
                     "name=elastic", "ray.storage_path=s3://runs/two", f"ray.address={h1.addr}:6379", "ray.min_workers=1",
                     "ray.num_workers=2", "ray.max_failures=4", "data.order=canonical",
                     "eval.enabled=false", *TINY,
                     f"train.steps={total}", "train.checkpoint_every=3"], env, "elastic-job")
-    log = cluster["logs"] / f"{h1.name}-elastic-job.log"
+    log = two_hosts["logs"] / f"{h1.name}-elastic-job.log"
     steps = re.compile(rf"step (\d+)/{total} loss")
     end = time.time() + 900
 
@@ -204,7 +204,7 @@ def test_an_elastic_group_goes_on_without_a_lost_host_and_grows_back_when_it_ret
     small = len(log.read_text())
     h2.boot()
     t_back = time.time()
-    h2.popen([cluster["ray"], "start", "--block", "--address", f"{h1.addr}:6379", "--node-ip-address", h2.addr,
+    h2.popen([two_hosts["ray"], "start", "--block", "--address", f"{h1.addr}:6379", "--node-ip-address", h2.addr,
               "--num-cpus", "1", "--disable-usage-stats"], env, "ray-worker-back")
     t_big = wait("a step on 2 ranks", lambda t: "resumes on 2 ranks" in t[small:] and steps.search(t[small:].split("resumes on 2 ranks", 1)[1]))
     assert job.wait(400) == 0, log.read_text()[-6000:]
@@ -220,7 +220,7 @@ def test_an_elastic_group_goes_on_without_a_lost_host_and_grows_back_when_it_ret
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cluster["mlflow"])
+    client = MlflowClient(two_hosts["mlflow"])
     run_id = fs.cat("runs/two/elastic/mlflow_run_id").decode().strip()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.support import ROOT
+from tests.support.services import free_port
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 STEPS = (0, 100, 200, 300, 400)
@@ -41,20 +42,8 @@ ML = "workflowType=machine_learning"  # MLflow 3's UI opens in its GenAI view un
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    """Debian's chromium; installed with apt-get when missing and we are root, else a skip."""
-    path = shutil.which("chromium")
-    if path:
-        return path
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed, and installing it needs root and apt-get")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    if subprocess.run(install, env=env, capture_output=True, timeout=300).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=120)
-        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=300)
-        if r.returncode != 0:
-            pytest.skip(f"apt-get install chromium failed: {r.stderr[-500:]}")
-    return shutil.which("chromium") or pytest.skip("apt-get installed chromium but it is not on PATH")
+    """Debian's chromium (``launch/setup.sh --dev`` installs it when run as root), else a skip."""
+    return shutil.which("chromium") or pytest.skip("needs chromium (launch/setup.sh --dev installs it when run as root)")
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def evaluator(name: str):
 
 def register(module: str, key: str = "eval.extra") -> str:
     """Register the evaluator module at the dotted path ``module`` under its last part
-    (``tests.knn_probe`` -> ``knn_probe``: its records' and metrics' name); returns that name."""
+    (``tests.support.knn_probe`` -> ``knn_probe``: its records' and metrics' name); returns that name."""
     name = module.rsplit(".", 1)[-1]
     if EVALUATORS.setdefault(name, module) != module:
         raise ConfigError(f"{key}.evaluator: {module} would be named {name!r}, the name of {EVALUATORS[name]}")

@@ -1,5 +1,5 @@
 """A k-nearest-neighbour probe: an evaluator that lives outside the pipeline, named by module
-path in a config (``eval.extra: [{evaluator: tests.knn_probe, name: digits, train: ..., test:
+path in a config (``eval.extra: [{evaluator: tests.support.knn_probe, name: digits, train: ..., test:
 ...}]``) and nowhere else. Frozen pre-logits features, L2-normalised; each test image gets the
 majority label of its ``k`` most cosine-similar training images; top-1 on the test split.
 """

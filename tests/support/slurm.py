@@ -1,7 +1,7 @@
 """A real 2-node SLURM cluster (Debian's slurm-wlm 22.05 + munge) on namespace hosts.
 
 slurmctld and ``slurmd -N <host 1>`` run on host 1, ``slurmd -N <host 2>`` on host 2
-(``tests/hosts.py``: own addresses, host names and private disks; the repository is shared,
+(``tests/support/hosts.py``: own addresses, host names and private disks; the repository is shared,
 as the sbatch script assumes). A munged of its own (own key and socket) authenticates them;
 every file of the cluster lives in one temp dir. Job ids start at a random number: the
 sbatch script's logs (``runs/slurm/%x-%j.out``) of another session are not appended to. The client commands (sbatch, srun, scancel,
@@ -20,24 +20,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.hosts import Host, cannot_make_hosts, network
+from tests.support.hosts import Host, cannot_make_hosts, network
 
 PACKAGES = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm", "munged": "munge"}
 
 
 def cannot_run_slurm() -> str | None:
-    """Why no SLURM cluster can be made here (None when it can); installs the packages with
-    apt-get when they are missing and this is root."""
+    """Why no SLURM cluster can be made here, or None when it can. The packages are installed by
+    ``launch/setup.sh --dev`` run as root, never by a test."""
     if reason := cannot_make_hosts():
         return reason
     missing = sorted({pkg for cmd, pkg in PACKAGES.items() if not shutil.which(cmd, path="/usr/sbin:/usr/bin")})
     if missing:
-        if not shutil.which("apt-get"):
-            return f"needs {' '.join(missing)} and there is no apt-get to install them"
-        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if r.returncode != 0:
-            return f"apt-get install {' '.join(missing)} failed: {r.stderr[-500:]}"
+        return f"needs {' '.join(missing)} (launch/setup.sh --dev installs them when run as root)"
     return None
 
 

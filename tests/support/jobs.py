@@ -1,0 +1,113 @@
+"""``python -m pipeline.run`` as a process of its own: its output lines with their arrival
+time, and everything it started killed by pid at the end."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+from mlflow.tracking import MlflowClient
+
+from tests.support import ROOT
+
+TINY = [
+    "demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.global_batch_size=32",
+    "data.micro_batch_size=16", "optim.warmup_steps=1", "train.log_every=1", "eval.enabled=false",
+    "train.steps=12", "train.checkpoint_every=3",
+]
+
+
+STEP_LINE = re.compile(r"step (\d+)/(\d+) loss")
+
+
+def job_env(**extra) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+class Job:
+    """``python -m pipeline.run`` in its own session; its output lines kept with their arrival time."""
+
+    def __init__(self, out, *overrides, env=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY, *overrides],
+            cwd=ROOT, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[tuple[float, str]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line))
+
+    def text(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def steps(self) -> list[tuple[float, int]]:
+        return [(t, int(m.group(1))) for t, line in self.lines if (m := STEP_LINE.search(line))]
+
+    def wait_for(self, pred, timeout: float, what: str):
+        end = time.time() + timeout
+        while time.time() < end:
+            if (v := pred()):
+                return v
+            assert self.proc.poll() is None, f"job ended (rc {self.proc.returncode}) before {what}:\n{self.text()[-6000:]}"
+            time.sleep(0.2)
+        raise AssertionError(f"no {what} in {timeout}s:\n{self.text()[-6000:]}")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"job still running after {timeout}s:\n{self.text()[-6000:]}") from None
+        self._reader.join(5)
+        return rc
+
+    def kill(self):
+        """Everything this job started: its session, and any descendant that left it."""
+        try:
+            family = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            family = []
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(10)
+
+
+def mlflow_of(out, run_dir=None) -> tuple[MlflowClient, str]:
+    from pipeline.rundir import RunDir
+
+    run_id = RunDir(run_dir or str(out)).mlflow_run_id
+    return MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}"), run_id
+
+
+def summary_of(run_dir) -> dict:
+    from pipeline.rundir import RunDir
+
+    return RunDir(str(run_dir)).summary()
+
+
+def assert_one_run_with_steps(out, last: int, run_dir=None):
+    client, run_id = mlflow_of(out, run_dir)
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    for key in ("train/loss", "train/lr"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(1, last + 1)), (key, steps)
+    return client.get_run(run_id)
+

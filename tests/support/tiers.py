@@ -1,0 +1,135 @@
+"""Test tiers, each a pytest marker applied from the fixtures a test uses (never by hand).
+
+A test's tier is the most expensive thing it starts:
+
+- ``unit``: nothing that outlives a command (in-process code, files, threads, a short CLI run);
+- ``service``: a real ``mlflow server`` process;
+- ``ray``: uses a local Ray cluster;
+- ``ranks``: starts torchrun / DeepSpeed process groups;
+- ``browser``: renders MLflow's UI in headless Chromium;
+- ``job``: a whole job (data_prep, training, evaluation) through a launcher or ``pipeline.run``;
+- ``cluster``: network-namespace hosts or a real SLURM (needs root);
+- ``install``: builds a virtual environment with ``launch/setup.sh``.
+
+The inner loop is ``pytest -m "not (job or cluster or install)"``; CI runs every tier.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections import defaultdict
+
+import psutil
+
+TIERS = ("unit", "service", "ray", "ranks", "browser", "job", "cluster", "install")
+
+# The fixture that makes a test belong to a tier. A test in several gets the last of TIERS.
+FIXTURE_TIER = {
+    "mlflow_server": "service",
+    "mlflow_servers": "service",
+    "ray_local": "ray",
+    "ray_head": "ray",
+    "ranks": "ranks",
+    "chromium": "browser",
+    "job": "job",
+    "jobs": "job",
+    "slurm": "cluster",
+    "two_hosts": "cluster",
+    "fresh_venv": "install",
+}
+
+
+def tier_of(fixturenames: list[str]) -> str:
+    found = {FIXTURE_TIER[f] for f in fixturenames if f in FIXTURE_TIER}
+    return max(found, key=TIERS.index, default="unit")
+
+
+class Processes:
+    """The processes a test or fixture starts, each in a session (process group) of its own.
+
+    ``run`` and ``popen`` take ``subprocess``'s arguments. A ``run`` past its timeout kills the
+    whole group before raising; ``close`` kills, by pid, every group that is still alive and
+    every descendant that left its group (Ray's workers do), so nothing outlives its test.
+    """
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def popen(self, cmd, **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def run(self, cmd, *, timeout: float, capture_output: bool = False, input=None, check: bool = False,
+            **kwargs) -> subprocess.CompletedProcess:
+        if capture_output:
+            kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if input is not None:
+            kwargs["stdin"] = subprocess.PIPE
+        proc = self.popen(cmd, **kwargs)
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_family(proc.pid)
+            proc.communicate()
+            raise
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        if check:
+            result.check_returncode()
+        return result
+
+    def close(self) -> None:
+        for proc in self.started:
+            kill_family(proc.pid)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.started.clear()
+
+
+def kill_family(pid: int) -> None:
+    """SIGKILL the process group led by ``pid`` and every descendant of ``pid``."""
+    try:
+        family = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+class TierReport:
+    """Per tier: tests, seconds (setup + call + teardown), skips and their reasons."""
+
+    def __init__(self) -> None:
+        self.tier: dict[str, str] = {}
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.skips: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+
+    def add(self, report) -> None:
+        tier = self.tier.get(report.nodeid, "unit")
+        self.seconds[tier] += report.duration
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            self.counts[tier] += 1
+        if report.skipped and isinstance(report.longrepr, tuple):
+            self.skips[tier][report.longrepr[2].removeprefix("Skipped: ")] += 1
+
+    def lines(self) -> list[str]:
+        out = []
+        for tier in TIERS:
+            if self.counts.get(tier):
+                out.append(f"{tier:>8}: {self.counts[tier]:4d} tests {self.seconds[tier]:8.1f} s")
+        for tier in TIERS:
+            for reason, n in sorted(self.skips.get(tier, {}).items()):
+                out.append(f"SKIPPED {n} {tier} test(s): {reason}")
+        return out
