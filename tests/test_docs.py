@@ -114,9 +114,8 @@ def block_commands(lines: list[str], start: int) -> list[tuple[int, str, str]]:
 
 
 def unplaceholder(text: str) -> str:
-    """`<exp>`, `<run dir>`, ... -> PLACEHOLDER; `[optional]` brackets and `...` dropped."""
-    text = re.sub(r"<[A-Za-z][^<>\n]*?>", PLACEHOLDER, text)
-    return text
+    """`<exp>`, `<run dir>`, ... -> PLACEHOLDER (before the shell's `<`/`>` can split them)."""
+    return re.sub(r"<[A-Za-z][^<>\n]*?>", PLACEHOLDER, text)
 
 
 def simple_commands(line: str) -> list[list[str]]:
@@ -134,7 +133,7 @@ def simple_commands(line: str) -> list[list[str]]:
         elif set(w) <= set("&|;()"):
             commands.append(current)
             current = []
-        elif set(w) <= set("<>&0123456789") and ">" in w or w == "<":
+        elif (set(w) <= set("<>&0123456789") and ">" in w) or w == "<":
             skip = not w.endswith("&1")  # a redirection's target
         else:
             current.append(w)
@@ -317,10 +316,11 @@ def config_problem(cmd: Command, positionals: list[str], overrides: list[str]) -
     config = next((y for y in yamls if PLACEHOLDER not in y), None)
     try:
         if cmd.program == "data_prep":
+            from data_prep.config import PrepConfig
             from data_prep.config import load_config as load_prep
 
             load_prep(str(ROOT / config) if config else None, concrete)
-            node = OmegaConf.structured(__import__("data_prep.config").config.PrepConfig)
+            node = OmegaConf.structured(PrepConfig)
         elif cmd.program in PIPELINE_CONFIGS:
             from pipeline.config import load_config
 
@@ -408,6 +408,26 @@ def test_every_yaml_block_in_the_docs_fits_the_schema():
             for key in _leaf_keys(yaml.safe_load("\n".join(lines))):
                 if (why := key_problem(key.rstrip("."))) is not None:
                     problems.append(f"{_rel(path)}:{start}: yaml block: {why}")
+    assert not problems, "\n".join(problems)
+
+
+def _expand(path: str) -> list[str]:
+    """Brace expansion, as the shell does it: `vit_{b16,l16}.yaml` -> both names."""
+    m = re.search(r"\{([^{}]*)\}", path)
+    if not m:
+        return [path]
+    return [p for alt in m.group(1).split(",") for p in _expand(path[:m.start()] + alt + path[m.end():])]
+
+
+def test_every_repository_file_the_docs_name_exists():
+    problems = []
+    for path in DOCS:
+        for n, span in prose_spans(path.read_text()):
+            if not re.fullmatch(r"(data_prep|pipeline|launch|configs|bench|tests|docs)/[\w./{},-]+", span):
+                continue
+            for name in _expand(span.split("::")[0]):
+                if not (ROOT / name).exists():
+                    problems.append(f"{_rel(path)}:{n}: `{span}`: {name} does not exist")
     assert not problems, "\n".join(problems)
 
 
