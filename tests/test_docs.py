@@ -390,6 +390,14 @@ def test_every_config_key_named_in_the_docs_exists():
     assert not problems, "\n".join(problems)
 
 
+def test_troubleshooting_lists_every_exit_status():
+    """Each of pipeline.stop.Exit is a row of docs/troubleshooting.md: its number and its name."""
+    from pipeline.stop import Exit
+
+    rows = re.findall(r"^\| *(\d+) *\| *`(\w+)` *\|", (ROOT / "docs" / "troubleshooting.md").read_text(), flags=re.MULTILINE)
+    assert sorted((int(n), name) for n, name in rows) == sorted((e.value, e.name) for e in Exit), rows
+
+
 def _leaf_keys(data, prefix: str = "") -> list[str]:
     """Dotted keys of a YAML mapping, down to the first list or scalar."""
     if not isinstance(data, dict):
