@@ -395,7 +395,9 @@ def test_troubleshooting_lists_every_exit_status():
     from pipeline.stop import Exit
 
     rows = re.findall(r"^\| *(\d+) *\| *`(\w+)` *\|", (ROOT / "docs" / "troubleshooting.md").read_text(), flags=re.MULTILINE)
-    assert sorted((int(n), name) for n, name in rows) == sorted((e.value, e.name) for e in Exit), rows
+    listed, named = {(int(n), name) for n, name in rows}, {(e.value, e.name) for e in Exit}
+    assert listed == named, (f"docs/troubleshooting.md: exit statuses missing {sorted(named - listed)}, "
+                             f"not in pipeline.stop.Exit {sorted(listed - named)}")
 
 
 def _leaf_keys(data, prefix: str = "") -> list[str]:
