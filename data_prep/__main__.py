@@ -14,7 +14,8 @@ import sys
 from collections.abc import Sequence
 
 from .config import load_config, with_absolute_paths
-from .plan import Plan, build_plan, load_plan
+from .plan import build_plan
+from .plan_format import Plan, load_plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from .config import DedupConfig, PrepConfig
-from .plan import Plan
+from .plan_format import Plan
 from .storage import join, open_fs, write_bytes
 
 WIDS_KIND = "wids-shard-index-v1"

@@ -27,7 +27,9 @@ from .config import ConfigError, PrepConfig, validate, with_absolute_paths
 from .dedup import NearDuplicateIndex, crop_boxes
 from .failures import FailureWatch, failed_in
 from .index import write_indexes
-from .plan import PLAN_DIR, Plan, build_plan, load_plan, shard_name
+from .placement import placement
+from .plan import build_plan
+from .plan_format import PLAN_DIR, Plan, load_plan, shard_name
 from .shard import write_shard
 from .storage import join, list_names, open_fs, ordered_map, remove_stale_temps
 from .testsets import Unit, hash_units, list_test_set
@@ -120,19 +122,6 @@ def _run_shards(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch:
             ray.shutdown()
 
 
-def _placement(cfg: PrepConfig) -> dict[str, Any]:
-    """A local source, output or test-set path is a path on this host only: on a cluster of
-    several hosts its tasks run here (object-store URLs run anywhere)."""
-    urls = (cfg.source, cfg.output, *cfg.dedup.against.values())
-    local = [url for url in urls if "://" not in url or url.startswith("file://")]
-    if not local or len([n for n in ray.nodes() if n.get("Alive")]) < 2:
-        return {}
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    log.info("%s is local to this host: shard tasks run on this node", local[0])
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
-
-
 def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
     """Hash every test image at every crop box in Ray tasks, once, and index the hashes."""
     start = time.perf_counter()
@@ -142,7 +131,7 @@ def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
         if unit.tar or not chunks or chunks[-1][-1].tar or len(chunks[-1]) >= HASH_CHUNK:
             chunks.append([])
         chunks[-1].append(unit)
-    task = _hash_task.options(max_retries=cfg.retries, **_placement(cfg))
+    task = _hash_task.options(max_retries=cfg.retries, **placement(cfg))
     refs = [task.remote(chunk, cfg.storage_options, d.crop, d.crop_shift, d.crop_steps,
                         cfg.image.max_pixels) for chunk in chunks]
     sets: list[int] = []
@@ -187,7 +176,7 @@ def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch:
     """One task per shard, at most `max_in_flight` at once (`ray.wait` backpressure); raises
     `FailureFractionExceeded`, cancelling the tasks in flight, as soon as `watch` says so."""
     max_in_flight = cfg.max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    task = _shard_task.options(max_retries=cfg.retries, retry_exceptions=True, **_placement(cfg))
+    task = _shard_task.options(max_retries=cfg.retries, retry_exceptions=True, **placement(cfg))
     cfg_ref = ray.put(cfg)
     pending = deque((key, _give_up_after(cfg, watch)) for key in todo)
     in_flight: dict[ray.ObjectRef, tuple[str, int]] = {}

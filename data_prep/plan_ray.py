@@ -43,17 +43,17 @@ from tqdm import tqdm
 
 from . import failures as F
 from .config import PrepConfig, fingerprint
-from .plan import (
+from .plan_format import (
     KEY_DIGITS,
     PLAN_DIR,
     PLAN_FILE,
     Plan,
     SplitPlan,
-    _derive_classes,
-    _plan_writer,
-    _resolve_labels,
+    derive_classes,
     holdout_size,
+    plan_writer,
     read_classes,
+    resolve_labels,
     shard_name,
 )
 from .sources import (
@@ -195,9 +195,9 @@ def _limit(cfg: PrepConfig) -> int:
 
 
 def _options(cfg: PrepConfig) -> dict[str, Any]:
-    from .job import _placement
+    from .placement import placement
 
-    return {"max_retries": cfg.retries, "retry_exceptions": True, **_placement(cfg)}
+    return {"max_retries": cfg.retries, "retry_exceptions": True, **placement(cfg)}
 
 
 def _scatter_all(cfg: PrepConfig, kind: str, ranges: list[Range], n_buckets: int,
@@ -251,7 +251,7 @@ def _finish(cfg: PrepConfig, kind: str, ranges: list[Range], scattered: list[dic
     entries = sum(s["entries"] for s in scattered)
     ignored += sum(s["ignored"] for s in scattered)
     listed = entries + sum(failures.values())
-    classes = read_classes(cfg) if cfg.classes_file else _derive_classes(names, max_int)
+    classes = read_classes(cfg) if cfg.classes_file else derive_classes(names, max_int)
     sorted_ = _sort_all(cfg, ranges, scattered, n_buckets, work, classes)
     kept = sum(s["count"] for s in sorted_)
     unknown = [s for s in sorted_ if s["unknown"]]
@@ -272,7 +272,7 @@ def _finish(cfg: PrepConfig, kind: str, ranges: list[Range], scattered: list[dic
                 ignored=ignored, failures=dict(sorted(failures.items())),
                 examples=dict(sorted(examples.items())), splits=splits)
     if write:
-        _plan_writer(cfg)(PLAN_FILE, plan.to_json())
+        plan_writer(cfg)(PLAN_FILE, plan.to_json())
     return plan
 
 
@@ -525,7 +525,7 @@ def sort_bucket(work: str, b: int, rids: list[int], index: dict[str, int], n_cla
     for rid in rids:
         for line in fs.cat_file(join(root, "scatter", f"{b:05d}", f"{rid:06d}")).splitlines():
             digest, estimate, where, raw, url, rest = line.split(b"\t", 5)
-            labels = _resolve_labels(_labels_of(raw), index, n_classes)
+            labels = resolve_labels(_labels_of(raw), index, n_classes)
             if labels is None:
                 unknown += 1
                 r, local = (int(x) for x in where.split(b":"))
@@ -563,7 +563,7 @@ def write_cuts(cfg: PrepConfig, work: str, b: int, starts: list[int], cuts: list
     """Write the plans of `cuts` (shards starting in bucket `b`, reading on into the next
     buckets for the last); return each one's (samples, estimated bytes)."""
     fs, root = open_fs(work, cfg.storage_options)
-    sink = _plan_writer(cfg) if write else (lambda name, data: None)
+    sink = plan_writer(cfg) if write else (lambda name, data: None)
     lines: list[bytes] = []
     first = starts[b]  # global position of lines[0]
     nxt = b

@@ -20,7 +20,7 @@ from . import failures as F
 from .config import PrepConfig
 from .dedup import Match, NearDuplicateIndex, to_hex
 from .failures import SampleError
-from .plan import read_shard_plan, shard_name
+from .plan_format import read_shard_plan, shard_name
 from .process import Processed, process_image
 from .storage import join, open_fs, ordered_map, staged_file, write_bytes
 

@@ -28,7 +28,8 @@ from data_prep import failures as F
 from data_prep.__main__ import main
 from data_prep.config import ConfigError, HoldoutConfig, ImageConfig, load_config
 from data_prep.index import write_indexes
-from data_prep.plan import build_plan, load_plan, read_shard_plan
+from data_prep.plan import build_plan
+from data_prep.plan_format import load_plan, read_shard_plan
 from data_prep.process import process_image, target_size
 from data_prep.shard import write_shard
 from tests.support.prep import (

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from data_prep import failures as F
-from data_prep.plan import build_plan, read_shard_plan
+from data_prep.plan import build_plan
+from data_prep.plan_format import read_shard_plan
 from tests.support.prep import all_samples, cfg_for, make_folders, on_ray, run_prep
 
 ROOT = Path(__file__).resolve().parents[1]
