@@ -129,3 +129,15 @@ def mlflow_servers():
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _shared_services_alive(request):
+    """A shared server that died fails the tests that need it at once, naming it, instead of
+    leaving them to wait on a dead port until their timeout."""
+    if "mlflow_server" in request.fixturenames:
+        srv = request.getfixturevalue("mlflow_server")
+        if srv.proc is None or srv.proc.poll() is not None:
+            log = srv.root / "server.log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            pytest.fail(f"the module's mlflow server ({srv.uri}) is not running (exit {srv.proc and srv.proc.returncode}):\n{tail}")
