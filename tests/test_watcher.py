@@ -55,8 +55,10 @@ def write_digits_shards(out: Path, size: int = 32) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def make_checkpoints(out: Path, steps: list[int], model: str = "vit_tiny_test", num_classes: int = 12, **model_kw) -> str:
-    """Real checkpoints of a 1-rank ZeRO-2 engine at ``steps`` (weights nudged between them)."""
+def make_checkpoints(out: Path, steps: list[int], model: str = "vit_tiny_test", num_classes: int = 12,
+                     overrides: tuple[str, ...] = (), **model_kw) -> str:
+    """Real checkpoints of a 1-rank ZeRO-2 engine at ``steps`` (weights nudged between them);
+    ``overrides``: more config ``key=value`` settings."""
     from pipeline.config import load_config, to_yaml
     from pipeline.engine import dist_setup
     from pipeline.train import build_engine
@@ -64,7 +66,7 @@ def make_checkpoints(out: Path, steps: list[int], model: str = "vit_tiny_test", 
     _, _, device = dist_setup(standalone=True)
     overrides = [f"model.name={model}", "data.train=unused", f"output_dir={out}", "train.steps=10", "train.global_batch_size=8",
                  "data.micro_batch_size=8", "ray.num_workers=1", "deepspeed.zero_stage=2", "train.precision=fp32",
-                 *[f"model.{k}={v}" for k, v in model_kw.items()]]
+                 *[f"model.{k}={v}" for k, v in model_kw.items()], *overrides]
     cfg = load_config(None, overrides)
     engine, _ = build_engine(cfg, num_classes, 10, 1, device)
     ckpt_dir = out / "checkpoints"
@@ -248,11 +250,13 @@ def test_final_weights_are_logged_as_safetensors_and_registered_once(server, ckp
     tracker = Tracker(server.uri, run_id, spool_dir=str(tmp_path / "spool"))
     for _ in range(2):  # a resumed job logs again: still one model version
         log_final_weights(tracker, ckpts, "step_00000004", register_as="vit-tiny-test")
-    files = {a.path for a in client.list_artifacts(run_id, "final_weights")}
-    assert files == {"final_weights/model.safetensors", "final_weights/config.yaml", "final_weights/meta.json"}
+    files = {a.path for a in client.list_artifacts(run_id, "final_weights")}  # an MLflow Model (tests/test_handoff.py)
+    assert {"final_weights/MLmodel", "final_weights/artifacts", "final_weights/README.md"} <= files
+    assert {a.path for a in client.list_artifacts(run_id, "final_weights/artifacts")} >= {
+        f"final_weights/artifacts/{name}" for name in ("model.safetensors", "config.yaml", "meta.json")}
     (version,) = client.search_model_versions("name='vit-tiny-test'")
     assert version.run_id == run_id and version.source == f"runs:/{run_id}/final_weights"
-    path = client.download_artifacts(run_id, "final_weights/model.safetensors", str(tmp_path))
+    path = client.download_artifacts(run_id, "final_weights/artifacts/model.safetensors", str(tmp_path))
     weights = load_file(path)
     expected = checkpoint.load_fp32_weights(ckpts, "step_00000004")
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
