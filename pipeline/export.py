@@ -279,41 +279,58 @@ def model_card(export: Export) -> str:
     lines += ["", "## Preprocessing", "",
               f"RGB; shorter side resized (bilinear) to {p['resize']} px, centre crop {p['image_size']} px, "
               "pixels scaled to [-1, 1] (x / 127.5 - 1). The MLflow model and the transformers image "
-              "processor do it for you.", "", "## Loading", "", LOADING.strip(), ""]
+              "processor do it for you.", "", "## Loading", "", loading(export).strip(), ""]
     return "\n".join(lines)
 
 
-LOADING = """
-timm (the `model.safetensors` of `--format timm`, timm's `VisionTransformer` names):
-
-```python
-import timm, safetensors.torch
-model = timm.create_model("vit_base_patch16_224", num_classes=..., class_token=True, global_pool="token",
-                          img_size=..., patch_size=..., embed_dim=..., depth=..., num_heads=...)
+def loading(export: Export) -> str:
+    """The card's "how to load it" for timm, transformers and MLflow, with this model's numbers."""
+    a = export.arch
+    pool = "token" if a["pool"] == "token" else "avg"
+    if a["representation_size"]:
+        timm = ("timm's `VisionTransformer` has no pre-logits (representation) layer, so this model's "
+                "`pre_logits.fc.*` weights do not fit it: use transformers' `ViTModel` or `pipeline.model`.")
+        hf_class, hf_out = "ViTModel", ("features = model(**inputs).pooler_output  # our pre-logits features\n"
+                                        "head = safetensors.torch.load_file(f\"{folder}/pretraining_head.safetensors\")\n"
+                                        "logits = features @ head[\"classifier.weight\"].T + head[\"classifier.bias\"]")
+    else:
+        timm = f"""```python
+import safetensors.torch
+from timm.models.vision_transformer import VisionTransformer
+model = VisionTransformer(img_size={a['img_size']}, patch_size={a['patch_size']}, embed_dim={a['width']}, depth={a['depth']},
+                          num_heads={a['heads']}, mlp_ratio={a['mlp_dim'] / a['width']}, num_classes={a['num_classes']},
+                          global_pool="{pool}", class_token={a['pool'] == 'token'}, fc_norm=False)
 model.load_state_dict(safetensors.torch.load_file("model.safetensors"))
-```
-
-transformers (the folder of `--format hf`):
+```"""
+        hf_class, hf_out = "ViTForImageClassification", "logits = model(**inputs).logits"
+    hf = "" if hf_misfits(a) else f"""
+transformers (the folder of `python -m pipeline.checkpoint export <run dir> {export.tag} <folder> --format hf`):
 
 ```python
-from transformers import AutoImageProcessor, ViTForImageClassification  # ViTModel for pre-logits models
+import safetensors.torch
+from transformers import AutoImageProcessor, {hf_class}
 processor = AutoImageProcessor.from_pretrained(folder)
-model = ViTForImageClassification.from_pretrained(folder)
-logits = model(**processor(images, return_tensors="pt")).logits
+model = {hf_class}.from_pretrained(folder)
+inputs = processor(images=[pil_image], return_tensors="pt")
+{hf_out}
 ```
+"""
+    return f"""timm (`model.safetensors` of `--format timm`, timm's names):
 
-MLflow (the registered model; images as encoded bytes or HxWx3 uint8 arrays):
+{timm}
+{hf}
+MLflow (the registered model; `image` holds encoded JPEG/PNG bytes or HxWx3 uint8 arrays):
 
 ```python
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/<name>/<version>")
-logits = model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}))
-features = model.predict(pd.DataFrame({"image": [...]}), params={"output": "features"})
-torch_module = mlflow.pytorch.load_model("models:/<name>/<version>")  # input: NCHW in [-1, 1]
+logits = model.predict(pd.DataFrame({{"image": [open("cat.jpg", "rb").read()]}}))
+features = model.predict(pd.DataFrame({{"image": [...]}}), params={{"output": "features"}})
+module = mlflow.pytorch.load_model("models:/<name>/<version>")  # NCHW float in [-1, 1]
 ```
 
 Served: `mlflow models serve -m models:/<name>/<version> --env-manager local`, then POST
-`{"dataframe_split": {"columns": ["image"], "data": [["<base64 of the JPEG>"]]}}` to `/invocations`.
+`{{"dataframe_split": {{"columns": ["image"], "data": [["<base64 of the JPEG>"]]}}}}` to `/invocations`.
 """
 
 

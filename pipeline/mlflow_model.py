@@ -1,20 +1,18 @@
 """An exported checkpoint as an MLflow Model: loadable with ``mlflow.pyfunc`` and
 ``mlflow.pytorch``, servable with ``mlflow models serve``, registrable with a schema.
 
-The ``python_function`` flavor is :class:`ViTImages`: ``predict`` takes a DataFrame with an
-``image`` column of encoded JPEG/PNG bytes (base64 in a served JSON request) or HxWx3 uint8
-arrays, preprocesses each exactly as evaluation does (``pipeline.data.eval_crop``; bytes
-through ``decode_eval`` itself), and returns the logits, or with ``params={"output":
-"features"}`` the pre-logits features. It builds our ViT from the timm-named
-``model.safetensors`` artifact (the very file of ``--format timm``) with this package's code,
-which the model carries (``code/pipeline``). The ``pytorch`` flavor is the same module
-exported with ``torch.export`` (``data/model.pt2``: no pickle), batch size free, input NCHW
-in [-1, 1].
+The ``python_function`` flavor is ``pipeline.serving.ViTImages`` (images in, logits or
+pre-logits features out), built from the timm-named ``model.safetensors`` artifact (the very
+file of ``--format timm``); the model carries the few modules of this package it imports
+(``code/pipeline``: the ViT and evaluation's preprocessing), so loading it needs torch,
+Pillow and safetensors, not this package. The ``pytorch`` flavor is the same module exported
+with ``torch.export`` (``data/model.pt2``: no pickle), batch size free, input NCHW in [-1, 1].
+Signature: an ``image`` column (binary) in, (N, classes) float32 ``logits`` out, a string
+param ``output`` (``logits`` | ``features``).
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import shutil
@@ -27,66 +25,12 @@ import numpy as np
 import torch
 
 from pipeline.export import CARD_FILE, WEIGHTS_FILE, Export, model_card, write_timm
+from pipeline.serving import ViTImages
 
 ARCH_FILE = "arch.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class ViTImages(mlflow.pyfunc.PythonModel):
-    """Images in, logits (or pre-logits features) out; see the module docstring."""
-
-    def load_context(self, context) -> None:
-        from pipeline.model import create_model
-
-        info = json.loads(Path(context.artifacts["arch"]).read_text())
-        self.preprocess = info["preprocess"]
-        self.model = create_model(**info["arch"]).eval()
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(context.artifacts["weights"]), strict=True)
-
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
-        from pipeline.data import to_model_input
-
-        output = (params or {}).get("output", "logits")
-        if output not in ("logits", "features"):
-            raise ValueError(f"params.output must be 'logits' or 'features', got {output!r}")
-        images = _images(model_input)
-        x = to_model_input(torch.from_numpy(np.stack([self._pixels(im) for im in images])))
-        with torch.no_grad():
-            out = self.model.forward_features(x) if output == "features" else self.model(x)
-        return out.float().numpy()
-
-    def _pixels(self, image) -> np.ndarray:
-        from PIL import Image
-
-        from pipeline.data import decode_eval, eval_crop
-
-        size, ratio = self.preprocess["image_size"], self.preprocess["crop_ratio"]
-        if isinstance(image, str):  # base64, as JSON carries bytes
-            image = base64.b64decode(image)
-        if isinstance(image, (bytes, bytearray)):
-            return decode_eval(bytes(image), size, ratio)
-        a = np.asarray(image)
-        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
-            raise ValueError(f"an image array must be HxWx3 uint8, got shape {a.shape} dtype {a.dtype}")
-        return eval_crop(Image.fromarray(a), size, ratio)
-
-
-def _images(model_input) -> list:
-    """The images of a predict input: a DataFrame's ``image`` column, a dict's ``image`` list,
-    a list, or an (N, H, W, 3) uint8 array."""
-    import pandas as pd
-
-    if isinstance(model_input, pd.DataFrame):
-        if "image" not in model_input.columns:
-            raise ValueError(f"the input needs an 'image' column, got columns {list(model_input.columns)}")
-        return list(model_input["image"])
-    if isinstance(model_input, dict):
-        return list(model_input["image"])
-    if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-        return list(model_input)
-    return list(model_input)
+# What the served model imports of this package (pipeline.serving's imports): the model carries these only.
+SERVING_MODULES = ("__init__.py", "serving.py", "model.py", "data.py", "augment.py")
 
 
 def signature(export: Export):
@@ -135,7 +79,9 @@ def save(export: Export, path: str) -> str:
         artifacts = {"weights": weights, "arch": str(Path(tmp) / ARCH_FILE), "meta": str(Path(tmp) / "meta.json"),
                      "config": str(Path(tmp) / "config.yaml"), "card": str(Path(tmp) / CARD_FILE)}
         code = Path(tmp) / "code" / "pipeline"
-        shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        code.mkdir(parents=True)
+        for name in SERVING_MODULES:
+            shutil.copy2(PACKAGE_DIR / name, code / name)
         mlflow.pyfunc.save_model(path, python_model=ViTImages(), artifacts=artifacts, code_paths=[str(code)],
                                  signature=signature(export), input_example=example_input(export),
                                  pip_requirements=pip_requirements(), metadata={"checkpoint_tag": export.tag,
@@ -158,6 +104,7 @@ def _add_pytorch_flavor(export: Export, path: Path) -> None:
     torch.export.save(program, str(path / "data" / "model.pt2"))
     mlmodel = Model.load(str(path / "MLmodel"))
     mlmodel.add_flavor("pytorch", model_data="data", pytorch_version=str(torch.__version__), code=None)
+    mlmodel.model_size_bytes = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     mlmodel.save(str(path / "MLmodel"))
 
 
@@ -196,6 +143,6 @@ def log_and_register(export: Export, name: str, model_dir: str, tracking_uri: st
     tracker.register_model(name, artifact_path)
     if not tracker.flush(tracker.flush_timeout_s):
         raise RuntimeError(f"MLflow at {uri} did not take the model; it stays spooled in {tracker.journal.path_hint()}")
-    source = f"runs:/{run_id}/{artifact_path}"
-    version = next(v.version for v in tracker.client.search_model_versions(f"name='{name}'") if v.source == source)
+    versions = tracker.client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    version = max(int(v.version) for v in versions if v.tags.get("pipeline.artifact_path") == artifact_path)
     return f"models:/{name}/{version}"

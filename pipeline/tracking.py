@@ -293,7 +293,9 @@ def _apply(record: dict) -> None:
 
 
 def _register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> None:
-    source = f"runs:/{run_id}/{artifact_path}"
+    # The artifacts' own URI, as mlflow.register_model resolves a runs:/ URI: a server that
+    # proxies artifacts cannot resolve runs:/ itself, and its registry page would show no schema.
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         client.create_registered_model(name)
     except MlflowException as e:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from conftest import free_port
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_tracking import MlflowServer, new_run
+from test_ui import ML, chromium, render, text_of  # noqa: F401  (chromium: the fixture)
 from test_watcher import make_checkpoints
 
 from pipeline import checkpoint
@@ -75,13 +77,12 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(server, run_dir, tmp_path_factory) -> dict:
-    """The run's final weights logged and registered as the training job does (twice: a resumed
-    job logs again, still one version)."""
+    """The run's final weights logged and registered as the training job does (that a resumed
+    job logging again makes no second version: tests/test_watcher.py)."""
     client = MlflowClient(server.uri)
     exp_id, run_id = new_run(client, "handoff")
     tracker = Tracker(server.uri, run_id, spool_dir=str(tmp_path_factory.mktemp("spool")))
-    for _ in range(2):
-        log_final_weights(tracker, str(run_dir / "checkpoints"), TAG, register_as=NAME)
+    log_final_weights(tracker, str(run_dir / "checkpoints"), TAG, register_as=NAME)
     (version,) = client.search_model_versions(f"name='{NAME}'")
     return {"client": client, "run_id": run_id, "experiment_id": exp_id, "version": version.version,
             "uri": f"models:/{NAME}/{version.version}"}
@@ -100,7 +101,7 @@ def expected(model, images: list, size: int, crop_ratio: float, features: bool =
 def test_the_final_weights_are_a_registered_mlflow_model_with_schema_weights_and_card(registered, run_dir, tmp_path):
     client, run_id = registered["client"], registered["run_id"]
     version = client.get_model_version(NAME, registered["version"])
-    assert version.run_id == run_id and version.source == f"runs:/{run_id}/final_weights"
+    assert version.run_id == run_id and version.source == f"{client.get_run(run_id).info.artifact_uri}/final_weights"
     local = Path(client.download_artifacts(run_id, "final_weights", str(tmp_path)))
     mlmodel = (local / "MLmodel").read_text()
     assert "python_function" in mlmodel and "pytorch:" in mlmodel and "signature" in mlmodel
@@ -262,3 +263,19 @@ def test_any_host_exports_from_a_run_dir_on_object_storage(run_dir, ours, tmp_pa
         assert remote.results == export.results and remote.results["fewshot-digits"]["metrics"] == {"5shot": 0.625}
     finally:
         fs.rm("/bucket/handoff", recursive=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # room for installing chromium on first use
+def test_the_registry_page_shows_the_version_with_its_schema(chromium, registered, server):  # noqa: F811
+    version = registered["version"]
+    page = text_of(render(chromium, f"{server.uri}/#/models/{NAME}/versions/{version}", "registered_model_version"))
+    assert f"Version {version}" in page and "Source Run : handoff" in page
+    assert "Schema Name Type Inputs (1) Outputs (1)" in page  # no schema: "Inputs (0)"
+    # The registry page folds the columns; the run's artifact view shows them in the MLmodel.
+    exp, run = registered["experiment_id"], registered["run_id"]
+    view = text_of(render(chromium, f"{server.uri}/#/experiments/{exp}/runs/{run}/artifacts/final_weights/MLmodel?{ML}",
+                          "registered_model_mlmodel"))
+    flat = re.sub(r"\s+", "", view)
+    assert "python_function:" in flat and "pytorch:" in flat and "model_data:data" in flat
+    assert '"type":"binary","name":"image"' in flat and '"name":"logits"' in flat and '"dtype":"float32"' in flat

@@ -255,7 +255,7 @@ def test_final_weights_are_logged_as_safetensors_and_registered_once(server, ckp
     assert {a.path for a in client.list_artifacts(run_id, "final_weights/artifacts")} >= {
         f"final_weights/artifacts/{name}" for name in ("model.safetensors", "config.yaml", "meta.json")}
     (version,) = client.search_model_versions("name='vit-tiny-test'")
-    assert version.run_id == run_id and version.source == f"runs:/{run_id}/final_weights"
+    assert version.run_id == run_id and version.source == f"{client.get_run(run_id).info.artifact_uri}/final_weights"
     path = client.download_artifacts(run_id, "final_weights/artifacts/model.safetensors", str(tmp_path))
     weights = load_file(path)
     expected = checkpoint.load_fp32_weights(ckpts, "step_00000004")
