@@ -7,7 +7,7 @@ the consolidated fp32 weights in timm's names, the architecture, how evaluation 
 an image, the pre-training data and the transfer results recorded for that tag. Every form
 is written from it, so the weights are the same values in each:
 
-- **timm**: ``model.safetensors`` as ``export_safetensors`` writes it (timm's names).
+- **timm**: ``model.safetensors`` (timm's names), written by ``checkpoint.write_weights``.
 - **transformers** (:func:`write_hf`): ``config.json``, ``model.safetensors`` in the Hub's
   ViT names (``google/vit-*``), ``preprocessor_config.json``. A class-token ViT without a
   pre-logits layer is a ``ViTForImageClassification``; one with it is a ``ViTModel`` whose

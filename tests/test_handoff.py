@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_tracking import MlflowServer, new_run
 from test_ui import ML, chromium, render, text_of  # noqa: F401  (chromium: the fixture)
-from test_watcher import make_checkpoints
+from test_watcher import copy_tags, make_checkpoints
 
 from pipeline import checkpoint
 from pipeline.data import decode_eval, eval_crop, to_model_input
@@ -186,6 +186,25 @@ def test_mlflow_models_serve_answers_an_http_request_with_our_logits(registered,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         log.close()
+
+
+@pytest.mark.timeout(300)
+def test_any_tag_on_request_becomes_a_registered_model_of_its_run(registered, run_dir, server, tmp_path, monkeypatch):
+    import mlflow.pyfunc
+
+    tag = "step_00000002"
+    copy_tags(str(run_dir / "checkpoints"), tmp_path / "run" / "checkpoints", [tag], registered["run_id"])
+    out = tmp_path / "model"
+    argv = ["export", str(tmp_path / "run"), tag, str(out), "--format", "mlflow", "--register", f"{NAME}-early",
+            "--tracking-uri", server.uri]
+    assert checkpoint.main(argv) == 0 and (out / "MLmodel").is_file()
+    (version,) = registered["client"].search_model_versions(f"name='{NAME}-early'")
+    assert version.run_id == registered["run_id"] and version.source.endswith(f"/model_{tag}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    image = [np.random.default_rng(6).integers(0, 256, (16, 16, 3), dtype=np.uint8)]
+    export = load_export(str(run_dir), tag)
+    logits = mlflow.pyfunc.load_model(f"models:/{NAME}-early/{version.version}").predict(pd.DataFrame({"image": image}))
+    assert np.allclose(logits, expected(export.model(), image, 16, export.preprocess["crop_ratio"]), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
