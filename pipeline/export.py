@@ -30,7 +30,9 @@ import fsspec
 import torch
 
 from pipeline import checkpoint
-from pipeline.model import VisionTransformer, create_model
+from pipeline.config import to_yaml
+from pipeline.data import ShardIndex, eval_resize
+from pipeline.model import VisionTransformer, create_model, get_spec
 from pipeline.rundir import Checkpoints, RunDir, local_path
 
 log = logging.getLogger(__name__)
@@ -93,30 +95,34 @@ def load_export(source: str, tag: str | None = None, variant: str = "raw") -> Ex
 def _read(ckpt_dir: str, tag: str, variant: str, run: RunDir) -> Export:
     cfg, meta = checkpoint.saved_config(Path(ckpt_dir) / tag)
     state = checkpoint.load_fp32_weights(ckpt_dir, tag, variant)
-    m = cfg.model
-    num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-    size = int(meta.get("image_size") or state["pos_embed"].shape[1])
-    arch = {"name": m.name, "img_size": size, "patch_size": m.patch_size, "pool": _name(m.pool),
-            "representation_size": m.representation_size, "num_classes": num_classes}
-    spec = create_model(**arch).spec  # the variant's fields with the config's overrides
-    arch.update(width=spec.width, depth=spec.depth, heads=spec.heads, mlp_dim=spec.mlp_dim, patch_size=spec.patch_size)
-    crop_ratio = cfg.eval.fewshot[0].crop_ratio if cfg.eval.fewshot else DEFAULT_CROP_RATIO
-    from pipeline.data import eval_resize
-
-    preprocess = {"image_size": size, "crop_ratio": float(crop_ratio), "resize": eval_resize(size, crop_ratio),
+    arch = _arch(cfg.model, meta, state)
+    crop_ratio = float(cfg.eval.fewshot[0].crop_ratio if cfg.eval.fewshot else DEFAULT_CROP_RATIO)
+    size = arch["img_size"]
+    preprocess = {"image_size": size, "crop_ratio": crop_ratio, "resize": eval_resize(size, crop_ratio),
                   "mean": [0.5] * 3, "std": [0.5] * 3, "resample": "bilinear"}
-    from pipeline.config import to_yaml
-
-    recipe = {"loss": _name(cfg.train.loss), "precision": _name(cfg.train.precision),
-              "global_batch_size": cfg.train.global_batch_size, "steps": meta.get("total_steps", cfg.train.steps),
-              "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "warmup_steps": cfg.optim.warmup_steps,
-              "schedule": _name(cfg.optim.schedule), "dropout": m.dropout, "drop_path": m.drop_path,
-              "augmentation": cfg.aug.preset, "ema_decay": cfg.train.ema.decay, "zero_stage": cfg.deepspeed.zero_stage}
     results = {name: {"protocol": rec.get("protocol"), "dataset": rec.get("dataset"), "metrics": rec.get("metrics", {})}
                for name, rec in run.eval_records().get(tag, {}).items() if rec.get("variant", "raw") == variant}
     return Export(tag=tag, variant=variant, state=state, arch=arch, preprocess=preprocess, meta=meta,
-                  config_yaml=to_yaml(cfg), data=_data_facts(cfg.data.train, num_classes), recipe=recipe, results=results,
-                  tracking_uri=cfg.tracking.uri)
+                  config_yaml=to_yaml(cfg), data=_data_facts(cfg.data.train, arch["num_classes"]),
+                  recipe=_recipe(cfg, meta), results=results, tracking_uri=cfg.tracking.uri)
+
+
+def _arch(model_cfg, meta: dict, state: dict[str, torch.Tensor]) -> dict:
+    """``create_model`` keyword arguments of the checkpoint, every spec field spelled out."""
+    spec = get_spec(model_cfg.name, img_size=meta.get("image_size") or model_cfg.img_size, patch_size=model_cfg.patch_size)
+    return {"name": model_cfg.name, "width": spec.width, "depth": spec.depth, "heads": spec.heads, "mlp_dim": spec.mlp_dim,
+            "patch_size": spec.patch_size, "img_size": spec.img_size, "pool": _name(model_cfg.pool),
+            "representation_size": model_cfg.representation_size,
+            "num_classes": state["head.weight"].shape[0] if "head.weight" in state else 0}
+
+
+def _recipe(cfg, meta: dict) -> dict:
+    """The run's key settings, for the model card."""
+    return {"loss": _name(cfg.train.loss), "precision": _name(cfg.train.precision),
+            "global_batch_size": cfg.train.global_batch_size, "steps": meta.get("total_steps", cfg.train.steps),
+            "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "warmup_steps": cfg.optim.warmup_steps,
+            "schedule": _name(cfg.optim.schedule), "dropout": cfg.model.dropout, "drop_path": cfg.model.drop_path,
+            "augmentation": cfg.aug.preset, "ema_decay": cfg.train.ema.decay, "zero_stage": cfg.deepspeed.zero_stage}
 
 
 def _name(value) -> str:
@@ -126,8 +132,6 @@ def _name(value) -> str:
 
 def _data_facts(index_url: str, num_classes: int) -> dict:
     """What the pre-training index says (name, samples, classes); only the URL when it cannot be read here."""
-    from pipeline.data import ShardIndex
-
     try:
         index = ShardIndex.load(index_url)
         with fsspec.open(index_url, "r") as f:
