@@ -388,9 +388,24 @@ def load_fp32_weights(ckpt_dir: str, tag: str, variant: str = "raw") -> dict[str
 
 def export_safetensors(ckpt_dir: str, tag: str, out_path: str, variant: str = "raw") -> str:
     """Write a checkpoint's consolidated fp32 weights (timm names) as safetensors."""
+    return write_weights(load_fp32_weights(ckpt_dir, tag, variant), out_path, tag, variant)
+
+
+def write_weights(state: dict[str, torch.Tensor], out_path: str, tag: str, variant: str) -> str:
+    """The one writer of exported weights (timm names): every export form holds these bytes."""
     from safetensors.torch import save_file
 
-    save_file(load_fp32_weights(ckpt_dir, tag, variant), out_path, metadata={"format": "pt", "tag": tag, "variant": variant})
+    save_file(state, out_path, metadata={"format": "pt", "tag": tag, "variant": variant})
+    # safetensors writes the metadata keys in a hash map's order, which varies from run to run:
+    # sorted, the same weights are the same bytes (the header keeps its length and padding).
+    with open(out_path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text.ljust(size))
     return out_path
 
 
@@ -607,8 +622,14 @@ USAGE = """usage: python -m pipeline.checkpoint COMMAND ...
   verify <tag dir>                    check every file of a local checkpoint against its manifest
   universal <ckpt dir> <tag> <out>    convert a checkpoint for another world size (DeepSpeed's
                                       universal format); resume with train.resume_from=<out>/<tag>
-  export <ckpt dir> <tag> <out.safetensors> [raw|ema]
-                                      consolidated fp32 weights (timm names)"""
+  export <run dir | ckpt dir> <tag|latest> <out> [raw|ema] [--format timm|hf|mlflow]
+         [--register NAME [--tracking-uri URI]]
+                                      consolidated fp32 weights (any fsspec URL, from any host):
+                                      timm: <out> is a .safetensors file (timm names);
+                                      hf: <out> a transformers folder (config.json,
+                                      model.safetensors, preprocessor_config.json, README.md);
+                                      mlflow: <out> an MLflow Model folder; --register logs it
+                                      to the run's MLflow run and registers it as NAME"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -623,12 +644,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args[0]}: every file matches its manifest")
         elif cmd == "universal" and len(args) == 3:
             print(to_universal(*args))
-        elif cmd == "export" and len(args) in (3, 4):
-            print(export_safetensors(*args))
+        elif cmd == "export" and args:
+            from pipeline.export import main as export_main
+
+            return export_main(args)
         else:
             print(USAGE, file=sys.stderr)
             return 2
-    except (CorruptCheckpoint, FileNotFoundError) as e:
+    except (CorruptCheckpoint, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

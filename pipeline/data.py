@@ -312,16 +312,30 @@ def decode_train(data: bytes, size: int, rng: random.Random, area: tuple[float, 
 def decode_eval(data: bytes, size: int, crop_ratio: float) -> np.ndarray:
     """Resize the shorter side to ``size / crop_ratio``, then centre-crop ``size``: HWC uint8."""
     with Image.open(io.BytesIO(data)) as img:
-        resize = max(size, round(size / crop_ratio))
-        img.draft("RGB", (resize, resize))
-        img = img.convert("RGB")
-        w, h = img.size
-        s = resize / min(w, h)
-        img = img.resize((max(resize, round(w * s)), max(resize, round(h * s))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8)
+        img.draft("RGB", (eval_resize(size, crop_ratio),) * 2)  # a JPEG decodes at a reduced scale
+        return eval_crop(img, size, crop_ratio)
+
+
+def eval_resize(size: int, crop_ratio: float) -> int:
+    """The shorter side an eval image is resized to before its centre crop of ``size``."""
+    return max(size, round(size / crop_ratio))
+
+
+def eval_crop(img: Image.Image, size: int, crop_ratio: float) -> np.ndarray:
+    """A decoded image as evaluation sees it: shorter side resized (bilinear) to
+    :func:`eval_resize`, centre crop ``size``; HWC uint8 RGB. The served model uses it too.
+
+    The longer side is truncated, not rounded, as torchvision's ``Resize(int)`` and
+    transformers' image processors do, so an exported model's processor gives these pixels."""
+    resize = eval_resize(size, crop_ratio)
+    img = img.convert("RGB")
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    other = int(resize * long / short)
+    img = img.resize((resize, other) if w <= h else (other, resize), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def to_model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -344,23 +344,10 @@ def _finished_summary(cfg: DictConfig, run) -> dict | None:
 
 
 def _log_final_weights(tracker, run, tag: str, register_as: str | None) -> None:
-    """The consolidated weights of the last checkpoint as MLflow artifacts (from a local copy
-    when the run dir is remote)."""
-    import shutil
-    import tempfile
-
-    from pipeline.rundir import local_path
+    """The last checkpoint as an MLflow Model of the run (fetched first when the run dir is remote)."""
     from pipeline.tracking import log_final_weights
 
-    if run.checkpoints.local:
-        log_final_weights(tracker, local_path(run.checkpoints.url), tag, register_as=register_as)
-        return
-    tmp = tempfile.mkdtemp(prefix="vit-final-")
-    try:
-        run.checkpoints.fetch(tag, tmp)
-        log_final_weights(tracker, tmp, tag, register_as=register_as)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    log_final_weights(tracker, run.url, tag, register_as=register_as)
 
 
 def _undelivered(run, tracker, spool: str, claims) -> dict:

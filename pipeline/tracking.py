@@ -239,26 +239,17 @@ class SystemMetrics:
         self._thread.join()
 
 
-def log_final_weights(tracker: Tracker, ckpt_dir: str, tag: str, register_as: str | None = None) -> str:
-    """Log a checkpoint's consolidated fp32 weights (safetensors) with its config and meta.
+def log_final_weights(tracker: Tracker, source: str, tag: str, register_as: str | None = None) -> str:
+    """Log checkpoint ``tag`` of a run dir or checkpoints dir (``source``, any fsspec URL) as an
+    MLflow Model (``pipeline.mlflow_model``: pyfunc and pytorch flavors, a signature, the
+    timm-named weights, config, meta and model card as artifacts) at ``final_weights/`` of the
+    tracker's run; with ``register_as`` it becomes a new version of that registered model
+    (once per run). Returns the artifact path."""
+    from pipeline import mlflow_model
+    from pipeline.export import load_export
 
-    Artifacts go to ``final_weights/`` of the tracker's run; with ``register_as`` that folder
-    becomes a new version of that registered model (once per run). Returns the artifact path.
-    """
-    from pipeline import checkpoint
-
-    artifact_path = "final_weights"
-    tag_dir = Path(ckpt_dir) / tag
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "model.safetensors"
-        checkpoint.export_safetensors(ckpt_dir, tag, str(out))
-        tracker.log_artifact(str(out), artifact_path)
-    for name in (checkpoint.CONFIG_FILE, checkpoint.META_FILE):
-        if (tag_dir / name).is_file():
-            tracker.log_artifact(str(tag_dir / name), artifact_path)
+    artifact_path = mlflow_model.log(tracker, load_export(source, tag), "final_weights", register_as)
     tracker.set_tags({"pipeline.final_checkpoint": tag})
-    if register_as:
-        tracker.register_model(register_as, artifact_path)
     return artifact_path
 
 
@@ -302,7 +293,9 @@ def _apply(record: dict) -> None:
 
 
 def _register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> None:
-    source = f"runs:/{run_id}/{artifact_path}"
+    # The artifacts' own URI, as mlflow.register_model resolves a runs:/ URI: a server that
+    # proxies artifacts cannot resolve runs:/ itself, and its registry page would show no schema.
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         client.create_registered_model(name)
     except MlflowException as e:

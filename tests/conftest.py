@@ -9,6 +9,7 @@ from the fixtures a test uses (``tests/support/tiers.py``).
 from __future__ import annotations
 
 import os
+import shutil
 
 import fsspec
 import pytest
@@ -141,3 +142,9 @@ def _shared_services_alive(request):
             log = srv.root / "server.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
             pytest.fail(f"the module's mlflow server ({srv.uri}) is not running (exit {srv.proc and srv.proc.returncode}):\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium (``launch/setup.sh --dev`` installs it when run as root), else a skip."""
+    return shutil.which("chromium") or pytest.skip("needs chromium (launch/setup.sh --dev installs it when run as root)")

@@ -9,43 +9,22 @@ Screenshots go to ``tests/artifacts/`` (git-ignored); each test prints where.
 
 from __future__ import annotations
 
-import html
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support.browser import ML, render, text_of
 from tests.support.services import free_port
 
-ARTIFACTS = ROOT / "tests" / "artifacts"
 STEPS = (0, 100, 200, 300, 400)
 SHOTS = {0: 0.38, 100: 0.52, 200: 0.59, 300: 0.63, 400: 0.65}  # digits 10-shot, as the demo measured
-# Headless, no sandbox (root in a container), no network beyond 127.0.0.1, no first-run UI.
-# --run-all-compositor-stages-before-draw: without it the charts, drawn only once in view, stay
-# spinners under --virtual-time-budget (seen with Chromium 156 and MLflow 3.17).
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--run-all-compositor-stages-before-draw"]
-WINDOW = "--window-size=1600,1300"  # tall enough that every chart is in view: charts out of view stay spinners
-RENDER_MS = 30_000  # virtual time the page gets to fetch and draw before the DOM is taken
-ML = "workflowType=machine_learning"  # MLflow 3's UI opens in its GenAI view unless told otherwise
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """Debian's chromium (``launch/setup.sh --dev`` installs it when run as root), else a skip."""
-    return shutil.which("chromium") or pytest.skip("needs chromium (launch/setup.sh --dev installs it when run as root)")
-
-
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory) -> dict:
     """A pre-training run with `train/loss` and `fewshot/digits/10shot` step metrics and two
@@ -118,32 +97,6 @@ def mlflow_ui(logged_run, tmp_path_factory) -> str:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
         log.close()
-
-
-def render(chromium: str, url: str, shot: str) -> str:
-    """The DOM of `url` after Chromium rendered it for RENDER_MS of virtual time (also saved
-    as tests/artifacts/<shot>.html), and a screenshot of it saved as tests/artifacts/<shot>.png."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    png = ARTIFACTS / f"{shot}.png"
-    png.unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={RENDER_MS}", WINDOW]
-        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-        assert dom.returncode == 0, dom.stderr[-2000:]
-    (ARTIFACTS / f"{shot}.html").write_text(dom.stdout)
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={RENDER_MS}", WINDOW]
-        subprocess.run([chromium, *flags, f"--screenshot={png}", url],
-                       capture_output=True, timeout=120, check=True)
-    assert png.stat().st_size > 10_000, f"{png}: an empty screenshot"
-    print(f"screenshot of {url}: {png}")
-    return dom.stdout
-
-
-def text_of(dom: str) -> str:
-    """The visible text of a DOM, whitespace collapsed."""
-    body = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
-    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", body)))
 
 
 @pytest.mark.slow

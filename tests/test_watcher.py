@@ -165,11 +165,13 @@ def test_final_weights_are_logged_as_safetensors_and_registered_once(mlflow_serv
     tracker = Tracker(mlflow_server.uri, run_id, spool_dir=str(tmp_path / "spool"))
     for _ in range(2):  # a resumed job logs again: still one model version
         log_final_weights(tracker, ckpts, "step_00000004", register_as="vit-tiny-test")
-    files = {a.path for a in client.list_artifacts(run_id, "final_weights")}
-    assert files == {"final_weights/model.safetensors", "final_weights/config.yaml", "final_weights/meta.json"}
+    files = {a.path for a in client.list_artifacts(run_id, "final_weights")}  # an MLflow Model (tests/test_handoff.py)
+    assert {"final_weights/MLmodel", "final_weights/artifacts", "final_weights/README.md"} <= files
+    assert {a.path for a in client.list_artifacts(run_id, "final_weights/artifacts")} >= {
+        f"final_weights/artifacts/{name}" for name in ("model.safetensors", "config.yaml", "meta.json")}
     (version,) = client.search_model_versions("name='vit-tiny-test'")
-    assert version.run_id == run_id and version.source == f"runs:/{run_id}/final_weights"
-    path = client.download_artifacts(run_id, "final_weights/model.safetensors", str(tmp_path))
+    assert version.run_id == run_id and version.source == f"{client.get_run(run_id).info.artifact_uri}/final_weights"
+    path = client.download_artifacts(run_id, "final_weights/artifacts/model.safetensors", str(tmp_path))
     weights = load_file(path)
     expected = checkpoint.load_fp32_weights(ckpts, "step_00000004")
     assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)

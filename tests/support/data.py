@@ -74,8 +74,10 @@ def write_digits_shards(out: Path, size: int = 32) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def make_checkpoints(out: Path, steps: list[int], model: str = "vit_tiny_test", num_classes: int = 12, **model_kw) -> str:
-    """Real checkpoints of a 1-rank ZeRO-2 engine at ``steps`` (weights nudged between them)."""
+def make_checkpoints(out: Path, steps: list[int], model: str = "vit_tiny_test", num_classes: int = 12,
+                     overrides: tuple[str, ...] = (), **model_kw) -> str:
+    """Real checkpoints of a 1-rank ZeRO-2 engine at ``steps`` (weights nudged between them);
+    ``overrides``: more config ``key=value`` settings."""
     from pipeline import checkpoint
     from pipeline.config import load_config, to_yaml
     from pipeline.engine import dist_setup
@@ -84,7 +86,7 @@ def make_checkpoints(out: Path, steps: list[int], model: str = "vit_tiny_test", 
     _, _, device = dist_setup(standalone=True)
     overrides = [f"model.name={model}", "data.train=unused", f"output_dir={out}", "train.steps=10", "train.global_batch_size=8",
                  "data.micro_batch_size=8", "ray.num_workers=1", "deepspeed.zero_stage=2", "train.precision=fp32",
-                 *[f"model.{k}={v}" for k, v in model_kw.items()]]
+                 *[f"model.{k}={v}" for k, v in model_kw.items()], *overrides]
     cfg = load_config(None, overrides)
     engine, _ = build_engine(cfg, num_classes, 10, 1, device)
     ckpt_dir = out / "checkpoints"
