@@ -284,6 +284,8 @@ class TrackingConfig:
     http_max_retries: int = 1
     flush_timeout_s: float = 120.0  # how long finishing a run waits for the spool to drain
     register_model: str | None = None  # register the final weights under this name
+    # The final model also as MLflow's pytorch flavor (torch.export; ~15 s of CPU at the end of a run)
+    pytorch_flavor: bool = True
 
 
 @dataclass

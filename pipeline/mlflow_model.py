@@ -68,8 +68,9 @@ def pip_requirements() -> list[str]:
     return reqs + [f"torch=={torch_version}"]
 
 
-def save(export: Export, path: str) -> str:
-    """Write the MLflow Model of ``export`` into the new directory ``path``."""
+def save(export: Export, path: str, pytorch_flavor: bool = True) -> str:
+    """Write the MLflow Model of ``export`` into the new directory ``path``; ``pytorch_flavor``:
+    also the ``torch.export`` program (about 15 s of CPU for a small model, most of it imports)."""
     with tempfile.TemporaryDirectory(prefix="vit-mlflow-") as tmp:
         weights = write_timm(export, str(Path(tmp) / WEIGHTS_FILE))
         (Path(tmp) / ARCH_FILE).write_text(json.dumps({"arch": export.arch, "preprocess": export.preprocess}, indent=2))
@@ -86,7 +87,8 @@ def save(export: Export, path: str) -> str:
                                  signature=signature(export), input_example=example_input(export),
                                  pip_requirements=pip_requirements(), metadata={"checkpoint_tag": export.tag,
                                                                                 "weights_variant": export.variant})
-    _add_pytorch_flavor(export, Path(path))
+    if pytorch_flavor:
+        _add_pytorch_flavor(export, Path(path))
     shutil.copy2(Path(path) / "artifacts" / CARD_FILE, Path(path) / CARD_FILE)
     return path
 
@@ -117,11 +119,11 @@ def log_dir(tracker, model_dir: str, artifact_path: str) -> None:
         tracker.log_artifact(str(path), artifact_path if rel == "." else f"{artifact_path}/{rel}")
 
 
-def log(tracker, export: Export, artifact_path: str, register_as: str | None = None) -> str:
+def log(tracker, export: Export, artifact_path: str, register_as: str | None = None, pytorch_flavor: bool = True) -> str:
     """Log ``export`` as an MLflow Model at ``artifact_path`` of the tracker's run; with
     ``register_as``, a new version of that registered model (once per run and path)."""
     with tempfile.TemporaryDirectory(prefix="vit-mlflow-") as tmp:
-        log_dir(tracker, save(export, str(Path(tmp) / "model")), artifact_path)
+        log_dir(tracker, save(export, str(Path(tmp) / "model"), pytorch_flavor), artifact_path)
     if register_as:
         tracker.register_model(register_as, artifact_path)
     return artifact_path

@@ -303,7 +303,7 @@ def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> di
         if watcher:
             watcher.finish()
         if status == "FINISHED" and (last := run.checkpoints.latest()):
-            _log_final_weights(tracker, run, last, cfg.tracking.register_model)
+            _log_final_weights(tracker, run, last, cfg.tracking.register_model, cfg.tracking.pytorch_flavor)
         tracker.finish(status)
     train_seconds = time.time() - t_train
     final = result.metrics or {}
@@ -343,11 +343,11 @@ def _finished_summary(cfg: DictConfig, run) -> dict | None:
     return summary if summary.get("final_step") == step_of(tag) else None
 
 
-def _log_final_weights(tracker, run, tag: str, register_as: str | None) -> None:
+def _log_final_weights(tracker, run, tag: str, register_as: str | None, pytorch_flavor: bool) -> None:
     """The last checkpoint as an MLflow Model of the run (fetched first when the run dir is remote)."""
     from pipeline.tracking import log_final_weights
 
-    log_final_weights(tracker, run.url, tag, register_as=register_as)
+    log_final_weights(tracker, run.url, tag, register_as=register_as, pytorch_flavor=pytorch_flavor)
 
 
 def _undelivered(run, tracker, spool: str, claims) -> dict:

@@ -27,7 +27,7 @@ RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 # The tiniest real pre-training job: 400 glyphs, 2 steps of one worker, no evaluation.
 TINY = ["train.steps=2", "train.checkpoint_every=2", "demo.per_class=4", "eval.enabled=false",
         "ray.num_workers=1", "data.micro_batch_size=16", "train.global_batch_size=16",
-        "tracking.system_metrics=false"]
+        "tracking.system_metrics=false", "tracking.pytorch_flavor=false"]
 TOKEN = secrets.token_hex(32)
 
 

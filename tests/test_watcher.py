@@ -164,7 +164,7 @@ def test_final_weights_are_logged_as_safetensors_and_registered_once(mlflow_serv
     _, run_id = new_run(client, "final")
     tracker = Tracker(mlflow_server.uri, run_id, spool_dir=str(tmp_path / "spool"))
     for _ in range(2):  # a resumed job logs again: still one model version
-        log_final_weights(tracker, ckpts, "step_00000004", register_as="vit-tiny-test")
+        log_final_weights(tracker, ckpts, "step_00000004", register_as="vit-tiny-test", pytorch_flavor=False)
     files = {a.path for a in client.list_artifacts(run_id, "final_weights")}  # an MLflow Model (tests/test_handoff.py)
     assert {"final_weights/MLmodel", "final_weights/artifacts", "final_weights/README.md"} <= files
     assert {a.path for a in client.list_artifacts(run_id, "final_weights/artifacts")} >= {

@@ -20,6 +20,7 @@ TINY = [
     "demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.global_batch_size=32",
     "data.micro_batch_size=16", "optim.warmup_steps=1", "train.log_every=1", "eval.enabled=false",
     "train.steps=12", "train.checkpoint_every=3",
+    "tracking.pytorch_flavor=false",  # the final model's torch.export flavor: tests/test_handoff.py
 ]
 
 
