@@ -15,7 +15,7 @@ import logging
 import pytest
 import torch
 from conftest import write_shards
-from test_resume import overrides, run_phases
+from test_resume import checkpoint_to_universal, overrides, run_phases
 
 TAG4 = "step_00000004"
 COMPILED = {"train.compile.enabled": True}
@@ -26,6 +26,9 @@ FP32 = {"deepspeed.zero_stage": 1, "train.precision": "fp32", "model.dropout": 0
 # Rank 0's third micro-batch (step 2) gets a NaN loss: the guard skips that step.
 Z3 = {**COMPILED, "deepspeed.zero_stage": 3, "model.grad_checkpointing": True, "train.guard.fault.kind": "nan",
       "train.guard.fault.start": 3, "train.guard.fault.end": 4}
+# Stopped on 2 ranks, resumed on 1 from a universal checkpoint (activation checkpointing off).
+Z3_RESIZE = {**COMPILED, "deepspeed.zero_stage": 3, "train.checkpoint_every": 2, "train.stop_at_step": 2}
+TAG2 = "step_00000002"
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +47,16 @@ def runs(tmp_path_factory) -> dict:
         {"name": "fp32_eager", "overrides": ov("fp32_eager", **FP32)},
         {"name": "fp32_compiled", "overrides": ov("fp32_compiled", **FP32, **COMPILED)},
         {"name": "z3", "overrides": ov("z3", **Z3)},
+        {"name": "z3_resize", "overrides": ov("z3_resize", **Z3_RESIZE)},
     ], root, timeout=900)
     resumed = run_phases(2, [{"name": "z2_stopped", "overrides": ov("z2_stopped", **Z2, **{"train.stop_at_step": 2})}],
                          root / "resumed", timeout=600)
-    return {"root": root, "first": first, "resumed": resumed, "shards": shards}
+    universal = checkpoint_to_universal(str(root / "z3_resize" / "checkpoints"), TAG2, str(root / "z3_universal"))
+    one_rank = run_phases(1, [{"name": "z3_one", "overrides": ov("z3_one", **{**Z3_RESIZE, "train.stop_at_step": 0,
+                                                                                "train.resume_from": universal}),
+                               "check_load": {"ckpt_dir": str(root / "z3_resize" / "checkpoints"), "tag": TAG2}}],
+                          root / "one_rank", timeout=600)
+    return {"root": root, "first": first, "resumed": resumed, "one_rank": one_rank, "shards": shards}
 
 
 @pytest.mark.timeout(1500)
@@ -89,6 +98,17 @@ def test_compiled_zero3_trains_through_a_skipped_step_without_graph_breaks_or_a_
     c = z3["summary"]["compile"]
     assert c["graph_breaks"] == 0, "ZeRO-3's hooks stay outside the compiled blocks"
     assert not c["storm"] and c["recompiles"] <= 4, c["reasons"]
+
+
+@pytest.mark.timeout(1500)
+def test_a_compiled_zero3_run_resizes_from_2_ranks_to_1_through_a_universal_checkpoint(runs):
+    two, one = runs["first"]["z3_resize"], runs["one_rank"]["z3_one"]
+    assert two["world"] == 2 and two["summary"]["step"] == 2
+    assert one["world"] == 1 and one["zero_stage"] == 3 and one["summary"]["step"] == 4
+    load = one["load"]  # a fresh compiled engine loading the universal checkpoint
+    assert load["names_match"] and load["fp32_max_diff"] == 0.0 and load["module_max_diff"] == 0.0
+    assert load["global_steps"] == 2
+    assert [s for s, _ in one["loss_history"]] == [1, 2, 3, 4] and one["summary"]["compile"]["graph_breaks"] == 0
 
 
 @pytest.mark.timeout(1500)
