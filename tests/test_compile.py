@@ -5,7 +5,8 @@ more for the resumed run), the inductor compile of the tiny blocks paid once per
 compiled ZeRO-2 run stopped and resumed against the same run uninterrupted (bf16, activation
 checkpointing, drop path, dropout, EMA), compiled fp32 ZeRO-1 against eager, and compiled
 ZeRO-3 with a step the divergence guard skips, whose checkpoint loads into an eager model and
-through the timm-format reader.
+through the timm-format reader, and a compiled ZeRO-3 run resized from 2 ranks to 1 through a
+universal checkpoint (a third torchrun, of one rank).
 """
 
 from __future__ import annotations
