@@ -142,7 +142,7 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     ``load_universal``: it will load a universal checkpoint (another world size)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, num_classes)
-    if (c := cfg.train.compile).enabled:  # after the model's activation checkpointing, before ZeRO-3's hooks
+    if (c := cfg.train.compile).enabled:  # before ZeRO-3 registers its hooks (blocks become leaf modules)
         compile_blocks(model, c.mode, c.backend, c.dynamic, zero3=cfg.deepspeed.zero_stage == 3)
     optimizer = _build_optimizer(cfg, model, device)
     config = deepspeed_config(cfg, world)
