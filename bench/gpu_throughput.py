@@ -1,15 +1,19 @@
 """Training throughput and MFU of ViT-B/16 and ViT-L/16 in bf16 at 224 px on one CUDA GPU.
 
     .venv/bin/python bench/gpu_throughput.py [--models vit_b16,vit_l16] [--batch 128,64]
-        [--compile] [--engine] [--steps 20] [--rounds 3] [--peak-tflops 0]
+        [--compile] [--engine] [--zero 1] [--modes eager] [--steps 20] [--rounds 3] [--peak-tflops 0]
+
+    # train.compile's figure: the engine eager and compiled, ZeRO-2 and ZeRO-3
+    .venv/bin/python bench/gpu_throughput.py --engine --zero 2,3 --modes eager,compiled
 
 For each model (``pipeline.model.create_model``, the paper's variant, 1000-class head) it
 times full training steps on random data, after a warm-up, in a plain PyTorch loop: fp32
 weights, ``torch.autocast(bfloat16)``, the paper's sigmoid loss, fused AdamW with the
 pipeline's parameter groups, gradient clipping at 1. With ``--compile`` the same loop runs
-on ``torch.compile(model)`` too; with ``--engine`` the pipeline's own DeepSpeed engine
-(``pipeline.train.build_engine``, ZeRO-1 on one GPU, bf16 weights with fp32 masters)
-runs the same steps. MFU = images/s x model FLOPs per image (``flops_per_image``: forward
+with each block compiled (``pipeline.compile.compile_blocks``, as ``train.compile``) too; with
+``--engine`` the pipeline's own DeepSpeed engine (``pipeline.train.build_engine``, bf16
+weights with fp32 masters) runs the same steps, for each ZeRO stage of ``--zero`` and each
+of ``--modes`` (``eager``; ``compiled``: ``train.compile.enabled=true``). MFU = images/s x model FLOPs per image (``flops_per_image``: forward
 + backward = 3x forward, no recomputation) / the GPU's dense bf16 peak, looked up by
 device name (``--peak-tflops`` overrides). The table ends with the ratios against the
 eager loop. Without a CUDA GPU it says so and exits 0.
@@ -40,8 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    p.add_argument("--compile", action="store_true", help="also time the plain loop with each block compiled")
     p.add_argument("--engine", action="store_true", help="also time the pipeline's DeepSpeed engine")
+    p.add_argument("--zero", default="1", help="ZeRO stages of the engine, comma-separated")
+    p.add_argument("--modes", default="eager", help="the engine eager, compiled (train.compile) or both: eager,compiled")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak of the GPU; 0: look it up")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run of this script's logic
     return p.parse_args(argv)
@@ -70,12 +76,15 @@ def plain_step(name: str, args: argparse.Namespace, device, compile_model: bool 
     """A plain PyTorch training step: autocast bf16, sigmoid loss, clip 1, fused AdamW."""
     import torch
 
+    from pipeline.compile import compile_blocks
     from pipeline.data import to_model_input
     from pipeline.model import create_model
     from pipeline.train import loss_fn, param_groups
 
     model = create_model(name, num_classes=args.classes, img_size=args.img).to(device)
-    forward = torch.compile(model) if compile_model else model
+    if compile_model:
+        compile_blocks(model)
+    forward = model
     optimizer = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-3, fused=True)
 
     def step(images, targets):
@@ -90,8 +99,9 @@ def plain_step(name: str, args: argparse.Namespace, device, compile_model: bool 
     return step
 
 
-def engine_step(name: str, batch: int, args: argparse.Namespace):
-    """The pipeline's DeepSpeed engine on this one GPU (a one-rank process group)."""
+def engine_step(name: str, batch: int, args: argparse.Namespace, zero: int = 1, compiled: bool = False):
+    """The pipeline's DeepSpeed engine on this one GPU (a one-rank process group), ZeRO ``zero``,
+    its blocks compiled (``train.compile``) when ``compiled``."""
     import torch
 
     from pipeline.config import load_config
@@ -103,7 +113,8 @@ def engine_step(name: str, batch: int, args: argparse.Namespace):
         os.environ.setdefault(key, value)
     _, world, device = dist_setup()
     cfg = load_config(None, [f"model.name={name}", f"model.img_size={args.img}", f"data.micro_batch_size={batch}",
-                             f"train.global_batch_size={batch}", "train.steps=100000", "deepspeed.zero_stage=1",
+                             f"train.global_batch_size={batch}", "train.steps=100000", f"deepspeed.zero_stage={zero}",
+                             f"train.compile.enabled={compiled}",
                              "train.precision=bf16", "data.train=unused", "ray.num_workers=1"])
     engine, _ = build_engine(cfg, args.classes, cfg.train.steps, world, device)
     engine.train()
@@ -154,16 +165,17 @@ def main() -> int:
     for name, batch in zip(args.models.split(","), (int(b) for b in args.batch.split(",")), strict=True):
         flops = flops_per_image(get_spec(name, img_size=args.img), args.classes)
         batch_data = data(batch, args.img, args.classes, device)
-        loops = ["plain PyTorch (eager)"] + ["plain PyTorch (torch.compile)"] * args.compile + ["pipeline DeepSpeed engine"] * args.engine
+        loops = ["plain PyTorch (eager)"] + ["plain PyTorch (compiled blocks)"] * args.compile
+        loops += [f"engine ZeRO-{z} ({m})" for z in args.zero.split(",") for m in args.modes.split(",")] * args.engine
         for loop in loops:
             torch.manual_seed(0)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            if loop == "pipeline DeepSpeed engine":
-                step = engine_step(name, batch, args)
+            if loop.startswith("engine"):
+                step = engine_step(name, batch, args, int(loop.split("ZeRO-")[1][0]), compiled="compiled" in loop)
             else:
-                step = plain_step(name, args, device, compile_model="compile" in loop)
+                step = plain_step(name, args, device, compile_model="compiled" in loop)
             per_round, warm = timed(step, batch_data, args.warmup, args.steps, args.rounds, device)
             del step
             s = statistics.median(per_round)
@@ -186,13 +198,16 @@ def report(args: argparse.Namespace, gpu: str, peak: float, rows: list[dict]) ->
         print(f"| {r['model']} | {r['loop']} | {r['batch']} | {r['s'] * 1e3:.1f} | {r['ips']:.0f} | {r['tflops']:.0f} "
               f"| {r['mfu']:.1%} | {r['mem']:.1f} | {r['warm']:.0f} |")
     print()
-    for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["loop"].endswith("(eager)"))
+    for r in rows:  # each compiled loop against the same loop eager; the engine eager against the plain loop
+        same = f"{r['loop'].rsplit(' (', 1)[0]} (eager)"
+        base = next((b for b in rows if b["model"] == r["model"] and b["loop"] == same and b is not r),
+                    next(b for b in rows if b["model"] == r["model"] and b["loop"] == "plain PyTorch (eager)"))
         if r is not base:
-            print(f"- {r['model']}: {r['loop']} / eager = {r['ips'] / base['ips']:.2f}x")
+            print(f"- {r['model']}: {r['loop']} / {base['loop']} = {r['ips'] / base['ips']:.2f}x "
+                  f"(MFU {r['mfu']:.1%} vs {base['mfu']:.1%})")
     for r in rows:
         if r["loop"].endswith("(eager)"):
-            print(f"- {r['model']}: eager MFU {r['mfu']:.1%}")
+            print(f"- {r['model']}: {r['loop']} MFU {r['mfu']:.1%}")
 
 
 if __name__ == "__main__":

@@ -165,6 +165,17 @@ class GuardConfig:
 
 
 @dataclass
+class CompileConfig:
+    """Regional compilation (pipeline.compile): torch.compile on each transformer block."""
+
+    enabled: bool = False  # off until a GPU measurement says it pays (docs/compile.md)
+    mode: str = "default"  # default | max-autotune | max-autotune-no-cudagraphs (torch.compile's mode)
+    backend: str = "inductor"  # inductor; aot_eager / eager to debug a graph
+    dynamic: bool | None = None  # None: automatic (a second shape recompiles once, symbolic); false: static
+    max_recompiles: int = 4  # more recompilations than this in a process is a storm: a warning naming the cause
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = 4096
     steps: int = 0  # total optimizer steps; 0: derive from epochs
@@ -185,6 +196,7 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint tag dir to start from when the run dir has none of its own
     ema: EmaConfig = field(default_factory=EmaConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
 
 
 @dataclass
@@ -270,6 +282,7 @@ class EvalConfig:
     num_gpus: float = 0.0
     poll_seconds: float = 2.0
     claims: LeaseConfig = field(default_factory=LeaseConfig)  # one evaluator per (checkpoint, evaluation) at a time
+    compile: CompileConfig = field(default_factory=CompileConfig)  # of feature extraction (the frozen model)
 
 
 @dataclass
@@ -416,6 +429,7 @@ def validate(cfg: DictConfig) -> None:
                  f"must be at least two heartbeats ({2 * lease.heartbeat_s:g}s), got {lease.expiry_s}")
     _validate_augreg(cfg)
     _validate_guard(cfg)
+    _validate_compile(cfg)
     for i, fs in enumerate(cfg.eval.fewshot):
         require(all(k > 0 for k in fs.shots), f"eval.fewshot.{i}.shots", "shot counts must be positive")
         require(fs.seeds > 0, f"eval.fewshot.{i}.seeds", "must be positive")
@@ -436,6 +450,21 @@ def _validate_guard(cfg: DictConfig) -> None:
     require(cfg.deepspeed.zero_stage > 0 or cfg.train.precision != "fp32", "train.guard.enabled",
             "DeepSpeed cannot skip an update in fp32 without ZeRO; use deepspeed.zero_stage >= 1, bf16, or "
             "train.guard.enabled=false")
+
+
+def _validate_compile(cfg: DictConfig) -> None:
+    """Compilation settings, and the combinations that cannot work, refused before anything starts."""
+    from pipeline.compile import BACKENDS, CUDAGRAPH_MODES, MODES
+
+    for key in ("train.compile", "eval.compile"):
+        c = OmegaConf.select(cfg, key)
+        require(c.mode in MODES, f"{key}.mode", f"must be one of {', '.join(MODES)}, got {c.mode!r}")
+        require(c.backend in BACKENDS, f"{key}.backend", f"must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
+        require(c.max_recompiles >= 0, f"{key}.max_recompiles", f"must be >= 0, got {c.max_recompiles}")
+    c = cfg.train.compile
+    require(not (c.enabled and c.mode in CUDAGRAPH_MODES and cfg.deepspeed.zero_stage == 3), "train.compile.mode",
+            f"{c.mode!r} records CUDA graphs, which need parameters at fixed addresses; deepspeed.zero_stage=3 gathers "
+            "and frees them every step: use train.compile.mode=max-autotune-no-cudagraphs (or default)")
 
 
 AUG_PRESETS_DIR = CONFIGS_DIR / "aug"

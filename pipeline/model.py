@@ -105,11 +105,14 @@ class DropPath(nn.Module):
         self.rate = rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
+        if not self.training:
             return x
         keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        # Uniform draws compared with ``keep`` rather than ``bernoulli_(keep)``, and no branch on
+        # the rate: under torch.compile the rate stays a symbolic input, so the blocks of a
+        # model (each its own rate) share one compiled graph instead of one each.
+        mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < keep
+        return x * mask.to(x.dtype) / keep
 
     def extra_repr(self) -> str:
         return f"rate={self.rate:.4f}"

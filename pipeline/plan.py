@@ -211,6 +211,21 @@ def slurm_allocation(env: dict) -> str:
     return f"--nodes={env['SLURM_JOB_NUM_NODES']}" + (f" --gpus-per-node={gpus}" if gpus else "")
 
 
+def gpu_mfu(configured: float, cal: dict, device: str, compiled: bool) -> tuple[float, str]:
+    """(MFU, where it came from) of ``device``: ``plan.mfu``, else the measured compiled figure
+    (``gpu_mfu_compiled``) when training compiles and one is recorded, else the measured eager
+    one (``gpu_mfu``), else an assumption; the source says which."""
+    if configured:
+        return configured, "plan.mfu"
+    eager, fast = cal.get("gpu_mfu", {}).get(device), cal.get("gpu_mfu_compiled", {}).get(device)
+    if compiled and fast:
+        return fast["mfu"], f"compiled (train.compile): {fast['source']}"
+    note = f"; train.compile is on, but no compiled MFU for {device} is recorded: the eager figure" if compiled else ""
+    if eager:
+        return eager["mfu"], f"eager: {eager['source']}{note}"
+    return ASSUMED_MFU, f"assumed: no measured MFU for {device} in bench/RESULTS.md{note}"
+
+
 def cpu_rate(rates: list[dict], width: int) -> float:
     """Measured model GFLOP/s per thread of the calibrated model nearest in width (small
     matrices run slower: the demo's width 128 against ViT-B's 768), or 0."""
@@ -218,9 +233,10 @@ def cpu_rate(rates: list[dict], width: int) -> float:
 
 
 def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float, train_peak_tflops: float,
-                   width: int, sbatch_args: str = "", cal: dict | None = None) -> Target:
+                   width: int, sbatch_args: str = "", cal: dict | None = None, compiled: bool = False) -> Target:
     """The hardware the plan is for, from the ``plan`` settings, sbatch flags and the Ray keys;
-    ``width`` picks the CPU calibration."""
+    ``width`` picks the CPU calibration; ``compiled`` (``train.compile.enabled``): a GPU's
+    measured compiled MFU when one is recorded."""
     cal = calibration() if cal is None else cal
     shape = sbatch_shape(sbatch_args)
     name = plan.device if plan.device != "auto" else ("H100" if use_gpu else "cpu")
@@ -248,13 +264,7 @@ def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float
         if not mem or not peak:
             raise ValueError(f"plan.device: unknown GPU {name!r}; known: {', '.join(GPU_MEMORY_GIB)}, cpu; "
                              "or set plan.memory_gib and plan.peak_tflops")
-        measured = cal.get("gpu_mfu", {}).get(known or name)
-        if plan.mfu:
-            mfu, mfu_source = plan.mfu, "plan.mfu"
-        elif measured:
-            mfu, mfu_source = measured["mfu"], measured["source"]
-        else:
-            mfu, mfu_source = ASSUMED_MFU, f"assumed: no measured MFU for {known or name} in bench/RESULTS.md"
+        mfu, mfu_source = gpu_mfu(plan.mfu, cal, known or name, compiled)
         cores = plan.cpu_cores_per_node or CORES_PER_GPU_DEFAULT * per_node
     decode = cal.get("decode", {})
     rate = plan.decode_rate or decode.get("images_per_core_s", 0.0)
@@ -286,7 +296,7 @@ def make_plan(cfg, sbatch_args: str = "", cal: dict | None = None) -> dict:
     m, d, t = cfg.model, cfg.deepspeed, cfg.train
     spec = get_spec(m.name, img_size=m.img_size, patch_size=m.patch_size)
     target = resolve_target(cfg.plan, cfg.ray.use_gpu, cfg.ray.num_workers, cfg.ray.cpus_per_worker,
-                            t.peak_tflops, spec.width, sbatch_args, cal)
+                            t.peak_tflops, spec.width, sbatch_args, cal, compiled=t.compile.enabled)
     samples, classes, corpus_source = corpus(cfg)
     classes_for_count = classes or 1000
     params = vit_params(spec, classes_for_count, m.representation_size, str(m.pool))

@@ -24,6 +24,7 @@ from pipeline import checkpoint, guard, rundir
 from pipeline.augment import mixup_lambda
 from pipeline.checkpoint import resume_source  # noqa: F401  (tests ask train for it)
 from pipeline.checkpoint import staging_dir as local_ckpt_dir  # noqa: F401
+from pipeline.compile import CompileWatch, compile_blocks
 from pipeline.config import batch_split, data_streams, load_config, to_flat_dict, to_yaml
 from pipeline.data import CanonicalStream, ShardIndex, StreamSpec, TrainStream, train_stream
 from pipeline.ema import EMA
@@ -78,6 +79,8 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
     if d.zero_stage == 3:
         # Without this, ZeRO-3 saves empty 16-bit module weights.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if cfg.train.compile.enabled:
+            zero["memory_efficient_linear"] = False  # its autograd function is opaque to dynamo (pipeline.compile)
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_param:
@@ -139,6 +142,8 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     ``load_universal``: it will load a universal checkpoint (another world size)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, num_classes)
+    if (c := cfg.train.compile).enabled:  # before ZeRO-3 registers its hooks (blocks become leaf modules)
+        compile_blocks(model, c.mode, c.backend, c.dynamic, zero3=cfg.deepspeed.zero_stage == 3)
     optimizer = _build_optimizer(cfg, model, device)
     config = deepspeed_config(cfg, world)
     if load_universal:
@@ -253,6 +258,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
 
     window_loss, window_n, t0, window_start = torch.zeros(2, device=device), 0, time.time(), step
     diverged = None
+    compiling = CompileWatch(cfg.train.compile.max_recompiles, quiet=rank != 0) if cfg.train.compile.enabled else None
+    first_step = (step, time.time())
     engine.train()
     while not lost and step < steps:
         verdict, step_loss, window_before = None, torch.zeros((), device=device), window_loss.clone()
@@ -274,6 +281,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             if keys_file:
                 keys_file.write(json.dumps({"step": step, "keys": batch["keys"]}) + "\n")
         step = engine.global_steps
+        if compiling is not None and first_step[0] == step - 1:
+            _compile_report(compiling, step, time.time() - first_step[1], cfg.train.compile.mode, len(model.blocks), tracker)
         if sentry is not None and sentry.settle(verdict, engine.skipped_steps > skipped_before).reason:
             window_loss.copy_(window_before)  # the logged loss is the mean of the applied steps
             scheduler.step()  # DeepSpeed holds the schedule on a skipped step; it follows the step count
@@ -313,6 +322,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
                 "train/memory_gib_max_rank": mem.item(), "train/samples_seen": samples_seen,
                 "train/skipped_samples": stream.skipped, "train/world_size": world,
                 **(sentry.metrics() if sentry is not None else {}),
+                **(compiling.metrics() if compiling is not None else {}),
             }
             if peak:
                 metrics["train/mfu"] = ips * flops / (peak * world)
@@ -346,13 +356,26 @@ def _train(cfg: DictConfig, on_checkpoint=None):
 
     if keys_file:
         keys_file.close()
+    if compiling is not None:
+        compiling.close()
     if monitor:
         monitor.finish()
     summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested), "lost": lost,
                "samples_seen": samples_seen, "run_id": tracker.run_id if tracker else None}
     if sentry is not None:
         summary["guard"] = {"skipped_steps": sentry.skipped, "rollbacks": sentry.events, "diverged": diverged}
+    if compiling is not None:
+        summary["compile"] = {**{k.split("/")[1]: v for k, v in compiling.metrics().items()},
+                              "reasons": dict(compiling.reasons), "storm": compiling.warned}
     return summary, engine
+
+
+def _compile_report(watch: CompileWatch, step: int, seconds: float, mode: str, blocks: int, tracker: Tracker | None) -> None:
+    """The compile cost, once, after this process's first step: a log line and a metric."""
+    log.info("train.compile: %d blocks compiled (mode %s): %.1f s of compiling in step %d, which took %.1f s",
+             blocks, mode, watch.seconds, step, seconds)
+    if tracker is not None:
+        tracker.log_metrics({"compile/first_step_seconds": seconds, **watch.metrics()}, step)
 
 
 # ---------------------------------------------------------------- the divergence guard (pipeline.guard)

@@ -190,7 +190,7 @@ def cmd_pretrained(args) -> int:
     cfg, _ = resolve("", None, args.config, args.overrides)
     if not cfg.init:
         raise ConfigError("init: name the weights to evaluate, e.g. init=ViT-B_16.npz")
-    results = run_evaluators(cfg.eval, Weights(init=cfg.init, heads=cfg.init_heads))
+    results = run_evaluators(cfg.eval, Weights(init=cfg.init, heads=cfg.init_heads, compile=cfg.eval.compile))
     print(json.dumps(_jsonable({"init": cfg.init, **results}), indent=2))
     return 0
 

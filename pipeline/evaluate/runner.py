@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.compose import as_config_error
 from pipeline import checkpoint
+from pipeline.compile import compile_blocks
 from pipeline.config import ConfigError, LeaseConfig
 from pipeline.evaluate.record import claimed, eval_name, publish, record_of
 from pipeline.lease import owner_of
@@ -93,11 +94,13 @@ class Weights:
     """What is evaluated: a complete local checkpoint (``ckpt_dir``, ``tag``; ``variant`` ``raw``
     for its own weights, ``ema`` for their EMA) or published weights (``init``, see
     ``pipeline.weights``; ``heads`` where the file does not record them). The model is loaded
-    once, on first use, for all the evaluators that share it."""
+    once, on first use, for all the evaluators that share it; ``compile`` (``eval.compile``): its
+    blocks compiled when enabled (``pipeline.compile``), for feature extraction."""
 
     def __init__(self, ckpt_dir: str | None = None, tag: str | None = None, init: str | None = None,
-                 variant: str = "raw", heads: int | None = None):
+                 variant: str = "raw", heads: int | None = None, compile: DictConfig | None = None):
         self.ckpt_dir, self.tag, self.init, self.variant, self.heads = ckpt_dir, tag, init, variant, heads
+        self.compile = compile
         self._loaded: tuple[torch.nn.Module, int] | None = None
 
     @property
@@ -116,6 +119,9 @@ class Weights:
             else:
                 model, _, meta = load_model(self.ckpt_dir, self.tag, self.variant)
                 size = meta["image_size"]
+            if self.compile is not None and self.compile.enabled:
+                c = self.compile
+                compile_blocks(model, c.mode, c.backend, c.dynamic)
             self._loaded = (model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), size)
         return self._loaded
 
@@ -230,7 +236,8 @@ def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunD
     with claimed(run, tag, sorted(names - recorded), claims) as mine:
         recorded = set(run.eval_records().get(tag, {}))  # records written before the claims were ours
         for variant in variants:  # the checkpoint's own weights, then its EMA's (their results under "ema")
-            out = run_evaluators(eval_cfg, Weights(ckpt_dir, tag, variant=variant), skip=names - (mine - recorded),
+            weights = Weights(ckpt_dir, tag, variant=variant, compile=eval_cfg.get("compile", None))
+            out = run_evaluators(eval_cfg, weights, skip=names - (mine - recorded),
                                  keep=keep(variant))
             if variant == "raw":
                 results.update(out)
