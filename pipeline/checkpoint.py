@@ -634,6 +634,7 @@ USAGE = """usage: python -m pipeline.checkpoint COMMAND ...
 
 def main(argv: list[str] | None = None) -> int:
     """A checkpoint from the shell; exits 1 with the file named when one is corrupt."""
+    import importlib
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -645,9 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "universal" and len(args) == 3:
             print(to_universal(*args))
         elif cmd == "export" and args:
-            from pipeline.export import main as export_main
-
-            return export_main(args)
+            # by name: the export command needs this module, pipeline.export and pipeline.mlflow_model
+            return importlib.import_module("pipeline.export_cli").main(args)
         else:
             print(USAGE, file=sys.stderr)
             return 2

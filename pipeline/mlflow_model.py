@@ -24,7 +24,7 @@ import mlflow.pyfunc
 import numpy as np
 import torch
 
-from pipeline.export import CARD_FILE, WEIGHTS_FILE, Export, model_card, write_timm
+from pipeline.export import CARD_FILE, WEIGHTS_FILE, Export, load_export, model_card, write_timm
 from pipeline.serving import ViTImages
 
 ARCH_FILE = "arch.json"
@@ -148,3 +148,15 @@ def log_and_register(export: Export, name: str, model_dir: str, tracking_uri: st
     versions = tracker.client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     version = max(int(v.version) for v in versions if v.tags.get("pipeline.artifact_path") == artifact_path)
     return f"models:/{name}/{version}"
+
+
+def log_final_weights(tracker, source: str, tag: str, register_as: str | None = None,
+                      pytorch_flavor: bool = True) -> str:
+    """Log checkpoint ``tag`` of a run dir or checkpoints dir (``source``, any fsspec URL) as an
+    MLflow Model (pyfunc and pytorch flavors, a signature, the
+    timm-named weights, config, meta and model card as artifacts) at ``final_weights/`` of the
+    tracker's run; with ``register_as`` it becomes a new version of that registered model
+    (once per run). Returns the artifact path."""
+    artifact_path = log(tracker, load_export(source, tag), "final_weights", register_as, pytorch_flavor)
+    tracker.set_tags({"pipeline.final_checkpoint": tag})
+    return artifact_path

@@ -345,7 +345,7 @@ def _finished_summary(cfg: DictConfig, run) -> dict | None:
 
 def _log_final_weights(tracker, run, tag: str, register_as: str | None, pytorch_flavor: bool) -> None:
     """The last checkpoint as an MLflow Model of the run (fetched first when the run dir is remote)."""
-    from pipeline.tracking import log_final_weights
+    from pipeline.mlflow_model import log_final_weights
 
     log_final_weights(tracker, run.url, tag, register_as=register_as, pytorch_flavor=pytorch_flavor)
 

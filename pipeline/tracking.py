@@ -239,21 +239,6 @@ class SystemMetrics:
         self._thread.join()
 
 
-def log_final_weights(tracker: Tracker, source: str, tag: str, register_as: str | None = None,
-                      pytorch_flavor: bool = True) -> str:
-    """Log checkpoint ``tag`` of a run dir or checkpoints dir (``source``, any fsspec URL) as an
-    MLflow Model (``pipeline.mlflow_model``: pyfunc and pytorch flavors, a signature, the
-    timm-named weights, config, meta and model card as artifacts) at ``final_weights/`` of the
-    tracker's run; with ``register_as`` it becomes a new version of that registered model
-    (once per run). Returns the artifact path."""
-    from pipeline import mlflow_model
-    from pipeline.export import load_export
-
-    artifact_path = mlflow_model.log(tracker, load_export(source, tag), "final_weights", register_as, pytorch_flavor)
-    tracker.set_tags({"pipeline.final_checkpoint": tag})
-    return artifact_path
-
-
 # ---------------------------------------------------------------- applying one write
 
 

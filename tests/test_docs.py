@@ -37,7 +37,7 @@ PIPELINE_CONFIGS = ("launch/pretrain.sh", "launch/train_dist.sh", "launch/slurm/
 # pipeline.stop takes none.
 PLAIN_OPTIONS = {"pipeline.run": {"--quiet"}, "pipeline.train": {"--local_rank"}, "pipeline.stop": set()}
 # Dotted names in the docs that are not config keys: an MLflow tag, a Ray API.
-NOT_KEYS = {"eval.variant", "ray.train.report"}
+NOT_KEYS = {"eval.variant", "ray.train.report", "deepspeed.utils.set_z3_leaf_modules"}
 FILE_SUFFIXES = {"py", "yaml", "yml", "json", "jsonl", "md", "txt", "pt", "tar", "safetensors", "npz", "png",
                  "db", "sh", "sbatch", "out", "mlflow", "gz"}
 PLACEHOLDER = "PLACEHOLDER"

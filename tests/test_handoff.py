@@ -33,8 +33,9 @@ from pipeline import checkpoint
 from pipeline.data import decode_eval, eval_crop, to_model_input
 from pipeline.evaluate.record import record_of
 from pipeline.export import load_export
+from pipeline.mlflow_model import log_final_weights
 from pipeline.rundir import RunDir
-from pipeline.tracking import Tracker, log_final_weights
+from pipeline.tracking import Tracker
 from tests.support.browser import ML, render, text_of
 from tests.support.data import copy_tags, make_checkpoints
 from tests.support.services import free_port, new_run

@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from pipeline import checkpoint
 from pipeline.evaluate.runner import evaluate_checkpoint
 from pipeline.evaluate.watch import Watcher
+from pipeline.mlflow_model import log_final_weights
 from pipeline.rundir import RunDir
-from pipeline.tracking import Tracker, log_final_weights
+from pipeline.tracking import Tracker
 from tests.support import ROOT
 from tests.support.data import copy_tags, eval_cfg, make_checkpoints, write_digits_shards
 from tests.support.services import child_runs, new_run
