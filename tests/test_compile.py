@@ -15,8 +15,9 @@ import logging
 
 import pytest
 import torch
-from conftest import write_shards
-from test_resume import checkpoint_to_universal, overrides, run_phases
+
+from tests.support.data import write_shards
+from tests.support.phases import checkpoint_to_universal, overrides, run_phases
 
 TAG4 = "step_00000004"
 COMPILED = {"train.compile.enabled": True}
@@ -33,7 +34,7 @@ TAG2 = "step_00000002"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory, ranks) -> dict:
     root = tmp_path_factory.mktemp("compile")
     shards = write_shards(root / "shards", num_classes=4, per_shard=[40, 40, 40])
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -42,7 +43,7 @@ def runs(tmp_path_factory) -> dict:
         return overrides(root / name, shards, uri, **{"train.steps": 4, **kw})
 
     # ZeRO-3 runs last in a process (it replaces torch.nn.functional.linear process-wide).
-    first = run_phases(2, [
+    first = run_phases(ranks, 2, [
         {"name": "z2", "overrides": ov("z2", **Z2)},
         {"name": "z2_stopped", "overrides": ov("z2_stopped", **Z2, **{"train.stop_at_step": 2})},
         {"name": "fp32_eager", "overrides": ov("fp32_eager", **FP32)},
@@ -50,10 +51,10 @@ def runs(tmp_path_factory) -> dict:
         {"name": "z3", "overrides": ov("z3", **Z3)},
         {"name": "z3_resize", "overrides": ov("z3_resize", **Z3_RESIZE)},
     ], root, timeout=900)
-    resumed = run_phases(2, [{"name": "z2_stopped", "overrides": ov("z2_stopped", **Z2, **{"train.stop_at_step": 2})}],
+    resumed = run_phases(ranks, 2, [{"name": "z2_stopped", "overrides": ov("z2_stopped", **Z2, **{"train.stop_at_step": 2})}],
                          root / "resumed", timeout=600)
     universal = checkpoint_to_universal(str(root / "z3_resize" / "checkpoints"), TAG2, str(root / "z3_universal"))
-    one_rank = run_phases(1, [{"name": "z3_one", "overrides": ov("z3_one", **{**Z3_RESIZE, "train.stop_at_step": 0,
+    one_rank = run_phases(ranks, 1, [{"name": "z3_one", "overrides": ov("z3_one", **{**Z3_RESIZE, "train.stop_at_step": 0,
                                                                                 "train.resume_from": universal}),
                                "check_load": {"ckpt_dir": str(root / "z3_resize" / "checkpoints"), "tag": TAG2}}],
                           root / "one_rank", timeout=600)

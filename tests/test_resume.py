@@ -18,7 +18,7 @@ import pytest
 
 from tests.support import ROOT
 from tests.support.data import write_shards
-from tests.support.phases import keys_by_step, overrides, run_phases
+from tests.support.phases import checkpoint_to_universal, keys_by_step, overrides, run_phases
 
 WORKER = ROOT / "tests" / "workers" / "train_phases.py"
 TAG4, TAG8 = "step_00000004", "step_00000008"
@@ -59,12 +59,6 @@ def runs(tmp_path_factory, shards, ranks) -> dict:
         for z in (2, 3)
     ], root / "one_rank")
     return {"root": root, "first": first, "second": second, "one_rank": one_rank, "universal": universal}
-
-
-def checkpoint_to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
-    from pipeline import checkpoint
-
-    return checkpoint.to_universal(ckpt_dir, tag, out_dir)
 
 
 @pytest.mark.timeout(600)

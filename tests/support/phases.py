@@ -77,3 +77,10 @@ def guard_run_overrides(out: Path, shards: str, *extra: str) -> list[str]:
             "train.log_every=1", "train.checkpoint_every=4", "data.num_workers=1", "tracking.system_metrics=false",
             "data.crop_min_area=0.8", "eval.enabled=false", "demo.enabled=false", "prep=[]", "train.log_sample_keys=true",
             *extra]
+
+
+def checkpoint_to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
+    """DeepSpeed's universal format of a checkpoint (to resume on another world size)."""
+    from pipeline import checkpoint
+
+    return checkpoint.to_universal(ckpt_dir, tag, out_dir)
