@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -51,7 +52,13 @@ _HASH_CHUNK = 8 << 20
 
 
 class CorruptCheckpoint(RuntimeError):
-    """A checkpoint file that is missing, or differs from the size or sha256 its manifest records."""
+    """A checkpoint file that is missing, or differs from the size or sha256 its manifest records.
+
+    ``problem``: the first file at fault and why, in one line (``<path>: <why>``)."""
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 def rank_file(rank: int) -> str:
@@ -167,11 +174,14 @@ def check_files(tag_dir: str | os.PathLike, names: list[str] | None = None, coll
     :class:`CorruptCheckpoint` naming the first that does not match. ``collective``: every rank
     calls it and checks a share of its host's files; all raise the same error."""
     tag_dir = Path(tag_dir)
-    files = read_meta(tag_dir).get("files")
     errors: list[str] = []
+    try:
+        files = read_meta(tag_dir).get("files")
+    except CorruptCheckpoint as e:  # into the gather below, so that no rank waits there alone
+        files, errors = {}, [str(e)]
     if files is None:
         log.warning("%s has no checksums (written before they were recorded): not checked", tag_dir)
-    else:
+    elif not errors:
         wanted = sorted(files) if names is None else sorted(names)
         for name in _my_share(wanted) if collective else wanted:
             if (problem := _problem(tag_dir, name, files.get(name))) is not None:
@@ -181,7 +191,17 @@ def check_files(tag_dir: str | os.PathLike, names: list[str] | None = None, coll
         errors = [e for part in _gather(errors) for e in part]
     if errors:
         raise CorruptCheckpoint(f"{errors[0]}; the checkpoint cannot be trusted: resume from an earlier tag "
-                                "(delete this one) or restore the file from a copy")
+                                "(delete this one) or restore the file from a copy", problem=errors[0])
+
+
+def verify(tag_dir: str | os.PathLike, collective: bool = False) -> str | None:
+    """The first problem of a tag's files (``<path>: <why>``), None when every file matches
+    its manifest (``collective``: as :func:`check_files`, every rank gets the same answer)."""
+    try:
+        check_files(tag_dir, collective=collective)
+    except CorruptCheckpoint as e:
+        return e.problem
+    return None
 
 
 def _problem(tag_dir: Path, name: str, entry: dict | None) -> str | None:
@@ -280,9 +300,10 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
     return tag
 
 
-def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
+def load(engine, ckpt_dir: str, tag: str, checked: bool = False) -> tuple[dict, dict | None]:
     """Load engine state (model, optimizer, scheduler) and this rank's own state, after checking
-    every file against the manifest (a collective: every rank checks a share).
+    every file against the manifest (a collective: every rank checks a share; ``checked``: the
+    caller just did).
 
     Returns ``(meta, rank_state)``. On the world size it was saved with, ``rank_state`` is this
     rank's own (data-stream position; RNG states restored). On another world size (a universal
@@ -293,7 +314,8 @@ def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
     """
     tag_dir = Path(ckpt_dir) / tag
     meta = read_meta(tag_dir)
-    check_files(tag_dir, collective=True)
+    if not checked:
+        check_files(tag_dir, collective=True)
     # per source, not per engine: a rollback after a universal resume loads a plain tag
     engine._config.load_universal_checkpoint = is_universal(tag_dir)
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True)
@@ -441,10 +463,14 @@ class CheckpointManager:
     Every rank calls :meth:`prepare`, :meth:`resume` and :meth:`save` together.
     """
 
-    def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0):
+    def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0,
+                 on_corrupt: str = "set_aside"):
         self.run, self.staging, self.resume_from, self.keep = run, staging, resume_from, keep
+        self.on_corrupt = str(on_corrupt)  # train.on_corrupt_checkpoint: set_aside | refuse
         self.engine = self.ema = self.stream = self.guard = None
         self.source: tuple[str, str] | None = None  # what prepare() found; resume() loads it
+        self.checked = False  # whether prepare() checked the source's files (resume() need not again)
+        self.set_aside: list[dict] = []  # the corrupt tags prepare() moved aside: tag, problem, moved_to
 
     @property
     def shared(self) -> bool:
@@ -468,12 +494,61 @@ class CheckpointManager:
         wait) and return it as ``(local dir, tag)``, or None for a fresh start. A checkpoint
         saved at another world size comes back converted to the universal format (see
         :meth:`_reshard`). Call before the engine is built: a universal source changes its
-        config (:func:`is_universal`)."""
-        fetch_resume_checkpoint(self.staging, self.run, self.resume_from)
-        self.source = resume_source(self.staging, self.run, self.resume_from)
+        config (:func:`is_universal`).
+
+        The tag is checked against its manifest first; a corrupt one of the run's own is set
+        aside (:meth:`_set_aside`) and the next newest is tried, unless ``on_corrupt`` is
+        ``refuse``: then, as for a corrupt ``resume_from``, :class:`CorruptCheckpoint` is raised."""
+        self.source = self._first_sound_source()
+        self.checked = self.source is not None
         if self.source is not None:
+            found = self.source
             self.source = self._reshard(*self.source)
+            self.checked = self.source == found  # a conversion reused from disk is checked when loaded
         return self.source
+
+    def _first_sound_source(self) -> tuple[str, str] | None:
+        refetched: set[str] = set()
+        while True:
+            fetch_resume_checkpoint(self.staging, self.run, self.resume_from)
+            ours = self.run.checkpoints.latest() is not None  # resume_source prefers the run's own tag
+            source = resume_source(self.staging, self.run, self.resume_from)
+            if source is None:
+                return None
+            if (problem := verify(Path(*source), collective=True)) is None:
+                return source
+            tag = source[1]
+            if not ours or self.on_corrupt == "refuse":
+                raise CorruptCheckpoint(f"{problem}; the checkpoint cannot be trusted ({'train.on_corrupt_checkpoint=refuse' if ours else 'train.resume_from'}): "
+                                        f"move {Path(*source)} aside or restore the file from a copy, then rerun", problem)
+            if not self.shared and tag not in refetched:  # perhaps only this host's copy went bad: fetch it once more
+                refetched.add(tag)
+                self._drop_local(tag)
+                continue
+            self._set_aside(tag, problem)
+
+    def _drop_local(self, tag: str) -> None:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            shutil.rmtree(Path(self.staging) / tag, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _set_aside(self, tag: str, problem: str) -> None:
+        """Move the run's corrupt tag ``tag`` to ``checkpoints/_corrupt`` (global rank 0; each
+        host drops its local copy); all ranks then look for the next newest."""
+        event = {"tag": tag, "problem": problem, "moved_to": None}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            note = {**event, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
+                    "pid": os.getpid()}
+            event["moved_to"] = self.run.checkpoints.set_aside(tag, note)
+            log.warning("checkpoint %s/%s is corrupt (%s): set aside in %s; resuming from the newest checkpoint that "
+                        "verifies (train.on_corrupt_checkpoint=refuse stops instead)", self.run.checkpoints.url, tag,
+                        problem, event["moved_to"])
+        if dist.is_initialized():
+            dist.barrier()
+        if not self.shared:
+            self._drop_local(tag)
+        self.set_aside.append(event)
 
     def _reshard(self, ckpt_dir: str, tag: str) -> tuple[str, str]:
         """``(ckpt_dir, tag)`` itself when it loads at this world size, else its universal
@@ -505,7 +580,7 @@ class CheckpointManager:
         ``(meta, data-stream state)``, ``({}, None)`` for a fresh start."""
         if self.source is None:
             return {}, None
-        meta, rank_state = self._load(*self.source)
+        meta, rank_state = self._load(*self.source, checked=self.checked)
         log.info("resumed from %s/%s at step %d", *self.source, self.engine.global_steps)
         return meta, (rank_state or {}).get("data")
 
@@ -521,8 +596,8 @@ class CheckpointManager:
         log.info("rolled back to %s/%s", self.run.checkpoints.url, tag)
         return meta
 
-    def _load(self, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
-        meta, rank_state = load(self.engine, ckpt_dir, tag)
+    def _load(self, ckpt_dir: str, tag: str, checked: bool = False) -> tuple[dict, dict | None]:
+        meta, rank_state = load(self.engine, ckpt_dir, tag, checked)
         if self.ema is not None:
             _restore_ema(self.ema, rank_state, Path(ckpt_dir) / tag)
         if self.guard is not None and rank_state and "guard" in rank_state:

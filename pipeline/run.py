@@ -312,6 +312,7 @@ def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> di
     summary["stopped"] = status == "KILLED"
     summary["finished"] = status == "FINISHED"
     summary["guard"] = guard.read_record(run)
+    summary["corrupt_checkpoints"] = run.checkpoints.set_aside_notes()
     run.clear_stop()
     summary["undelivered"] = _undelivered(run, tracker, spool_dir(cfg), cfg.eval.claims)
     run.write_summary(summary)
@@ -440,6 +441,8 @@ def _print_summary(s: dict) -> None:
         print(f"images/s (mean)     : {s['images_per_s']:.1f}")
     for event in (s.get("guard") or {}).get("rollbacks", []):
         print(f"guard rollback      : {guard.describe(event)}")
+    for where, note in (s.get("corrupt_checkpoints") or {}).items():
+        print(f"corrupt checkpoint  : {note.get('tag')} set aside in {where} ({note.get('problem')})")
     print(f"training time       : {s['train_seconds']:.0f}s (job {s['total_seconds']:.0f}s)")
     for line in s.get("plan", []):
         print(line)

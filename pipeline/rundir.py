@@ -10,6 +10,8 @@ Layout::
 
     <run>/checkpoints/step_00000100/...        DeepSpeed's files, rank_<r>.pt, meta.json, config.yaml
     <run>/checkpoints/step_00000100/COMPLETE   written last: a tag without it does not exist
+    <run>/checkpoints/_corrupt/step_00000100/  a tag whose files failed its manifest, set aside on
+                                               resume (its marker removed), CORRUPT.json says which file and why
     <run>/evals/step_00000100/<eval>.json      one evaluator's result on that checkpoint, written once
     <run>/evals/step_00000100/<eval>.mlflow    the MLflow child run that shows it (once it does)
     <run>/evals/claims/<tag>__<eval>           who is evaluating it now (a lease, pipeline.lease)
@@ -51,6 +53,8 @@ MARKER = "COMPLETE"
 STOP = "STOP"
 LEASE = "LEASE"
 CHECKPOINTS = "checkpoints"
+CORRUPT = "_corrupt"  # under checkpoints/: not a tag name, so no listing sees what is set aside
+CORRUPT_NOTE = "CORRUPT.json"
 SUMMARY = "summary.json"
 _TAG = re.compile(r"^step_(\d+)$")
 
@@ -162,6 +166,37 @@ class Checkpoints:
         if self.fs.exists(marker):
             self.fs.rm_file(marker)
         self.fs.rm(f"{self.root}/{tag}", recursive=True)
+
+    def set_aside(self, tag: str, note: dict) -> str:
+        """Move a tag out of the run's checkpoints into ``_corrupt/<tag>`` (not deleted: a person
+        may want its files), its marker removed first so no reader takes it for complete, with
+        ``note`` in ``CORRUPT.json``; returns where it went."""
+        name, n = tag, 1
+        while self.fs.exists(f"{self.root}/{CORRUPT}/{name}"):  # the same step set aside before
+            n += 1
+            name = f"{tag}.{n}"
+        marker, src, dst = f"{self.root}/{tag}/{MARKER}", f"{self.root}/{tag}", f"{self.root}/{CORRUPT}/{name}"
+        if self.fs.exists(marker):
+            self.fs.rm_file(marker)
+        if self.local:
+            os.makedirs(posixpath.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        else:  # no rename on an object store: copy each file, then delete
+            self.fs.invalidate_cache()
+            for path in self.fs.find(src):
+                self.fs.copy(path, f"{dst}/{path[len(src):].lstrip('/')}")
+            self.fs.rm(src, recursive=True)
+        write_atomic(self.fs, f"{dst}/{CORRUPT_NOTE}", json.dumps(note, indent=1))
+        return f"{self.url}/{CORRUPT}/{name}"
+
+    def set_aside_notes(self) -> dict[str, dict]:
+        """Where each tag set aside went (``_corrupt/<name>``) -> its note."""
+        self.fs.invalidate_cache()
+        out = {}
+        for path in sorted(self.fs.glob(f"{self.root}/{CORRUPT}/*/{CORRUPT_NOTE}")):
+            with self.fs.open(path, "r") as f:
+                out[f"{self.url}/{CORRUPT}/{path.rstrip('/').split('/')[-2]}"] = json.load(f)
+        return out
 
     def keep_latest(self, keep: int) -> None:
         if keep > 0:

@@ -172,7 +172,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     accum = batch_split(cfg, world)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # every rank writes here (sample keys) before any save
     run = rundir.RunDir(cfg.run_dir)
-    ckpts = checkpoint.CheckpointManager(run, checkpoint.staging_dir(cfg.output_dir), cfg.train.resume_from, cfg.train.keep_checkpoints)
+    ckpts = checkpoint.CheckpointManager(run, checkpoint.staging_dir(cfg.output_dir), cfg.train.resume_from, cfg.train.keep_checkpoints,
+                                         on_corrupt=cfg.train.on_corrupt_checkpoint)
     src = ckpts.prepare()  # recovery: the run dir's latest checkpoint onto this host
     engine, scheduler = build_engine(cfg, num_classes, steps, world, device,
                                      load_universal=src is not None and checkpoint.is_universal(Path(*src)))
@@ -217,6 +218,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             tracker.log_params(to_flat_dict(cfg))
             tracker.log_text(to_yaml(cfg), "config.yaml")
     logged_upto = _last_logged_step(tracker) if tracker is not None else 0  # recovery: steps logged before a restart
+    if tracker is not None and ckpts.set_aside:
+        _record_set_aside(tracker, ckpts.set_aside, step)
     if (saved_world := int(meta.get("world_size") or world)) != world:  # an elastic group resized, or a rerun
         log.warning("resized: step %d resumes on %d ranks, its checkpoint was saved by %d", step, world, saved_world)
         if tracker is not None:
@@ -350,6 +353,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         monitor.finish()
     summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested), "lost": lost,
                "samples_seen": samples_seen, "run_id": tracker.run_id if tracker else None}
+    if ckpts.set_aside:
+        summary["corrupt_checkpoints"] = ckpts.set_aside
     if sentry is not None:
         summary["guard"] = {"skipped_steps": sentry.skipped, "rollbacks": sentry.events, "diverged": diverged}
     return summary, engine
@@ -404,6 +409,14 @@ def _roll_back(sentry: guard.Guard, trouble: guard.Trouble, ckpts: checkpoint.Ch
 
 
 # ---------------------------------------------------------------- recovery (see pipeline/run.py)
+
+def _record_set_aside(tracker: Tracker, events: list[dict], step: int) -> None:
+    """The corrupt checkpoints set aside at this resume, on the MLflow run: a tag each (which
+    file, why, where it went) and the step resumed from."""
+    for event in events:
+        tracker.set_tags({f"checkpoint.corrupt.{event['tag']}": f"{event['problem']} (set aside in {event['moved_to']})"})
+    tracker.log_metrics({"checkpoint/corrupt_set_aside": len(events), "checkpoint/resumed_from_step": step}, step)
+
 
 def _last_logged_step(tracker: Tracker) -> int:
     """The highest step of ``train/loss`` already in the run (steps redone after a restart are not

@@ -1,0 +1,157 @@
+"""Faults a long run meets, on real parts: a corrupt newest checkpoint is set aside and the run
+resumes from the newest one that verifies.
+
+Training is the real loop (``pipeline.train.train``) on one in-process rank (DeepSpeed ZeRO-2 on
+gloo, a 2-layer ViT, real shards, MLflow on sqlite); the object-store case runs against moto.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import checkpoint
+from pipeline.checkpoint import CheckpointManager, CorruptCheckpoint
+from pipeline.rundir import CORRUPT, CORRUPT_NOTE, RunDir, tag_for
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def train_cfg(out: Path, shards: str, **extra):
+    """6 steps of 8 images, a checkpoint every 2; MLflow in a store beside ``out`` (a copy of
+    the run dir continues the same MLflow run)."""
+    from pipeline.config import load_config
+
+    base = {"model.name": "vit_tiny_test", "data.train": shards, "output_dir": str(out), "train.steps": 6,
+            "train.global_batch_size": 8, "data.micro_batch_size": 8, "train.log_every": 1, "train.checkpoint_every": 2,
+            "train.loss": "softmax", "train.precision": "fp32", "deepspeed.zero_stage": 2, "data.num_workers": 0,
+            "ray.num_workers": 1, "tracking.system_metrics": False, "tracking.uri": f"sqlite:///{out.parent.parent / 'mlflow.db'}"}
+    base.update(extra)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def run_training(cfg) -> dict:
+    from pipeline.engine import dist_setup
+    from pipeline.train import train
+
+    dist_setup(standalone=True)
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, tiny_shards) -> Path:
+    """A run dir with tags 0, 2 and 4 of a 6-step run stopped at step 4."""
+    out = tmp_path_factory.mktemp("faults") / "stopped" / "run"
+    summary = run_training(train_cfg(out, tiny_shards, **{"train.stop_at_step": 4}))
+    assert summary["step"] == 4
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_that_verifies(stopped_run, tmp_path,
+                                                                                                    tiny_shards):
+    from mlflow.tracking import MlflowClient
+
+    out = stopped_run.parent.parent / "resumed" / "run"
+    shutil.copytree(stopped_run, out)
+    cfg = train_cfg(out, tiny_shards)
+    run = RunDir(str(out))
+    assert run.checkpoints.complete_tags() == [tag_for(0), tag_for(2), tag_for(4)]
+    flip_byte(out / "checkpoints" / tag_for(4) / MODEL_FILE)
+
+    t0 = time.perf_counter()
+    summary = run_training(cfg)
+    elapsed = time.perf_counter() - t0
+    assert summary["step"] == 6 and not summary["preempted"]
+    [event] = summary["corrupt_checkpoints"]
+    aside = out / "checkpoints" / CORRUPT / tag_for(4)
+    assert event["tag"] == tag_for(4) and event["moved_to"] == str(aside)
+    assert str(out / "checkpoints" / tag_for(4) / MODEL_FILE) in event["problem"] and "sha256" in event["problem"]
+    note = json.loads((aside / CORRUPT_NOTE).read_text())
+    assert note["problem"] == event["problem"] and (aside / MODEL_FILE).is_file(), "set aside, not deleted"
+    assert not (aside / "COMPLETE").exists(), "nothing takes a set-aside tag for complete"
+    assert run.checkpoints.set_aside_notes() == {str(aside): note}
+
+    # Redone from step 2: tag 4 saved afresh, every published tag verifies, none doubled.
+    assert run.checkpoints.complete_tags() == [tag_for(s) for s in (0, 2, 4, 6)]
+    for tag in run.checkpoints.complete_tags():
+        checkpoint.check_files(out / "checkpoints" / tag)
+    # Each step logged once in the one MLflow run; the set-aside is on it as a tag.
+    client = MlflowClient(cfg.tracking.uri)
+    run_id = summary["run_id"]
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6], steps
+    tags = client.get_run(run_id).data.tags
+    assert MODEL_FILE in tags[f"checkpoint.corrupt.{tag_for(4)}"]
+    print(f"corrupt newest tag -> trained to the end in {elapsed:.1f} s (2 steps redone)")
+
+
+@pytest.mark.timeout(120)
+def test_with_on_corrupt_checkpoint_refuse_the_resume_stops_naming_the_file_and_moves_nothing(stopped_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run / "checkpoints", out / "checkpoints")
+    flip_byte(out / "checkpoints" / tag_for(4) / MODEL_FILE)
+    manager = CheckpointManager(RunDir(str(out)), checkpoint.staging_dir(str(out)), on_corrupt="refuse")
+    with pytest.raises(CorruptCheckpoint, match="on_corrupt_checkpoint=refuse") as err:
+        manager.prepare()
+    assert err.value.problem.startswith(str(out / "checkpoints" / tag_for(4) / MODEL_FILE))
+    assert RunDir(str(out)).checkpoints.latest() == tag_for(4) and not (out / "checkpoints" / CORRUPT).exists()
+
+
+@pytest.mark.timeout(120)
+def test_on_an_object_store_a_corrupt_tag_is_fetched_once_more_then_set_aside(stopped_run, tmp_path, monkeypatch):
+    from conftest import moto_s3
+
+    with moto_s3("runs") as (_, env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        run = RunDir("s3://runs/corrupt")
+        for tag in (tag_for(2), tag_for(4)):
+            run.checkpoints.publish(stopped_run / "checkpoints" / tag, tag, marker=False)
+            run.checkpoints.publish(stopped_run / "checkpoints" / tag, tag, marker=True)
+        bad = bytearray((stopped_run / "checkpoints" / tag_for(4) / MODEL_FILE).read_bytes())
+        bad[len(bad) // 2] ^= 0x01
+        run.checkpoints.fs.pipe_file(f"{run.checkpoints.root}/{tag_for(4)}/{MODEL_FILE}", bytes(bad))
+
+        staging = checkpoint.staging_dir(str(tmp_path / "host"))
+        manager = CheckpointManager(run, staging)
+        assert manager.prepare() == (staging, tag_for(2))
+        assert run.checkpoints.complete_tags() == [tag_for(2)]
+        [(where, note)] = run.checkpoints.set_aside_notes().items()
+        assert where == f"s3://runs/corrupt/checkpoints/{CORRUPT}/{tag_for(4)}" and MODEL_FILE in note["problem"]
+        assert run.checkpoints.fs.exists(f"{run.checkpoints.root}/{CORRUPT}/{tag_for(4)}/{MODEL_FILE}")
+        assert not (Path(staging) / tag_for(4)).exists(), "the host's bad copy is dropped"
+
+
+@pytest.mark.timeout(120)
+def test_the_evaluate_cli_reports_a_corrupt_tag_or_config_in_one_line(stopped_run, tmp_path, tiny_shards):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run / "checkpoints", out / "checkpoints")
+    flip_byte(out / "checkpoints" / tag_for(4) / MODEL_FILE)
+    config = out / "checkpoints" / tag_for(2) / "config.yaml"
+    config.write_text(config.read_text().replace("train:", "tr@in: [", 1))  # no longer YAML, nor the manifest's
+    evals = tmp_path / "eval.yaml"
+    evals.write_text(f"eval:\n  fewshot:\n    - {{name: tiny, train: {tiny_shards}, test: {tiny_shards}, shots: [1], seeds: 1}}\n")
+    for tag, bad in ((tag_for(4), MODEL_FILE), (tag_for(2), "config.yaml")):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "checkpoint", str(out), tag, str(evals),
+                               f"--tracking-uri=sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=100)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "config error" not in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"corrupt checkpoint: {out / 'checkpoints' / tag / bad}: sha256 differs"), last
