@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import time
@@ -264,16 +265,55 @@ def _load_rank_file(path: Path) -> dict:
 # ---------------------------------------------------------------- save and load (every rank calls them)
 
 
-def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0, ema=None) -> str:
+def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0, ema=None,
+         one_dir: bool = True) -> str:
     """Save a checkpoint from every rank (all ranks must call this) into the local ``ckpt_dir``,
     with its manifest, and mark it complete.
 
+    The tag dir is emptied first (``one_dir``: every host's ``ckpt_dir`` is the same directory,
+    so global rank 0 empties it; else each host's local rank 0 its own): DeepSpeed never clears
+    it, and files of an earlier attempt at this step (a failed save, another world size or
+    precision, another run sharing the dir) would join the manifest. A tag whose files are not
+    one save's (:func:`layout_problem`) is refused with :class:`CorruptCheckpoint`, unmarked.
     ``ema`` (a :class:`pipeline.ema.EMA`): its pieces go into each rank's file (exact resume),
     its whole weights into ``ema.safetensors`` (evaluation)."""
+    tag = tag_for(step)
+    tag_dir = Path(ckpt_dir) / tag
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    _empty(tag_dir, rank == 0 if one_dir else int(os.environ.get("LOCAL_RANK", 0)) == 0)
+    _write_tag(engine, ckpt_dir, tag, meta, rank_state, config_yaml, ema, rank)
+    files = manifest(tag_dir)  # a collective: each rank hashes a share of its host's files
+    world = int(meta.get("world_size") or (dist.get_world_size() if dist.is_initialized() else 1))
+    if (problem := layout_problem(list(files), world)) is not None:  # the same verdict on every rank
+        raise CorruptCheckpoint(f"{tag_dir}: not published, its files are not one save's: {problem}", f"{tag_dir}: {problem}")
+    if rank == 0:
+        _write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag, "files": files}, indent=2))
+        _write_atomic(tag_dir / MARKER, "")
+        if keep > 0:
+            for old in complete_tags(ckpt_dir)[:-keep]:
+                shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def _empty(tag_dir: Path, mine: bool) -> None:
+    """An empty ``tag_dir`` for a save to write into (``mine``: this process empties it); all wait."""
+    if mine and tag_dir.exists():
+        (tag_dir / MARKER).unlink(missing_ok=True)  # no reader takes a tag being emptied for complete
+        left = [p.name for p in tag_dir.rglob("*") if p.is_file()]
+        shutil.rmtree(tag_dir)
+        if left:
+            log.warning("%s held %d file(s) of an earlier save at this step (%s): removed before this save", tag_dir,
+                        len(left), ", ".join(sorted(left)[:4]) + (", ..." if len(left) > 4 else ""))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_tag(engine, ckpt_dir: str, tag: str, meta: dict, rank_state: dict, config_yaml: str, ema, rank: int) -> None:
+    """Every file of a save: DeepSpeed's, the EMA's, this rank's own, the config (all ranks; all wait)."""
     from safetensors.torch import save_file
 
-    tag = tag_for(step)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     # universal_checkpoint_info lets ds_to_universal convert this for another world size.
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"universal_checkpoint_info": {}, "meta": meta})
     tag_dir = Path(ckpt_dir) / tag
@@ -288,16 +328,31 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
         (tag_dir / CONFIG_FILE).write_text(config_yaml)
     if dist.is_initialized():
         dist.barrier()
-    files = manifest(tag_dir)  # a collective: each rank hashes a share of its host's files
-    if rank == 0:
-        _write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag, "files": files}, indent=2))
-        _write_atomic(tag_dir / MARKER, "")
-        if keep > 0:
-            for old in complete_tags(ckpt_dir)[:-keep]:
-                shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return tag
+
+
+_ZERO_FILE = re.compile(r"^(?P<prefix>.*?)zero_pp_rank_(?P<rank>\d+)_mp_rank_\d+_(?P<kind>optim|model)_states\.pt$")
+_RANK_FILE = re.compile(r"^rank_(?P<rank>\d+)\.pt$")
+
+
+def layout_problem(names: list[str], world_size: int) -> str | None:
+    """Why the files of a tag are not one save's at ``world_size``, None when they are: our rank
+    files and DeepSpeed's ZeRO shards must come one per rank ``0..world_size-1``, each kind under
+    one name prefix (``bf16_`` or none: one precision)."""
+    ranks = sorted(int(m["rank"]) for n in names if (m := _RANK_FILE.match(n)))
+    if ranks and ranks != list(range(world_size)):
+        return f"rank files of ranks {ranks}, the save's world size is {world_size}"
+    shards: dict[str, dict[str, list[int]]] = {}
+    for n in names:
+        if m := _ZERO_FILE.match(n):
+            shards.setdefault(m["kind"], {}).setdefault(m["prefix"], []).append(int(m["rank"]))
+    for kind, by_prefix in shards.items():
+        if len(by_prefix) > 1:
+            return f"{kind} shards of {len(by_prefix)} kinds ({', '.join(repr(p) for p in sorted(by_prefix))} prefixes: " \
+                   "two precisions or two runs)"
+        [(prefix, got)] = by_prefix.items()
+        if sorted(got) != list(range(world_size)):
+            return f"{prefix}zero_pp_rank_* {kind} shards of ranks {sorted(got)}, the save's world size is {world_size}"
+    return None
 
 
 def load(engine, ckpt_dir: str, tag: str, checked: bool = False) -> tuple[dict, dict | None]:
@@ -610,7 +665,7 @@ class CheckpointManager:
         data = {"data": self.stream.state_dict()} if self.stream is not None else {}
         if self.guard is not None:
             data["guard"] = self.guard.state_dict()
-        tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep, ema=self.ema)
+        tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep, ema=self.ema, one_dir=self.shared)
         publish_checkpoint(self.run, self.staging, tag, self.keep)
         log.info("checkpoint %s/%s complete", self.run.checkpoints.url, tag)
         return tag
@@ -667,11 +722,20 @@ def publish_checkpoint(run: RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
     call this)."""
     if run.checkpoints.url == ckpt_dir:
         return
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:  # an earlier attempt's upload at this step (no marker): its files are not this save's
+        run.checkpoints.remove(tag, missing_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=False)
     if dist.is_initialized():
         dist.barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank0:
+        listed = set(json.loads((Path(ckpt_dir) / tag / META_FILE).read_text())["files"]) | {META_FILE}
+        if (there := run.checkpoints.files(tag)) != listed:
+            raise CorruptCheckpoint(f"{run.checkpoints.tag_url(tag)}: not marked complete, its files differ from its "
+                                    f"manifest (extra {sorted(there - listed)}, missing {sorted(listed - there)})")
         run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=True)
         run.checkpoints.keep_latest(keep)
     if dist.is_initialized():

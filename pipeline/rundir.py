@@ -160,12 +160,22 @@ class Checkpoints:
         log.info("checkpoint %s fetched from %s", tag, self.url)
         return dst
 
-    def remove(self, tag: str) -> None:
+    def remove(self, tag: str, missing_ok: bool = False) -> None:
         """Delete a tag, marker first, so no reader ever sees a half-deleted checkpoint."""
         marker = f"{self.root}/{tag}/{MARKER}"
+        self.fs.invalidate_cache()
         if self.fs.exists(marker):
             self.fs.rm_file(marker)
+        if missing_ok and not self.fs.exists(f"{self.root}/{tag}"):
+            return
         self.fs.rm(f"{self.root}/{tag}", recursive=True)
+        self.fs.invalidate_cache()
+
+    def files(self, tag: str) -> set[str]:
+        """The files of a tag here (relative names), its marker aside."""
+        self.fs.invalidate_cache()
+        src = f"{self.root}/{tag}"
+        return {path[len(src):].lstrip("/") for path in self.fs.find(src)} - {MARKER}
 
     def set_aside(self, tag: str, note: dict) -> str:
         """Move a tag out of the run's checkpoints into ``_corrupt/<tag>`` (not deleted: a person

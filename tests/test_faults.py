@@ -155,3 +155,62 @@ def test_the_evaluate_cli_reports_a_corrupt_tag_or_config_in_one_line(stopped_ru
         assert "Traceback" not in proc.stderr and "config error" not in proc.stderr, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"corrupt checkpoint: {out / 'checkpoints' / tag / bad}: sha256 differs"), last
+
+
+# ---------------------------------------------------------------- a tag holds exactly its save's files
+
+STALE = ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank_1.pt"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_stale_files_of_an_earlier_save_at_the_same_step_never_reach_the_published_tag(tmp_path, tiny_shards, where,
+                                                                                       monkeypatch):
+    """An earlier attempt at step 2 on 2 ranks (another precision too) left files in the scratch
+    tag dir and half an upload; the 1-rank save at step 2 publishes only its own files."""
+    from conftest import moto_s3
+    from test_checkpoint import _setup, _train_step
+
+    with moto_s3("runs") as (_, env):
+        if where == "s3":
+            for k, v in env.items():
+                monkeypatch.setenv(k, v)
+        run = RunDir(f"s3://runs/{tmp_path.name}" if where == "s3" else str(tmp_path / "host" / "checkpoints").rsplit("/", 1)[0])
+        staging = checkpoint.staging_dir(str(tmp_path / "host"))
+        for name in STALE:
+            (Path(staging) / tag_for(2)).mkdir(parents=True, exist_ok=True)
+            (Path(staging) / tag_for(2) / name).write_bytes(b"an earlier attempt")
+            run.checkpoints.fs.pipe_file(f"{run.checkpoints.root}/{tag_for(2)}/{name}", b"an earlier upload")
+        engine, stream, config_yaml, device = _setup(tmp_path / "host", tiny_shards)
+        manager = CheckpointManager(run, staging)
+        manager.track(engine=engine, stream=stream)
+        for step in (1, 2):
+            _train_step(engine, stream, device)
+            manager.save(step, {"samples_seen": 8 * step, "world_size": 1, "num_classes": 4}, config_yaml)
+        engine.destroy()
+        published = run.checkpoints.files(tag_for(2))
+        listed = set(json.loads(run.checkpoints.read_text(tag_for(2), "meta.json"))["files"])
+        assert published == listed | {"meta.json"} and not set(STALE) & published, published
+        assert not set(STALE) & {p.name for p in (Path(staging) / tag_for(2)).iterdir()}
+        local = tmp_path / "fetched"
+        run.checkpoints.fetch(tag_for(2), local)
+        checkpoint.check_files(local / tag_for(2))
+
+
+def test_a_tag_of_two_saves_files_is_refused_naming_what_does_not_fit():
+    one = ["mp_rank_00_model_states.pt", "rank_0.pt", "rank_1.pt", "config.yaml"]
+    bf16 = [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    fp32 = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    assert checkpoint.layout_problem(one + bf16, 2) is None and checkpoint.layout_problem(one + fp32, 2) is None
+    assert "two precisions or two runs" in checkpoint.layout_problem(one + bf16 + fp32, 2)  # the issue's tag
+    assert "world size is 1" in checkpoint.layout_problem(one + fp32, 1)  # a save after a resize 2 -> 1
+    assert "shards of ranks [0]," in checkpoint.layout_problem(["rank_0.pt", "rank_1.pt"] + fp32[:1], 2)
+    assert "rank files of ranks [0, 1]" in checkpoint.layout_problem(["rank_0.pt", "rank_1.pt"], 1)
+
+
+def test_every_shipped_experiment_keeps_its_scratch_dir_under_its_name():
+    from pipeline.config import CONFIGS_DIR, load_config
+
+    for path in sorted((Path(CONFIGS_DIR) / "experiment").glob("*.yaml")):
+        cfg = load_config(str(path), ["name=other"])
+        assert Path(cfg.output_dir).parts[-2:] == ("runs", "other"), (path.name, cfg.output_dir)
