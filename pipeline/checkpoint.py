@@ -266,32 +266,46 @@ def _load_rank_file(path: Path) -> dict:
 
 
 def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0, ema=None,
-         one_dir: bool = True) -> str:
+         one_dir: bool = True, expected: float = 0) -> str:
     """Save a checkpoint from every rank (all ranks must call this) into the local ``ckpt_dir``,
-    with its manifest, and mark it complete.
+    with its manifest, and mark it complete; prune ``ckpt_dir`` to the ``keep`` newest.
 
     The tag dir is emptied first (``one_dir``: every host's ``ckpt_dir`` is the same directory,
-    so global rank 0 empties it; else each host's local rank 0 its own): DeepSpeed never clears
-    it, and files of an earlier attempt at this step (a failed save, another world size or
-    precision, another run sharing the dir) would join the manifest. A tag whose files are not
-    one save's (:func:`layout_problem`) is refused with :class:`CorruptCheckpoint`, unmarked.
+    so global rank 0 empties and prunes it; else each host's local rank 0 its own): DeepSpeed
+    never clears it, and files of an earlier attempt at this step (a failed save, another world
+    size or precision, another run sharing the dir) would join the manifest. A tag whose files
+    are not one save's (:func:`layout_problem`) is refused with :class:`CorruptCheckpoint`,
+    unmarked. A full disk (``expected``: the bytes a tag needs, see ``pipeline.disk``) removes
+    what was written and raises :class:`~pipeline.disk.DiskFull` in one line.
     ``ema`` (a :class:`pipeline.ema.EMA`): its pieces go into each rank's file (exact resume),
     its whole weights into ``ema.safetensors`` (evaluation)."""
+    from pipeline.disk import DiskFull, full_message, is_full
+
     tag = tag_for(step)
     tag_dir = Path(ckpt_dir) / tag
     rank = dist.get_rank() if dist.is_initialized() else 0
-    _empty(tag_dir, rank == 0 if one_dir else int(os.environ.get("LOCAL_RANK", 0)) == 0)
-    _write_tag(engine, ckpt_dir, tag, meta, rank_state, config_yaml, ema, rank)
-    files = manifest(tag_dir)  # a collective: each rank hashes a share of its host's files
-    world = int(meta.get("world_size") or (dist.get_world_size() if dist.is_initialized() else 1))
-    if (problem := layout_problem(list(files), world)) is not None:  # the same verdict on every rank
-        raise CorruptCheckpoint(f"{tag_dir}: not published, its files are not one save's: {problem}", f"{tag_dir}: {problem}")
-    if rank == 0:
-        _write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag, "files": files}, indent=2))
-        _write_atomic(tag_dir / MARKER, "")
-        if keep > 0:
-            for old in complete_tags(ckpt_dir)[:-keep]:
-                shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+    mine = rank == 0 if one_dir else int(os.environ.get("LOCAL_RANK", 0)) == 0
+    _empty(tag_dir, mine)
+    try:
+        _write_tag(engine, ckpt_dir, tag, meta, rank_state, config_yaml, ema, rank)
+        files = manifest(tag_dir)  # a collective: each rank hashes a share of its host's files
+        world = int(meta.get("world_size") or (dist.get_world_size() if dist.is_initialized() else 1))
+        if (problem := layout_problem(list(files), world)) is not None:  # the same verdict on every rank
+            raise CorruptCheckpoint(f"{tag_dir}: not published, its files are not one save's: {problem}", f"{tag_dir}: {problem}")
+        if rank == 0:
+            _write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag, "files": files}, indent=2))
+            _write_atomic(tag_dir / MARKER, "")
+    except Exception as e:
+        if not is_full(e, ckpt_dir, expected):
+            raise
+        (tag_dir / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(tag_dir, ignore_errors=True)  # nothing of it stays visible or takes room
+        latest = latest_tag(ckpt_dir)
+        raise DiskFull(full_message(tag_dir, e, expected, f"its partial files were removed; the newest complete "
+                                    f"checkpoint is {latest}")) from None
+    if mine and keep > 0:
+        for old in complete_tags(ckpt_dir)[:-keep]:
+            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return tag
@@ -526,6 +540,7 @@ class CheckpointManager:
         self.source: tuple[str, str] | None = None  # what prepare() found; resume() loads it
         self.checked = False  # whether prepare() checked the source's files (resume() need not again)
         self.set_aside: list[dict] = []  # the corrupt tags prepare() moved aside: tag, problem, moved_to
+        self.tag_bytes = 0.0  # this host's share of one tag, as planned (pipeline.disk): a full disk's message
 
     @property
     def shared(self) -> bool:
@@ -665,7 +680,9 @@ class CheckpointManager:
         data = {"data": self.stream.state_dict()} if self.stream is not None else {}
         if self.guard is not None:
             data["guard"] = self.guard.state_dict()
-        tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep, ema=self.ema, one_dir=self.shared)
+        # A remote run dir's tags are kept there: this host keeps its newest copy (a fast local resume).
+        tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep if self.shared else 1, ema=self.ema,
+                   one_dir=self.shared, expected=self.tag_bytes)
         publish_checkpoint(self.run, self.staging, tag, self.keep)
         log.info("checkpoint %s/%s complete", self.run.checkpoints.url, tag)
         return tag
@@ -728,7 +745,7 @@ def publish_checkpoint(run: RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
     if dist.is_initialized():
         dist.barrier()
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=False)
+        _upload(run, Path(ckpt_dir) / tag, tag)
     if dist.is_initialized():
         dist.barrier()
     if rank0:
@@ -740,6 +757,23 @@ def publish_checkpoint(run: RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
         run.checkpoints.keep_latest(keep)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _upload(run: RunDir, tag_dir: Path, tag: str) -> None:
+    """This host's files of a tag to the run dir; a full store or quota removes the partial
+    upload and raises :class:`~pipeline.disk.DiskFull` in one line."""
+    from pipeline.disk import DiskFull, full_message, is_full
+
+    try:
+        run.checkpoints.publish(tag_dir, tag, marker=False)
+    except Exception as e:
+        if not is_full(e):
+            raise
+        try:
+            run.checkpoints.remove(tag, missing_ok=True)
+        except Exception as cleanup:  # the store may refuse even that: the tag has no marker either way
+            log.warning("could not remove the partial upload %s: %s", run.checkpoints.tag_url(tag), cleanup)
+        raise DiskFull(full_message(run.checkpoints.tag_url(tag), e, then="the partial upload was removed")) from None
 
 
 USAGE = """usage: python -m pipeline.checkpoint COMMAND ...

@@ -152,6 +152,21 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                           "start one (ray start --head) or fix ray.address / $RAY_ADDRESS") from None
 
 
+def check_room(cfg: DictConfig, run: RunDir) -> None:
+    """Refuse (:class:`~pipeline.disk.NoRoom`, exit 2) before Ray starts when a local run dir
+    lacks room for the checkpoints it will keep (``pipeline.plan.checkpoint_room``; each
+    training host checks its own staging dir again)."""
+    from pipeline.disk import check_room as room_for
+    from pipeline.plan import checkpoint_room, corpus
+
+    if not run.checkpoints.local:
+        return
+    latest = run.checkpoints.latest()
+    steps = cfg.train.steps or int(cfg.train.epochs * corpus(cfg)[0] // cfg.train.global_batch_size)
+    tag, count = checkpoint_room(cfg, corpus(cfg)[1], steps, step_of(latest) if latest else None, True)
+    room_for(run.checkpoints.url, tag * count, f"{count} checkpoint(s) of {int(tag):,} bytes (the plan's size)")
+
+
 def check_resources(cfg: DictConfig) -> None:
     """Fail before any worker starts when the cluster cannot hold the worker group."""
     import ray
@@ -266,6 +281,7 @@ def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> di
     from pipeline.plan import planned_vs_measured, run_plan
     from pipeline.tracking import Tracker, spool_dir
 
+    check_room(cfg, run)
     connect_ray(cfg)
     check_resources(cfg)
     _install_stop_handler(run)

@@ -26,6 +26,7 @@ from pipeline.checkpoint import resume_source  # noqa: F401  (tests ask train fo
 from pipeline.checkpoint import staging_dir as local_ckpt_dir  # noqa: F401
 from pipeline.config import batch_split, data_streams, load_config, to_flat_dict, to_yaml
 from pipeline.data import CanonicalStream, ShardIndex, StreamSpec, TrainStream, train_stream
+from pipeline.disk import DiskFull, NoRoom
 from pipeline.ema import EMA
 from pipeline.engine import (
     DTYPES,
@@ -146,6 +147,29 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     return initialize(model, optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr, config)
 
 
+def _check_room(cfg: DictConfig, ckpts: checkpoint.CheckpointManager, num_classes: int, world: int, steps: int,
+                device: torch.device) -> float:
+    """Refuse (:class:`~pipeline.disk.NoRoom`, on every rank) when a host's staging dir lacks room
+    for the checkpoints it will hold at once (``pipeline.plan.checkpoint_room``, this host's
+    share of each tag); returns this host's bytes of one tag."""
+    from pipeline.disk import check_room
+    from pipeline.plan import checkpoint_room
+
+    latest = ckpts.latest()
+    tag, count = checkpoint_room(cfg, num_classes, steps, rundir.step_of(latest) if latest else None, ckpts.shared)
+    tag *= int(os.environ.get("LOCAL_WORLD_SIZE", world)) / world
+    problem = None
+    try:
+        check_room(ckpts.staging, tag * count, f"{count} checkpoint(s) of {int(tag):,} bytes (the plan's size)")
+    except NoRoom as e:
+        problem = e
+    verdict = torch.tensor(float(problem is not None), device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # every rank stops, or none
+    if verdict.item():
+        raise problem or NoRoom("another host's staging dir has no room for the run's checkpoints (its log says which)")
+    return tag
+
+
 LOST = 2.0  # the ranks' stop code when the run's lease is another's (1.0: a stop request)
 
 
@@ -174,6 +198,7 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     run = rundir.RunDir(cfg.run_dir)
     ckpts = checkpoint.CheckpointManager(run, checkpoint.staging_dir(cfg.output_dir), cfg.train.resume_from, cfg.train.keep_checkpoints,
                                          on_corrupt=cfg.train.on_corrupt_checkpoint)
+    ckpts.tag_bytes = _check_room(cfg, ckpts, num_classes, world, steps, device)
     src = ckpts.prepare()  # recovery: the run dir's latest checkpoint onto this host
     engine, scheduler = build_engine(cfg, num_classes, steps, world, device,
                                      load_universal=src is not None and checkpoint.is_universal(Path(*src)))
@@ -496,6 +521,9 @@ def _run(cfg: DictConfig, rank: int, device: torch.device) -> Exit:
             print(json.dumps(summary))
         dist.barrier()
         dist.destroy_process_group()
+    except (NoRoom, DiskFull) as e:  # one line a person reads, and its own status
+        print(f"{'config error: ' if isinstance(e, NoRoom) else ''}{e}", file=sys.stderr, flush=True)
+        return Exit.CONFIG if isinstance(e, NoRoom) else Exit.NO_SPACE
     finally:
         if lease:
             lease.release()  # a lease another launch took over is left to it

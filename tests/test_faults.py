@@ -7,8 +7,13 @@ gloo, a 2-layer ViT, real shards, MLflow on sqlite); the object-store case runs 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,9 +140,6 @@ def test_on_an_object_store_a_corrupt_tag_is_fetched_once_more_then_set_aside(st
 
 @pytest.mark.timeout(120)
 def test_the_evaluate_cli_reports_a_corrupt_tag_or_config_in_one_line(stopped_run, tmp_path, tiny_shards):
-    import subprocess
-    import sys
-
     from conftest import ROOT
 
     out = tmp_path / "run"
@@ -214,3 +216,78 @@ def test_every_shipped_experiment_keeps_its_scratch_dir_under_its_name():
     for path in sorted((Path(CONFIGS_DIR) / "experiment").glob("*.yaml")):
         cfg = load_config(str(path), ["name=other"])
         assert Path(cfg.output_dir).parts[-2:] == ("runs", "other"), (path.name, cfg.output_dir)
+
+
+# ---------------------------------------------------------------- a full disk
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_kib: int):
+    """A tmpfs of ``size_kib`` at ``path`` (root only), unmounted on the way out."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)], check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
+
+
+def grow(path: Path, size_kib: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size_kib}k", str(path)], check=True, timeout=30)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts_naming_path_free_and_needed(tmp_path, tiny_shards):
+    """4 tags of ~233 KB (the plan's size), kept 1 (+1 while saving): 466 KB on a 256 KiB disk."""
+    from conftest import ROOT
+
+    from pipeline.disk import NoRoom
+
+    with small_disk(tmp_path / "disk", 256) as disk:
+        cfg = train_cfg(disk / "run", tiny_shards, **{"train.keep_checkpoints": 1,
+                                                        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        with pytest.raises(NoRoom, match=rf"no room on disk: {disk / 'run' / 'checkpoints'} has [\d,]+ bytes free, "
+                                         r"2 checkpoint\(s\) of [\d,]+ bytes \(the plan's size\) need about [\d,]+"):
+            run_training(cfg)
+        assert not (disk / "run" / "checkpoints").exists() or not list((disk / "run" / "checkpoints").glob("step_*"))
+        overrides = [f"{k}={v}" for k, v in {"model.name": "vit_tiny_test", "data.train": tiny_shards, "train.steps": 6,
+                     "train.global_batch_size": 8, "data.micro_batch_size": 8, "train.checkpoint_every": 2,
+                     "train.keep_checkpoints": 1, "train.precision": "fp32", "eval.enabled": False, "ray.num_workers": 1,
+                     "output_dir": str(disk / "driver"), "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}.items()]
+        proc = subprocess.run([sys.executable, "-m", "pipeline.run", *overrides], cwd=ROOT, capture_output=True, text=True,
+                              timeout=100, env={**os.environ, "RAY_ADDRESS": ""})
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"config error: no room on disk: {disk / 'driver' / 'checkpoints'} has"), last
+
+
+@pytest.mark.timeout(240)
+def test_a_save_that_meets_a_full_disk_fails_in_one_line_leaves_no_partial_tag_and_the_rerun_finishes(tmp_path, tiny_shards):
+    """The plan's 2 x 233 KB fit a 600 KiB disk; the real tags (~350 KB each, and DeepSpeed's
+    scripts) do not: the save at step 2 meets ENOSPC while tag 0 is kept."""
+    from pipeline.disk import DiskFull
+
+    with small_disk(tmp_path / "disk", 600) as disk:
+        cfg = train_cfg(disk / "run", tiny_shards, **{"train.keep_checkpoints": 1,
+                                                        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        run = RunDir(str(disk / "run"))
+        with pytest.raises(DiskFull) as err:
+            run_training(cfg)
+        t_fault = time.perf_counter()
+        message = str(err.value)
+        assert "\n" not in message and re.match(rf"disk full: writing {disk / 'run' / 'checkpoints'}/step_\d+ failed "
+                                                r"\(No space left on device\): [\d,]+ bytes free there, it needs about "
+                                                r"[\d,]+; its partial files were removed; the newest complete checkpoint "
+                                                r"is step_\d+$", message), message
+        failed = re.search(r"step_\d+", message).group(0)
+        kept = run.checkpoints.complete_tags()
+        assert kept and failed not in kept and not (disk / "run" / "checkpoints" / failed).exists(), "no partial tag"
+        for tag in kept:
+            checkpoint.check_files(disk / "run" / "checkpoints" / tag)
+
+        grow(disk, 4096)
+        summary = run_training(cfg)
+        assert summary["step"] == 6 and run.checkpoints.complete_tags() == [tag_for(6)]
+        checkpoint.check_files(disk / "run" / "checkpoints" / tag_for(6))
+        print(f"full disk at {failed}: rerun trained to the end {time.perf_counter() - t_fault:.1f} s later")
