@@ -275,11 +275,11 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
     never clears it, and files of an earlier attempt at this step (a failed save, another world
     size or precision, another run sharing the dir) would join the manifest. A tag whose files
     are not one save's (:func:`layout_problem`) is refused with :class:`CorruptCheckpoint`,
-    unmarked. A full disk (``expected``: the bytes a tag needs, see ``pipeline.disk``) removes
-    what was written and raises :class:`~pipeline.disk.DiskFull` in one line.
+    unmarked. A full disk (``expected``: the bytes a tag needs, see ``data_prep.disk``) removes
+    what was written and raises :class:`~data_prep.disk.DiskFull` in one line.
     ``ema`` (a :class:`pipeline.ema.EMA`): its pieces go into each rank's file (exact resume),
     its whole weights into ``ema.safetensors`` (evaluation)."""
-    from pipeline.disk import DiskFull, full_message, is_full
+    from data_prep.disk import DiskFull, full_message, is_full
 
     tag = tag_for(step)
     tag_dir = Path(ckpt_dir) / tag
@@ -540,7 +540,7 @@ class CheckpointManager:
         self.source: tuple[str, str] | None = None  # what prepare() found; resume() loads it
         self.checked = False  # whether prepare() checked the source's files (resume() need not again)
         self.set_aside: list[dict] = []  # the corrupt tags prepare() moved aside: tag, problem, moved_to
-        self.tag_bytes = 0.0  # this host's share of one tag, as planned (pipeline.disk): a full disk's message
+        self.tag_bytes = 0.0  # this host's share of one tag, as planned (data_prep.disk): a full disk's message
 
     @property
     def shared(self) -> bool:
@@ -761,8 +761,8 @@ def publish_checkpoint(run: RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
 
 def _upload(run: RunDir, tag_dir: Path, tag: str) -> None:
     """This host's files of a tag to the run dir; a full store or quota removes the partial
-    upload and raises :class:`~pipeline.disk.DiskFull` in one line."""
-    from pipeline.disk import DiskFull, full_message, is_full
+    upload and raises :class:`~data_prep.disk.DiskFull` in one line."""
+    from data_prep.disk import DiskFull, full_message, is_full
 
     try:
         run.checkpoints.publish(tag_dir, tag, marker=False)

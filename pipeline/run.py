@@ -41,6 +41,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -153,10 +154,10 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def check_room(cfg: DictConfig, run: RunDir) -> None:
-    """Refuse (:class:`~pipeline.disk.NoRoom`, exit 2) before Ray starts when a local run dir
+    """Refuse (:class:`~data_prep.disk.NoRoom`, exit 2) before Ray starts when a local run dir
     lacks room for the checkpoints it will keep (``pipeline.plan.checkpoint_room``; each
     training host checks its own staging dir again)."""
-    from pipeline.disk import check_room as room_for
+    from data_prep.disk import check_room as room_for
     from pipeline.plan import checkpoint_room, corpus
 
     if not run.checkpoints.local:
@@ -493,6 +494,28 @@ def _print_summary(s: dict) -> None:
               + (f" --spool-dir {left['spool']}" if left.get("spool") else ""), file=sys.stderr, flush=True)
 
 
+# What a failed job's text says, the one sentence that ends the output, and the exit status.
+_KNOWN = (
+    ("DiskFull: ", "{}; rerun the same command to resume from the newest checkpoint", Exit.NO_SPACE),
+    ("disk full: ", "{}; rerun the same command to resume from the newest checkpoint", Exit.NO_SPACE),
+    ("NoRoom: ", "config error: {}", Exit.CONFIG),
+    ("CorruptCheckpoint: ", "corrupt checkpoint: {} (train.on_corrupt_checkpoint=set_aside resumes from the newest "
+     "one that verifies)", Exit.FAILED),
+)
+
+
+def known_failure(e: BaseException) -> tuple[str, Exit] | None:
+    """``(sentence, exit status)`` for a failure of a kind we know (a full disk, no room, a
+    corrupt checkpoint), found in the text of ``e`` (Ray wraps a worker's error in its own)."""
+    text = "".join(traceback.format_exception(e))
+    for marker, sentence, code in _KNOWN:
+        lines = [line for line in text.splitlines() if marker in line]
+        if lines:
+            detail = lines[-1].split(marker, 1)[1].strip()
+            return sentence.format(detail if marker != "disk full: " else "disk full: " + detail), code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quiet" in argv:  # warnings, errors and the summary only, here and in every worker
@@ -522,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lease lost: {e}; this job stopped without writing (no checkpoint, summary or MLflow status): "
               "the run goes on under its new owner", file=sys.stderr, flush=True)
         return Exit.LOST
+    except Exception as e:  # noqa: BLE001 - a reason we know ends the output, after Ray's tracebacks
+        if (known := known_failure(e)) is None:
+            raise
+        traceback.print_exc()
+        print(f"\n{known[0]}", file=sys.stderr, flush=True)
+        return known[1]
     if (diverged := (summary.get("guard") or {}).get("diverged")) is not None:
         checkpoints = f"{summary['run_dir']}/{CHECKPOINTS}"
         print(f"\n{guard.diverged_message(diverged, checkpoints)}", file=sys.stderr, flush=True)

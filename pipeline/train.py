@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from data_prep.disk import DiskFull, NoRoom
 from pipeline import checkpoint, guard, rundir
 from pipeline.augment import mixup_lambda
 from pipeline.checkpoint import resume_source  # noqa: F401  (tests ask train for it)
 from pipeline.checkpoint import staging_dir as local_ckpt_dir  # noqa: F401
 from pipeline.config import batch_split, data_streams, load_config, to_flat_dict, to_yaml
 from pipeline.data import CanonicalStream, ShardIndex, StreamSpec, TrainStream, train_stream
-from pipeline.disk import DiskFull, NoRoom
 from pipeline.ema import EMA
 from pipeline.engine import (
     DTYPES,
@@ -149,10 +149,10 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
 
 def _check_room(cfg: DictConfig, ckpts: checkpoint.CheckpointManager, num_classes: int, world: int, steps: int,
                 device: torch.device) -> float:
-    """Refuse (:class:`~pipeline.disk.NoRoom`, on every rank) when a host's staging dir lacks room
+    """Refuse (:class:`~data_prep.disk.NoRoom`, on every rank) when a host's staging dir lacks room
     for the checkpoints it will hold at once (``pipeline.plan.checkpoint_room``, this host's
     share of each tag); returns this host's bytes of one tag."""
-    from pipeline.disk import check_room
+    from data_prep.disk import check_room
     from pipeline.plan import checkpoint_room
 
     latest = ckpts.latest()

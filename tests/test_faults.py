@@ -242,7 +242,7 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts_naming_p
     """4 tags of ~233 KB (the plan's size), kept 1 (+1 while saving): 466 KB on a 256 KiB disk."""
     from conftest import ROOT
 
-    from pipeline.disk import NoRoom
+    from data_prep.disk import NoRoom
 
     with small_disk(tmp_path / "disk", 256) as disk:
         cfg = train_cfg(disk / "run", tiny_shards, **{"train.keep_checkpoints": 1,
@@ -266,7 +266,7 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts_naming_p
 def test_a_save_that_meets_a_full_disk_fails_in_one_line_leaves_no_partial_tag_and_the_rerun_finishes(tmp_path, tiny_shards):
     """The plan's 2 x 233 KB fit a 600 KiB disk; the real tags (~350 KB each, and DeepSpeed's
     scripts) do not: the save at step 2 meets ENOSPC while tag 0 is kept."""
-    from pipeline.disk import DiskFull
+    from data_prep.disk import DiskFull
 
     with small_disk(tmp_path / "disk", 600) as disk:
         cfg = train_cfg(disk / "run", tiny_shards, **{"train.keep_checkpoints": 1,
@@ -291,3 +291,16 @@ def test_a_save_that_meets_a_full_disk_fails_in_one_line_leaves_no_partial_tag_a
         assert summary["step"] == 6 and run.checkpoints.complete_tags() == [tag_for(6)]
         checkpoint.check_files(disk / "run" / "checkpoints" / tag_for(6))
         print(f"full disk at {failed}: rerun trained to the end {time.perf_counter() - t_fault:.1f} s later")
+
+
+@pytest.mark.timeout(60)
+def test_drawing_the_demo_corpus_on_a_full_disk_fails_in_one_line_and_leaves_no_partial_corpus(tmp_path):
+    from data_prep.demo import make_glyph_corpus
+    from data_prep.disk import DiskFull
+
+    with small_disk(tmp_path / "disk", 128) as disk:
+        with pytest.raises(DiskFull) as err:
+            make_glyph_corpus(str(disk / "glyphs"), num_classes=10, per_class=60, size=32)
+        assert re.fullmatch(rf"disk full: writing {disk / 'glyphs'} failed \(No space left on device\): [\d,]+ bytes free "
+                            r"there, it needs about [\d,]+; the partial corpus was removed; .*rerun", str(err.value)), err.value
+        assert not (disk / "glyphs").exists(), "a partial corpus would pass for a drawn one on the rerun"

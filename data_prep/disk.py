@@ -8,9 +8,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from data_prep.compose import ConfigError
+from .compose import ConfigError
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _QUOTA_WORDS = ("no space left", "quota", "insufficientstorage", "entitytoolarge")  # object stores say it in words
@@ -52,7 +54,7 @@ def is_full(exc: BaseException, path: str | os.PathLike | None = None, expected:
         if any(word in str(seen).lower() for word in _QUOTA_WORDS):
             return True
         seen = seen.__cause__ or seen.__context__
-    if path is not None and isinstance(exc, (OSError, RuntimeError)):
+    if path is not None and "://" not in str(path) and isinstance(exc, (OSError, RuntimeError)):
         try:
             return free_bytes(path) < max(expected, 1 << 20)
         except OSError:
@@ -69,3 +71,25 @@ def full_message(path: str | os.PathLike, exc: BaseException, expected: float = 
         free = "free space unknown"
     need = f", it needs about {int(expected):,}" if expected else ""
     return f"disk full: writing {path} failed ({why}): {free}{need}{'; ' + then if then else ''}"
+
+
+@contextmanager
+def reporting_full(path: str | os.PathLike, expected: float = 0, then: str = "",
+                   cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Writes to ``path`` inside; a full disk or quota met there runs ``cleanup`` and becomes a
+    one-line :class:`DiskFull`; any other error passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, DiskFull) or not is_full(e, path, expected):
+            raise
+        if cleanup is not None:
+            cleanup()
+        raise DiskFull(full_message(path, e, expected, then)) from None
+
+
+def one_line(exc: BaseException) -> str:
+    """The one line of a :class:`DiskFull` that came back wrapped (a Ray task's error carries
+    the remote traceback in its text)."""
+    lines = [line for line in str(exc).splitlines() if "disk full: " in line]
+    return lines[-1][lines[-1].index("disk full: "):] if lines else str(exc)
