@@ -245,10 +245,11 @@ def fit(cfg: DictConfig):
         return trainer.fit()
 
 
-def run_job(cfg: DictConfig) -> dict:
+def run_job(cfg: DictConfig, dead_owner: str | None = None) -> dict:
     """The job, once this process owns the run (``pipeline.lease``): refused with
     :class:`~pipeline.lease.LeaseHeld` while a live job owns it; :class:`~pipeline.lease.LeaseLost`
-    when another launch took it over meanwhile (nothing more was written)."""
+    when another launch took it over meanwhile (nothing more was written). ``dead_owner``: a
+    Ray job of this cluster the launcher saw end; a lease it holds is taken over at once."""
     t_start = time.time()
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     run = RunDir(cfg.run_dir)
@@ -257,22 +258,24 @@ def run_job(cfg: DictConfig) -> dict:
               "its summary:", flush=True)
         _print_summary(finished)
         return finished
-    lease = take_lease(cfg, run)
+    lease = take_lease(cfg, run, dead_owner)
     try:
         return _owned_job(cfg, run, lease, t_start)
     finally:
         lease.release()
 
 
-def take_lease(cfg: DictConfig, run: RunDir) -> Lease:
+def take_lease(cfg: DictConfig, run: RunDir, dead_owner: str | None = None) -> Lease:
     """Own the run dir (its ``LEASE``), renewed in a thread; the token reaches the training ranks
-    ($PIPELINE_LEASE_TOKEN), whose rank 0 stops without a checkpoint once it is not the lease's."""
+    ($PIPELINE_LEASE_TOKEN), whose rank 0 stops without a checkpoint once it is not the lease's.
+    A lease of Ray job ``dead_owner`` (ended, as the launcher asked the cluster) is taken over."""
     job_id, cluster = job_identity()
     lease = Lease(run.lease_url, cfg.lease.heartbeat_s, cfg.lease.expiry_s, job_id=job_id,
                   cluster=cfg.ray.address or cluster)
-    previous = lease.acquire()
+    previous = lease.acquire(dead=lambda owner: dead_owner is not None and owner.job_id == dead_owner)
     if previous is not None:
-        print(took_over(run.url, previous), flush=True)
+        why = f"its Ray job {dead_owner} has ended" if previous.job_id == dead_owner and dead_owner else None
+        print(took_over(run.url, previous, why), flush=True)
     os.environ[LEASE_TOKEN] = lease.token
     return lease.start()
 
@@ -522,6 +525,11 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--quiet")
         os.environ["PIPELINE_QUIET"] = "1"
         os.environ["TQDM_DISABLE"] = "1"
+    dead_owner = None
+    if "--dead-owner" in argv:  # the launcher saw this Ray job of our cluster end: its lease is not live
+        at = argv.index("--dead-owner")
+        dead_owner = argv[at + 1] if at + 1 < len(argv) else None
+        del argv[at:at + 2]
     logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s %(message)s")
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
@@ -534,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return Exit.CONFIG
     try:
-        summary = run_job(cfg)
+        summary = run_job(cfg, dead_owner)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return Exit.CONFIG

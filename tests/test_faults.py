@@ -304,3 +304,28 @@ def test_drawing_the_demo_corpus_on_a_full_disk_fails_in_one_line_and_leaves_no_
         assert re.fullmatch(rf"disk full: writing {disk / 'glyphs'} failed \(No space left on device\): [\d,]+ bytes free "
                             r"there, it needs about [\d,]+; the partial corpus was removed; .*rerun", str(err.value)), err.value
         assert not (disk / "glyphs").exists(), "a partial corpus would pass for a drawn one on the rerun"
+
+
+# ---------------------------------------------------------------- a dead owner
+
+def test_a_lease_whose_ray_job_ended_or_whose_slurm_job_was_requeued_is_taken_over_at_once(tmp_path, monkeypatch):
+    """The owners here are this live process (fresh heartbeats, a live pid): only what the
+    launcher knows of their jobs frees them. The Ray case end to end: tests/test_launch.py."""
+    from pipeline.lease import Lease, LeaseHeld, took_over
+
+    url = str(tmp_path / "LEASE")
+    Lease(url, 10, 60, job_id="pretrain-demo-1").acquire()
+    with pytest.raises(LeaseHeld):
+        Lease(url, 10, 60).acquire(dead=lambda owner: owner.job_id == "pretrain-other")
+    previous = Lease(url, 10, 60).acquire(dead=lambda owner: owner.job_id == "pretrain-demo-1")
+    assert previous.job_id == "pretrain-demo-1"
+
+    (tmp_path / "LEASE").unlink()
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    Lease(url, 10, 60, job_id="slurm:123").acquire()
+    with pytest.raises(LeaseHeld):  # the same run of the job: a live owner
+        Lease(url, 10, 60, job_id="slurm:123").acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the earlier run of the job has ended
+    previous = Lease(url, 10, 60, job_id="slurm:123.1").acquire()
+    assert previous.job_id == "slurm:123" and "its batch job has ended" in took_over(url, previous)
