@@ -338,6 +338,30 @@ class RunDir:
             return None
 
 
+SERVES = "SERVES"  # in a host's scratch dir (output_dir): the run dir whose checkpoints it stages
+
+
+def claim_scratch(output_dir: str, run: RunDir) -> str | None:
+    """Record in a host's scratch dir that it stages ``run``'s checkpoints; returns why not
+    (None when it may) when it stages another run whose lease is live: two runs sharing one
+    scratch dir would mix their files in a tag dir, as two writers of one run dir would."""
+    path = Path(output_dir) / SERVES
+    other = path.read_text().strip() if path.is_file() else ""
+    if other and other != run.url:
+        from pipeline.lease import owner_of
+
+        try:
+            owner = owner_of(RunDir(other).lease_url)
+        except Exception:  # its store does not answer: judged by what is known
+            owner = None
+        if owner is not None and not owner.free():
+            return (f"output_dir {output_dir} stages the checkpoints of run {other}, owned by {owner.describe()}: "
+                    f"two live runs must not share a scratch dir; give this run its own (output_dir=runs/<name>)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(fsspec.filesystem("file"), str(path), run.url + "\n")
+    return None
+
+
 def write_atomic(fs, path: str, text: str, exclusive: bool = False) -> None:
     """Write a whole file so that no reader sees part of it (rename locally, one PUT remotely)."""
     fs.makedirs(posixpath.dirname(path), exist_ok=True)

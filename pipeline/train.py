@@ -151,7 +151,8 @@ def _check_room(cfg: DictConfig, ckpts: checkpoint.CheckpointManager, num_classe
                 device: torch.device) -> float:
     """Refuse (:class:`~data_prep.disk.NoRoom`, on every rank) when a host's staging dir lacks room
     for the checkpoints it will hold at once (``pipeline.plan.checkpoint_room``, this host's
-    share of each tag); returns this host's bytes of one tag."""
+    share of each tag), or stages another live run's (:func:`pipeline.rundir.claim_scratch`);
+    returns this host's bytes of one tag."""
     from data_prep.disk import check_room
     from pipeline.plan import checkpoint_room
 
@@ -163,10 +164,13 @@ def _check_room(cfg: DictConfig, ckpts: checkpoint.CheckpointManager, num_classe
         check_room(ckpts.staging, tag * count, f"{count} checkpoint(s) of {int(tag):,} bytes (the plan's size)")
     except NoRoom as e:
         problem = e
+    if problem is None and not ckpts.shared and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        if why := rundir.claim_scratch(cfg.output_dir, ckpts.run):  # the run dir's lease covers a shared one
+            problem = NoRoom(why)
     verdict = torch.tensor(float(problem is not None), device=device)
     dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # every rank stops, or none
     if verdict.item():
-        raise problem or NoRoom("another host's staging dir has no room for the run's checkpoints (its log says which)")
+        raise problem or NoRoom("another host's staging dir has no room for this run (its log says why)")
     return tag
 
 

@@ -329,3 +329,28 @@ def test_a_lease_whose_ray_job_ended_or_whose_slurm_job_was_requeued_is_taken_ov
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued: the earlier run of the job has ended
     previous = Lease(url, 10, 60, job_id="slurm:123.1").acquire()
     assert previous.job_id == "slurm:123" and "its batch job has ended" in took_over(url, previous)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_live_run_over_the_same_scratch_dir_is_refused_before_it_writes(tmp_path, tiny_shards):
+    """Runs bf16 and fp32 of the issue: different run dirs (a storage path), one output_dir."""
+    from data_prep.disk import NoRoom
+    from pipeline.lease import Lease
+    from pipeline.rundir import SERVES, claim_scratch
+
+    scratch, storage = tmp_path / "scratch", tmp_path / "storage"
+    first = RunDir(str(storage / "bf16"))
+    assert claim_scratch(str(scratch), first) is None
+    lease = Lease(first.lease_url, 10, 60, job_id="pretrain-bf16")  # the first run, live
+    lease.acquire()
+    lease.start()
+    try:
+        cfg = train_cfg(scratch, tiny_shards, **{"ray.storage_path": str(storage), "name": "fp32",
+                                                 "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        with pytest.raises(NoRoom, match=rf"output_dir {scratch} stages the checkpoints of run {storage / 'bf16'}, owned "
+                                         r"by Ray job pretrain-bf16 .*: two live runs must not share a scratch dir"):
+            run_training(cfg)
+        assert not (scratch / "checkpoints").exists() and (scratch / SERVES).read_text().strip() == first.url
+    finally:
+        lease.release()
+    assert claim_scratch(str(scratch), RunDir(str(storage / "fp32"))) is None, "once the first run ended"
