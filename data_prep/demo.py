@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from .disk import reporting_full
 
 JPEG_QUALITY = 95
 # The optdigits bitmaps are 32x32 binary images averaged over 4x4 blocks to 8x8.
@@ -133,6 +136,13 @@ def _write_class(args: tuple) -> list[dict]:
     return records
 
 
+def _reporting_full(out_dir: str, expected: int):
+    """A full disk while drawing: the partial corpus goes (a rerun draws it again) and one line
+    says where and how much (``data_prep.disk``)."""
+    return reporting_full(out_dir, expected, "the partial corpus was removed; free space there or point output_dir "
+                          "at a larger disk, then rerun", cleanup=lambda: shutil.rmtree(out_dir, ignore_errors=True))
+
+
 def make_glyph_corpus(
     out_dir: str,
     num_classes: int = 100,
@@ -166,19 +176,20 @@ def make_glyph_corpus(
     for flat in chosen.tolist():
         pairs[flat // per_class].add(flat % per_class)
     jobs = [(out_dir, seed, num_classes, c, per_class, size, pairs[c]) for c in range(num_classes)]
-    os.makedirs(out_dir, exist_ok=True)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            per_class_records = list(pool.map(_write_class, jobs, chunksize=4))
-    else:
-        per_class_records = [_write_class(job) for job in jobs]
-    manifest = None
-    if num_pairs:
-        manifest = os.path.join(out_dir, "manifest.jsonl")
-        with open(manifest + ".tmp", "w") as f:
-            for records in per_class_records:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(manifest + ".tmp", manifest)
+    with _reporting_full(out_dir, total * size * size):  # about a KB per 32 px JPEG
+        os.makedirs(out_dir, exist_ok=True)
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                per_class_records = list(pool.map(_write_class, jobs, chunksize=4))
+        else:
+            per_class_records = [_write_class(job) for job in jobs]
+        manifest = None
+        if num_pairs:
+            manifest = os.path.join(out_dir, "manifest.jsonl")
+            with open(manifest + ".tmp", "w") as f:
+                for records in per_class_records:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
+            os.replace(manifest + ".tmp", manifest)
     return {
         "out_dir": out_dir,
         "classes": num_classes,
@@ -208,11 +219,12 @@ def make_digits_corpus(out_dir: str, size: int = 32) -> dict:
     """
     start = time.perf_counter()
     images, labels = load_digits_images(size)
-    for digit in range(10):
-        os.makedirs(os.path.join(out_dir, str(digit)), exist_ok=True)
-    for index, (img, digit) in enumerate(zip(images, labels, strict=True)):
-        path = os.path.join(out_dir, str(digit), f"{index:04d}.jpg")
-        Image.fromarray(img).save(path, quality=JPEG_QUALITY)
+    with _reporting_full(out_dir, len(labels) * size * size):
+        for digit in range(10):
+            os.makedirs(os.path.join(out_dir, str(digit)), exist_ok=True)
+        for index, (img, digit) in enumerate(zip(images, labels, strict=True)):
+            path = os.path.join(out_dir, str(digit), f"{index:04d}.jpg")
+            Image.fromarray(img).save(path, quality=JPEG_QUALITY)
     return {
         "out_dir": out_dir,
         "classes": 10,

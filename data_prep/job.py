@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .config import ConfigError, PrepConfig, validate, with_absolute_paths
 from .dedup import NearDuplicateIndex, crop_boxes
+from .disk import DiskFull, one_line
 from .failures import FailureWatch, failed_in
 from .index import write_indexes
 from .placement import placement
@@ -197,6 +198,8 @@ def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch:
                     stats = ray.get(ref)
                 except Exception as e:
                     _cancel(in_flight)
+                    if isinstance(e, DiskFull):  # also a Ray task's error caused by one: its line, not its traceback
+                        raise DiskFull(one_line(e)) from None
                     raise RuntimeError(f"data-prep shard {shard_name(split, index)} failed "
                                        f"after {cfg.retries} retries: {e}") from e
                 if stats.get("gave_up"):

@@ -19,6 +19,7 @@ from fsspec.core import split_protocol
 from . import failures as F
 from .config import PrepConfig
 from .dedup import Match, NearDuplicateIndex, to_hex
+from .disk import reporting_full
 from .failures import SampleError
 from .plan_format import read_shard_plan, shard_name
 from .process import Processed, process_image
@@ -50,7 +51,17 @@ def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0,
     With `give_up_after` > 0, a shard whose first `give_up_after` samples all fail stops
     there and writes nothing (no tar, no stats, so a rerun redoes it); the stats returned
     then count only those samples and carry `"gave_up": True`. The driver uses this to stop
-    a job over a wrong image root within seconds instead of a whole shard's time."""
+    a job over a wrong image root within seconds instead of a whole shard's time.
+    A full disk or quota (``data_prep.disk``) ends it with a one-line ``DiskFull`` naming the
+    shard; the tar's staging leaves nothing under its name."""
+    tar = f"{cfg.output.rstrip('/')}/{shard_name(split, index)}.tar"
+    with reporting_full(tar, then="the shard was not written (finished shards are kept); free space there, then rerun"):
+        return _write_shard(cfg, split, index, give_up_after, test_sets)
+
+
+def _write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0,
+                 test_sets: NearDuplicateIndex | None = None) -> dict[str, Any]:
+    """:func:`write_shard` itself."""
     start, cpu_start = time.perf_counter(), time.process_time()
     name = shard_name(split, index)
     records = read_shard_plan(cfg, split, index)

@@ -12,6 +12,9 @@
 ``python launch/cluster.py exit-code URL SUBMISSION_ID [--run-dir URL]``
     The job driver's exit code (empty when Ray does not know it; 3 for a job that
     ``ray job stop`` stopped with a checkpoint, seen in its run dir).
+``python launch/cluster.py job-state URL SUBMISSION_ID``
+    The Ray job's status (RUNNING, PENDING, or an end: SUCCEEDED, FAILED, STOPPED); empty
+    when the cluster does not know it.
 ``python launch/cluster.py upload-env REPO``
     The ``--runtime-env-json`` for ``ray job submit`` that ships REPO as the job's working
     directory (without virtualenvs, runs, caches and git data).
@@ -124,6 +127,17 @@ def exit_code(url: str, submission_id: str, run_dir: str | None = None) -> str:
     return ""
 
 
+def job_state(url: str, submission_id: str) -> str:
+    """The Ray job's status (PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED); "" when the cluster
+    does not know it."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return str(JobSubmissionClient(url).get_job_status(submission_id).value)
+    except RuntimeError:  # "Job ... does not exist"
+        return ""
+
+
 def upload_env(repo: str) -> str:
     # No env_vars here: pipeline.run's ray.init sets its own, and Ray refuses to merge a
     # job's env_vars with ray.init's when they share a key.
@@ -193,6 +207,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("url")
     p.add_argument("submission_id")
     p.add_argument("--run-dir", default=None)
+    p = sub.add_parser("job-state")
+    p.add_argument("url")
+    p.add_argument("submission_id")
     sub.add_parser("upload-env").add_argument("repo")
     sub.add_parser("node").add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -211,6 +228,8 @@ def main(argv: list[str]) -> int:
         return node(args.command[1:] if args.command[:1] == ["--"] else args.command)
     elif args.cmd == "exit-code":
         print(exit_code(args.url, args.submission_id, args.run_dir))
+    elif args.cmd == "job-state":
+        print(job_state(args.url, args.submission_id))
     else:
         print(upload_env(args.repo))
     return 0

@@ -12,6 +12,7 @@ EXIT_STOPPED=3
 EXIT_UNDELIVERED=4
 EXIT_DIVERGED=5
 EXIT_LOST=6
+EXIT_NO_SPACE=7
 
 resolve_config_and_python() {
   CONFIG=${CONFIG:-$REPO/configs/experiment/demo.yaml}

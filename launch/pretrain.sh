@@ -179,12 +179,12 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
     [[ $OUTPUT_DIR == /* || $OUTPUT_DIR == *://* ]] ||
       echo "warning: output_dir=$OUTPUT_DIR lands inside the job's temporary working_dir; pass output_dir=<shared path>" >&2
     runtime=(--runtime-env-json "$(cluster upload-env "$REPO")")
-    entry+=(python -m pipeline.run "${QUIET[@]}" "$rel" "${OVERRIDES[@]}")
+    entry+=(python -m pipeline.run "${QUIET[@]}" "${DEAD_OWNER[@]}" "$rel" "${OVERRIDES[@]}")
   else
     # Same filesystem: the repo root as working directory (runs/<name> lands there), this
     # python. bash -c 'cd "$0" && exec "$@"' needs no quoting of the words after it.
     # shellcheck disable=SC2016
-    entry=(bash -c 'cd "$0" && exec "$@"' "$REPO" "${entry[@]}" "$PYTHON" -m pipeline.run "${QUIET[@]}" "$CONFIG" "${OVERRIDES[@]}")
+    entry=(bash -c 'cd "$0" && exec "$@"' "$REPO" "${entry[@]}" "$PYTHON" -m pipeline.run "${QUIET[@]}" "${DEAD_OWNER[@]}" "$CONFIG" "${OVERRIDES[@]}")
   fi
   local -a cmd=("$RAY" job submit --address "$DASHBOARD" --submission-id "$JOB_ID" "${runtime[@]}" -- "${entry[@]}")
   say "${cmd[@]}"
@@ -218,12 +218,21 @@ submit() {  # ray job submit to $DASHBOARD, waiting interruptibly; exits with th
 # A run whose live owner is a job of this cluster (a rerun after the submitting client died):
 # follow that job and exit with its status instead of submitting a second one, which the
 # run's lease would refuse. Ctrl-C leaves the job running (this script did not start it).
+# A job of this cluster that has ended (its driver killed: FAILED) owns nothing: its lease
+# is taken over at once (pipeline.run --dead-owner), never followed.
+DEAD_OWNER=()
 attach() {
-  local owner state job code
+  local owner state job code job_state
   owner=$(cd "$REPO" && "$PYTHON" -m pipeline.rundir owner "$RUN_DIR" 2> /dev/null) || return 0
   read -r state job _ <<< "$owner"
   [[ $state == live && $job != - ]] || return 0
-  "$RAY" job status --address "$DASHBOARD" "$job" > /dev/null 2>&1 || return 0
+  job_state=$(cd "$REPO" && { cluster job-state "$DASHBOARD" "$job" 2> /dev/null || true; })
+  [[ -n $job_state ]] || return 0
+  if [[ $job_state != RUNNING && $job_state != PENDING ]]; then
+    echo "run $NAME is owned by job $job of this cluster, which has ended ($job_state): taking the run over"
+    DEAD_OWNER=(--dead-owner "$job")
+    return 0
+  fi
   echo "run $NAME is owned by job $job of this cluster (${owner#* * }): following it (Ctrl-C leaves it running)"
   run "$RAY" job logs --address "$DASHBOARD" --follow "$job" || true
   code=$(cd "$REPO" && { cluster exit-code "$DASHBOARD" "$job" --run-dir "$RUN_DIR" 2> /dev/null || true; })

@@ -30,7 +30,9 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -51,7 +53,13 @@ _HASH_CHUNK = 8 << 20
 
 
 class CorruptCheckpoint(RuntimeError):
-    """A checkpoint file that is missing, or differs from the size or sha256 its manifest records."""
+    """A checkpoint file that is missing, or differs from the size or sha256 its manifest records.
+
+    ``problem``: the first file at fault and why, in one line (``<path>: <why>``)."""
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 def rank_file(rank: int) -> str:
@@ -167,11 +175,14 @@ def check_files(tag_dir: str | os.PathLike, names: list[str] | None = None, coll
     :class:`CorruptCheckpoint` naming the first that does not match. ``collective``: every rank
     calls it and checks a share of its host's files; all raise the same error."""
     tag_dir = Path(tag_dir)
-    files = read_meta(tag_dir).get("files")
     errors: list[str] = []
+    try:
+        files = read_meta(tag_dir).get("files")
+    except CorruptCheckpoint as e:  # into the gather below, so that no rank waits there alone
+        files, errors = {}, [str(e)]
     if files is None:
         log.warning("%s has no checksums (written before they were recorded): not checked", tag_dir)
-    else:
+    elif not errors:
         wanted = sorted(files) if names is None else sorted(names)
         for name in _my_share(wanted) if collective else wanted:
             if (problem := _problem(tag_dir, name, files.get(name))) is not None:
@@ -181,7 +192,17 @@ def check_files(tag_dir: str | os.PathLike, names: list[str] | None = None, coll
         errors = [e for part in _gather(errors) for e in part]
     if errors:
         raise CorruptCheckpoint(f"{errors[0]}; the checkpoint cannot be trusted: resume from an earlier tag "
-                                "(delete this one) or restore the file from a copy")
+                                "(delete this one) or restore the file from a copy", problem=errors[0])
+
+
+def verify(tag_dir: str | os.PathLike, collective: bool = False) -> str | None:
+    """The first problem of a tag's files (``<path>: <why>``), None when every file matches
+    its manifest (``collective``: as :func:`check_files`, every rank gets the same answer)."""
+    try:
+        check_files(tag_dir, collective=collective)
+    except CorruptCheckpoint as e:
+        return e.problem
+    return None
 
 
 def _problem(tag_dir: Path, name: str, entry: dict | None) -> str | None:
@@ -244,16 +265,69 @@ def _load_rank_file(path: Path) -> dict:
 # ---------------------------------------------------------------- save and load (every rank calls them)
 
 
-def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0, ema=None) -> str:
+def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0, ema=None,
+         one_dir: bool = True, expected: float = 0) -> str:
     """Save a checkpoint from every rank (all ranks must call this) into the local ``ckpt_dir``,
-    with its manifest, and mark it complete.
+    with its manifest, and mark it complete; prune ``ckpt_dir`` to the ``keep`` newest.
 
+    The tag dir is emptied first (``one_dir``: every host's ``ckpt_dir`` is the same directory,
+    so global rank 0 empties and prunes it; else each host's local rank 0 its own): DeepSpeed
+    never clears it, and files of an earlier attempt at this step (a failed save, another world
+    size or precision, another run sharing the dir) would join the manifest. A tag whose files
+    are not one save's (:func:`layout_problem`) is refused with :class:`CorruptCheckpoint`,
+    unmarked. A full disk (``expected``: the bytes a tag needs, see ``data_prep.disk``) removes
+    what was written and raises :class:`~data_prep.disk.DiskFull` in one line.
     ``ema`` (a :class:`pipeline.ema.EMA`): its pieces go into each rank's file (exact resume),
     its whole weights into ``ema.safetensors`` (evaluation)."""
-    from safetensors.torch import save_file
+    from data_prep.disk import DiskFull, full_message, is_full
 
     tag = tag_for(step)
+    tag_dir = Path(ckpt_dir) / tag
     rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = rank == 0 if one_dir else int(os.environ.get("LOCAL_RANK", 0)) == 0
+    _empty(tag_dir, mine)
+    try:
+        _write_tag(engine, ckpt_dir, tag, meta, rank_state, config_yaml, ema, rank)
+        files = manifest(tag_dir)  # a collective: each rank hashes a share of its host's files
+        world = int(meta.get("world_size") or (dist.get_world_size() if dist.is_initialized() else 1))
+        if (problem := layout_problem(list(files), world)) is not None:  # the same verdict on every rank
+            raise CorruptCheckpoint(f"{tag_dir}: not published, its files are not one save's: {problem}", f"{tag_dir}: {problem}")
+        if rank == 0:
+            _write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag, "files": files}, indent=2))
+            _write_atomic(tag_dir / MARKER, "")
+    except Exception as e:
+        if not is_full(e, ckpt_dir, expected):
+            raise
+        (tag_dir / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(tag_dir, ignore_errors=True)  # nothing of it stays visible or takes room
+        latest = latest_tag(ckpt_dir)
+        raise DiskFull(full_message(tag_dir, e, expected, f"its partial files were removed; the newest complete "
+                                    f"checkpoint is {latest}")) from None
+    if mine and keep > 0:
+        for old in complete_tags(ckpt_dir)[:-keep]:
+            shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def _empty(tag_dir: Path, mine: bool) -> None:
+    """An empty ``tag_dir`` for a save to write into (``mine``: this process empties it); all wait."""
+    if mine and tag_dir.exists():
+        (tag_dir / MARKER).unlink(missing_ok=True)  # no reader takes a tag being emptied for complete
+        left = [p.name for p in tag_dir.rglob("*") if p.is_file()]
+        shutil.rmtree(tag_dir)
+        if left:
+            log.warning("%s held %d file(s) of an earlier save at this step (%s): removed before this save", tag_dir,
+                        len(left), ", ".join(sorted(left)[:4]) + (", ..." if len(left) > 4 else ""))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_tag(engine, ckpt_dir: str, tag: str, meta: dict, rank_state: dict, config_yaml: str, ema, rank: int) -> None:
+    """Every file of a save: DeepSpeed's, the EMA's, this rank's own, the config (all ranks; all wait)."""
+    from safetensors.torch import save_file
+
     # universal_checkpoint_info lets ds_to_universal convert this for another world size.
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"universal_checkpoint_info": {}, "meta": meta})
     tag_dir = Path(ckpt_dir) / tag
@@ -268,21 +342,37 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
         (tag_dir / CONFIG_FILE).write_text(config_yaml)
     if dist.is_initialized():
         dist.barrier()
-    files = manifest(tag_dir)  # a collective: each rank hashes a share of its host's files
-    if rank == 0:
-        _write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag, "files": files}, indent=2))
-        _write_atomic(tag_dir / MARKER, "")
-        if keep > 0:
-            for old in complete_tags(ckpt_dir)[:-keep]:
-                shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return tag
 
 
-def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
+_ZERO_FILE = re.compile(r"^(?P<prefix>.*?)zero_pp_rank_(?P<rank>\d+)_mp_rank_\d+_(?P<kind>optim|model)_states\.pt$")
+_RANK_FILE = re.compile(r"^rank_(?P<rank>\d+)\.pt$")
+
+
+def layout_problem(names: list[str], world_size: int) -> str | None:
+    """Why the files of a tag are not one save's at ``world_size``, None when they are: our rank
+    files and DeepSpeed's ZeRO shards must come one per rank ``0..world_size-1``, each kind under
+    one name prefix (``bf16_`` or none: one precision)."""
+    ranks = sorted(int(m["rank"]) for n in names if (m := _RANK_FILE.match(n)))
+    if ranks and ranks != list(range(world_size)):
+        return f"rank files of ranks {ranks}, the save's world size is {world_size}"
+    shards: dict[str, dict[str, list[int]]] = {}
+    for n in names:
+        if m := _ZERO_FILE.match(n):
+            shards.setdefault(m["kind"], {}).setdefault(m["prefix"], []).append(int(m["rank"]))
+    for kind, by_prefix in shards.items():
+        if len(by_prefix) > 1:
+            return f"{kind} shards of {len(by_prefix)} kinds ({', '.join(repr(p) for p in sorted(by_prefix))} prefixes: " \
+                   "two precisions or two runs)"
+        [(prefix, got)] = by_prefix.items()
+        if sorted(got) != list(range(world_size)):
+            return f"{prefix}zero_pp_rank_* {kind} shards of ranks {sorted(got)}, the save's world size is {world_size}"
+    return None
+
+
+def load(engine, ckpt_dir: str, tag: str, checked: bool = False) -> tuple[dict, dict | None]:
     """Load engine state (model, optimizer, scheduler) and this rank's own state, after checking
-    every file against the manifest (a collective: every rank checks a share).
+    every file against the manifest (a collective: every rank checks a share; ``checked``: the
+    caller just did).
 
     Returns ``(meta, rank_state)``. On the world size it was saved with, ``rank_state`` is this
     rank's own (data-stream position; RNG states restored). On another world size (a universal
@@ -293,7 +383,8 @@ def load(engine, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
     """
     tag_dir = Path(ckpt_dir) / tag
     meta = read_meta(tag_dir)
-    check_files(tag_dir, collective=True)
+    if not checked:
+        check_files(tag_dir, collective=True)
     # per source, not per engine: a rollback after a universal resume loads a plain tag
     engine._config.load_universal_checkpoint = is_universal(tag_dir)
     path, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True)
@@ -456,10 +547,15 @@ class CheckpointManager:
     Every rank calls :meth:`prepare`, :meth:`resume` and :meth:`save` together.
     """
 
-    def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0):
+    def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0,
+                 on_corrupt: str = "set_aside"):
         self.run, self.staging, self.resume_from, self.keep = run, staging, resume_from, keep
+        self.on_corrupt = str(on_corrupt)  # train.on_corrupt_checkpoint: set_aside | refuse
         self.engine = self.ema = self.stream = self.guard = None
         self.source: tuple[str, str] | None = None  # what prepare() found; resume() loads it
+        self.checked = False  # whether prepare() checked the source's files (resume() need not again)
+        self.set_aside: list[dict] = []  # the corrupt tags prepare() moved aside: tag, problem, moved_to
+        self.tag_bytes = 0.0  # this host's share of one tag, as planned (data_prep.disk): a full disk's message
 
     @property
     def shared(self) -> bool:
@@ -483,12 +579,61 @@ class CheckpointManager:
         wait) and return it as ``(local dir, tag)``, or None for a fresh start. A checkpoint
         saved at another world size comes back converted to the universal format (see
         :meth:`_reshard`). Call before the engine is built: a universal source changes its
-        config (:func:`is_universal`)."""
-        fetch_resume_checkpoint(self.staging, self.run, self.resume_from)
-        self.source = resume_source(self.staging, self.run, self.resume_from)
+        config (:func:`is_universal`).
+
+        The tag is checked against its manifest first; a corrupt one of the run's own is set
+        aside (:meth:`_set_aside`) and the next newest is tried, unless ``on_corrupt`` is
+        ``refuse``: then, as for a corrupt ``resume_from``, :class:`CorruptCheckpoint` is raised."""
+        self.source = self._first_sound_source()
+        self.checked = self.source is not None
         if self.source is not None:
+            found = self.source
             self.source = self._reshard(*self.source)
+            self.checked = self.source == found  # a conversion reused from disk is checked when loaded
         return self.source
+
+    def _first_sound_source(self) -> tuple[str, str] | None:
+        refetched: set[str] = set()
+        while True:
+            fetch_resume_checkpoint(self.staging, self.run, self.resume_from)
+            ours = self.run.checkpoints.latest() is not None  # resume_source prefers the run's own tag
+            source = resume_source(self.staging, self.run, self.resume_from)
+            if source is None:
+                return None
+            if (problem := verify(Path(*source), collective=True)) is None:
+                return source
+            tag = source[1]
+            if not ours or self.on_corrupt == "refuse":
+                raise CorruptCheckpoint(f"{problem}; the checkpoint cannot be trusted ({'train.on_corrupt_checkpoint=refuse' if ours else 'train.resume_from'}): "
+                                        f"move {Path(*source)} aside or restore the file from a copy, then rerun", problem)
+            if not self.shared and tag not in refetched:  # perhaps only this host's copy went bad: fetch it once more
+                refetched.add(tag)
+                self._drop_local(tag)
+                continue
+            self._set_aside(tag, problem)
+
+    def _drop_local(self, tag: str) -> None:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            shutil.rmtree(Path(self.staging) / tag, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _set_aside(self, tag: str, problem: str) -> None:
+        """Move the run's corrupt tag ``tag`` to ``checkpoints/_corrupt`` (global rank 0; each
+        host drops its local copy); all ranks then look for the next newest."""
+        event = {"tag": tag, "problem": problem, "moved_to": None}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            note = {**event, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
+                    "pid": os.getpid()}
+            event["moved_to"] = self.run.checkpoints.set_aside(tag, note)
+            log.warning("checkpoint %s/%s is corrupt (%s): set aside in %s; resuming from the newest checkpoint that "
+                        "verifies (train.on_corrupt_checkpoint=refuse stops instead)", self.run.checkpoints.url, tag,
+                        problem, event["moved_to"])
+        if dist.is_initialized():
+            dist.barrier()
+        if not self.shared:
+            self._drop_local(tag)
+        self.set_aside.append(event)
 
     def _reshard(self, ckpt_dir: str, tag: str) -> tuple[str, str]:
         """``(ckpt_dir, tag)`` itself when it loads at this world size, else its universal
@@ -520,7 +665,7 @@ class CheckpointManager:
         ``(meta, data-stream state)``, ``({}, None)`` for a fresh start."""
         if self.source is None:
             return {}, None
-        meta, rank_state = self._load(*self.source)
+        meta, rank_state = self._load(*self.source, checked=self.checked)
         log.info("resumed from %s/%s at step %d", *self.source, self.engine.global_steps)
         return meta, (rank_state or {}).get("data")
 
@@ -536,8 +681,8 @@ class CheckpointManager:
         log.info("rolled back to %s/%s", self.run.checkpoints.url, tag)
         return meta
 
-    def _load(self, ckpt_dir: str, tag: str) -> tuple[dict, dict | None]:
-        meta, rank_state = load(self.engine, ckpt_dir, tag)
+    def _load(self, ckpt_dir: str, tag: str, checked: bool = False) -> tuple[dict, dict | None]:
+        meta, rank_state = load(self.engine, ckpt_dir, tag, checked)
         if self.ema is not None:
             _restore_ema(self.ema, rank_state, Path(ckpt_dir) / tag)
         if self.guard is not None and rank_state and "guard" in rank_state:
@@ -550,7 +695,9 @@ class CheckpointManager:
         data = {"data": self.stream.state_dict()} if self.stream is not None else {}
         if self.guard is not None:
             data["guard"] = self.guard.state_dict()
-        tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep, ema=self.ema)
+        # A remote run dir's tags are kept there: this host keeps its newest copy (a fast local resume).
+        tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep if self.shared else 1, ema=self.ema,
+                   one_dir=self.shared, expected=self.tag_bytes)
         publish_checkpoint(self.run, self.staging, tag, self.keep)
         log.info("checkpoint %s/%s complete", self.run.checkpoints.url, tag)
         return tag
@@ -607,15 +754,41 @@ def publish_checkpoint(run: RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
     call this)."""
     if run.checkpoints.url == ckpt_dir:
         return
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=False)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:  # an earlier attempt's upload at this step (no marker): its files are not this save's
+        run.checkpoints.remove(tag, missing_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        _upload(run, Path(ckpt_dir) / tag, tag)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        listed = set(json.loads((Path(ckpt_dir) / tag / META_FILE).read_text())["files"]) | {META_FILE}
+        if (there := run.checkpoints.files(tag)) != listed:
+            raise CorruptCheckpoint(f"{run.checkpoints.tag_url(tag)}: not marked complete, its files differ from its "
+                                    f"manifest (extra {sorted(there - listed)}, missing {sorted(listed - there)})")
         run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=True)
         run.checkpoints.keep_latest(keep)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _upload(run: RunDir, tag_dir: Path, tag: str) -> None:
+    """This host's files of a tag to the run dir; a full store or quota removes the partial
+    upload and raises :class:`~data_prep.disk.DiskFull` in one line."""
+    from data_prep.disk import DiskFull, full_message, is_full
+
+    try:
+        run.checkpoints.publish(tag_dir, tag, marker=False)
+    except Exception as e:
+        if not is_full(e):
+            raise
+        try:
+            run.checkpoints.remove(tag, missing_ok=True)
+        except Exception as cleanup:  # the store may refuse even that: the tag has no marker either way
+            log.warning("could not remove the partial upload %s: %s", run.checkpoints.tag_url(tag), cleanup)
+        raise DiskFull(full_message(run.checkpoints.tag_url(tag), e, then="the partial upload was removed")) from None
 
 
 USAGE = """usage: python -m pipeline.checkpoint COMMAND ...

@@ -53,6 +53,11 @@ class Fault(Choice):
     spike = "spike"
 
 
+class OnCorrupt(Choice):
+    set_aside = "set_aside"  # move the tag to checkpoints/_corrupt and resume from the newest that verifies
+    refuse = "refuse"  # stop with the file named, for a person to look
+
+
 class Schedule(Choice):
     linear = "linear"
     cosine = "cosine"
@@ -194,6 +199,7 @@ class TrainConfig:
     log_sample_keys: bool = False  # write each step's sample keys (resume checks)
     stop_at_step: int = 0  # checkpoint and stop here (time-boxed allocations); 0: run to the end
     resume_from: str | None = None  # a checkpoint tag dir to start from when the run dir has none of its own
+    on_corrupt_checkpoint: OnCorrupt = OnCorrupt.set_aside  # a tag to resume from whose files fail its manifest
     ema: EmaConfig = field(default_factory=EmaConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)

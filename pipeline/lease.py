@@ -93,8 +93,21 @@ class Owner:
 
     def free(self) -> bool:
         """Whether the lease may be taken over: expired, or its owner ended (a rerun on the
-        owner's machine after the driver died need not wait for the expiry)."""
-        return self.expired() or self.ended()
+        owner's machine after the driver died, or of a batch job that ended, need not wait
+        for the expiry)."""
+        return self.expired() or self.ended() or self.batch_job_ended()
+
+    def batch_job_ended(self) -> bool:
+        """Whether the owner's SLURM job has ended: this process is a later run of the same job
+        (requeued: a higher ``SLURM_RESTART_COUNT``), or ``squeue`` no longer lists it as alive.
+        False when neither can tell (no SLURM here)."""
+        kind, _, ident = (self.job_id or "").partition(":")
+        if kind != "slurm" or not ident:
+            return False
+        job, _, restart = ident.partition(".")
+        if os.environ.get("SLURM_JOB_ID") == job:
+            return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > int(restart or 0)
+        return slurm_job_ended(job)
 
     def describe(self) -> str:
         if not self.job_id:
@@ -130,10 +143,35 @@ def refusal(name: str, run_dir: str, owner: Owner) -> str:
     )
 
 
-def took_over(url: str, previous: Owner) -> str:
-    """What a launch that took the lease of ``url`` over from ``previous`` says."""
-    why = "its process has ended" if previous.ended() else f"no heartbeat for over {previous.expiry_s:g}s"
+def took_over(url: str, previous: Owner, why: str | None = None) -> str:
+    """What a launch that took the lease of ``url`` over from ``previous`` says (``why``: a
+    reason the caller knows better)."""
+    if why is None:
+        why = "its process has ended" if previous.ended() else "its batch job has ended" if previous.batch_job_ended() \
+            else f"no heartbeat for over {previous.expiry_s:g}s"
     return f"took over {url} from {previous.describe()} ({why})"
+
+
+_SLURM_ALIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
+                "SIGNALING", "STAGE_OUT", "STOPPED"}
+
+
+def slurm_job_ended(job: str) -> bool:
+    """Whether SLURM says job ``job`` is no longer alive (``squeue`` lists it in an end state, or
+    not at all); False when ``squeue`` cannot be asked."""
+    import shutil
+    import subprocess
+
+    if shutil.which("squeue") is None:
+        return False
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if out.returncode != 0:  # "Invalid job id specified": gone from the controller's memory
+        return "invalid job id" in out.stderr.lower()
+    states = set(out.stdout.split())
+    return not states & _SLURM_ALIVE
 
 
 def launcher_job() -> str | None:
@@ -193,8 +231,9 @@ class Lease:
         self.me.heartbeat = time.time()
         return json.dumps(asdict(self.me)).encode()
 
-    def acquire(self) -> Owner | None:
-        """Take the lease; returns the previous owner taken over (None when there was none)."""
+    def acquire(self, dead: Callable[[Owner], bool] | None = None) -> Owner | None:
+        """Take the lease; returns the previous owner taken over (None when there was none).
+        ``dead(owner)``: the caller knows that owner has ended (a Ray job of its cluster)."""
         for _ in range(3):  # each retry follows another writer's change: a live owner ends it
             self.requests += 1
             if (version := self.store.create(self._record())) is not None:
@@ -205,7 +244,7 @@ class Lease:
                 continue  # released meanwhile
             data, version = current
             owner = Owner.parse(data)
-            if owner is not None and not owner.free() and owner.token != self.token:
+            if owner is not None and not owner.free() and owner.token != self.token and not (dead and dead(owner)):
                 raise LeaseHeld(self.url, owner)
             self.requests += 1
             if (new := self.store.replace(self._record(), version)) is not None:

@@ -157,6 +157,21 @@ def checkpoint_bytes(params: int, stage: int, precision: str = "bf16", ema: bool
     return params * (e + master + 8 + (2 if stage == 3 else 0) + (4 if ema else 0))
 
 
+def checkpoint_room(cfg, num_classes: int, steps: int, latest_step: int | None, kept_here: bool) -> tuple[float, int]:
+    """(bytes of one tag, tags a disk holds at once from here): the tags still to write from
+    ``latest_step`` (None: a fresh start), as many as ``train.keep_checkpoints`` (+1 while one is
+    saved) where the run's tags are kept (``kept_here``), else 2 (a remote run dir's staging
+    keeps its newest copy and the one being saved)."""
+    m, t = cfg.model, cfg.train
+    spec = get_spec(m.name, img_size=m.img_size, patch_size=m.patch_size)
+    params = vit_params(spec, num_classes, m.representation_size, str(m.pool))
+    tag = checkpoint_bytes(params, cfg.deepspeed.zero_stage, str(t.precision), bool(t.ema.decay))
+    start = latest_step or 0
+    to_write = steps // t.checkpoint_every - start // t.checkpoint_every + (steps % t.checkpoint_every != 0)
+    to_write += int(latest_step is None and t.checkpoint_at_start)
+    return tag, max(0, min(to_write, (t.keep_checkpoints + 1 if t.keep_checkpoints else to_write) if kept_here else 2))
+
+
 def train_steps(steps: int, epochs: float, num_samples: int, global_batch: int) -> int:
     """``steps``, or ``epochs`` over ``num_samples`` (as pipeline.train.total_steps); 0: unknown."""
     if steps > 0:

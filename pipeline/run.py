@@ -41,6 +41,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -152,6 +153,21 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                           "start one (ray start --head) or fix ray.address / $RAY_ADDRESS") from None
 
 
+def check_room(cfg: DictConfig, run: RunDir) -> None:
+    """Refuse (:class:`~data_prep.disk.NoRoom`, exit 2) before Ray starts when a local run dir
+    lacks room for the checkpoints it will keep (``pipeline.plan.checkpoint_room``; each
+    training host checks its own staging dir again)."""
+    from data_prep.disk import check_room as room_for
+    from pipeline.plan import checkpoint_room, corpus
+
+    if not run.checkpoints.local:
+        return
+    latest = run.checkpoints.latest()
+    steps = cfg.train.steps or int(cfg.train.epochs * corpus(cfg)[0] // cfg.train.global_batch_size)
+    tag, count = checkpoint_room(cfg, corpus(cfg)[1], steps, step_of(latest) if latest else None, True)
+    room_for(run.checkpoints.url, tag * count, f"{count} checkpoint(s) of {int(tag):,} bytes (the plan's size)")
+
+
 def check_resources(cfg: DictConfig) -> None:
     """Fail before any worker starts when the cluster cannot hold the worker group."""
     import ray
@@ -229,10 +245,11 @@ def fit(cfg: DictConfig):
         return trainer.fit()
 
 
-def run_job(cfg: DictConfig) -> dict:
+def run_job(cfg: DictConfig, dead_owner: str | None = None) -> dict:
     """The job, once this process owns the run (``pipeline.lease``): refused with
     :class:`~pipeline.lease.LeaseHeld` while a live job owns it; :class:`~pipeline.lease.LeaseLost`
-    when another launch took it over meanwhile (nothing more was written)."""
+    when another launch took it over meanwhile (nothing more was written). ``dead_owner``: a
+    Ray job of this cluster the launcher saw end; a lease it holds is taken over at once."""
     t_start = time.time()
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     run = RunDir(cfg.run_dir)
@@ -241,22 +258,24 @@ def run_job(cfg: DictConfig) -> dict:
               "its summary:", flush=True)
         _print_summary(finished)
         return finished
-    lease = take_lease(cfg, run)
+    lease = take_lease(cfg, run, dead_owner)
     try:
         return _owned_job(cfg, run, lease, t_start)
     finally:
         lease.release()
 
 
-def take_lease(cfg: DictConfig, run: RunDir) -> Lease:
+def take_lease(cfg: DictConfig, run: RunDir, dead_owner: str | None = None) -> Lease:
     """Own the run dir (its ``LEASE``), renewed in a thread; the token reaches the training ranks
-    ($PIPELINE_LEASE_TOKEN), whose rank 0 stops without a checkpoint once it is not the lease's."""
+    ($PIPELINE_LEASE_TOKEN), whose rank 0 stops without a checkpoint once it is not the lease's.
+    A lease of Ray job ``dead_owner`` (ended, as the launcher asked the cluster) is taken over."""
     job_id, cluster = job_identity()
     lease = Lease(run.lease_url, cfg.lease.heartbeat_s, cfg.lease.expiry_s, job_id=job_id,
                   cluster=cfg.ray.address or cluster)
-    previous = lease.acquire()
+    previous = lease.acquire(dead=lambda owner: dead_owner is not None and owner.job_id == dead_owner)
     if previous is not None:
-        print(took_over(run.url, previous), flush=True)
+        why = f"its Ray job {dead_owner} has ended" if previous.job_id == dead_owner and dead_owner else None
+        print(took_over(run.url, previous, why), flush=True)
     os.environ[LEASE_TOKEN] = lease.token
     return lease.start()
 
@@ -266,6 +285,7 @@ def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> di
     from pipeline.plan import planned_vs_measured, run_plan
     from pipeline.tracking import Tracker, spool_dir
 
+    check_room(cfg, run)
     connect_ray(cfg)
     check_resources(cfg)
     _install_stop_handler(run)
@@ -312,6 +332,7 @@ def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> di
     summary["stopped"] = status == "KILLED"
     summary["finished"] = status == "FINISHED"
     summary["guard"] = guard.read_record(run)
+    summary["corrupt_checkpoints"] = run.checkpoints.set_aside_notes()
     run.clear_stop()
     summary["undelivered"] = _undelivered(run, tracker, spool_dir(cfg), cfg.eval.claims)
     run.write_summary(summary)
@@ -427,6 +448,8 @@ def _print_summary(s: dict) -> None:
         print(f"images/s (mean)     : {s['images_per_s']:.1f}")
     for event in (s.get("guard") or {}).get("rollbacks", []):
         print(f"guard rollback      : {guard.describe(event)}")
+    for where, note in (s.get("corrupt_checkpoints") or {}).items():
+        print(f"corrupt checkpoint  : {note.get('tag')} set aside in {where} ({note.get('problem')})")
     print(f"training time       : {s['train_seconds']:.0f}s (job {s['total_seconds']:.0f}s)")
     for line in s.get("plan", []):
         print(line)
@@ -461,12 +484,39 @@ def _print_summary(s: dict) -> None:
               + (f" --spool-dir {left['spool']}" if left.get("spool") else ""), file=sys.stderr, flush=True)
 
 
+# What a failed job's text says, the one sentence that ends the output, and the exit status.
+_KNOWN = (
+    ("DiskFull: ", "{}; rerun the same command to resume from the newest checkpoint", Exit.NO_SPACE),
+    ("disk full: ", "{}; rerun the same command to resume from the newest checkpoint", Exit.NO_SPACE),
+    ("NoRoom: ", "config error: {}", Exit.CONFIG),
+    ("CorruptCheckpoint: ", "corrupt checkpoint: {} (train.on_corrupt_checkpoint=set_aside resumes from the newest "
+     "one that verifies)", Exit.FAILED),
+)
+
+
+def known_failure(e: BaseException) -> tuple[str, Exit] | None:
+    """``(sentence, exit status)`` for a failure of a kind we know (a full disk, no room, a
+    corrupt checkpoint), found in the text of ``e`` (Ray wraps a worker's error in its own)."""
+    text = "".join(traceback.format_exception(e))
+    for marker, sentence, code in _KNOWN:
+        lines = [line for line in text.splitlines() if marker in line]
+        if lines:
+            detail = lines[-1].split(marker, 1)[1].strip()
+            return sentence.format(detail if marker != "disk full: " else "disk full: " + detail), code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quiet" in argv:  # warnings, errors and the summary only, here and in every worker
         argv.remove("--quiet")
         os.environ["PIPELINE_QUIET"] = "1"
         os.environ["TQDM_DISABLE"] = "1"
+    dead_owner = None
+    if "--dead-owner" in argv:  # the launcher saw this Ray job of our cluster end: its lease is not live
+        at = argv.index("--dead-owner")
+        dead_owner = argv[at + 1] if at + 1 < len(argv) else None
+        del argv[at:at + 2]
     logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s %(message)s")
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
@@ -479,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return Exit.CONFIG
     try:
-        summary = run_job(cfg)
+        summary = run_job(cfg, dead_owner)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return Exit.CONFIG
@@ -490,6 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lease lost: {e}; this job stopped without writing (no checkpoint, summary or MLflow status): "
               "the run goes on under its new owner", file=sys.stderr, flush=True)
         return Exit.LOST
+    except Exception as e:  # noqa: BLE001 - a reason we know ends the output, after Ray's tracebacks
+        if (known := known_failure(e)) is None:
+            raise
+        traceback.print_exc()
+        print(f"\n{known[0]}", file=sys.stderr, flush=True)
+        return known[1]
     if (diverged := (summary.get("guard") or {}).get("diverged")) is not None:
         checkpoints = f"{summary['run_dir']}/{CHECKPOINTS}"
         print(f"\n{guard.diverged_message(diverged, checkpoints)}", file=sys.stderr, flush=True)

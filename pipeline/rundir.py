@@ -10,6 +10,8 @@ Layout::
 
     <run>/checkpoints/step_00000100/...        DeepSpeed's files, rank_<r>.pt, meta.json, config.yaml
     <run>/checkpoints/step_00000100/COMPLETE   written last: a tag without it does not exist
+    <run>/checkpoints/_corrupt/step_00000100/  a tag whose files failed its manifest, set aside on
+                                               resume (its marker removed), CORRUPT.json says which file and why
     <run>/evals/step_00000100/<eval>.json      one evaluator's result on that checkpoint, written once
     <run>/evals/step_00000100/<eval>.mlflow    the MLflow child run that shows it (once it does)
     <run>/evals/claims/<tag>__<eval>           who is evaluating it now (a lease, pipeline.lease)
@@ -51,6 +53,8 @@ MARKER = "COMPLETE"
 STOP = "STOP"
 LEASE = "LEASE"
 CHECKPOINTS = "checkpoints"
+CORRUPT = "_corrupt"  # under checkpoints/: not a tag name, so no listing sees what is set aside
+CORRUPT_NOTE = "CORRUPT.json"
 SUMMARY = "summary.json"
 _TAG = re.compile(r"^step_(\d+)$")
 
@@ -156,12 +160,53 @@ class Checkpoints:
         log.info("checkpoint %s fetched from %s", tag, self.url)
         return dst
 
-    def remove(self, tag: str) -> None:
+    def remove(self, tag: str, missing_ok: bool = False) -> None:
         """Delete a tag, marker first, so no reader ever sees a half-deleted checkpoint."""
         marker = f"{self.root}/{tag}/{MARKER}"
+        self.fs.invalidate_cache()
         if self.fs.exists(marker):
             self.fs.rm_file(marker)
+        if missing_ok and not self.fs.exists(f"{self.root}/{tag}"):
+            return
         self.fs.rm(f"{self.root}/{tag}", recursive=True)
+        self.fs.invalidate_cache()
+
+    def files(self, tag: str) -> set[str]:
+        """The files of a tag here (relative names), its marker aside."""
+        self.fs.invalidate_cache()
+        src = f"{self.root}/{tag}"
+        return {path[len(src):].lstrip("/") for path in self.fs.find(src)} - {MARKER}
+
+    def set_aside(self, tag: str, note: dict) -> str:
+        """Move a tag out of the run's checkpoints into ``_corrupt/<tag>`` (not deleted: a person
+        may want its files), its marker removed first so no reader takes it for complete, with
+        ``note`` in ``CORRUPT.json``; returns where it went."""
+        name, n = tag, 1
+        while self.fs.exists(f"{self.root}/{CORRUPT}/{name}"):  # the same step set aside before
+            n += 1
+            name = f"{tag}.{n}"
+        marker, src, dst = f"{self.root}/{tag}/{MARKER}", f"{self.root}/{tag}", f"{self.root}/{CORRUPT}/{name}"
+        if self.fs.exists(marker):
+            self.fs.rm_file(marker)
+        if self.local:
+            os.makedirs(posixpath.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        else:  # no rename on an object store: copy each file, then delete
+            self.fs.invalidate_cache()
+            for path in self.fs.find(src):
+                self.fs.copy(path, f"{dst}/{path[len(src):].lstrip('/')}")
+            self.fs.rm(src, recursive=True)
+        write_atomic(self.fs, f"{dst}/{CORRUPT_NOTE}", json.dumps(note, indent=1))
+        return f"{self.url}/{CORRUPT}/{name}"
+
+    def set_aside_notes(self) -> dict[str, dict]:
+        """Where each tag set aside went (``_corrupt/<name>``) -> its note."""
+        self.fs.invalidate_cache()
+        out = {}
+        for path in sorted(self.fs.glob(f"{self.root}/{CORRUPT}/*/{CORRUPT_NOTE}")):
+            with self.fs.open(path, "r") as f:
+                out[f"{self.url}/{CORRUPT}/{path.rstrip('/').split('/')[-2]}"] = json.load(f)
+        return out
 
     def keep_latest(self, keep: int) -> None:
         if keep > 0:
@@ -291,6 +336,30 @@ class RunDir:
             return self.fs.modified(self._path(SUMMARY)).timestamp()
         except FileNotFoundError:
             return None
+
+
+SERVES = "SERVES"  # in a host's scratch dir (output_dir): the run dir whose checkpoints it stages
+
+
+def claim_scratch(output_dir: str, run: RunDir) -> str | None:
+    """Record in a host's scratch dir that it stages ``run``'s checkpoints; returns why not
+    (None when it may) when it stages another run whose lease is live: two runs sharing one
+    scratch dir would mix their files in a tag dir, as two writers of one run dir would."""
+    path = Path(output_dir) / SERVES
+    other = path.read_text().strip() if path.is_file() else ""
+    if other and other != run.url:
+        from pipeline.lease import owner_of
+
+        try:
+            owner = owner_of(RunDir(other).lease_url)
+        except Exception:  # its store does not answer: judged by what is known
+            owner = None
+        if owner is not None and not owner.free():
+            return (f"output_dir {output_dir} stages the checkpoints of run {other}, owned by {owner.describe()}: "
+                    f"two live runs must not share a scratch dir; give this run its own (output_dir=runs/<name>)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(fsspec.filesystem("file"), str(path), run.url + "\n")
+    return None
 
 
 def write_atomic(fs, path: str, text: str, exclusive: bool = False) -> None:

@@ -33,6 +33,7 @@ class Exit(enum.IntEnum):
     UNDELIVERED = 4  # trained and evaluated, but MLflow lacks some evaluations (the message says how to deliver them)
     DIVERGED = 5  # the divergence guard's rollbacks ran out: the message names the steps and what to change
     LOST = 6  # another launch took the run over (this one's lease had expired): stopped without writing
+    NO_SPACE = 7  # a write met a full disk or a quota (data_prep.disk): the message names the path and the bytes
 
 
 class StopRequest:

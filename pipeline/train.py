@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from data_prep.disk import DiskFull, NoRoom
 from pipeline import checkpoint, guard, rundir
 from pipeline.augment import mixup_lambda
 from pipeline.checkpoint import resume_source  # noqa: F401  (tests ask train for it)
@@ -151,6 +152,33 @@ def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, devi
     return initialize(model, optimizer, lambda s: lr_at(cfg, s, steps) / cfg.optim.lr, config)
 
 
+def _check_room(cfg: DictConfig, ckpts: checkpoint.CheckpointManager, num_classes: int, world: int, steps: int,
+                device: torch.device) -> float:
+    """Refuse (:class:`~data_prep.disk.NoRoom`, on every rank) when a host's staging dir lacks room
+    for the checkpoints it will hold at once (``pipeline.plan.checkpoint_room``, this host's
+    share of each tag), or stages another live run's (:func:`pipeline.rundir.claim_scratch`);
+    returns this host's bytes of one tag."""
+    from data_prep.disk import check_room
+    from pipeline.plan import checkpoint_room
+
+    latest = ckpts.latest()
+    tag, count = checkpoint_room(cfg, num_classes, steps, rundir.step_of(latest) if latest else None, ckpts.shared)
+    tag *= int(os.environ.get("LOCAL_WORLD_SIZE", world)) / world
+    problem = None
+    try:
+        check_room(ckpts.staging, tag * count, f"{count} checkpoint(s) of {int(tag):,} bytes (the plan's size)")
+    except NoRoom as e:
+        problem = e
+    if problem is None and not ckpts.shared and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        if why := rundir.claim_scratch(cfg.output_dir, ckpts.run):  # the run dir's lease covers a shared one
+            problem = NoRoom(why)
+    verdict = torch.tensor(float(problem is not None), device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # every rank stops, or none
+    if verdict.item():
+        raise problem or NoRoom("another host's staging dir has no room for this run (its log says why)")
+    return tag
+
+
 LOST = 2.0  # the ranks' stop code when the run's lease is another's (1.0: a stop request)
 
 
@@ -177,7 +205,9 @@ def _train(cfg: DictConfig, on_checkpoint=None):
     accum = batch_split(cfg, world)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # every rank writes here (sample keys) before any save
     run = rundir.RunDir(cfg.run_dir)
-    ckpts = checkpoint.CheckpointManager(run, checkpoint.staging_dir(cfg.output_dir), cfg.train.resume_from, cfg.train.keep_checkpoints)
+    ckpts = checkpoint.CheckpointManager(run, checkpoint.staging_dir(cfg.output_dir), cfg.train.resume_from, cfg.train.keep_checkpoints,
+                                         on_corrupt=cfg.train.on_corrupt_checkpoint)
+    ckpts.tag_bytes = _check_room(cfg, ckpts, num_classes, world, steps, device)
     src = ckpts.prepare()  # recovery: the run dir's latest checkpoint onto this host
     engine, scheduler = build_engine(cfg, num_classes, steps, world, device,
                                      load_universal=src is not None and checkpoint.is_universal(Path(*src)))
@@ -222,6 +252,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
             tracker.log_params(to_flat_dict(cfg))
             tracker.log_text(to_yaml(cfg), "config.yaml")
     logged_upto = _last_logged_step(tracker) if tracker is not None else 0  # recovery: steps logged before a restart
+    if tracker is not None and ckpts.set_aside:
+        _record_set_aside(tracker, ckpts.set_aside, step)
     if (saved_world := int(meta.get("world_size") or world)) != world:  # an elastic group resized, or a rerun
         log.warning("resized: step %d resumes on %d ranks, its checkpoint was saved by %d", step, world, saved_world)
         if tracker is not None:
@@ -362,6 +394,8 @@ def _train(cfg: DictConfig, on_checkpoint=None):
         monitor.finish()
     summary = {"step": step, "total_steps": steps, "loss": last_loss, "preempted": bool(preempt.requested), "lost": lost,
                "samples_seen": samples_seen, "run_id": tracker.run_id if tracker else None}
+    if ckpts.set_aside:
+        summary["corrupt_checkpoints"] = ckpts.set_aside
     if sentry is not None:
         summary["guard"] = {"skipped_steps": sentry.skipped, "rollbacks": sentry.events, "diverged": diverged}
     if compiling is not None:
@@ -427,6 +461,14 @@ def _roll_back(sentry: guard.Guard, trouble: guard.Trouble, ckpts: checkpoint.Ch
 
 
 # ---------------------------------------------------------------- recovery (see pipeline/run.py)
+
+def _record_set_aside(tracker: Tracker, events: list[dict], step: int) -> None:
+    """The corrupt checkpoints set aside at this resume, on the MLflow run: a tag each (which
+    file, why, where it went) and the step resumed from."""
+    for event in events:
+        tracker.set_tags({f"checkpoint.corrupt.{event['tag']}": f"{event['problem']} (set aside in {event['moved_to']})"})
+    tracker.log_metrics({"checkpoint/corrupt_set_aside": len(events), "checkpoint/resumed_from_step": step}, step)
+
 
 def _last_logged_step(tracker: Tracker) -> int:
     """The highest step of ``train/loss`` already in the run (steps redone after a restart are not
@@ -506,6 +548,9 @@ def _run(cfg: DictConfig, rank: int, device: torch.device) -> Exit:
             print(json.dumps(summary))
         dist.barrier()
         dist.destroy_process_group()
+    except (NoRoom, DiskFull) as e:  # one line a person reads, and its own status
+        print(f"{'config error: ' if isinstance(e, NoRoom) else ''}{e}", file=sys.stderr, flush=True)
+        return Exit.CONFIG if isinstance(e, NoRoom) else Exit.NO_SPACE
     finally:
         if lease:
             lease.release()  # a lease another launch took over is left to it

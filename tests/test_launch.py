@@ -361,3 +361,57 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
     assert f"is owned by job {submission} of this cluster" in text and "following it" in text, text[-3000:]
     assert "job submit" not in text  # no second job
     assert again.returncode == 3, text[-3000:]  # the followed job's status: stopped with a checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and_logs_each_step_once(ray_cluster, tmp_path):
+    """The driver of a running --address job is SIGKILLed (Ray marks the job FAILED while its
+    lease's heartbeat is still fresh): the rerun does not follow the dead job, it takes the run
+    over, resumes from the last checkpoint and logs every step once."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.rundir import RunDir
+
+    log = tmp_path / "pretrain.log"
+    out = tmp_path / "run"
+    run = [str(PRETRAIN), "--address", ray_cluster, *TINY, "train.log_every=1", "train.checkpoint_every=5",
+           f"output_dir={out}", "train.steps=1000"]
+    with log.open("w") as sink:
+        first = subprocess.Popen(run, env=launch_env(), stdout=sink, stderr=subprocess.STDOUT)
+    again = None
+    try:
+        _wait_for_step(first, log, 7)
+        job = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
+        driver = json.loads((out / "LEASE").read_text())["pid"]
+        os.kill(driver, signal.SIGKILL)
+        t_kill = time.monotonic()
+        first.wait(120)  # `ray job submit` returns once Ray has the job's end
+        # As a rerun on another host sees it (the two-host case): a fresh heartbeat, a pid of
+        # another machine, so only Ray's job status says the owner is dead.
+        lease = json.loads((out / "LEASE").read_text())
+        (out / "LEASE").write_text(json.dumps({**lease, "pid_space": "the-head-host/1", "heartbeat": time.time()}))
+        again = subprocess.Popen(run, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        text = ""
+        while "resumed from" not in text or not _STEP.search(text.rsplit("resumed from", 1)[1]):
+            line = again.stdout.readline()
+            assert line, text[-3000:]
+            text += line
+        t_step = time.monotonic()
+        subprocess.run([sys.executable, "-m", "pipeline.rundir", "stop", str(out)], cwd=ROOT, check=True,
+                       capture_output=True, timeout=60)
+        rest, _ = again.communicate(timeout=240)
+    finally:
+        for proc in (first, again):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    text += rest
+    assert f"owned by job {job} of this cluster, which has ended (FAILED): taking the run over" in text, text[-3000:]
+    assert "following it" not in text and f"its Ray job {job} has ended" in text, text[-3000:]
+    assert again.returncode == 3, text[-3000:]  # its own job's status: stopped with a checkpoint
+    run_id = RunDir(str(out)).mlflow_run_id
+    steps = [m.step for m in MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, max(steps) + 1)), steps  # each step once, none missing
+    print(f"\ndriver SIGKILLed after step 7: the rerun's first trained step {t_step - t_kill:.1f} s after the kill")

@@ -46,16 +46,32 @@ log = logging.getLogger("pipeline.evaluate")
 
 
 def _meta_and_config(url: str, tag: str) -> tuple[dict, DictConfig | None]:
+    """A checkpoint's meta and saved config, read where it lives; a file that fails its
+    manifest (or does not parse) is :class:`CorruptCheckpoint`, not a config error."""
+    import hashlib
+
     import fsspec
+
+    from pipeline.checkpoint import CONFIG_FILE, META_FILE, CorruptCheckpoint
 
     fs, root = fsspec.core.url_to_fs(url)
     base = f"{root.rstrip('/')}/{tag}"
-    with fs.open(f"{base}/meta.json", "r") as f:
-        meta = json.load(f)
+    try:
+        with fs.open(f"{base}/{META_FILE}", "r") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptCheckpoint(f"{url}/{tag}/{META_FILE}: not a readable checkpoint manifest ({e})") from None
     cfg = None
-    if fs.exists(f"{base}/config.yaml"):
-        with fs.open(f"{base}/config.yaml", "r") as f:
-            cfg = OmegaConf.create(f.read())
+    if fs.exists(f"{base}/{CONFIG_FILE}"):
+        data = fs.cat_file(f"{base}/{CONFIG_FILE}")
+        entry = (meta.get("files") or {}).get(CONFIG_FILE) if isinstance(meta, dict) else None
+        if entry is not None and hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise CorruptCheckpoint(f"{url}/{tag}/{CONFIG_FILE}: sha256 differs from the manifest's (the file is corrupt "
+                                    "or was altered)")
+        try:
+            cfg = OmegaConf.create(data.decode())
+        except (OmegaConfBaseException, UnicodeDecodeError, ValueError) as e:
+            raise CorruptCheckpoint(f"{url}/{tag}/{CONFIG_FILE}: not readable YAML ({type(e).__name__})") from None
     return meta, cfg
 
 
@@ -249,11 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     rest = getattr(args, "rest", []) + extra
     args.config = rest[0] if rest and "=" not in rest[0] else None
     args.overrides = rest[1:] if args.config else rest
+    from pipeline.checkpoint import CorruptCheckpoint
+
     try:
         return {"watch": cmd_watch, "checkpoint": cmd_checkpoint, "sync": cmd_sync, "pretrained": cmd_pretrained}[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except CorruptCheckpoint as e:
+        print(f"corrupt checkpoint: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

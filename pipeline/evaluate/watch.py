@@ -20,6 +20,7 @@ import threading
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.checkpoint import CorruptCheckpoint
 from pipeline.evaluate.record import publish_pending
 from pipeline.evaluate.runner import evaluate_checkpoint, evaluated, left_to_others, wanted
 from pipeline.rundir import RunDir, local_path
@@ -103,8 +104,7 @@ class Watcher:
         try:
             self.results[tag] = evaluate_tag(self.eval_cfg, self.run.url, tag, self.uri, self.run_id)
         except Exception as e:
-            log.exception("evaluation of %s failed", tag)
-            self.failed[tag] = str(e)
+            self._failed(tag, e)
 
     def _collect(self, timeout: float | None) -> None:
         if not self.pending:
@@ -117,8 +117,18 @@ class Watcher:
             try:
                 self.results[tag] = ray.get(ref)
             except Exception as e:  # an eval failure must not take the training job down
-                log.error("evaluation of %s failed: %s", tag, e)
-                self.failed[tag] = str(e)
+                self._failed(tag, e)
+
+    def _failed(self, tag: str, e: Exception) -> None:
+        """Remember a failed evaluation (not tried again by this watcher); a corrupt checkpoint
+        is one line naming the file, anything else its traceback."""
+        if isinstance(e, CorruptCheckpoint):  # also a Ray task's error caused by one
+            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[-1]
+            log.error("checkpoint %s/%s is corrupt, not evaluated: %s", self.run.checkpoints.url, tag, problem)
+            self.failed[tag] = f"corrupt checkpoint: {problem}"
+            return
+        log.error("evaluation of %s failed", tag, exc_info=e)
+        self.failed[tag] = str(e)
 
     def start(self) -> None:
         def loop():
