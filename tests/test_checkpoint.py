@@ -8,7 +8,6 @@ the training loop's own ``micro_step``, its data stream a real ``TrainStream``.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shutil
@@ -20,31 +19,9 @@ import torch
 from pipeline import checkpoint
 from pipeline.checkpoint import CheckpointManager, CorruptCheckpoint
 from pipeline.rundir import RunDir
+from tests.support.engine import tiny_engine, train_step
 
 TAG = "step_00000003"
-
-
-def _setup(out: Path, tiny_shards: str):
-    """A fresh 1-rank engine and the real data stream it trains on."""
-    from pipeline.config import load_config, to_yaml
-    from pipeline.data import StreamSpec, TrainStream
-    from pipeline.engine import dist_setup
-    from pipeline.train import build_engine
-
-    _, _, device = dist_setup(standalone=True)
-    cfg = load_config(None, ["model.name=vit_tiny_test", f"data.train={tiny_shards}", f"output_dir={out}", "train.steps=10",
-                             "train.global_batch_size=8", "data.micro_batch_size=8", "ray.num_workers=1",
-                             "deepspeed.zero_stage=2", "train.precision=fp32"])
-    engine, _ = build_engine(cfg, 4, 10, 1, device)
-    spec = StreamSpec(index_url=tiny_shards, rank=0, world_size=1, num_workers=0, batch_size=8, image_size=16, num_classes=4,
-                      seed=0, shuffle_block=16, crop_area=(0.5, 1.0), flip=True)
-    return engine, TrainStream(spec), to_yaml(cfg), device
-
-
-def _train_step(engine, stream, device) -> None:
-    from pipeline.engine import loss_fn, micro_step
-
-    micro_step(engine, next(stream), functools.partial(loss_fn, kind="softmax"), torch.float32, device)
 
 
 def _weights(engine) -> dict[str, torch.Tensor]:
@@ -63,11 +40,11 @@ def s3():
 def saved(tmp_path_factory, tiny_shards):
     """Three checkpoints (steps 1-3, keep 2) of one run dir on the local disk, staged apart from it."""
     root = tmp_path_factory.mktemp("ckpt")
-    engine, stream, config_yaml, device = _setup(root / "host", tiny_shards)
+    engine, stream, config_yaml, device = tiny_engine(root / "host", tiny_shards)
     manager = CheckpointManager(RunDir(str(root / "run")), checkpoint.staging_dir(str(root / "host")), keep=2)
     manager.track(engine=engine, stream=stream)
     for step in (1, 2, 3):
-        _train_step(engine, stream, device)
+        train_step(engine, stream, device)
         manager.save(step, {"samples_seen": 8 * step, "world_size": 1, "num_classes": 4}, config_yaml)
     out = {"root": root, "weights": _weights(engine), "data": stream.state_dict(), "run": root / "run"}
     engine.destroy()
@@ -81,11 +58,11 @@ def test_the_manager_saves_publishes_prunes_and_resumes_on_another_host(tmp_path
         for k, v in s3.items():
             monkeypatch.setenv(k, v)
         run_url = f"s3://runs/{tmp_path.name}"
-        engine, stream, config_yaml, device = _setup(tmp_path / "host1", tiny_shards)
+        engine, stream, config_yaml, device = tiny_engine(tmp_path / "host1", tiny_shards)
         writer = CheckpointManager(RunDir(run_url), checkpoint.staging_dir(str(tmp_path / "host1")), keep=2)
         writer.track(engine=engine, stream=stream)
         for step in (1, 2, 3):
-            _train_step(engine, stream, device)
+            train_step(engine, stream, device)
             writer.save(step, {"samples_seen": 8 * step, "world_size": 1, "num_classes": 4}, config_yaml)
         weights, data = _weights(engine), stream.state_dict()
         engine.destroy()
@@ -100,7 +77,7 @@ def test_the_manager_saves_publishes_prunes_and_resumes_on_another_host(tmp_path
     assert run.checkpoints.latest() == TAG
 
     # Another host: an empty staging dir; the manager fetches the run dir's latest and resumes it.
-    engine, _, _, _ = _setup(tmp_path / "host2", tiny_shards)
+    engine, _, _, _ = tiny_engine(tmp_path / "host2", tiny_shards)
     reader = CheckpointManager(run, checkpoint.staging_dir(str(tmp_path / "host2")))
     assert reader.prepare() == (checkpoint.staging_dir(str(tmp_path / "host2")), TAG)
     reader.track(engine=engine)
@@ -158,7 +135,7 @@ def test_a_rank_file_with_a_pickle_payload_is_refused_and_runs_nothing(saved, tm
     meta["files"]["rank_0.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (tag_dir / "meta.json").write_text(json.dumps(meta))
 
-    engine, _, _, _ = _setup(tmp_path / "host", tiny_shards)
+    engine, _, _, _ = tiny_engine(tmp_path / "host", tiny_shards)
     with pytest.raises(CorruptCheckpoint, match="rank_0.pt: refused"):
         checkpoint.load(engine, str(tmp_path / "ckpts"), TAG)
     engine.destroy()

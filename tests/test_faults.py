@@ -115,7 +115,7 @@ def test_with_on_corrupt_checkpoint_refuse_the_resume_stops_naming_the_file_and_
 
 @pytest.mark.timeout(120)
 def test_on_an_object_store_a_corrupt_tag_is_fetched_once_more_then_set_aside(stopped_run, tmp_path, monkeypatch):
-    from conftest import moto_s3
+    from tests.support.services import moto_s3
 
     with moto_s3("runs") as (_, env):
         for k, v in env.items():
@@ -140,7 +140,7 @@ def test_on_an_object_store_a_corrupt_tag_is_fetched_once_more_then_set_aside(st
 
 @pytest.mark.timeout(120)
 def test_the_evaluate_cli_reports_a_corrupt_tag_or_config_in_one_line(stopped_run, tmp_path, tiny_shards):
-    from conftest import ROOT
+    from tests.support import ROOT
 
     out = tmp_path / "run"
     shutil.copytree(stopped_run / "checkpoints", out / "checkpoints")
@@ -170,8 +170,8 @@ def test_stale_files_of_an_earlier_save_at_the_same_step_never_reach_the_publish
                                                                                        monkeypatch):
     """An earlier attempt at step 2 on 2 ranks (another precision too) left files in the scratch
     tag dir and half an upload; the 1-rank save at step 2 publishes only its own files."""
-    from conftest import moto_s3
-    from test_checkpoint import _setup, _train_step
+    from tests.support.engine import tiny_engine, train_step
+    from tests.support.services import moto_s3
 
     with moto_s3("runs") as (_, env):
         if where == "s3":
@@ -183,11 +183,11 @@ def test_stale_files_of_an_earlier_save_at_the_same_step_never_reach_the_publish
             (Path(staging) / tag_for(2)).mkdir(parents=True, exist_ok=True)
             (Path(staging) / tag_for(2) / name).write_bytes(b"an earlier attempt")
             run.checkpoints.fs.pipe_file(f"{run.checkpoints.root}/{tag_for(2)}/{name}", b"an earlier upload")
-        engine, stream, config_yaml, device = _setup(tmp_path / "host", tiny_shards)
+        engine, stream, config_yaml, device = tiny_engine(tmp_path / "host", tiny_shards)
         manager = CheckpointManager(run, staging)
         manager.track(engine=engine, stream=stream)
         for step in (1, 2):
-            _train_step(engine, stream, device)
+            train_step(engine, stream, device)
             manager.save(step, {"samples_seen": 8 * step, "world_size": 1, "num_classes": 4}, config_yaml)
         engine.destroy()
         published = run.checkpoints.files(tag_for(2))
@@ -240,9 +240,8 @@ def grow(path: Path, size_kib: int) -> None:
 @pytest.mark.timeout(120)
 def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts_naming_path_free_and_needed(tmp_path, tiny_shards):
     """4 tags of ~233 KB (the plan's size), kept 1 (+1 while saving): 466 KB on a 256 KiB disk."""
-    from conftest import ROOT
-
     from data_prep.disk import NoRoom
+    from tests.support import ROOT
 
     with small_disk(tmp_path / "disk", 256) as disk:
         cfg = train_cfg(disk / "run", tiny_shards, **{"train.keep_checkpoints": 1,

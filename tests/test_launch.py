@@ -365,7 +365,8 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and_logs_each_step_once(ray_cluster, tmp_path):
+def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and_logs_each_step_once(ray_head, tmp_path,
+                                                                                                  job):
     """The driver of a running --address job is SIGKILLed (Ray marks the job FAILED while its
     lease's heartbeat is still fresh): the rerun does not follow the dead job, it takes the run
     over, resumes from the last checkpoint and logs every step once."""
@@ -377,14 +378,14 @@ def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and
 
     log = tmp_path / "pretrain.log"
     out = tmp_path / "run"
-    run = [str(PRETRAIN), "--address", ray_cluster, *TINY, "train.log_every=1", "train.checkpoint_every=5",
+    run = [str(PRETRAIN), "--address", ray_head, *TINY, "train.log_every=1", "train.checkpoint_every=5",
            f"output_dir={out}", "train.steps=1000"]
     with log.open("w") as sink:
-        first = subprocess.Popen(run, env=launch_env(), stdout=sink, stderr=subprocess.STDOUT)
+        first = job.popen(run, env=launch_env(), stdout=sink, stderr=subprocess.STDOUT)
     again = None
     try:
         _wait_for_step(first, log, 7)
-        job = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
+        submission = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
         driver = json.loads((out / "LEASE").read_text())["pid"]
         os.kill(driver, signal.SIGKILL)
         t_kill = time.monotonic()
@@ -393,7 +394,7 @@ def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and
         # another machine, so only Ray's job status says the owner is dead.
         lease = json.loads((out / "LEASE").read_text())
         (out / "LEASE").write_text(json.dumps({**lease, "pid_space": "the-head-host/1", "heartbeat": time.time()}))
-        again = subprocess.Popen(run, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        again = job.popen(run, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         text = ""
         while "resumed from" not in text or not _STEP.search(text.rsplit("resumed from", 1)[1]):
             line = again.stdout.readline()
@@ -408,8 +409,8 @@ def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and
             if proc is not None and proc.poll() is None:
                 proc.kill()
     text += rest
-    assert f"owned by job {job} of this cluster, which has ended (FAILED): taking the run over" in text, text[-3000:]
-    assert "following it" not in text and f"its Ray job {job} has ended" in text, text[-3000:]
+    assert f"owned by job {submission} of this cluster, which has ended (FAILED): taking the run over" in text, text[-3000:]
+    assert "following it" not in text and f"its Ray job {submission} has ended" in text, text[-3000:]
     assert again.returncode == 3, text[-3000:]  # its own job's status: stopped with a checkpoint
     run_id = RunDir(str(out)).mlflow_run_id
     steps = [m.step for m in MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_metric_history(run_id, "train/loss")]
