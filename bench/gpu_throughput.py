@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Names that the pipeline's table (pipeline.train.PEAK_TFLOPS) would match too broadly.
+# Names that the pipeline's table (pipeline.devices.PEAK_TFLOPS) would match too broadly.
 PEAK_TFLOPS_VARIANTS = {"H100 PCIe": 756.0, "H100 NVL": 835.0}
 
 
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def peak_tflops(name: str) -> float:
-    from pipeline.train import PEAK_TFLOPS
+    from pipeline.devices import PEAK_TFLOPS
 
     for table in (PEAK_TFLOPS_VARIANTS, PEAK_TFLOPS):
         for key in sorted(table, key=len, reverse=True):

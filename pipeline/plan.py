@@ -23,6 +23,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.devices import GPU_MEMORY_GIB, PEAK_TFLOPS
 from pipeline.model import ViTSpec, flops_per_image, get_spec
 
 GIB = 2**30
@@ -31,7 +32,6 @@ ASSUMED_MFU = 0.4  # no measured MFU for the device: a stated assumption, printe
 CORES_PER_GPU_DEFAULT = 14  # a DGX H100: 112 cores for 8 GPUs
 
 # Per-device memory (GiB) of the GPUs pipeline.train knows the peak of; "cpu" is this host.
-GPU_MEMORY_GIB = {"H200": 141.0, "H100": 80.0, "A100": 80.0, "L40S": 48.0, "A10G": 24.0, "L4": 24.0}
 
 
 # --- model ----------------------------------------------------------------------------
@@ -268,8 +268,6 @@ def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float
         peak = plan.peak_tflops or cpu_rate(cpu.get("rates", []), width) * cpus_per_worker / 1e3
         mfu, mfu_source = (plan.mfu or 1.0), cpu.get("source", "no CPU calibration: set plan.peak_tflops")
     else:
-        from pipeline.train import PEAK_TFLOPS
-
         if not shape and not plan.nodes:  # the config's own ranks: ray.num_workers GPUs, 8 (gpus_per_node) a node
             per_node = min(per_node, num_workers)
         nodes = shape.get("nodes") or plan.nodes or max(1, math.ceil(num_workers / per_node))

@@ -28,6 +28,7 @@ from pipeline.checkpoint import staging_dir as local_ckpt_dir  # noqa: F401
 from pipeline.compile import CompileWatch, compile_blocks
 from pipeline.config import batch_split, data_streams, load_config, to_flat_dict, to_yaml
 from pipeline.data import CanonicalStream, ShardIndex, StreamSpec, TrainStream, train_stream
+from pipeline.devices import PEAK_TFLOPS
 from pipeline.ema import EMA
 from pipeline.engine import (
     DTYPES,
@@ -46,7 +47,6 @@ from pipeline.tracking import SystemMetrics, Tracker, tracking_uri
 log = logging.getLogger("pipeline.train")
 
 # Dense bf16 peak TFLOP/s per device, for MFU when train.peak_tflops is 0.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
 def total_steps(cfg: DictConfig, num_samples: int) -> int:
