@@ -304,7 +304,10 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
         raise DiskFull(full_message(tag_dir, e, expected, f"its partial files were removed; the newest complete "
                                     f"checkpoint is {latest}")) from None
     if mine and keep > 0:
-        for old in complete_tags(ckpt_dir)[:-keep]:
+        # The tag just saved is kept whatever its step: a scratch dir may still hold higher tags
+        # of another run or of a timeline a rollback left, which would otherwise outrank it.
+        others = [t for t in complete_tags(ckpt_dir) if t != tag]
+        for old in others[: max(0, len(others) - (keep - 1))]:
             shutil.rmtree(Path(ckpt_dir) / old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
