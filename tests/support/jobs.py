@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 
-import psutil
 from mlflow.tracking import MlflowClient
 
 from tests.support import ROOT
+from tests.support.tiers import kill_family
 
 TINY = [
     "demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.global_batch_size=32",
@@ -74,19 +73,7 @@ class Job:
 
     def kill(self):
         """Everything this job started: its session, and any descendant that left it."""
-        try:
-            family = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_family(self.proc.pid)
         self.proc.wait(10)
 
 
