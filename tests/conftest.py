@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.data import write_shards
 from tests.support.services import MlflowServer, moto_s3
-from tests.support.tiers import TIERS, Processes, TierReport, tier_of
+from tests.support.tiers import TIERS, Processes, TierReport, schedule, tier_of
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -32,11 +32,14 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Before `-m` deselects: mark each test with its tier."""
-    for item in items:
-        tier = tier_of(item.fixturenames)
-        item.add_marker(getattr(pytest.mark, tier))
-        _REPORT.tier[item.nodeid] = tier
+    """Before `-m` deselects: mark each test with its tier and its pytest-xdist group, longest
+    groups first (``tests/support/tiers.py: schedule``)."""
+    tiers = {item.nodeid: tier_of(item.fixturenames) for item in items}
+    ordered = schedule(items, tiers)
+    items[:] = [item for item, _ in ordered]
+    for item, group in ordered:
+        item.add_marker(getattr(pytest.mark, tiers[item.nodeid]))
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_runtest_logreport(report):

@@ -46,6 +46,35 @@ def tier_of(fixturenames: list[str]) -> str:
     return max(found, key=TIERS.index, default="unit")
 
 
+# Rough seconds a test of each tier takes on an idle 2-core machine (bench/RESULTS.md, "The test
+# suite"): used only to hand the longest groups to pytest-xdist's workers first.
+TIER_SECONDS = {"unit": 0.5, "service": 5, "ray": 2, "ranks": 14, "browser": 9, "job": 65, "cluster": 80,
+                "install": 85}
+
+
+def schedule(items, tiers: dict[str, str]) -> list[tuple[object, str]]:
+    """Each test's pytest-xdist group, with the tests reordered longest group first.
+
+    A group is a test module (its module fixtures start once), except that every module with a
+    ``cluster`` test is one group: the network-namespace hosts and the SLURM cluster are
+    machine-wide, so those modules run one after the other on one worker. Within a group the
+    order of collection is kept; groups go longest first (by ``TIER_SECONDS``), so that with
+    ``--dist loadgroup --no-loadscope-reorder`` no long group starts last.
+    """
+    def module(item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    cluster_modules = {module(i) for i in items if tiers[i.nodeid] == "cluster"}
+    group = {i.nodeid: "cluster" if module(i) in cluster_modules else module(i) for i in items}
+    weight: dict[str, float] = defaultdict(float)
+    first: dict[str, int] = {}
+    for n, item in enumerate(items):
+        weight[group[item.nodeid]] += TIER_SECONDS[tiers[item.nodeid]]
+        first.setdefault(group[item.nodeid], n)
+    order = sorted(range(len(items)), key=lambda n: (-weight[group[items[n].nodeid]], first[group[items[n].nodeid]], n))
+    return [(items[n], group[items[n].nodeid]) for n in order]
+
+
 class Processes:
     """The processes a test or fixture starts, each in a session (process group) of its own.
 
@@ -111,13 +140,13 @@ class TierReport:
     """Per tier: tests, seconds (setup + call + teardown), skips and their reasons."""
 
     def __init__(self) -> None:
-        self.tier: dict[str, str] = {}
         self.seconds: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.skips: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def add(self, report) -> None:
-        tier = self.tier.get(report.nodeid, "unit")
+        # From the report's keywords (the tier markers), as pytest-xdist's workers send them.
+        tier = next((t for t in reversed(TIERS) if t in report.keywords), "unit")
         self.seconds[tier] += report.duration
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
             self.counts[tier] += 1
