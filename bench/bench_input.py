@@ -68,10 +68,10 @@ from pipeline.data import (  # noqa: E402
     ShardIndex,
     StreamSpec,
     TrainStream,
-    _rng,
     decode_train,
     inception_crop_box,
     sample_labels,
+    seeded_rng,
     to_model_input,
 )
 
@@ -149,7 +149,7 @@ def draft_gain(files: list[tuple[str, int]], size: int, repeats: int = 2) -> flo
         t = time.process_time()
         for _ in range(repeats):
             for i, data in enumerate(datas):
-                fn(data, size, _rng(SEED, i))
+                fn(data, size, seeded_rng(SEED, i))
         cpu[name] = time.process_time() - t  # the second pass of each counts (the first warms up)
     return cpu["full"] / cpu["draft"]
 
@@ -176,7 +176,7 @@ class _WdsTransform:
         self.size = size
 
     def __call__(self, sample: dict) -> tuple[np.ndarray, int]:
-        rng = _rng(SEED, int(sample["__key__"]))
+        rng = seeded_rng(SEED, int(sample["__key__"]))
         return decode_train(sample["jpg"], self.size, rng, AREA, True), sample_labels(sample)[0]
 
 
@@ -202,7 +202,7 @@ class ClassFolders(torch.utils.data.Dataset):
         path, label = self.files[i]
         with open(path, "rb") as f:
             data = f.read()
-        return decode_train(data, self.size, _rng(SEED, i), AREA, True), label
+        return decode_train(data, self.size, seeded_rng(SEED, i), AREA, True), label
 
 
 def class_folders(files: list[tuple[str, int]], workers: int, batch: int, size: int) -> Iterable[torch.Tensor]:
@@ -221,7 +221,7 @@ def decoder(files: list[tuple[str, int]], images: int, size: int) -> Run:
     t, cpu, seen = time.perf_counter(), time.process_time(), 0
     while seen < images:
         for i, data in enumerate(datas[:images - seen]):
-            decode_train(data, size, _rng(SEED, i), AREA, True)
+            decode_train(data, size, seeded_rng(SEED, i), AREA, True)
         seen += min(len(datas), images - seen)
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     return Run(seen / wall, seen / cpu, float("nan"))

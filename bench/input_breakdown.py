@@ -47,7 +47,7 @@ from bench_input import AREA, SEED, shard  # noqa: E402
 
 from pipeline.data import (  # noqa: E402
     ShardIndex,
-    _batch_tensor,
+    batch_tensor,
     decode_train,
     iter_tar_samples,
     multi_hot,
@@ -97,11 +97,11 @@ def batch_before(images: list[np.ndarray], labels: list[list[int]], classes: int
 
 
 def batch_after(images: list[np.ndarray], labels: list[list[int]], classes: int, shared: bool = False):
-    batch = _batch_tensor((len(images), *images[0].shape), torch.uint8, shared)
+    batch = batch_tensor((len(images), *images[0].shape), torch.uint8, shared)
     pixels = batch.numpy()
     for i, image in enumerate(images):  # in the stream each image is written as it is decoded
         pixels[i] = image
-    return batch, multi_hot(labels, classes, _batch_tensor((len(labels), classes), torch.float32, shared))
+    return batch, multi_hot(labels, classes, batch_tensor((len(labels), classes), torch.float32, shared))
 
 
 class _Batches(torch.utils.data.IterableDataset):

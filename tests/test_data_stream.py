@@ -15,7 +15,6 @@ from pipeline.data import (
     ShardIndex,
     StreamSpec,
     TrainStream,
-    _rng,
     decode_eval,
     decode_train,
     inception_crop_box,
@@ -26,6 +25,7 @@ from pipeline.data import (
     multi_hot,
     reader_stream,
     sample_labels,
+    seeded_rng,
     to_model_input,
 )
 from tests.support.data import write_shards
@@ -146,7 +146,7 @@ def test_stream_batches_hold_exactly_the_decoded_samples_of_each_reader_in_order
         samples = reader_stream(units, reader, num_readers, s.seed, s.shuffle_block)
         for b in (b for b in batches if b["reader"] == logical):
             taken = [next(samples) for _ in range(s.batch_size)]
-            expected = np.stack([decode_train(x["jpg"], s.image_size, _rng(s.seed, reader, *pos), s.crop_area, s.flip)
+            expected = np.stack([decode_train(x["jpg"], s.image_size, seeded_rng(s.seed, reader, *pos), s.crop_area, s.flip)
                                  for x, pos in taken])
             assert b["keys"] == [x["__key__"] for x, _ in taken] and tuple(b["position"]) == taken[-1][1]
             assert b["images"].dtype == torch.uint8 and torch.equal(b["images"], torch.from_numpy(expected))
