@@ -65,10 +65,11 @@ def is_compiled(module: torch.nn.Module) -> bool:
 
 class CompileWatch:
     """Compile seconds, recompilations and their reasons of this process, from dynamo's
-    compile callbacks and its ``recompiles`` log; ``max_recompiles`` more than that is a storm."""
+    compile callbacks and its ``recompiles`` log; ``max_recompiles`` more than that is a storm
+    (the warning names ``key``, the config section that set it)."""
 
-    def __init__(self, max_recompiles: int = 4, quiet: bool = False):
-        self.max_recompiles, self.quiet = max_recompiles, quiet
+    def __init__(self, max_recompiles: int = 4, quiet: bool = False, key: str = "train.compile"):
+        self.max_recompiles, self.quiet, self.key = max_recompiles, quiet, key
         self.seconds = 0.0
         self.compiles = 0
         self.recompiles = 0
@@ -107,7 +108,7 @@ class CompileWatch:
             self.warned = True
             if not self.quiet:
                 log.warning("recompilation storm: %d recompilations of the compiled blocks (more than "
-                            "train.compile.max_recompiles=%d); causes: %s", self.recompiles, self.max_recompiles,
+                            "%s.max_recompiles=%d); causes: %s", self.recompiles, self.key, self.max_recompiles,
                             "; ".join(f"{c} (x{n})" for c, n in self.reasons.most_common(3)))
 
     def metrics(self) -> dict[str, float]:

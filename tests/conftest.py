@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.data import write_shards
 from tests.support.services import MlflowServer, moto_s3
-from tests.support.tiers import TIERS, Processes, TierReport, schedule, tier_of
+from tests.support.tiers import TIERS, GroupScheduling, Processes, TierReport, schedule, tier_of
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -32,14 +32,17 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Before `-m` deselects: mark each test with its tier and its pytest-xdist group, longest
-    groups first (``tests/support/tiers.py: schedule``)."""
+    """Before `-m` deselects: mark each test with its tier; order the groups that pytest-xdist's
+    workers take longest first (``tests/support/tiers.py: schedule``)."""
     tiers = {item.nodeid: tier_of(item.fixturenames) for item in items}
-    ordered = schedule(items, tiers)
-    items[:] = [item for item, _ in ordered]
-    for item, group in ordered:
+    items[:] = schedule(items, tiers)
+    for item in items:
         item.add_marker(getattr(pytest.mark, tiers[item.nodeid]))
-        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups to a worker (``tests/support/tiers.py: group_of``), in collection order."""
+    return GroupScheduling(config, log)
 
 
 def pytest_runtest_logreport(report):

@@ -166,6 +166,9 @@ def test_evaluation_extracts_the_same_features_with_compiled_blocks(runs):
     b, yb = extract_features(compiled.model()[0], iter_eval_batches(runs["shards"], 16, 32, 1.0))
     assert a.shape == b.shape == (120, 32) and (ya == yb).all()
     assert abs(a - b).max() < 1e-4
+    # the cost is visible in evaluation too: what each evaluation's metrics get (run_evaluators)
+    cost = compiled.compile_metrics()
+    assert cost["compile/seconds"] > 0 and cost["compile/recompiles"] >= 1 and eager.compile_metrics() == {}
 
 
 def test_regional_compilation_keeps_the_names_and_shares_one_graph_across_blocks():

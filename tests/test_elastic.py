@@ -1,6 +1,6 @@
 """The pieces of checkpoint-aligned growth (``pipeline.elastic``) on a real local Ray instance.
 The whole of it (a group that shrinks when a host is lost and grows back at a checkpoint) runs
-on two network-namespace hosts in ``tests/test_two_hosts.py``."""
+on two network-namespace hosts in ``tests/cluster/test_two_hosts.py``."""
 
 from pathlib import Path
 

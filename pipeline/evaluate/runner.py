@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_prep.compose import as_config_error
 from pipeline import checkpoint
-from pipeline.compile import compile_blocks
+from pipeline.compile import CompileWatch, compile_blocks
 from pipeline.config import ConfigError, LeaseConfig
 from pipeline.evaluate.record import claimed, eval_name, publish, record_of
 from pipeline.lease import owner_of
@@ -95,13 +95,15 @@ class Weights:
     for its own weights, ``ema`` for their EMA) or published weights (``init``, see
     ``pipeline.weights``; ``heads`` where the file does not record them). The model is loaded
     once, on first use, for all the evaluators that share it; ``compile`` (``eval.compile``): its
-    blocks compiled when enabled (``pipeline.compile``), for feature extraction."""
+    blocks compiled when enabled (``pipeline.compile``), for feature extraction, with the compile
+    time and recompilations watched (``compile_metrics``; a storm is a warning)."""
 
     def __init__(self, ckpt_dir: str | None = None, tag: str | None = None, init: str | None = None,
                  variant: str = "raw", heads: int | None = None, compile: DictConfig | None = None):
         self.ckpt_dir, self.tag, self.init, self.variant, self.heads = ckpt_dir, tag, init, variant, heads
         self.compile = compile
         self._loaded: tuple[torch.nn.Module, int] | None = None
+        self._watch: CompileWatch | None = None
 
     @property
     def label(self) -> str:
@@ -122,10 +124,22 @@ class Weights:
             if self.compile is not None and self.compile.enabled:
                 c = self.compile
                 compile_blocks(model, c.mode, c.backend, c.dynamic)
+                self._watch = CompileWatch(c.max_recompiles, key="eval.compile")
             self._loaded = (model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), size)
         return self._loaded
 
+    def compile_metrics(self) -> dict[str, float]:
+        """Seconds compiling, recompilations and graph breaks since the model was loaded; {} when
+        its blocks are not compiled."""
+        return self._watch.metrics() if self._watch is not None else {}
+
     def release(self) -> None:
+        if self._watch is not None:
+            m = self._watch.metrics()
+            log.info("eval.compile: %s: %.1f s compiling, %d recompilations%s", self.label, m["compile/seconds"],
+                     m["compile/recompiles"], "".join(f"; {c} (x{n})" for c, n in self._watch.reasons.most_common(3)))
+            self._watch.close()
+            self._watch = None
         self._loaded = None
 
 
@@ -192,7 +206,10 @@ def run_evaluators(eval_cfg: DictConfig, weights: Weights, skip: set[str] = froz
         for n, spec in evaluations:
             if eval_name(n, spec.name, weights.variant) in skip:
                 continue
+            before = weights.compile_metrics()
             result = evaluator(n).evaluate(spec, weights)
+            # the compile cost of this evaluation (the first one also compiles the blocks)
+            result.metrics.update({k: v - before.get(k, 0.0) for k, v in weights.compile_metrics().items()})
             out[n][spec.name] = result.summary
             if keep is not None:
                 keep(n, spec, result)

@@ -22,6 +22,8 @@ import subprocess
 from collections import defaultdict
 
 import psutil
+import pytest
+from xdist.scheduler import LoadScopeScheduling
 
 TIERS = ("unit", "service", "ray", "ranks", "browser", "job", "cluster", "install")
 
@@ -52,27 +54,39 @@ TIER_SECONDS = {"unit": 0.5, "service": 5, "ray": 2, "ranks": 14, "browser": 9, 
                 "install": 85}
 
 
-def schedule(items, tiers: dict[str, str]) -> list[tuple[object, str]]:
-    """Each test's pytest-xdist group, with the tests reordered longest group first.
+CLUSTER_DIR = "tests/cluster/"
 
-    A group is a test module (its module fixtures start once), except that every module with a
-    ``cluster`` test is one group: the network-namespace hosts and the SLURM cluster are
-    machine-wide, so those modules run one after the other on one worker. Within a group the
-    order of collection is kept; groups go longest first (by ``TIER_SECONDS``), so that with
-    ``--dist loadgroup --no-loadscope-reorder`` no long group starts last.
-    """
-    def module(item) -> str:
-        return item.nodeid.split("::", 1)[0]
 
-    cluster_modules = {module(i) for i in items if tiers[i.nodeid] == "cluster"}
-    group = {i.nodeid: "cluster" if module(i) in cluster_modules else module(i) for i in items}
+def group_of(nodeid: str) -> str:
+    """The group a pytest-xdist worker takes whole: the test's module (its module fixtures start
+    once), or for every module in ``tests/cluster/`` that directory: network-namespace hosts and
+    a SLURM cluster are machine-wide, so those modules run one after another on one worker."""
+    module = nodeid.split("::", 1)[0]
+    return CLUSTER_DIR.rstrip("/") if module.startswith(CLUSTER_DIR) else module
+
+
+def schedule(items, tiers: dict[str, str]) -> list:
+    """The tests reordered longest group first (by ``TIER_SECONDS``), each group's own order kept,
+    so that no long group starts last on a worker. A ``cluster`` test outside ``tests/cluster/``
+    is refused: it would run beside the other machine-wide tests."""
+    misplaced = [i.nodeid for i in items if tiers[i.nodeid] == "cluster" and not i.nodeid.startswith(CLUSTER_DIR)]
+    if misplaced:
+        raise pytest.UsageError(f"cluster-tier tests belong in {CLUSTER_DIR} (run one at a time): {misplaced}")
     weight: dict[str, float] = defaultdict(float)
     first: dict[str, int] = {}
     for n, item in enumerate(items):
-        weight[group[item.nodeid]] += TIER_SECONDS[tiers[item.nodeid]]
-        first.setdefault(group[item.nodeid], n)
-    order = sorted(range(len(items)), key=lambda n: (-weight[group[items[n].nodeid]], first[group[items[n].nodeid]], n))
-    return [(items[n], group[items[n].nodeid]) for n in order]
+        weight[group_of(item.nodeid)] += TIER_SECONDS[tiers[item.nodeid]]
+        first.setdefault(group_of(item.nodeid), n)
+    return [items[n] for n in sorted(range(len(items)), key=lambda n: (-weight[group_of(items[n].nodeid)],
+                                                                       first[group_of(items[n].nodeid)], n))]
+
+
+class GroupScheduling(LoadScopeScheduling):
+    """pytest-xdist's scope scheduling with ``group_of`` as the scope (its ``loadgroup`` marks
+    do not reach the scheduler under pytest 9.2, whose node ids are no longer strings)."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        return group_of(nodeid)
 
 
 class Processes:
