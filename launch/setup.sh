@@ -83,6 +83,22 @@ system_packages() {
 }
 if [ "$dev" = 1 ]; then system_packages; fi
 
+# DeepSpeed's CPU ops (the shared-memory comm op every CPU rank loads, CPU Adam for optimizer
+# offload), built once here, both at once, into the venv's torch_extensions (pipeline.engine
+# points DeepSpeed there) rather than by the first training processes: a process killed mid-build
+# leaves a lock that stalls every later one.
+if ! has_gpu; then
+  for op in ShareMemCommBuilder CPUAdamBuilder; do
+    DS_ACCELERATOR=cpu "$py" -c "import os, sys
+os.environ.setdefault('TORCH_EXTENSIONS_DIR', os.path.join(sys.prefix, 'torch_extensions'))
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder('$op').load(verbose=False)" >"$venv/build_$op.log" 2>&1 &
+  done
+  for job in $(jobs -p); do
+    wait "$job" || { echo "setup.sh: building DeepSpeed's CPU ops failed:" >&2; cat "$venv"/build_*.log >&2; exit 1; }
+  done
+fi
+
 now=$("$py" -c "import torch; print(torch.__version__)")
 if [ "$now" != "$torch_version" ]; then
   echo "setup.sh: torch changed from $torch_version to $now during the install" >&2
