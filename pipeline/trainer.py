@@ -11,6 +11,10 @@ Each concern lives with its component; the trainer wires them:
   the system-metrics monitor;
 * ``pipeline.stop.agree``: the ranks' vote at a step boundary (go on, stop, or the run is lost);
 * ``pipeline.tracking.Tracker`` (rank 0): the MLflow run, ended here when no driver owns it.
+
+A new per-step concern (a profiler, say) is one more component built in ``_build_step_parts``:
+its ``close`` on the exit stack, its ``metrics()`` among the step metrics' sources, and its
+per-step call in :meth:`Trainer.train_step`.
 """
 
 from __future__ import annotations
