@@ -119,9 +119,10 @@ class Trainer:
         return self._outcome()
 
     def train_step(self) -> guard.Verdict | None:
-        """One optimizer step over ``accum`` micro-batches on every rank. With the guard, the step
-        is judged before its last backward and an unhealthy update is never applied (its loss
-        times NaN makes DeepSpeed skip it); returns the guard's settled verdict (None without)."""
+        """One optimizer step over ``accum`` micro-batches on every rank (:meth:`train` calls it).
+        With the guard, the step is judged before its last backward and an unhealthy update is
+        never applied (its loss times NaN makes DeepSpeed skip it); returns the guard's settled
+        verdict (None without a guard)."""
         cfg, verdict, step_loss = self.cfg, None, torch.zeros((), device=self.device)
         self.metrics.begin_step()
         skipped_before = self.engine.skipped_steps
@@ -185,8 +186,8 @@ class Trainer:
         return True
 
     def _lease_lost(self, now: bool) -> bool:
-        # The driver owns the run (its lease); rank 0 checks that it still does, so that ranks whose
-        # driver lost the run to another launch stop before they write anything more.
+        # The run's owner (the driver, or rank 0 under torchrun) holds its lease; rank 0 checks that
+        # it still does, so that ranks whose run went to another launch stop before they write more.
         return self.fence is not None and self.fence.lost(now=now)
 
     def _vote(self, save_due: bool) -> Vote:
