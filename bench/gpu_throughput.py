@@ -31,9 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Names that the pipeline's table (pipeline.devices.PEAK_TFLOPS) would match too broadly.
-PEAK_TFLOPS_VARIANTS = {"H100 PCIe": 756.0, "H100 NVL": 835.0}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -51,16 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak of the GPU; 0: look it up")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run of this script's logic
     return p.parse_args(argv)
-
-
-def peak_tflops(name: str) -> float:
-    from pipeline.devices import PEAK_TFLOPS
-
-    for table in (PEAK_TFLOPS_VARIANTS, PEAK_TFLOPS):
-        for key in sorted(table, key=len, reverse=True):
-            if key in name:
-                return table[key]
-    return 0.0
 
 
 def data(batch: int, img: int, classes: int, device):
@@ -155,6 +142,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_throughput.py needs a CUDA GPU (torch.cuda.is_available() is False here); nothing to measure.")
         return 0
+    from pipeline.devices import peak_tflops
     from pipeline.model import flops_per_image, get_spec
 
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device(args.device)

@@ -34,6 +34,7 @@ import re
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -542,17 +543,35 @@ def _write_atomic(path: Path, text: str) -> None:
 # ---------------------------------------------------------------- the manager training uses
 
 
+@dataclass(frozen=True)
+class SaveSchedule:
+    """When training saves: every ``every`` steps, at the ``last`` step, at ``stop_at``
+    (``train.stop_at_step``; 0: never) and when the ranks stop; ``at_start``: step 0 of a run
+    that has no checkpoint yet (``train.checkpoint_at_start``)."""
+
+    every: int
+    last: int
+    stop_at: int = 0
+    at_start: bool = False
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a save step of the schedule (a stop aside)."""
+        return step % self.every == 0 or step == self.last or step == self.stop_at
+
+
 class CheckpointManager:
     """A run's checkpoints as training sees them: the run dir (the system of record), this
-    host's staging dir (where DeepSpeed writes and reads), and the stateful parts that a
-    checkpoint holds (the engine, an EMA, the data stream's position, the RNG states).
+    host's staging dir (where DeepSpeed writes and reads), the stateful parts that a
+    checkpoint holds (the engine, an EMA, the data stream's position, the RNG states, the
+    guard), and when training saves (``schedule``, with the guard's veto: :meth:`should_save`).
 
     Every rank calls :meth:`prepare`, :meth:`resume` and :meth:`save` together.
     """
 
     def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0,
-                 on_corrupt: str = "set_aside"):
+                 on_corrupt: str = "set_aside", schedule: SaveSchedule | None = None):
         self.run, self.staging, self.resume_from, self.keep = run, staging, resume_from, keep
+        self.schedule = schedule
         self.on_corrupt = str(on_corrupt)  # train.on_corrupt_checkpoint: set_aside | refuse
         self.engine = self.ema = self.stream = self.guard = None
         self.source: tuple[str, str] | None = None  # what prepare() found; resume() loads it
@@ -576,6 +595,25 @@ class CheckpointManager:
     def latest(self) -> str | None:
         """The run's newest complete tag (the run dir decides, not a host's scratch)."""
         return self.run.checkpoints.latest()
+
+    def save_at_start(self, step: int) -> bool:
+        """Whether a run starting at ``step`` saves first: step 0 of a run with no checkpoint yet,
+        when the schedule says so. The run dir decides, as every rank sees the same one: a host's
+        scratch dir may hold an earlier run's tags (same output_dir), and ranks that disagreed
+        would hang in :meth:`save`."""
+        return self.schedule.at_start and step == 0 and self.latest() is None
+
+    def should_save(self, step: int, stopping: bool, healthy: bool) -> bool:
+        """Whether to save after ``step``: a save step of the schedule, or a stop (``stopping``),
+        unless the guard vetoes it (an unhealthy step within ``train.guard.bad_window``); the
+        last step is saved when it was ``healthy`` itself. The same on every rank."""
+        if not (self.schedule.due(step) or stopping):
+            return False
+        if self.guard is None or self.guard.may_checkpoint(step) or (step == self.schedule.last and healthy):
+            return True
+        log.warning("step %d: no checkpoint, an unhealthy step is within train.guard.bad_window=%d steps",
+                    step, self.guard.cfg.bad_window)
+        return False
 
     def prepare(self) -> tuple[str, str] | None:
         """Bring the tag to resume from onto this host (each host's local rank 0 fetches; all

@@ -116,6 +116,19 @@ class CompileWatch:
         return {"compile/seconds": self.seconds, "compile/recompiles": float(self.recompiles),
                 "compile/graph_breaks": float(_graph_breaks() - self._breaks0)}
 
+    def report_first_step(self, step: int, seconds: float, mode: str, blocks: int, tracker=None) -> None:
+        """The compile cost, once, after this process's first step: a log line, and with rank 0's
+        ``tracker`` a metric."""
+        log.info("train.compile: %d blocks compiled (mode %s): %.1f s of compiling in step %d, which took %.1f s",
+                 blocks, mode, self.seconds, step, seconds)
+        if tracker is not None:
+            tracker.log_metrics({"compile/first_step_seconds": seconds, **self.metrics()}, step)
+
+    def summary(self) -> dict:
+        """For training's summary: the metrics without their prefix, the causes of recompilation,
+        whether there was a storm."""
+        return {**{k.split("/")[1]: v for k, v in self.metrics().items()}, "reasons": dict(self.reasons), "storm": self.warned}
+
     def close(self) -> None:
         self._handler.remove_start_callback(self._start)
         self._handler.remove_end_callback(self._end)

@@ -3,7 +3,7 @@
 The process group (:func:`dist_setup`), the DeepSpeed config (:func:`ds_config`), the
 warmup-then-decay schedule (:func:`warmup_decay`), the engine with its schedule
 (:func:`initialize`), the loss (:func:`loss_fn`) and one micro-step (:func:`micro_step`). Pre-training
-(``pipeline.train``) adds AdamW/ZeRO options, checkpoints and tracking; fine-tuning
+(``pipeline.recipe``, ``pipeline.trainer``) adds AdamW/ZeRO options, checkpoints and tracking; fine-tuning
 (``pipeline.evaluate.finetune``) adds SGD and its lr sweep. Both read their batches from
 ``pipeline.data.TrainStream``.
 """

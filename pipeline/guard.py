@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from pipeline import faults, rundir
+
 log = logging.getLogger("pipeline.guard")
 
 EVENTS_FILE = "guard.json"
@@ -135,6 +137,53 @@ class Guard:
         self.max_ratio = 0.0
         return out
 
+    # ------------------------------------------------------------ rollbacks (every rank, together)
+
+    def replay(self, run, seen: int, step: int, stream, writer: bool) -> None:
+        """At a resume at ``step``: take the run's rollbacks from its ``guard.json`` and skip the
+        data of the one its checkpoint (which had seen ``seen`` events) did not see, as a run
+        stopped between a rollback and its next checkpoint would have. ``writer`` (rank 0)
+        clears a recorded divergence: this is a new attempt (with other settings, one hopes)."""
+        record = read_record(run)
+        self.events = record["rollbacks"]
+        if writer and record["diverged"] is not None:
+            write_record(run, self.events)
+        if (event := pending_skip(self.events, seen, step)) is not None:
+            log.warning("replaying a rollback this checkpoint did not see: %s", describe(event))
+            skip_past(stream, event)
+
+    def roll_back(self, trouble: Trouble, step: int, ckpts, stream, micro_batches: int, global_batch: int,
+                  tracker=None) -> tuple[dict, dict | None]:
+        """Back to the newest checkpoint before ``trouble``, past the data since then; ``(its meta,
+        None)``, or ``({}, why)`` when there is no such checkpoint or the rollbacks ran out.
+        ``ckpts`` is the run's :class:`~pipeline.checkpoint.CheckpointManager`; rank 0 passes its
+        ``tracker`` and records the decision (``guard.json``, MLflow) before it is carried out."""
+        g = self.cfg
+        to = target([rundir.step_of(t) for t in ckpts.run.checkpoints.complete_tags()], trouble)
+        reasons = ", ".join(sorted({r for s, r in self.bad}))
+        if to is None or len(self.events) >= g.max_rollbacks:
+            why = "no checkpoint before it" if to is None else f"after {len(self.events)} rollbacks (train.guard.max_rollbacks)"
+            diverged = {"steps": trouble.steps, "reasons": reasons, "resume_from": ckpts.latest(), "why": why}
+            if tracker is not None:
+                write_record(ckpts.run, self.events, diverged)
+                log.error("%s", diverged_message(diverged, ckpts.run.checkpoints.url))
+            return {}, diverged
+        event = {"at_step": step, "first_bad": trouble.first, "bad_steps": trouble.steps, "reasons": reasons, "to_step": to,
+                 "batches": stream.batches + g.skip_extra_steps * micro_batches, "data_steps": stream.steps + g.skip_extra_steps,
+                 "samples_skipped": (step - to + g.skip_extra_steps) * global_batch}
+        self.events.append(event)
+        if tracker is not None:
+            write_record(ckpts.run, self.events)
+            tracker.log_metrics({"guard/rollback_to_step": to, "guard/samples_skipped": event["samples_skipped"]}, step)
+            tracker.set_tags({f"guard.rollback.{len(self.events)}": describe(event)})
+            log.warning("rollback %d of at most %d: %s", len(self.events), g.max_rollbacks, describe(event))
+        faults.after_rollback_decision(g.fault)
+        skip_past(stream, event)
+        skipped = self.skipped
+        meta = ckpts.rollback(rundir.tag_for(to))
+        self.skipped = skipped  # a count of this process's skips, not part of the decisions
+        return meta, None
+
     # ------------------------------------------------------------ state (in every rank's checkpoint file)
 
     def state_dict(self) -> dict:
@@ -175,14 +224,16 @@ def describe(event: dict) -> str:
             f"{event['samples_skipped']} samples skipped")
 
 
-def fault(loss: torch.Tensor, cfg, batch_index: int, rank: int) -> torch.Tensor:
-    """TESTS ONLY (``train.guard.fault``): rank 0's loss of the micro-batches whose index in its
-    stream (from 1) is in ``[start, end)`` made non-finite (``kind: nan``) or ``scale`` times larger
-    (``kind: spike``). Keyed to the data position, so a rollback's skip moves past it."""
-    f = cfg.fault
-    if f.kind == "none" or rank != 0 or not f.start <= batch_index < f.end:
-        return loss
-    return loss * (math.nan if f.kind == "nan" else f.scale)
+def skip_past(stream, event: dict) -> None:
+    """Consume ``stream`` until it has delivered the data a rollback skips to: ``data_steps``
+    training steps of data (the same in any world size, so a replay after a resize skips the
+    same samples), or in an event recorded before that count, ``batches`` of this rank's."""
+    if "data_steps" in event:
+        while stream.steps < event["data_steps"]:
+            next(stream)
+        return
+    while stream.batches < event["batches"]:
+        next(stream)
 
 
 def diverged_message(diverged: dict, checkpoints_url: str) -> str:
@@ -197,13 +248,11 @@ USAGE = "usage: python -m pipeline.guard diverged <run dir URL>   (exit 0 and th
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    from pipeline.rundir import RunDir
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 2 or argv[0] != "diverged":
         print(USAGE, file=sys.stderr)
         return 2
-    run = RunDir(argv[1])
+    run = rundir.RunDir(argv[1])
     diverged = read_record(run)["diverged"]
     if diverged is None:
         return 1

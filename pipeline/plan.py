@@ -23,16 +23,13 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.devices import GPU_MEMORY_GIB, PEAK_TFLOPS
+from pipeline import devices
 from pipeline.model import ViTSpec, flops_per_image, get_spec
 
 GIB = 2**30
 CALIBRATION = Path(__file__).resolve().parents[1] / "bench" / "train_plan_calibration.json"
 ASSUMED_MFU = 0.4  # no measured MFU for the device: a stated assumption, printed as such
 CORES_PER_GPU_DEFAULT = 14  # a DGX H100: 112 cores for 8 GPUs
-
-# Per-device memory (GiB) of the GPUs pipeline.train knows the peak of; "cpu" is this host.
-
 
 # --- model ----------------------------------------------------------------------------
 
@@ -271,13 +268,13 @@ def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float
         if not shape and not plan.nodes:  # the config's own ranks: ray.num_workers GPUs, 8 (gpus_per_node) a node
             per_node = min(per_node, num_workers)
         nodes = shape.get("nodes") or plan.nodes or max(1, math.ceil(num_workers / per_node))
-        known = next((k for k in sorted(GPU_MEMORY_GIB, key=len, reverse=True) if k.lower() in name.lower()), None)
-        mem = plan.memory_gib or GPU_MEMORY_GIB.get(known, 0.0)
-        peak = plan.peak_tflops or train_peak_tflops or PEAK_TFLOPS.get(known, 0.0)
+        known = devices.find(name)
+        mem = plan.memory_gib or (known.memory_gib if known else 0.0)
+        peak = plan.peak_tflops or train_peak_tflops or (known.peak_tflops if known else 0.0)
         if not mem or not peak:
-            raise ValueError(f"plan.device: unknown GPU {name!r}; known: {', '.join(GPU_MEMORY_GIB)}, cpu; "
-                             "or set plan.memory_gib and plan.peak_tflops")
-        mfu, mfu_source = gpu_mfu(plan.mfu, cal, known or name, compiled)
+            raise ValueError(f"plan.device: unknown GPU {name!r}; known: {', '.join(d.short for d in devices.DEVICES)}, "
+                             "cpu (or a name as CUDA reports it); or set plan.memory_gib and plan.peak_tflops")
+        mfu, mfu_source = gpu_mfu(plan.mfu, cal, known.short if known else name, compiled)
         cores = plan.cpu_cores_per_node or CORES_PER_GPU_DEFAULT * per_node
     decode = cal.get("decode", {})
     rate = plan.decode_rate or decode.get("images_per_core_s", 0.0)

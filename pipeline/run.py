@@ -283,7 +283,7 @@ def take_lease(cfg: DictConfig, run: RunDir, dead_owner: str | None = None) -> L
 def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> dict:
     from pipeline.evaluate.watch import Watcher
     from pipeline.plan import planned_vs_measured, run_plan
-    from pipeline.tracking import Tracker, spool_dir
+    from pipeline.tracking import Tracker, end_status, spool_dir
 
     check_room(cfg, run)
     connect_ray(cfg)
@@ -314,7 +314,7 @@ def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> di
     try:
         result = fit(cfg)
         metrics = result.metrics or {}
-        status = "FINISHED" if metrics.get("finished") else "FAILED" if metrics.get("diverged") else "KILLED"
+        status = end_status(bool(metrics.get("finished")), bool(metrics.get("diverged")))
     finally:
         if not _still_owner(lease):  # the new owner's run from here: no status, summary or STOP removal
             if watcher:

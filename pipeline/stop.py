@@ -6,8 +6,8 @@ that takes those signals does it through :class:`StopRequest`, each with its own
 
 * the driver (``pipeline.run``): the first signal writes the run dir's ``STOP``, a second
   one exits at once;
-* a training rank (``pipeline.train``): SIGTERM sets a flag; the ranks agree on a stop at
-  the next step boundary (flag or ``STOP``), checkpoint, and exit ``Exit.STOPPED``;
+* a training rank (``pipeline.train``): SIGTERM sets a flag; the ranks agree (:func:`agree`) on a
+  stop at the next step boundary (flag or ``STOP``), checkpoint, and exit ``Exit.STOPPED``;
 * a Ray node under SLURM (``launch/cluster.py node``): SIGTERM asks the batch shell for one
   graceful stop of the whole job.
 
@@ -64,6 +64,24 @@ class StopRequest:
         self.requested = True
         if self._on_request is not None:
             self._on_request(signum)
+
+
+class Vote(enum.IntEnum):
+    """What a rank wants at a step boundary; the ranks do the gravest that any of them wants."""
+
+    CONTINUE = 0
+    STOP = 1  # a stop request (SIGTERM, the run dir's STOP), or a refusal before anything started
+    LOST = 2  # the run is another's (its lease names another owner): stop, writing nothing
+
+
+def agree(mine: Vote, device) -> Vote:
+    """The ranks' common decision (one all-reduce of one value; every rank calls it together)."""
+    import torch  # here: the launchers and the driver import this module, the ranks alone vote
+    import torch.distributed as dist
+
+    votes = torch.tensor(float(mine), device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return Vote(int(votes.item()))
 
 
 def shell_constants() -> str:

@@ -81,6 +81,26 @@ def configure_http(timeout_s: int | None = None, max_retries: int | None = None)
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(int(max_retries))
 
 
+def end_status(finished: bool, diverged: bool) -> str:
+    """The status the run's owner ends its MLflow run with: FINISHED when training reached its
+    last step, FAILED after a divergence (and after a crash), KILLED after a stop."""
+    return "FINISHED" if finished else "FAILED" if diverged else "KILLED"
+
+
+def run_to_resume(configured: str | None, uri: str, meta: dict) -> str | None:
+    """The MLflow run a (re)started training logs to: the configured one (``tracking.run_id``),
+    else the checkpoint's (``meta``) when it lives in this run's tracking store ``uri``; a
+    checkpoint carried to another store (e.g. a universal one in a new output_dir) starts a new
+    run there instead of failing on an unknown run id; None: a new run."""
+    if configured:
+        return configured
+    run_id, saved_uri = meta.get("mlflow_run_id"), meta.get("mlflow_uri")
+    if run_id and saved_uri is not None and saved_uri != uri:
+        log.warning("checkpoint's MLflow run %s is in %s, not in %s: starting a new run", run_id, saved_uri, uri)
+        return None
+    return run_id
+
+
 class Tracker:
     """Logs to one MLflow run (``run_id``) of one tracking store, spooling through outages."""
 

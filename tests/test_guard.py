@@ -266,3 +266,7 @@ def test_train_dist_exits_with_the_divergence_status_that_torchrun_hides(tmp_pat
     assert proc.returncode == Exit.DIVERGED, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "diverged: unhealthy steps [7, 8, 9] (non-finite loss), after 0 rollbacks" in proc.stderr
     assert _tags(out) == [0, 4]
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(_summary(proc)["run_id"])
+    assert run.info.status == "FAILED", "rank 0 owns the run under train_dist.sh and ends it with the outcome"

@@ -322,6 +322,10 @@ def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and
     assert proc.returncode == 0, text[-6000:]
     assert (out / "checkpoints" / "step_00000024").is_dir()
     assert not (out / "LEASE").exists()  # released at the end
+    from mlflow.tracking import MlflowClient
+
+    (summary,) = [json.loads(line) for line in text.splitlines() if line.startswith('{"step"')]
+    assert MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(summary["run_id"]).info.status == "FINISHED"
 
     # The same command on another --nproc goes on with the run: the checkpoint converts by itself.
     cmd[2] = "1"

@@ -16,6 +16,7 @@ from pipeline.plan import (
     checkpoint_bytes,
     largest_micro_batch,
     main,
+    make_plan,
     model_state_bytes,
     planned_vs_measured,
     run_plan,
@@ -159,6 +160,26 @@ def test_a_micro_batch_that_fits_at_no_stage_is_refused_naming_the_largest_that_
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(capsys):
     assert main([str(ROOT / "configs/experiment/jft_vit_h14.yaml"), "--sbatch-args=--nodes=64 --gpus-per-node=8"]) == 2
     assert "data.micro_batch_size=8 splits it" in capsys.readouterr().err
+
+
+def test_a_gpu_is_known_by_the_exact_name_cuda_reports_so_an_h100_pcie_is_not_given_the_sxm_peak():
+    from pipeline import devices
+    from pipeline.step_metrics import peak_flops
+
+    # the MFU of training (what bench/gpu_throughput.py looks up too) and the plan use one table
+    assert peak_flops(0.0, "NVIDIA H100 PCIe") == 756e12 and peak_flops(0.0, "NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops(0.0, "NVIDIA H100 NVL") == 835e12 and peak_flops(0.0, "NVIDIA A100-PCIE-40GB") == 312e12
+    assert peak_flops(0.0, "NVIDIA H100 80GB HBM3 MIG 1g.10gb") == 0.0, "an unknown variant gets no MFU, not a guess"
+    assert peak_flops(0.0, None) == 0.0 and peak_flops(500.0, "NVIDIA H100 PCIe") == 500e12  # train.peak_tflops wins
+    assert devices.find("h100") == devices.find("NVIDIA H100 80GB HBM3")  # a config's short name: the SXM part
+    assert len({d.name for d in devices.DEVICES}) == len({d.short for d in devices.DEVICES}) == len(devices.DEVICES)
+
+    def target(device: str) -> dict:
+        return make_plan(load_config(ROOT / "configs/experiment/demo.yaml", [f"plan.device={device}"]))["target"]
+
+    pcie, sxm = target("NVIDIA H100 PCIe"), target("H100")
+    assert (pcie["peak_tflops"], sxm["peak_tflops"], target("H100 PCIe")["peak_tflops"]) == (756.0, 989.0, 756.0)
+    assert pcie["memory_gib"] == sxm["memory_gib"] == 80.0
 
 
 def test_a_run_logs_its_plan_and_sets_it_next_to_the_measured():

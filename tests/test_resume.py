@@ -191,9 +191,9 @@ def test_on_another_world_size_the_data_stream_starts_the_next_pass(runs, shards
 
 @pytest.mark.timeout(60)
 def test_a_rerun_resumes_from_its_own_checkpoint_before_train_resume_from(tmp_path):
+    from pipeline.checkpoint import resume_source, staging_dir
     from pipeline.config import load_config
     from pipeline.rundir import RunDir
-    from pipeline.train import local_ckpt_dir, resume_source
 
     universal = tmp_path / "universal" / "step_00000004"
     (universal / "zero").mkdir(parents=True)
@@ -202,7 +202,7 @@ def test_a_rerun_resumes_from_its_own_checkpoint_before_train_resume_from(tmp_pa
                              f"train.resume_from={universal}"])
 
     def source():
-        return resume_source(local_ckpt_dir(cfg.output_dir), RunDir(cfg.run_dir), cfg.train.resume_from)
+        return resume_source(staging_dir(cfg.output_dir), RunDir(cfg.run_dir), cfg.train.resume_from)
 
     assert source() == (str(universal.parent), "step_00000004")
     own = tmp_path / "run" / "checkpoints" / "step_00000006"
@@ -215,16 +215,15 @@ def test_a_rerun_resumes_from_its_own_checkpoint_before_train_resume_from(tmp_pa
 @pytest.mark.timeout(60)
 def test_a_checkpoint_from_another_tracking_store_starts_a_new_mlflow_run(tmp_path):
     from pipeline.config import load_config
-    from pipeline.tracking import tracking_uri
-    from pipeline.train import _mlflow_run_to_resume
+    from pipeline.tracking import run_to_resume, tracking_uri
 
     cfg = load_config(None, ["data.train=unused", "train.steps=8", f"output_dir={tmp_path / 'run'}"])
     here = tracking_uri(cfg)
-    assert _mlflow_run_to_resume(None, here, {"mlflow_run_id": "abc", "mlflow_uri": here}) == "abc"
-    assert _mlflow_run_to_resume(None, here, {"mlflow_run_id": "abc"}) == "abc", "checkpoints from before the uri was kept"
-    assert _mlflow_run_to_resume(None, here, {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) is None
-    assert _mlflow_run_to_resume(None, here, {}) is None
-    assert _mlflow_run_to_resume("set-by-the-driver", here,
+    assert run_to_resume(None, here, {"mlflow_run_id": "abc", "mlflow_uri": here}) == "abc"
+    assert run_to_resume(None, here, {"mlflow_run_id": "abc"}) == "abc", "checkpoints from before the uri was kept"
+    assert run_to_resume(None, here, {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) is None
+    assert run_to_resume(None, here, {}) is None
+    assert run_to_resume("set-by-the-driver", here,
                                  {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) == "set-by-the-driver"
 
 

@@ -55,3 +55,43 @@ def test_a_worker_sees_a_sigterm_as_a_stop_request():
         assert request.requested and request.signals == 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.mark.timeout(400)
+def test_a_torchrun_run_ends_its_mlflow_run_killed_after_a_stop_and_finished_at_its_end(tmp_path, ranks):
+    """Without a driver (torchrun, launch/train_dist.sh) training rank 0 owns the MLflow run and
+    ends it as ``pipeline.run`` does: KILLED after a stop, FINISHED at the last step (FAILED
+    after a divergence: tests/test_guard.py), the same run across the rerun."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.rundir import RunDir
+    from tests.support import DEMO
+    from tests.support.data import write_shards
+    from tests.support.phases import guard_run_overrides, ranks_env
+    from tests.support.services import free_port
+
+    shards = write_shards(tmp_path / "shards", num_classes=4, per_shard=[40, 40, 40])
+    out, status = tmp_path / "run", tmp_path / "status"
+
+    def train() -> tuple[int, dict]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "pipeline.train", str(DEMO), *guard_run_overrides(out, shards, "train.steps=4")]
+        proc = ranks.run(cmd, env={**ranks_env(), "PIPELINE_STATUS_FILE": str(status)}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=180)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith('{"step"')]
+        assert lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return int(status.read_text()), json.loads(lines[0])
+
+    run = RunDir(str(out))
+    run.request_stop("the test: stop at the first step")
+    code, stopped = train()
+    assert code == Exit.STOPPED and stopped["step"] == 1 and stopped["preempted"]
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_run(stopped["run_id"]).info.status == "KILLED"
+
+    run.clear_stop()
+    code, finished = train()
+    assert code == Exit.OK and finished["step"] == 4 and finished["run_id"] == stopped["run_id"]
+    assert client.get_run(finished["run_id"]).info.status == "FINISHED"

@@ -98,13 +98,13 @@ def test_the_ui_serves_the_run_page_and_its_ajax_api(mlflow_server):
 
 @pytest.mark.timeout(90)
 def test_system_metrics_of_the_training_run_land_in_the_run(mlflow_server, tmp_path, monkeypatch):
-    from pipeline.train import _system_metrics
+    from pipeline.step_metrics import system_monitor
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     cfg = load_config(None, ["data.train=x", f"output_dir={tmp_path}", "train.steps=1", "ray.num_workers=1",
                              "train.global_batch_size=64", f"tracking.uri={mlflow_server.uri}", "tracking.experiment=sysmetrics"])
     tracker = Tracker.start(cfg)
-    monitor = _system_metrics(cfg.tracking.system_metrics, tracker)
+    monitor = system_monitor(cfg.tracking.system_metrics, tracker)
     assert monitor is not None
     time.sleep(3.5)
     monitor.finish()

@@ -62,8 +62,8 @@ def test_two_rank_zero_bf16_trains_saves_and_reloads_identically(tmp_path, shard
 
 
 def test_the_step_log_line_carries_an_eta_at_the_current_rate():
-    from pipeline.train import _eta
+    from pipeline.step_metrics import eta
 
-    assert _eta(100, 2.0) == "0:00:50"
-    assert _eta(7260, 1.0) == "2:01:00"
-    assert _eta(5, 0.0) == "?"
+    assert eta(100, 2.0) == "0:00:50"
+    assert eta(7260, 1.0) == "2:01:00"
+    assert eta(5, 0.0) == "?"

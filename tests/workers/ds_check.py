@@ -18,7 +18,8 @@ from pipeline.config import load_config
 from pipeline.data import ShardIndex
 from pipeline.engine import dist_setup
 from pipeline.tracking import Tracker
-from pipeline.train import _train, build_engine, total_steps
+from pipeline.train import build_engine, total_steps
+from pipeline.trainer import Trainer
 
 
 def full_params(engine) -> dict[str, torch.Tensor]:
@@ -30,7 +31,9 @@ def full_params(engine) -> dict[str, torch.Tensor]:
 def main() -> None:
     result_path, overrides = sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("--local_rank")]
     cfg = load_config(None, overrides)
-    summary, engine = _train(cfg)
+    with Trainer(cfg) as trainer:
+        summary = trainer.train()
+    engine = trainer.engine
     rank, world, device = dist_setup()
     trained = full_params(engine)
     index = ShardIndex.load(cfg.data.train)

@@ -2,8 +2,8 @@
 
 ``torchrun --nproc_per_node N tests/workers/train_phases.py <plan.json> <result.json>``
 
-``plan.json`` holds ``{"phases": [{"name", "overrides", ...}, ...]}``. Each phase calls
-``pipeline.train._train`` with its overrides (sharing one process group, so the torchrun and
+``plan.json`` holds ``{"phases": [{"name", "overrides", ...}, ...]}``. Each phase trains a
+``pipeline.trainer.Trainer`` built with its overrides (sharing one process group, so the torchrun and
 DeepSpeed start-up is paid once for many runs). A ZeRO-3 engine replaces
 ``torch.nn.functional.linear`` for the rest of the process, so put ZeRO-3 phases after the
 others when runs are compared across processes. Optional keys of a phase:
@@ -14,10 +14,10 @@ others when runs are compared across processes. Optional keys of a phase:
   phase's config, load ``train.resume_from`` into it and compare its fp32 master weights
   and module weights with ``checkpoint.load_fp32_weights(ckpt_dir, tag)``.
 * ``"save_fp32": "path"``: after training, rank 0 saves the engine's fp32 master weights there.
-* ``"save_saved": "path"``: after each ``CheckpointManager.save`` inside ``_train``, rank 0
+* ``"save_saved": "path"``: after each ``CheckpointManager.save`` during training, rank 0
   saves the engine's :func:`full_state` there (the last checkpoint's state wins).
 * ``"save_resumed": "path"``: right after ``CheckpointManager.resume`` loads a checkpoint
-  inside ``_train``, rank 0 saves the engine's :func:`full_state` there.
+  while the trainer is built, rank 0 saves the engine's :func:`full_state` there.
 
 Every phase records the config dicts passed to ``deepspeed.initialize``, the precision
 settings the engine parsed from them, the summary, and (rank 0) the MLflow ``train/loss``
@@ -42,7 +42,8 @@ from pipeline.config import load_config
 from pipeline.data import ShardIndex
 from pipeline.engine import dist_setup
 from pipeline.tracking import tracking_uri
-from pipeline.train import _train, build_engine, total_steps
+from pipeline.train import build_engine, total_steps
+from pipeline.trainer import Trainer
 
 SEEN: dict = {}  # what the current phase handed to DeepSpeed and what DeepSpeed made of it
 DUMP: dict = {}  # where the current phase wants the engine's state after a resume or a save
@@ -153,12 +154,14 @@ def run_phase(phase: dict) -> dict:
     if "check_load" in phase:
         out["load"] = check_load(cfg, phase["check_load"]["ckpt_dir"], phase["check_load"]["tag"])
     try:
-        summary, engine = _train(cfg)
+        with Trainer(cfg) as trainer:
+            summary = trainer.train()
     except Exception as e:
         if phase.get("expect_error") and phase["expect_error"] in str(e):
             return {**out, **SEEN, "error": f"{type(e).__name__}: {e}"}
         traceback.print_exc()
         raise
+    engine = trainer.engine
     out.update(SEEN, summary=summary, zero_stage=engine.zero_optimization_stage(), bf16=engine.bfloat16_enabled(),
                fp16=engine.fp16_enabled(), world=dist.get_world_size(),
                param_dtype=str(next(engine.module.parameters()).dtype),
