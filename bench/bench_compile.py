@@ -4,7 +4,7 @@
         [--micro 64,4] [--precisions fp32,bf16] [--zero 2] [--rounds 3] [--steps 3] [--threads 1]
 
 One process, one rank (a one-rank gloo group, DS_ACCELERATOR=cpu, ``--threads`` torch threads).
-For each model and precision the same engine (``pipeline.train.build_engine``: ZeRO
+For each model and precision the same engine (``pipeline.recipe.build_engine``: ZeRO
 ``--zero``, AdamW, clip 1, the paper's sigmoid loss) is built twice from one seed, eager and
 with ``train.compile.enabled=true`` (each block's forward compiled by inductor,
 ``pipeline.compile``), and both train on the same in-memory batches. The first step of each
@@ -48,8 +48,8 @@ def make_step(name: str, img: int, micro: int, precision: str, compiled: bool, a
 
     from pipeline.config import load_config
     from pipeline.data import to_model_input
-    from pipeline.engine import dist_setup
-    from pipeline.train import build_engine, loss_fn
+    from pipeline.engine import dist_setup, loss_fn
+    from pipeline.recipe import build_engine
 
     _, world, device = dist_setup(standalone=True)
     cfg = load_config(None, [f"model.name={name}", f"model.img_size={img}", f"data.micro_batch_size={micro}",

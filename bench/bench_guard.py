@@ -41,7 +41,7 @@ def main() -> None:
     from pipeline import guard
     from pipeline.config import load_config
     from pipeline.engine import DTYPES, dist_setup, forward_loss, loss_fn
-    from pipeline.train import build_engine
+    from pipeline.recipe import build_engine
 
     rank, world, device = dist_setup(standalone="RANK" not in os.environ)
     cfg = load_config(None, [f"model.name={args.model}", "data.train=unused", "train.steps=1000",

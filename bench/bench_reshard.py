@@ -37,7 +37,7 @@ def main() -> None:
     from pipeline import checkpoint
     from pipeline.config import load_config
     from pipeline.engine import dist_setup, loss_fn
-    from pipeline.train import build_engine
+    from pipeline.recipe import build_engine
 
     rank, world, device = dist_setup()
     cfg = load_config(None, [f"model.name={args.model}", "data.train=unused", "train.steps=10",

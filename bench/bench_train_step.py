@@ -4,11 +4,11 @@
         [--nproc 2] [--zero 2] [--precisions bf16,fp32] [--rounds 7] [--steps 4]
 
 Starts itself under torchrun (``--nproc`` CPU ranks, gloo, DS_ACCELERATOR=cpu, one thread
-a rank). On every rank the same model (``pipeline.train.build_model``, same seed) is built
+a rank). On every rank the same model (``pipeline.recipe.build_model``, same seed) is built
 twice and trained side by side on the same in-memory batches (uint8 images turned into
 model input as the trainer does, multi-hot targets, the paper's sigmoid loss):
 
-  * ours: the engine from ``pipeline.train.build_engine`` (ZeRO ``--zero``, the configured
+  * ours: the engine from ``pipeline.recipe.build_engine`` (ZeRO ``--zero``, the configured
     precision: the module in bf16 with fp32 master weights, gradient clipping at 1), the
     loop body of ``pipeline.train``: ``engine(x)``, ``engine.backward``, ``engine.step``;
   * baseline: ``torch.nn.parallel.DistributedDataParallel`` on gloo, fp32 weights with
@@ -95,7 +95,8 @@ def make_ours(cfg, args, world, device):
     import torch
 
     from pipeline.data import to_model_input
-    from pipeline.train import build_engine, loss_fn
+    from pipeline.engine import loss_fn
+    from pipeline.recipe import build_engine
 
     engine, _ = build_engine(cfg, args.classes, cfg.train.steps, world, device)
     engine.train()
@@ -115,7 +116,8 @@ def make_baseline(cfg, args):
     from torch.nn.parallel import DistributedDataParallel
 
     from pipeline.data import to_model_input
-    from pipeline.train import build_model, loss_fn, lr_at, param_groups
+    from pipeline.engine import loss_fn
+    from pipeline.recipe import build_model, lr_at, param_groups
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, args.classes)

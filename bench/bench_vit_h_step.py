@@ -6,7 +6,7 @@
 Starts itself under torchrun (``--nproc`` CPU ranks, gloo, DS_ACCELERATOR=cpu). Every rank
 loads ``configs/experiment/jft_vit_h14.yaml`` (ViT-H/14 at 224 px with its pre-logits
 layer and an 18,291-class sigmoid head, ZeRO-3, bf16, activation checkpointing) with micro
-batch 1, builds the engine with ``pipeline.train.build_engine`` and takes ``--steps`` full
+batch 1, builds the engine with ``pipeline.recipe.build_engine`` and takes ``--steps`` full
 training steps (forward, backward, ZeRO-3 reduce-scatter, AdamW on the fp32 partition,
 parameter all-gather) on random images and multi-hot targets.
 
@@ -77,8 +77,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from pipeline.config import load_config
     from pipeline.data import to_model_input
-    from pipeline.engine import dist_setup
-    from pipeline.train import build_engine, loss_fn
+    from pipeline.engine import dist_setup, loss_fn
+    from pipeline.recipe import build_engine
 
     rank, world, device = dist_setup()
     overrides = ["data.micro_batch_size=1", f"train.global_batch_size={world}", f"ray.num_workers={world}",

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_zero_memory.py [--model vit_b16] [--nproc 2] [--stages 1,2,3]
 
 For each stage a fresh torchrun group of ``--nproc`` CPU ranks (gloo, DS_ACCELERATOR=cpu)
-builds the engine with ``pipeline.train.build_engine`` (bf16, AdamW, micro batch 2 at
+builds the engine with ``pipeline.recipe.build_engine`` (bf16, AdamW, micro batch 2 at
 224 px) and takes two optimizer steps. Each rank measures its model states after the last
 backward pass (gradients reduced, activations freed, before the optimizer step) two ways:
 
@@ -144,8 +144,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from pipeline.config import load_config
     from pipeline.data import to_model_input
-    from pipeline.engine import dist_setup
-    from pipeline.train import build_engine, loss_fn
+    from pipeline.engine import dist_setup, loss_fn
+    from pipeline.recipe import build_engine
 
     rank, world, device = dist_setup()
     cfg = load_config(None, [

@@ -11,7 +11,7 @@ times full training steps on random data, after a warm-up, in a plain PyTorch lo
 weights, ``torch.autocast(bfloat16)``, the paper's sigmoid loss, fused AdamW with the
 pipeline's parameter groups, gradient clipping at 1. With ``--compile`` the same loop runs
 with each block compiled (``pipeline.compile.compile_blocks``, as ``train.compile``) too; with
-``--engine`` the pipeline's own DeepSpeed engine (``pipeline.train.build_engine``, bf16
+``--engine`` the pipeline's own DeepSpeed engine (``pipeline.recipe.build_engine``, bf16
 weights with fp32 masters) runs the same steps, for each ZeRO stage of ``--zero`` and each
 of ``--modes`` (``eager``; ``compiled``: ``train.compile.enabled=true``). MFU = images/s x model FLOPs per image (``flops_per_image``: forward
 + backward = 3x forward, no recomputation) / the GPU's dense bf16 peak, looked up by
@@ -65,8 +65,9 @@ def plain_step(name: str, args: argparse.Namespace, device, compile_model: bool 
 
     from pipeline.compile import compile_blocks
     from pipeline.data import to_model_input
+    from pipeline.engine import loss_fn
     from pipeline.model import create_model
-    from pipeline.train import loss_fn, param_groups
+    from pipeline.recipe import param_groups
 
     model = create_model(name, num_classes=args.classes, img_size=args.img).to(device)
     if compile_model:
@@ -93,8 +94,8 @@ def engine_step(name: str, batch: int, args: argparse.Namespace, zero: int = 1, 
 
     from pipeline.config import load_config
     from pipeline.data import to_model_input
-    from pipeline.engine import dist_setup
-    from pipeline.train import build_engine, loss_fn
+    from pipeline.engine import dist_setup, loss_fn
+    from pipeline.recipe import build_engine
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29513"}.items():
         os.environ.setdefault(key, value)

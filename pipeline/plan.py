@@ -170,7 +170,7 @@ def checkpoint_room(cfg, num_classes: int, steps: int, latest_step: int | None, 
 
 
 def train_steps(steps: int, epochs: float, num_samples: int, global_batch: int) -> int:
-    """``steps``, or ``epochs`` over ``num_samples`` (as pipeline.train.total_steps); 0: unknown."""
+    """``steps``, or ``epochs`` over ``num_samples`` (as pipeline.recipe.total_steps); 0: unknown."""
     if steps > 0:
         return steps
     return max(1, int(epochs * num_samples // global_batch)) if num_samples else 0

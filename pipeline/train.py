@@ -3,8 +3,7 @@
 
 ``python -m pipeline.train <config.yaml> key=value ...`` (a ``--local_rank=N`` argument from the
 deepspeed launcher is accepted and ignored; the rank comes from the environment). What is
-trained (model, optimizer, schedule, DeepSpeed config) is ``pipeline.recipe``; its builders are
-importable from here too.
+trained (model, optimizer, schedule, DeepSpeed config) is ``pipeline.recipe``.
 """
 
 from __future__ import annotations
@@ -21,21 +20,10 @@ from omegaconf import DictConfig
 from data_prep.disk import DiskFull, NoRoom
 from pipeline import rundir
 from pipeline.config import load_config
-from pipeline.engine import dist_setup, loss_fn
+from pipeline.engine import dist_setup
 from pipeline.lease import LEASE_TOKEN, Lease, LeaseHeld, launcher_job, refusal, took_over
-from pipeline.recipe import (
-    build_engine,
-    build_model,
-    deepspeed_config,
-    lr_at,
-    param_groups,
-    total_steps,
-)
 from pipeline.stop import Exit, Vote, agree
 from pipeline.trainer import Trainer
-
-__all__ = ["build_engine", "build_model", "deepspeed_config", "loss_fn", "lr_at", "main", "param_groups", "total_steps",
-           "train"]
 
 
 def train(cfg: DictConfig, on_checkpoint=None, owns_run: bool = False) -> dict:

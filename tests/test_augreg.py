@@ -180,7 +180,7 @@ def test_the_training_stream_applies_randaugment_by_sample_key(tiny_shards):
 
 def test_the_trainer_builds_its_model_with_the_configured_stochastic_depth(tmp_path):
     from pipeline.model import DropPath
-    from pipeline.train import build_model
+    from pipeline.recipe import build_model
 
     cfg = load_config(None, ["data.train=x", "train.steps=1", f"output_dir={tmp_path}", "model.name=vit_tiny_test",
                              "model.drop_path=0.1"])

@@ -14,7 +14,7 @@ from pipeline.config import (
     load_config,
     to_flat_dict,
 )
-from pipeline.train import deepspeed_config, lr_at, param_groups
+from pipeline.recipe import deepspeed_config, lr_at, param_groups
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, load_config
-from pipeline.train import loss_fn
+from pipeline.engine import loss_fn
 
 
 def test_softmax_label_smoothing_is_torchs():

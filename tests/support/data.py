@@ -81,7 +81,7 @@ def make_checkpoints(out: Path, steps: list[int], model: str = "vit_tiny_test", 
     from pipeline import checkpoint
     from pipeline.config import load_config, to_yaml
     from pipeline.engine import dist_setup
-    from pipeline.train import build_engine
+    from pipeline.recipe import build_engine
 
     _, _, device = dist_setup(standalone=True)
     overrides = [f"model.name={model}", "data.train=unused", f"output_dir={out}", "train.steps=10", "train.global_batch_size=8",

@@ -14,7 +14,7 @@ def tiny_engine(out: Path, tiny_shards: str):
     from pipeline.config import load_config, to_yaml
     from pipeline.data import StreamSpec, TrainStream
     from pipeline.engine import dist_setup
-    from pipeline.train import build_engine
+    from pipeline.recipe import build_engine
 
     _, _, device = dist_setup(standalone=True)
     cfg = load_config(None, ["model.name=vit_tiny_test", f"data.train={tiny_shards}", f"output_dir={out}", "train.steps=10",

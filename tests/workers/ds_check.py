@@ -17,8 +17,8 @@ from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.data import ShardIndex
 from pipeline.engine import dist_setup
+from pipeline.recipe import build_engine, total_steps
 from pipeline.tracking import Tracker
-from pipeline.train import build_engine, total_steps
 from pipeline.trainer import Trainer
 
 

@@ -41,8 +41,8 @@ from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.data import ShardIndex
 from pipeline.engine import dist_setup
+from pipeline.recipe import build_engine, total_steps
 from pipeline.tracking import tracking_uri
-from pipeline.train import build_engine, total_steps
 from pipeline.trainer import Trainer
 
 SEEN: dict = {}  # what the current phase handed to DeepSpeed and what DeepSpeed made of it
