@@ -48,8 +48,11 @@ def recipe_overrides(recipe: str, args) -> list[str]:
     if recipe == "plain":
         return common + ["aug.preset=none"]
     preset = {k: v for k, v in _preset(args.preset).items() if k != "preset"}
-    return common + [f"aug.preset={args.preset}", *(f"aug.{k}={v}" for k, v in preset.items()),
-                     f"model.drop_path={args.drop_path}"]
+    return common + [
+        f"aug.preset={args.preset}",
+        *(f"aug.{k}={v}" for k, v in preset.items()),
+        f"model.drop_path={args.drop_path}",
+    ]
 
 
 def _preset(name: str) -> dict:
@@ -60,19 +63,44 @@ def _preset(name: str) -> dict:
 
 def train_and_eval(shared: Path, out: Path, recipe: str, seed: int, args) -> dict:
     run = out / f"{recipe}_seed{seed}"
-    ov = [f"output_dir={run}", f"run_dir={run}", f"name={recipe}_seed{seed}", "demo.enabled=false",
-          f"data.train={shared}/shards/glyphs/train_index.json",
-          f"eval.fewshot.0.train={shared}/shards/digits/train_index.json",
-          f"eval.fewshot.0.test={shared}/shards/digits/test_index.json",
-          f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}", "train.checkpoint_at_start=false",
-          f"train.seed={seed}", "tracking.system_metrics=false", f"tracking.uri=sqlite:///{out}/mlflow.db",
-          f"optim.warmup_steps={max(1, args.steps // 10)}", "train.log_every=50",
-          *recipe_overrides(recipe, args)]
+    ov = [
+        f"output_dir={run}",
+        f"run_dir={run}",
+        f"name={recipe}_seed{seed}",
+        "demo.enabled=false",
+        f"data.train={shared}/shards/glyphs/train_index.json",
+        f"eval.fewshot.0.train={shared}/shards/digits/train_index.json",
+        f"eval.fewshot.0.test={shared}/shards/digits/test_index.json",
+        f"train.steps={args.steps}",
+        f"train.checkpoint_every={args.steps}",
+        "train.checkpoint_at_start=false",
+        f"train.seed={seed}",
+        "tracking.system_metrics=false",
+        f"tracking.uri=sqlite:///{out}/mlflow.db",
+        f"optim.warmup_steps={max(1, args.steps // 10)}",
+        "train.log_every=50",
+        *recipe_overrides(recipe, args),
+    ]
     t0 = time.time()
     if not (run / "checkpoints" / f"step_{args.steps:08d}" / "COMPLETE").exists():
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PIPELINE_QUIET": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29500 + seed * 7 + len(recipe)}",
-               "-m", "pipeline.train", str(DEMO), *ov]
+        env = {
+            **os.environ,
+            "DS_ACCELERATOR": "cpu",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "PIPELINE_QUIET": "1",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={29500 + seed * 7 + len(recipe)}",
+            "-m",
+            "pipeline.train",
+            str(DEMO),
+            *ov,
+        ]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-4000:])
@@ -88,8 +116,13 @@ def train_and_eval(shared: Path, out: Path, recipe: str, seed: int, args) -> dic
     recs = RunDir(str(run)).eval_records()[f"step_{args.steps:08d}"]
     shots = {v: recs[f"fewshot-digits{'' if v == 'raw' else '-ema'}"]["metrics"] for v in ("raw", "ema")}
     del res
-    return {"recipe": recipe, "seed": seed, "train_seconds": train_s, "eval_seconds": time.time() - t1,
-            "fewshot": {v: {k: m[k] for k in m if k.endswith("shot")} for v, m in shots.items()}}
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "train_seconds": train_s,
+        "eval_seconds": time.time() - t1,
+        "fewshot": {v: {k: m[k] for k in m if k.endswith("shot")} for v, m in shots.items()},
+    }
 
 
 def main() -> None:
@@ -112,8 +145,10 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             (out / "results.json").write_text(json.dumps({"args": vars(args), "runs": rows}, indent=1))
-    print(f"\nplain vs AugReg ({args.preset} + drop_path {args.drop_path}), {args.steps} steps, EMA {args.ema_decay} "
-          f"(warmup), seeds {args.seeds}: digits few-shot, mean ± std over seeds")
+    print(
+        f"\nplain vs AugReg ({args.preset} + drop_path {args.drop_path}), {args.steps} steps, EMA {args.ema_decay} "
+        f"(warmup), seeds {args.seeds}: digits few-shot, mean ± std over seeds"
+    )
     print("| recipe | weights | 1-shot | 5-shot | 10-shot | 25-shot |\n|---|---|---:|---:|---:|---:|")
     for recipe in ("plain", "augreg"):
         for variant in ("raw", "ema"):

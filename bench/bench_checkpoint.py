@@ -43,8 +43,19 @@ def main() -> None:
     from pipeline.recipe import build_engine
 
     _, _, device = dist_setup(standalone=True)
-    cfg = load_config(None, [f"model.name={args.model}", "data.train=unused", "train.steps=10", "train.global_batch_size=2",
-                             "data.micro_batch_size=2", "ray.num_workers=1", "deepspeed.zero_stage=2", "train.precision=bf16"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            "data.train=unused",
+            "train.steps=10",
+            "train.global_batch_size=2",
+            "data.micro_batch_size=2",
+            "ray.num_workers=1",
+            "deepspeed.zero_stage=2",
+            "train.precision=bf16",
+        ],
+    )
     engine, _ = build_engine(cfg, 1000, 10, 1, device)
     size = engine.module.spec.img_size
     x = torch.randn(2, 3, size, size, dtype=torch.bfloat16)
@@ -75,8 +86,10 @@ def main() -> None:
     for i, (save, man, check, nbytes) in enumerate(rows, 1):
         print(f"{i:>5} {save:8.2f} {man:11.2f} {check:8.2f} {man / save:14.1%} {nbytes / man / 1e9:6.2f}")
     med = sorted(rows, key=lambda t: t[1] / t[0])[len(rows) // 2]
-    print(f"median: the manifest adds {med[1]:.2f} s to a {med[0]:.2f} s save ({med[1] / med[0]:.1%}); "
-          f"a resume checks in {med[2]:.2f} s")
+    print(
+        f"median: the manifest adds {med[1]:.2f} s to a {med[0]:.2f} s save ({med[1] / med[0]:.1%}); "
+        f"a resume checks in {med[2]:.2f} s"
+    )
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 

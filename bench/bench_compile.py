@@ -52,10 +52,23 @@ def make_step(name: str, img: int, micro: int, precision: str, compiled: bool, a
     from pipeline.recipe import build_engine
 
     _, world, device = dist_setup(standalone=True)
-    cfg = load_config(None, [f"model.name={name}", f"model.img_size={img}", f"data.micro_batch_size={micro}",
-                             f"train.global_batch_size={micro}", "train.steps=100000", "optim.warmup_steps=10",
-                             f"deepspeed.zero_stage={args.zero}", f"train.precision={precision}", "data.train=unused",
-                             "ray.num_workers=1", f"train.compile.enabled={compiled}", f"train.compile.mode={args.mode}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={name}",
+            f"model.img_size={img}",
+            f"data.micro_batch_size={micro}",
+            f"train.global_batch_size={micro}",
+            "train.steps=100000",
+            "optim.warmup_steps=10",
+            f"deepspeed.zero_stage={args.zero}",
+            f"train.precision={precision}",
+            "data.train=unused",
+            "ray.num_workers=1",
+            f"train.compile.enabled={compiled}",
+            f"train.compile.mode={args.mode}",
+        ],
+    )
     engine, _ = build_engine(cfg, args.classes, cfg.train.steps, world, device)
     engine.train()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
@@ -107,10 +120,13 @@ def measure(name: str, img: int, micro: int, precision: str, args) -> dict:
     watch.close()
     times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in steps}
     for r in range(args.rounds):
-        for label in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+        for label in list(steps) if r % 2 == 0 else list(steps)[::-1]:
             times[label].append(timed(steps[label], data, args.steps))
-        print(f"[{name} {precision}] round {r + 1}/{args.rounds}: "
-              + ", ".join(f"{k} {v[-1][0]:.3f}s/step" for k, v in times.items()), flush=True)
+        print(
+            f"[{name} {precision}] round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{k} {v[-1][0]:.3f}s/step" for k, v in times.items()),
+            flush=True,
+        )
     return {"model": name, "img": img, "micro": micro, "precision": precision, "times": times, "first": first}
 
 
@@ -120,23 +136,38 @@ def report(args: argparse.Namespace, rows: list[dict]) -> None:
     import deepspeed
     import torch
 
-    print(f"\ntorch {torch.__version__}, DeepSpeed {deepspeed.__version__} ZeRO-{args.zero}, 1 rank, {args.threads} "
-          f"thread(s), compile mode {args.mode}; median of {args.rounds} rounds x {args.steps} steps after the first step; "
-          f"{platform.processor() or platform.machine()}")
-    print("\n| model | px | batch | precision | loop | s/step (median) | CPU s/step | images/CPU-s | first step s (compiling s) |")
+    print(
+        f"\ntorch {torch.__version__}, DeepSpeed {deepspeed.__version__} ZeRO-{args.zero}, 1 rank, {args.threads} "
+        f"thread(s), compile mode {args.mode}; median of {args.rounds} rounds x {args.steps} steps after the first "
+        "step; "
+        f"{platform.processor() or platform.machine()}"
+    )
+    print(
+        "\n| model | px | batch | precision | loop | s/step (median) | CPU s/step | images/CPU-s | first step s "
+        "(compiling s) |"
+    )
     print("|---|---:|---:|---|---|---:|---:|---:|---:|")
     lines = []
     for row in rows:
-        med = {k: (statistics.median(w for w, _, _ in v), statistics.median(c for _, c, _ in v)) for k, v in row["times"].items()}
+        med = {
+            k: (statistics.median(w for w, _, _ in v), statistics.median(c for _, c, _ in v))
+            for k, v in row["times"].items()
+        }
         for label, (wall, cpu) in med.items():
             f = row["first"][label]
-            print(f"| {row['model']} | {row['img']} | {row['micro']} | {row['precision']} | {label} | {wall:.3f} | {cpu:.3f} "
-                  f"| {row['micro'] / cpu:.1f} | {f['wall']:.1f} ({f['compile_s']:.1f}) |")
+            print(
+                f"| {row['model']} | {row['img']} | {row['micro']} | {row['precision']} | {label} | {wall:.3f} | "
+                f"{cpu:.3f} "
+                f"| {row['micro'] / cpu:.1f} | {f['wall']:.1f} ({f['compile_s']:.1f}) |"
+            )
         losses = {k: v[-1][2] for k, v in row["times"].items()}
-        lines.append(f"- {row['model']} {row['precision']}: compiled / eager = {med['eager'][1] / med['compiled'][1]:.2f}x per "
-                     f"CPU-second, {med['eager'][0] / med['compiled'][0]:.2f}x wall; first step {row['first']['compiled']['wall']:.1f} s "
-                     f"compiled vs {row['first']['eager']['wall']:.1f} s eager; last loss {losses['compiled']:.5f} vs "
-                     f"{losses['eager']:.5f}")
+        lines.append(
+            f"- {row['model']} {row['precision']}: compiled / eager = {med['eager'][1] / med['compiled'][1]:.2f}x per "
+            f"CPU-second, {med['eager'][0] / med['compiled'][0]:.2f}x wall; first step "
+            f"{row['first']['compiled']['wall']:.1f} s "
+            f"compiled vs {row['first']['eager']['wall']:.1f} s eager; last loss {losses['compiled']:.5f} vs "
+            f"{losses['eager']:.5f}"
+        )
     print("\n" + "\n".join(lines))
 
 
@@ -146,7 +177,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     rows = []
-    models, imgs, micros = args.models.split(","), [int(v) for v in args.img.split(",")], [int(v) for v in args.micro.split(",")]
+    models, imgs, micros = (
+        args.models.split(","),
+        [int(v) for v in args.img.split(",")],
+        [int(v) for v in args.micro.split(",")],
+    )
     for name, img, micro in zip(models, imgs, micros, strict=True):
         for precision in args.precisions.split(","):
             rows.append(measure(name, img, micro, precision, args))

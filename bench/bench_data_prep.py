@@ -58,12 +58,15 @@ def make_images(root: Path, n: int, seed: int = 0) -> list[Path]:
         cls = root / f"class{i % 10:02d}"
         cls.mkdir(parents=True, exist_ok=True)
         low = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-        field = np.asarray(Image.fromarray(low).resize((500, 375), Image.Resampling.BICUBIC),
-                           dtype=np.float32)
+        field = np.asarray(Image.fromarray(low).resize((500, 375), Image.Resampling.BICUBIC), dtype=np.float32)
         gx, gy = rng.uniform(-0.2, 0.2, 2)
         field += (gx * xx + gy * yy)[..., None]
-        detail = np.asarray(Image.fromarray(rng.integers(0, 256, (94, 125), dtype=np.uint8))
-                            .resize((500, 375), Image.Resampling.BILINEAR), dtype=np.float32)
+        detail = np.asarray(
+            Image.fromarray(rng.integers(0, 256, (94, 125), dtype=np.uint8)).resize(
+                (500, 375), Image.Resampling.BILINEAR
+            ),
+            dtype=np.float32,
+        )
         field += (detail[..., None] - 128) * 0.25 + rng.normal(0, 4, field.shape)
         img = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
         if i % 4 == 3:
@@ -89,9 +92,12 @@ def bare_loop(paths: list[Path]) -> None:
 
 def config(source: Path, output: Path, n: int, in_flight: int = 0) -> PrepConfig:
     return PrepConfig(
-        source=str(source), output=str(output), shard_size=max(1, n // 8),
+        source=str(source),
+        output=str(output),
+        shard_size=max(1, n // 8),
         image=ImageConfig(resize_mode="shorter", size=SIZE, quality=QUALITY),
-        max_in_flight=in_flight, io_threads=4,
+        max_in_flight=in_flight,
+        io_threads=4,
     )
 
 
@@ -115,8 +121,7 @@ def bench_throughput(work: Path, n: int, rounds: int) -> tuple[list[Row], dict[s
     t = time.perf_counter()
     paths = make_images(src, n)
     mb = sum(p.stat().st_size for p in paths) / 1e6
-    print(f"made {n} JPEGs ({mb / n * 1000:.0f} KB each) in {time.perf_counter() - t:.0f}s",
-          flush=True)
+    print(f"made {n} JPEGs ({mb / n * 1000:.0f} KB each) in {time.perf_counter() - t:.0f}s", flush=True)
     cfg = config(src, work / "inproc", n)
     plan = build_plan(cfg)
 
@@ -127,10 +132,18 @@ def bench_throughput(work: Path, n: int, rounds: int) -> tuple[list[Row], dict[s
     local = interleaved({"bare": lambda: bare_loop(paths), "ours": in_process}, rounds)
     median = statistics.median
     rows = [
-        Row("bare Pillow loop", n / median(w for w, _, _ in local["bare"]),
-            n / median(c for _, c, _ in local["bare"]), 1),
-        Row("data_prep write_shard, in-process", n / median(w for w, _, _ in local["ours"]),
-            n / median(c for _, c, _ in local["ours"]), 1),
+        Row(
+            "bare Pillow loop",
+            n / median(w for w, _, _ in local["bare"]),
+            n / median(c for _, c, _ in local["bare"]),
+            1,
+        ),
+        Row(
+            "data_prep write_shard, in-process",
+            n / median(w for w, _, _ in local["ours"]),
+            n / median(c for _, c, _ in local["ours"]),
+            1,
+        ),
     ]
     ratios = {
         "inproc_wall": median(b[0] / o[0] for b, o in zip(local["bare"], local["ours"], strict=True)),
@@ -180,22 +193,28 @@ def bench_planner_rss(work: Path, entries: int) -> tuple[float, float, float]:
     labels = rng.integers(0, 21841, entries)
     with open(manifest, "w") as f:
         for i, label in enumerate(labels.tolist()):
-            f.write(json.dumps({"path": f"n{label:08d}/n{label:08d}_{i}.JPEG",
-                                "label": f"n{label:08d}", "size": 110_000}) + "\n")
+            f.write(
+                json.dumps({"path": f"n{label:08d}/n{label:08d}_{i}.JPEG", "label": f"n{label:08d}", "size": 110_000})
+                + "\n"
+            )
     repo = Path(__file__).resolve().parents[1]
 
     def peak(cmd: list[str]) -> tuple[float, float]:
         t = time.perf_counter()
         # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: measure in a fresh shell.
-        probe = ("import resource,subprocess,sys;subprocess.run(sys.argv[1:],check=True,"
-                 "stdout=subprocess.DEVNULL);"
-                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        out = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=repo, check=True,
-                             capture_output=True, text=True).stdout
+        probe = (
+            "import resource,subprocess,sys;subprocess.run(sys.argv[1:],check=True,"
+            "stdout=subprocess.DEVNULL);"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe, *cmd], cwd=repo, check=True, capture_output=True, text=True
+        ).stdout
         return int(out.split()[-1]) / 1024, time.perf_counter() - t
 
-    dry, seconds = peak([sys.executable, "-m", "data_prep", f"source={manifest}",
-                         f"output={work / 'unused'}", "--dry-run"])
+    dry, seconds = peak(
+        [sys.executable, "-m", "data_prep", f"source={manifest}", f"output={work / 'unused'}", "--dry-run"]
+    )
     imports, _ = peak([sys.executable, "-c", "import data_prep.plan, data_prep.__main__"])
     return dry, imports, seconds
 
@@ -212,26 +231,34 @@ def main() -> None:
         rows, ratios = bench_throughput(work, args.images, args.rounds)
         rss = bench_planner_rss(work, args.rss_entries) if args.rss_entries else None
     print()
-    print(f"{args.images} JPEGs 500x375 q{QUALITY} -> shorter side {SIZE}, JPEG q{QUALITY}; "
-          f"median of {args.rounds} interleaved rounds after a warm-up; {os.cpu_count()} CPU "
-          f"cores ({platform.machine()}); 1-min load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after")
+    print(
+        f"{args.images} JPEGs 500x375 q{QUALITY} -> shorter side {SIZE}, JPEG q{QUALITY}; "
+        f"median of {args.rounds} interleaved rounds after a warm-up; {os.cpu_count()} CPU "
+        f"cores ({platform.machine()}); 1-min load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after"
+    )
     print()
     print("| run | images/s (wall) | images per CPU-second | workers | images/s per core (wall) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r.name} | {r.wall:.1f} | {r.cpu:.1f} | {r.cores} | {r.wall / r.cores:.1f} |")
     print()
-    print(f"- in-process data_prep / bare loop, one core: {ratios['inproc_wall']:.2f}x wall, "
-          f"{ratios['inproc_cpu']:.2f}x per CPU-second (target >= 0.85)")
+    print(
+        f"- in-process data_prep / bare loop, one core: {ratios['inproc_wall']:.2f}x wall, "
+        f"{ratios['inproc_cpu']:.2f}x per CPU-second (target >= 0.85)"
+    )
     print(f"- Ray 1 worker / bare loop: {ratios['ray1_over_bare']:.2f}x wall")
-    print(f"- Ray 2 workers / 1 worker: {ratios['ray2_over_ray1']:.2f}x wall (target >= 1.8); "
-          f"images per task CPU-second {ratios['ray2_over_ray1_cpu']:.2f}x; workers busy "
-          f"{ratios['busy1']:.0%} (1) and {ratios['busy2']:.0%} (2) of the shard phase")
+    print(
+        f"- Ray 2 workers / 1 worker: {ratios['ray2_over_ray1']:.2f}x wall (target >= 1.8); "
+        f"images per task CPU-second {ratios['ray2_over_ray1_cpu']:.2f}x; workers busy "
+        f"{ratios['busy1']:.0%} (1) and {ratios['busy2']:.0%} (2) of the shard phase"
+    )
     if rss:
-        print(f"- planner peak RSS, --dry-run on a {args.rss_entries:,}-entry manifest: "
-              f"{rss[0]:.0f} MB (the interpreter and imports alone: {rss[1]:.0f} MB); "
-              f"{rss[2]:.0f} s")
+        print(
+            f"- planner peak RSS, --dry-run on a {args.rss_entries:,}-entry manifest: "
+            f"{rss[0]:.0f} MB (the interpreter and imports alone: {rss[1]:.0f} MB); "
+            f"{rss[2]:.0f} s"
+        )
 
 
 if __name__ == "__main__":

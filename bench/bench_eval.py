@@ -63,21 +63,30 @@ def bench_features(rounds: int, quick: bool) -> list[tuple[str, float, float]]:
     for name, size, batch, nbatches in cases:
         torch.manual_seed(0)
         model = create_model(name, num_classes=1000).eval()
-        batches = [(torch.rand(batch, 3, size, size) * 2 - 1, torch.zeros(batch, dtype=torch.long)) for _ in range(nbatches)]
+        batches = [
+            (torch.rand(batch, 3, size, size) * 2 - 1, torch.zeros(batch, dtype=torch.long)) for _ in range(nbatches)
+        ]
         n = batch * nbatches
 
         def bare(model=model, batches=batches):
             with torch.no_grad():
                 return [model.forward_features(x).numpy() for x, _ in batches]
 
-        t = interleaved({
-            "bare": bare,
-            "fp32": lambda model=model, batches=batches: extract_features(model, batches),
-            "bf16": lambda model=model, batches=batches: extract_features(model, batches, dtype=torch.bfloat16),
-        }, rounds)
+        t = interleaved(
+            {
+                "bare": bare,
+                "fp32": lambda model=model, batches=batches: extract_features(model, batches),
+                "bf16": lambda model=model, batches=batches: extract_features(model, batches, dtype=torch.bfloat16),
+            },
+            rounds,
+        )
         for k in ("fp32", "bf16"):
             rows.append((f"{name} {size}px extract_features {k}", n / t[k], n / t["bare"]))
-        print(f"features {name} {size}px: bare {n / t['bare']:.1f} img/s, fp32 {n / t['fp32']:.1f}, bf16 {n / t['bf16']:.1f}", flush=True)
+        print(
+            f"features {name} {size}px: bare {n / t['bare']:.1f} img/s, fp32 {n / t['fp32']:.1f}, bf16 "
+            f"{n / t['bf16']:.1f}",
+            flush=True,
+        )
     return rows
 
 
@@ -129,9 +138,14 @@ def bench_ridge(rounds: int, quick: bool) -> list[tuple[str, float, float, float
         assert agree > 0.999, f"{shots}-shot: our predictions agree with sklearn's on only {agree:.4f}"
         acc = np.mean(ours == test_y)
         form = "primal D x D" if n >= dim + 1 else "dual N x N"
-        print(f"ridge {shots}-shot (N={n}, solver picks {form}): ours {t['ours']:.2f}s, dual "
-              f"{t.get('dual', float('nan')):.2f}s, sklearn {t['sklearn']:.2f}s; top-1 {acc:.3f}, agree {agree:.4f}", flush=True)
-        rows.append((f"{shots}-shot x {classes} classes x {dim}-d (N={n}, {form})", t["ours"], t["sklearn"], t.get("dual")))
+        print(
+            f"ridge {shots}-shot (N={n}, solver picks {form}): ours {t['ours']:.2f}s, dual "
+            f"{t.get('dual', float('nan')):.2f}s, sklearn {t['sklearn']:.2f}s; top-1 {acc:.3f}, agree {agree:.4f}",
+            flush=True,
+        )
+        rows.append(
+            (f"{shots}-shot x {classes} classes x {dim}-d (N={n}, {form})", t["ours"], t["sklearn"], t.get("dual"))
+        )
     return rows
 
 
@@ -148,8 +162,10 @@ def bench_finetune_step(rounds: int, quick: bool) -> tuple[float, float]:
 
     dist_setup(standalone=True)
     batch, size, steps = 32, 48, 2 if quick else 3
-    ft = OmegaConf.merge(OmegaConf.structured(FineTuneConfig), {"steps": 1000, "warmup_steps": 10, "batch_size": batch,
-                                                                "precision": "fp32", "image_size": size})
+    ft = OmegaConf.merge(
+        OmegaConf.structured(FineTuneConfig),
+        {"steps": 1000, "warmup_steps": 10, "batch_size": batch, "precision": "fp32", "image_size": size},
+    )
     x, y = torch.rand(batch, 3, size, size) * 2 - 1, torch.randint(0, 10, (batch,))
 
     def model():
@@ -179,7 +195,11 @@ def bench_finetune_step(rounds: int, quick: bool) -> tuple[float, float]:
 
     t = interleaved({"deepspeed": ds_steps, "plain": plain_steps}, rounds)
     ips = {k: steps * batch / v for k, v in t.items()}
-    print(f"fine-tune step vit_demo {size}px batch {batch}: DeepSpeed {ips['deepspeed']:.1f} img/s, plain {ips['plain']:.1f}", flush=True)
+    print(
+        f"fine-tune step vit_demo {size}px batch {batch}: DeepSpeed {ips['deepspeed']:.1f} img/s, plain "
+        f"{ips['plain']:.1f}",
+        flush=True,
+    )
     return ips["deepspeed"], ips["plain"]
 
 
@@ -190,8 +210,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
     feats = bench_features(args.rounds, args.quick)
     ridge = bench_ridge(args.rounds, args.quick)
     ds, plain = bench_finetune_step(args.rounds, args.quick)
@@ -204,7 +227,10 @@ def main() -> None:
         print(f"| ridge {name} | ours {ours:.2f} s | sklearn Ridge {skl:.2f} s | {skl / ours:.2f}x faster |")
         if dual is not None:
             print(f"| ridge {name} | ours {ours:.2f} s | dual N x N {dual:.2f} s | {dual / ours:.2f}x faster |")
-    print(f"| fine-tune step vit_demo 48px b32 | DeepSpeed engine {ds:.1f} img/s | plain PyTorch loop {plain:.1f} img/s | {ds / plain:.2f}x |")
+    print(
+        f"| fine-tune step vit_demo 48px b32 | DeepSpeed engine {ds:.1f} img/s | plain PyTorch loop {plain:.1f} "
+        f"img/s | {ds / plain:.2f}x |"
+    )
     print(f"\ntotal {time.time() - t0:.0f}s")
 
 

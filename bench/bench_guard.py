@@ -44,14 +44,26 @@ def main() -> None:
     from pipeline.recipe import build_engine
 
     rank, world, device = dist_setup(standalone="RANK" not in os.environ)
-    cfg = load_config(None, [f"model.name={args.model}", "data.train=unused", "train.steps=1000",
-                             f"train.global_batch_size={args.micro_batch * world}", f"data.micro_batch_size={args.micro_batch}",
-                             f"ray.num_workers={world}", "deepspeed.zero_stage=2", f"train.precision={args.precision}",
-                             "optim.warmup_steps=10"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            "data.train=unused",
+            "train.steps=1000",
+            f"train.global_batch_size={args.micro_batch * world}",
+            f"data.micro_batch_size={args.micro_batch}",
+            f"ray.num_workers={world}",
+            "deepspeed.zero_stage=2",
+            f"train.precision={args.precision}",
+            "optim.warmup_steps=10",
+        ],
+    )
     engine, _ = build_engine(cfg, 100, 1000, world, device)
     size = engine.module.spec.img_size
-    batch = {"images": torch.randint(0, 256, (args.micro_batch, size, size, 3), dtype=torch.uint8),
-             "targets": torch.nn.functional.one_hot(torch.randint(0, 100, (args.micro_batch,)), 100).float()}
+    batch = {
+        "images": torch.randint(0, 256, (args.micro_batch, size, size, 3), dtype=torch.uint8),
+        "targets": torch.nn.functional.one_hot(torch.randint(0, 100, (args.micro_batch,)), 100).float(),
+    }
     loss_of = functools.partial(loss_fn, kind="softmax")
     dtype = DTYPES[args.precision]
     sentry = guard.Guard(cfg.train.guard, warmup_steps=0, quiet=True)
@@ -84,8 +96,10 @@ def main() -> None:
 
     if rank == 0:
         p_med, g_med = statistics.median(plain), statistics.median(guarded)
-        print(f"model {args.model}, {args.precision}, ZeRO-2, {world} rank(s), micro-batch {args.micro_batch}, "
-              f"{args.pairs} pairs; torch {torch.__version__}")
+        print(
+            f"model {args.model}, {args.precision}, ZeRO-2, {world} rank(s), micro-batch {args.micro_batch}, "
+            f"{args.pairs} pairs; torch {torch.__version__}"
+        )
         print(f"{'step without the guard (median)':<40}{p_med * 1e3:>12.1f} ms")
         print(f"{'step with the guard (median)':<40}{g_med * 1e3:>12.1f} ms   ratio {g_med / p_med:.3f}")
         print(f"{'the guard alone, per step':<40}{own * 1e3:>12.3f} ms   {own / p_med:.4%} of a step")

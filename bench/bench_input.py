@@ -134,8 +134,7 @@ def draft_share(files: list[tuple[str, int]], size: int) -> float:
 def decode_full_size(data: bytes, size: int, rng: random.Random) -> np.ndarray:
     """`decode_train` without the reduced-scale decode: what a torchvision-style reader does."""
     with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR,
-                                        box=inception_crop_box(*img.size, rng, AREA))
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR, box=inception_crop_box(*img.size, rng, AREA))
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(img, dtype=np.uint8)
@@ -158,9 +157,19 @@ def draft_gain(files: list[tuple[str, int]], size: int, repeats: int = 2) -> flo
 
 
 def ours(index: str, workers: int, batch: int, size: int) -> Iterable[torch.Tensor]:
-    spec = StreamSpec(index_url=index, rank=0, world_size=1, num_workers=workers, batch_size=batch,
-                      image_size=size, num_classes=10, seed=SEED, shuffle_block=BLOCK, crop_area=AREA,
-                      flip=True)
+    spec = StreamSpec(
+        index_url=index,
+        rank=0,
+        world_size=1,
+        num_workers=workers,
+        batch_size=batch,
+        image_size=size,
+        num_classes=10,
+        seed=SEED,
+        shuffle_block=BLOCK,
+        crop_area=AREA,
+        flip=True,
+    )
     return (b["images"] for b in TrainStream(spec))
 
 
@@ -182,10 +191,15 @@ class _WdsTransform:
 
 def webdataset(index: str, workers: int, batch: int, size: int) -> Iterable[torch.Tensor]:
     urls = [url for url, _ in ShardIndex.load(index).shards]
-    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=SEED)
-               .shuffle(BLOCK).map(_WdsTransform(size)).batched(batch, collation_fn=_collate))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                         prefetch_factor=2 if workers else None)
+    dataset = (
+        wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=SEED)
+        .shuffle(BLOCK)
+        .map(_WdsTransform(size))
+        .batched(batch, collation_fn=_collate)
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None
+    )
     return (images for images, _ in loader)
 
 
@@ -207,10 +221,17 @@ class ClassFolders(torch.utils.data.Dataset):
 
 def class_folders(files: list[tuple[str, int]], workers: int, batch: int, size: int) -> Iterable[torch.Tensor]:
     dataset = ClassFolders(files, size)
-    sampler = torch.utils.data.RandomSampler(dataset, num_samples=4 * len(dataset),
-                                             generator=torch.Generator().manual_seed(SEED))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                         collate_fn=_collate, prefetch_factor=2 if workers else None)
+    sampler = torch.utils.data.RandomSampler(
+        dataset, num_samples=4 * len(dataset), generator=torch.Generator().manual_seed(SEED)
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=2 if workers else None,
+    )
     return (images for images, _ in loader)
 
 
@@ -220,7 +241,7 @@ def decoder(files: list[tuple[str, int]], images: int, size: int) -> Run:
     datas = [Path(p).read_bytes() for p, _ in files]
     t, cpu, seen = time.perf_counter(), time.process_time(), 0
     while seen < images:
-        for i, data in enumerate(datas[:images - seen]):
+        for i, data in enumerate(datas[: images - seen]):
             decode_train(data, size, seeded_rng(SEED, i), AREA, True)
         seen += min(len(datas), images - seen)
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
@@ -259,13 +280,16 @@ def bench(work: Path, n: int, rounds: int, batch: int, size: int) -> dict:
         files = unpack(index, work / f"folders-{shorter or 'orig'}")
         kb_fmt = sum(os.path.getsize(p) for p, _ in files) / len(files) / 1e3
         formats[name] = (index, files, kb_fmt, draft_share(files, size), draft_gain(files, size))
-    print(f"made {n} JPEGs ({kb:.0f} KB each), sharded and unpacked twice in "
-          f"{time.perf_counter() - t:.0f}s", flush=True)
+    print(
+        f"made {n} JPEGs ({kb:.0f} KB each), sharded and unpacked twice in {time.perf_counter() - t:.0f}s", flush=True
+    )
 
     def makers(index: str, files: list, workers: int) -> dict[str, Callable[[], Iterable[torch.Tensor]]]:
-        return {"ours": lambda: ours(index, workers, batch, size),
-                "webdataset": lambda: webdataset(index, workers, batch, size),
-                "class folders": lambda: class_folders(files, workers, batch, size)}
+        return {
+            "ours": lambda: ours(index, workers, batch, size),
+            "webdataset": lambda: webdataset(index, workers, batch, size),
+            "class folders": lambda: class_folders(files, workers, batch, size),
+        }
 
     results: dict[tuple[str, int, str], list[Run]] = {}
     for r in range(rounds + 1):  # round 0 is the warm-up
@@ -275,13 +299,12 @@ def bench(work: Path, n: int, rounds: int, batch: int, size: int) -> dict:
                 results.setdefault((fmt, 1, DECODER), []).append(run)
             for workers in (1, 2):
                 fns = makers(index, files, workers)
-                names = PIPELINES[r % 3:] + PIPELINES[:r % 3]
+                names = PIPELINES[r % 3 :] + PIPELINES[: r % 3]
                 for name in names:
                     run = timed(fns[name], n)
                     if r:
                         results.setdefault((fmt, workers, name), []).append(run)
-        print(f"round {r}{' (warm-up)' if r == 0 else ''} done, 1-min load {os.getloadavg()[0]:.1f}",
-              flush=True)
+        print(f"round {r}{' (warm-up)' if r == 0 else ''} done, 1-min load {os.getloadavg()[0]:.1f}", flush=True)
     return {"formats": formats, "results": results, "kb": kb}
 
 
@@ -289,52 +312,67 @@ def report(out: dict, args: argparse.Namespace, load_before: float) -> None:
     med = statistics.median
     res = out["results"]
     print()
-    print(f"{args.images} JPEGs 500x375 / 375x500 q90 ({out['kb']:.0f} KB) -> inception crop area "
-          f"{AREA}, flip, bilinear {args.size}px, batch {args.batch}, normalised by the consumer; "
-          f"median of {args.rounds} rounds after a warm-up; {os.cpu_count()} CPU cores "
-          f"({platform.machine()}); 1-min load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after")
+    print(
+        f"{args.images} JPEGs 500x375 / 375x500 q90 ({out['kb']:.0f} KB) -> inception crop area "
+        f"{AREA}, flip, bilinear {args.size}px, batch {args.batch}, normalised by the consumer; "
+        f"median of {args.rounds} rounds after a warm-up; {os.cpu_count()} CPU cores "
+        f"({platform.machine()}); 1-min load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after"
+    )
     print()
-    print("| shards | KB/image | draft hits | workers | pipeline | images/s (wall) | images/s per worker "
-          "| images per worker CPU-s | consumer CPU share |")
+    print(
+        "| shards | KB/image | draft hits | workers | pipeline | images/s (wall) | images/s per worker "
+        "| images per worker CPU-s | consumer CPU share |"
+    )
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for fmt, (_, _, kb, hits, _) in out["formats"].items():
         runs = res[(fmt, 1, DECODER)]
         wall = med(r.wall for r in runs)
-        print(f"| {fmt} | {kb:.0f} | {hits:.0%} | in-process | {DECODER} (baseline) | {wall:.1f} | "
-              f"{wall:.1f} | {med(r.worker_cpu for r in runs):.1f} | - |")
+        print(
+            f"| {fmt} | {kb:.0f} | {hits:.0%} | in-process | {DECODER} (baseline) | {wall:.1f} | "
+            f"{wall:.1f} | {med(r.worker_cpu for r in runs):.1f} | - |"
+        )
         for workers in (1, 2):
             for name in PIPELINES:
                 runs = res[(fmt, workers, name)]
                 wall = med(r.wall for r in runs)
-                print(f"| {fmt} | {kb:.0f} | {hits:.0%} | {workers} | {name} | {wall:.1f} | "
-                      f"{wall / workers:.1f} | {med(r.worker_cpu for r in runs):.1f} | "
-                      f"{med(r.main_cpu for r in runs):.0%} |")
+                print(
+                    f"| {fmt} | {kb:.0f} | {hits:.0%} | {workers} | {name} | {wall:.1f} | "
+                    f"{wall / workers:.1f} | {med(r.worker_cpu for r in runs):.1f} | "
+                    f"{med(r.main_cpu for r in runs):.0%} |"
+                )
     print()
 
     def ratio(a: tuple, b: tuple, field: str = "wall") -> float:
         return med(getattr(x, field) / getattr(y, field) for x, y in zip(res[a], res[b], strict=True))
 
     for fmt, (*_, hits, gain) in out["formats"].items():
-        print(f"- {fmt}: reduced-scale decoding fires on {hits:.0%} of crops at {args.size}px; "
-              f"decode_train / full-size decode, in-process: {gain:.2f}x per CPU-second")
+        print(
+            f"- {fmt}: reduced-scale decoding fires on {hits:.0%} of crops at {args.size}px; "
+            f"decode_train / full-size decode, in-process: {gain:.2f}x per CPU-second"
+        )
         for workers in (1, 2):
-            print(f"- {fmt}, {workers} worker(s): ours / {DECODER} "
-                  f"{ratio((fmt, workers, 'ours'), (fmt, 1, DECODER), 'worker_cpu'):.2f}x per worker "
-                  f"CPU-s (target >= 0.9); webdataset / {DECODER} "
-                  f"{ratio((fmt, workers, 'webdataset'), (fmt, 1, DECODER), 'worker_cpu'):.2f}x")
-            print(f"- {fmt}, {workers} worker(s): ours / webdataset "
-                  f"{ratio((fmt, workers, 'ours'), (fmt, workers, 'webdataset')):.2f}x wall, "
-                  f"{ratio((fmt, workers, 'ours'), (fmt, workers, 'webdataset'), 'worker_cpu'):.2f}x per "
-                  f"worker CPU-s (target >= 1.0); ours / class folders "
-                  f"{ratio((fmt, workers, 'ours'), (fmt, workers, 'class folders')):.2f}x wall, "
-                  f"{ratio((fmt, workers, 'ours'), (fmt, workers, 'class folders'), 'worker_cpu'):.2f}x "
-                  f"per worker CPU-s")
+            print(
+                f"- {fmt}, {workers} worker(s): ours / {DECODER} "
+                f"{ratio((fmt, workers, 'ours'), (fmt, 1, DECODER), 'worker_cpu'):.2f}x per worker "
+                f"CPU-s (target >= 0.9); webdataset / {DECODER} "
+                f"{ratio((fmt, workers, 'webdataset'), (fmt, 1, DECODER), 'worker_cpu'):.2f}x"
+            )
+            print(
+                f"- {fmt}, {workers} worker(s): ours / webdataset "
+                f"{ratio((fmt, workers, 'ours'), (fmt, workers, 'webdataset')):.2f}x wall, "
+                f"{ratio((fmt, workers, 'ours'), (fmt, workers, 'webdataset'), 'worker_cpu'):.2f}x per "
+                f"worker CPU-s (target >= 1.0); ours / class folders "
+                f"{ratio((fmt, workers, 'ours'), (fmt, workers, 'class folders')):.2f}x wall, "
+                f"{ratio((fmt, workers, 'ours'), (fmt, workers, 'class folders'), 'worker_cpu'):.2f}x "
+                f"per worker CPU-s"
+            )
         scaling = ", ".join(f"{name} {ratio((fmt, 2, name), (fmt, 1, name)):.2f}x" for name in PIPELINES)
-        per_cpu = ", ".join(f"{name} {ratio((fmt, 2, name), (fmt, 1, name), 'worker_cpu'):.2f}x"
-                            for name in PIPELINES)
-        print(f"- {fmt}, 2 workers / 1 worker: wall {scaling} (target >= 1.8 on 2 idle cores); "
-              f"per worker CPU-s {per_cpu} (what a second worker costs per image)")
+        per_cpu = ", ".join(f"{name} {ratio((fmt, 2, name), (fmt, 1, name), 'worker_cpu'):.2f}x" for name in PIPELINES)
+        print(
+            f"- {fmt}, 2 workers / 1 worker: wall {scaling} (target >= 1.8 on 2 idle cores); "
+            f"per worker CPU-s {per_cpu} (what a second worker costs per image)"
+        )
 
 
 def main() -> None:

@@ -71,11 +71,14 @@ def make_manifest(path: Path, lines: int, seed: int = 0) -> None:
             k = rng.integers(3, 5, n)
             labels = rng.integers(0, CLASSES, (n, 4))
             ids = rng.integers(0, 1 << 62, n)
-            f.write("".join(
-                f'{{"path":"jft/{(lo + i) % 4096:04d}/{lo + i:09d}.jpg","labels":['
-                + ",".join(f'"c{c:05d}"' for c in labels[i, :k[i]])
-                + f'],"id":"{ids[i]:016x}"}}\n'
-                for i in range(n)))
+            f.write(
+                "".join(
+                    f'{{"path":"jft/{(lo + i) % 4096:04d}/{lo + i:09d}.jpg","labels":['
+                    + ",".join(f'"c{c:05d}"' for c in labels[i, : k[i]])
+                    + f'],"id":"{ids[i]:016x}"}}\n'
+                    for i in range(n)
+                )
+            )
 
 
 def dir_size(path: Path) -> int:
@@ -97,17 +100,30 @@ def descendants_cpu() -> dict[int, float]:
     return out
 
 
-def run_driver(source: Path, output: Path, on_ray: int, tasks: int, range_bytes: int,
-               env: dict, holdout: int = 50_000) -> dict:
+def run_driver(
+    source: Path, output: Path, on_ray: int, tasks: int, range_bytes: int, env: dict, holdout: int = 50_000
+) -> dict:
     """Plan in a fresh Python process; its figures, with the peak size of its TMPDIR and the
     CPU seconds the Ray cluster's processes used meanwhile (polled every 0.2 s, so that a
     worker that exits with the driver is counted up to its last poll)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-plan-tmp-"))
-    code = DRIVER.format(root=str(ROOT), source=str(source), output=str(output),
-                         on_ray=on_ray, tasks=tasks, range_bytes=range_bytes, holdout=holdout)
+    code = DRIVER.format(
+        root=str(ROOT),
+        source=str(source),
+        output=str(output),
+        on_ray=on_ray,
+        tasks=tasks,
+        range_bytes=range_bytes,
+        holdout=holdout,
+    )
     before = descendants_cpu()
-    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(env, TMPDIR=str(tmp)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=dict(env, TMPDIR=str(tmp)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     peak = [0]
     last: dict[int, float] = {}
 
@@ -148,15 +164,24 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=3_000_000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--keep", help="folder for the manifest (kept and reused)")
-    parser.add_argument("--range-mb", type=int, default=16,
-                        help="planning.range_bytes and bucket_bytes, MiB (enough ranges and "
-                             "buckets for 2 tasks to share evenly; the plan does not change)")
-    parser.add_argument("--modes", default="in-process,ray-1,ray-2",
-                        help="which planners to run, of in-process, ray-1 and ray-2 (the 30M run by hand "
-                             "may take only ray-2: the others grow linearly and are measured at 3M)")
+    parser.add_argument(
+        "--range-mb",
+        type=int,
+        default=16,
+        help="planning.range_bytes and bucket_bytes, MiB (enough ranges and "
+        "buckets for 2 tasks to share evenly; the plan does not change)",
+    )
+    parser.add_argument(
+        "--modes",
+        default="in-process,ray-1,ray-2",
+        help="which planners to run, of in-process, ray-1 and ray-2 (the 30M run by hand "
+        "may take only ray-2: the others grow linearly and are measured at 3M)",
+    )
     parser.add_argument("--holdout", type=int, default=50_000, help="records carved out for the holdout split")
-    parser.add_argument("--address", help="plan on this running Ray cluster instead of starting one "
-                                          "(its processes' CPU is then not counted)")
+    parser.add_argument(
+        "--address",
+        help="plan on this running Ray cluster instead of starting one (its processes' CPU is then not counted)",
+    )
     args = parser.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-plan-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -164,8 +189,7 @@ def main() -> None:
     if not source.exists():
         t = time.perf_counter()
         make_manifest(source, args.lines)
-        print(f"wrote {source} ({source.stat().st_size / 1e6:.0f} MB) in "
-              f"{time.perf_counter() - t:.0f} s")
+        print(f"wrote {source} ({source.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.0f} s")
     import ray
 
     if args.address:
@@ -191,12 +215,14 @@ def main() -> None:
                 rows[name].append(r)
                 if on_ray:
                     digests.add(plan_digest(output))
-                print(f"{name:>13}: {r['records'] / r['seconds']:>9,.0f} records/s  "
-                      f"{r['records'] / r['cpu_s']:>9,.0f} records/CPU-s  "
-                      f"{r['seconds']:6.1f} s  peak RSS {r['rss_mb']:5.0f} MB  "
-                      f"driver wrote {r['write_bytes'] / 1e6:8.1f} MB  "
-                      f"TMPDIR peak {r['tmpdir_peak_bytes'] / 1e6:8.1f} MB  load {load:.1f}",
-                      flush=True)
+                print(
+                    f"{name:>13}: {r['records'] / r['seconds']:>9,.0f} records/s  "
+                    f"{r['records'] / r['cpu_s']:>9,.0f} records/CPU-s  "
+                    f"{r['seconds']:6.1f} s  peak RSS {r['rss_mb']:5.0f} MB  "
+                    f"driver wrote {r['write_bytes'] / 1e6:8.1f} MB  "
+                    f"TMPDIR peak {r['tmpdir_peak_bytes'] / 1e6:8.1f} MB  load {load:.1f}",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
         shutil.rmtree(work / "out", ignore_errors=True)
@@ -204,14 +230,17 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     best = {name: max(r["records"] / r["seconds"] for r in rs) for name, rs in rows.items()}
     per_cpu = {name: max(r["records"] / r["cpu_s"] for r in rs) for name, rs in rows.items()}
-    print(f"\n{args.lines:,} lines, best of {args.rounds}: "
-          + ", ".join(f"{k} {v:,.0f}/s ({per_cpu[k]:,.0f}/CPU-s)" for k, v in best.items()))
+    print(
+        f"\n{args.lines:,} lines, best of {args.rounds}: "
+        + ", ".join(f"{k} {v:,.0f}/s ({per_cpu[k]:,.0f}/CPU-s)" for k, v in best.items())
+    )
     if {"ray, 1 task", "ray, 2 tasks"} <= set(best):
-        print(f"ray 2 tasks / 1 task: {best['ray, 2 tasks'] / best['ray, 1 task']:.2f}x wall "
-              "(target >= 1.8)")
+        print(f"ray 2 tasks / 1 task: {best['ray, 2 tasks'] / best['ray, 1 task']:.2f}x wall (target >= 1.8)")
     if {"ray, 1 task", "in-process"} <= set(best):
-        print(f"ray 1 task / in-process: {best['ray, 1 task'] / best['in-process']:.2f}x wall, "
-              f"{per_cpu['ray, 1 task'] / per_cpu['in-process']:.2f}x per CPU-second (target >= 1)")
+        print(
+            f"ray 1 task / in-process: {best['ray, 1 task'] / best['in-process']:.2f}x wall, "
+            f"{per_cpu['ray, 1 task'] / per_cpu['in-process']:.2f}x per CPU-second (target >= 1)"
+        )
     if len(rows) - ("in-process" in rows) > 1:
         print(f"ray plans byte-identical across task counts: {len(digests) == 1}")
 

@@ -40,9 +40,19 @@ def main() -> None:
     from pipeline.recipe import build_engine
 
     rank, world, device = dist_setup()
-    cfg = load_config(None, [f"model.name={args.model}", "data.train=unused", "train.steps=10",
-                             f"train.global_batch_size={2 * world}", "data.micro_batch_size=2", f"ray.num_workers={world}",
-                             f"deepspeed.zero_stage={args.stage}", "train.precision=bf16"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            "data.train=unused",
+            "train.steps=10",
+            f"train.global_batch_size={2 * world}",
+            "data.micro_batch_size=2",
+            f"ray.num_workers={world}",
+            f"deepspeed.zero_stage={args.stage}",
+            "train.precision=bf16",
+        ],
+    )
     engine, _ = build_engine(cfg, 1000, 10, world, device)
     size = engine.module.spec.img_size
     x = torch.randn(2, 3, size, size, dtype=torch.bfloat16)
@@ -61,8 +71,12 @@ def main() -> None:
         out = checkpoint.to_universal(ckpt_dir, tag, str(Path(box[0]) / "universal"))
         seconds = time.perf_counter() - t0
         ugb = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 1e9
-        print(f"{args.model} ZeRO-{args.stage}, {world} ranks: tag {gb:.2f} GB -> universal {ugb:.2f} GB in {seconds:.1f} s "
-              f"({out})", flush=True)
+        print(
+            f"{args.model} ZeRO-{args.stage}, {world} ranks: tag {gb:.2f} GB -> universal {ugb:.2f} GB in "
+            f"{seconds:.1f} s "
+            f"({out})",
+            flush=True,
+        )
     dist.barrier()
     engine.destroy()
     dist.destroy_process_group()

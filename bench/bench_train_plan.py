@@ -1,7 +1,8 @@
 """The planner (pipeline.plan) against measurements on this CPU: activation peaks and step times.
 
     .venv/bin/python bench/bench_train_plan.py memory [--cases vit_demo:64,vit_b16:4:ckpt,...] [--precision fp32]
-    .venv/bin/python bench/bench_train_plan.py time [--calibrate vit_demo:64,vit_b16:2] [--predict vit_demo:128,vit_b16:4,vit_b32:8] [--write]
+    .venv/bin/python bench/bench_train_plan.py time [--calibrate vit_demo:64,vit_b16:2] \
+        [--predict vit_demo:128,vit_b16:4,vit_b32:8] [--write]
 
 ``memory``: each case in a fresh process (``MALLOC_MMAP_THRESHOLD_=64KiB`` so freed tensors
 go back to the system at once): the model in ``--precision`` (fp32 by default: bf16 is
@@ -36,7 +37,7 @@ DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def cases(text: str) -> list[tuple[str, int, bool]]:
-    """"model:micro[:ckpt]" items (ckpt: activation checkpointing on)."""
+    """ "model:micro[:ckpt]" items (ckpt: activation checkpointing on)."""
     return [(c.split(":")[0], int(c.split(":")[1]), c.endswith(":ckpt")) for c in text.split(",") if c]
 
 
@@ -88,18 +89,34 @@ def memory(args) -> None:
     from pipeline.model import get_spec
     from pipeline.plan import activation_bytes
 
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "65536",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     print(f"load average before: {os.getloadavg()}; {args.precision}")
-    print("| model | micro-batch | activation checkpointing | measured peak delta (MB) | plan.activation_bytes (MB) | plan / measured |")
+    print(
+        "| model | micro-batch | activation checkpointing | measured peak delta (MB) | plan.activation_bytes (MB) | "
+        "plan / measured |"
+    )
     print("|---|---:|---|---:|---:|---:|")
     for name, micro, ckpt in cases(args.cases):
-        out = subprocess.run([sys.executable, __file__, "memory-worker", f"{name}:{micro}" + (":ckpt" if ckpt else ""),
-                              args.precision], env=env, capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "memory-worker", f"{name}:{micro}" + (":ckpt" if ckpt else ""), args.precision],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
         pred = activation_bytes(get_spec(name), micro, CLASSES, precision=args.precision, recompute=ckpt) / 1e6
-        print(f"| {name} | {micro} | {'on' if ckpt else 'off'} | {r['peak_delta_mb']:.0f} | {pred:.0f} | "
-              f"{pred / r['peak_delta_mb']:.2f} |", flush=True)
+        print(
+            f"| {name} | {micro} | {'on' if ckpt else 'off'} | {r['peak_delta_mb']:.0f} | {pred:.0f} | "
+            f"{pred / r['peak_delta_mb']:.2f} |",
+            flush=True,
+        )
     print(f"load average after: {os.getloadavg()}")
 
 
@@ -131,7 +148,10 @@ def timing(args) -> None:
     torch.set_num_threads(1)
     print(f"load average before: {os.getloadavg()}")
     rates = []
-    print("| role | model | micro-batch | CPU s/step | wall s/step | model GFLOP per CPU-s | predicted CPU s/step | predicted / measured |")
+    print(
+        "| role | model | micro-batch | CPU s/step | wall s/step | model GFLOP per CPU-s | predicted CPU s/step | "
+        "predicted / measured |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, micro, _ in cases(args.calibrate):
         cpu, wall = step_cpu_seconds(name, micro, args.rounds, args.precision)
@@ -144,14 +164,20 @@ def timing(args) -> None:
         near = min(rates, key=lambda r: abs(r["width"] - spec.width))
         pred = train_flops(spec, CLASSES) * micro / (near["gflops_per_thread"] * 1e9)
         cpu, wall = step_cpu_seconds(name, micro, args.rounds, args.precision)
-        print(f"| predict (rate of {near['model']}) | {name} | {micro} | {cpu:.3f} | {wall:.3f} | "
-              f"{train_flops(spec, CLASSES) * micro / cpu / 1e9:.1f} | {pred:.3f} | {pred / cpu:.2f} |", flush=True)
+        print(
+            f"| predict (rate of {near['model']}) | {name} | {micro} | {cpu:.3f} | {wall:.3f} | "
+            f"{train_flops(spec, CLASSES) * micro / cpu / 1e9:.1f} | {pred:.3f} | {pred / cpu:.2f} |",
+            flush=True,
+        )
     print(f"load average after: {os.getloadavg()}")
     if args.write:
         path = ROOT / "bench" / "train_plan_calibration.json"
         cal = json.loads(path.read_text()) if path.is_file() else {}
-        cal["cpu"] = {"rates": rates, "source": f"bench/bench_train_plan.py time, {time.strftime('%Y-%m-%d')}, {args.precision}, 1 thread, "
-                      f"load {os.getloadavg()[0]:.1f} (bench/RESULTS.md)"}
+        cal["cpu"] = {
+            "rates": rates,
+            "source": f"bench/bench_train_plan.py time, {time.strftime('%Y-%m-%d')}, {args.precision}, 1 thread, "
+            f"load {os.getloadavg()[0]:.1f} (bench/RESULTS.md)",
+        }
         path.write_text(json.dumps(cal, indent=1) + "\n")
         print(f"wrote {path}")
 
@@ -168,7 +194,9 @@ def main() -> None:
     t.add_argument("--calibrate", default="vit_demo:64,vit_b16:2")
     t.add_argument("--predict", default="vit_demo:128,vit_b16:4,vit_b32:8")
     t.add_argument("--rounds", type=int, default=3)
-    t.add_argument("--write", action="store_true", help="store the calibrated rates in bench/train_plan_calibration.json")
+    t.add_argument(
+        "--write", action="store_true", help="store the calibrated rates in bench/train_plan_calibration.json"
+    )
     for sp in (m, t):  # bf16 is emulated, and slow, on CPUs without avx512_bf16/AMX
         sp.add_argument("--precision", choices=sorted(DTYPE), default="fp32")
     args = p.parse_args()

@@ -54,8 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def launch(args: argparse.Namespace) -> int:
     """Re-run this script under torchrun with ``args.nproc`` CPU ranks."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={free_port()}",
-           str(Path(__file__).resolve()), *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={args.nproc}",
+        f"--master_port={free_port()}",
+        str(Path(__file__).resolve()),
+        *sys.argv[1:],
+    ]
     return subprocess.call(cmd, env=env, cwd=ROOT)
 
 
@@ -70,12 +77,22 @@ def free_port() -> int:
 def config(args: argparse.Namespace, precision: str, world: int):
     from pipeline.config import load_config
 
-    return load_config(None, [
-        f"model.name={args.model}", f"model.img_size={args.img}", f"data.micro_batch_size={args.micro}",
-        f"train.global_batch_size={args.micro * world}", "train.steps=100000", "optim.warmup_steps=10",
-        f"deepspeed.zero_stage={args.zero}", f"train.precision={precision}", "data.train=unused", "train.loss=sigmoid",
-        f"ray.num_workers={world}",
-    ])
+    return load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            f"model.img_size={args.img}",
+            f"data.micro_batch_size={args.micro}",
+            f"train.global_batch_size={args.micro * world}",
+            "train.steps=100000",
+            "optim.warmup_steps=10",
+            f"deepspeed.zero_stage={args.zero}",
+            f"train.precision={precision}",
+            "data.train=unused",
+            "train.loss=sigmoid",
+            f"ray.num_workers={world}",
+        ],
+    )
 
 
 def batches(args: argparse.Namespace, rank: int, n: int = 4):
@@ -174,10 +191,14 @@ def worker(args: argparse.Namespace) -> None:
             timed(step, data, args.warmup)
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in candidates}
         for r in range(args.rounds):
-            for name in (list(candidates) if r % 2 == 0 else list(candidates)[::-1]):
+            for name in list(candidates) if r % 2 == 0 else list(candidates)[::-1]:
                 times[name].append(timed(candidates[name], data, args.steps))
             if rank == 0:
-                print(f"[{precision}] round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1][0]:.3f}s/step" for k, v in times.items()), flush=True)
+                print(
+                    f"[{precision}] round {r + 1}/{args.rounds}: "
+                    + ", ".join(f"{k} {v[-1][0]:.3f}s/step" for k, v in times.items()),
+                    flush=True,
+                )
         rows.append((precision, times))
         del candidates
     if rank == 0:
@@ -193,20 +214,32 @@ def report(args, world: int, rows, flops: float) -> None:
     import torch
 
     batch = args.micro * world
-    print(f"\n{args.model} at {args.img}px, {world} CPU ranks x {args.micro} images (global batch {batch}), "
-          f"ours = DeepSpeed {deepspeed.__version__} ZeRO-{args.zero}, baseline = torch {torch.__version__} DDP (gloo); "
-          f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps; {platform.processor() or platform.machine()}")
-    print("\n| precision | loop | s/step (median) | min | max | images/s | model GFLOP/s | CPU s/step (median, busiest rank) |")
+    print(
+        f"\n{args.model} at {args.img}px, {world} CPU ranks x {args.micro} images (global batch {batch}), "
+        f"ours = DeepSpeed {deepspeed.__version__} ZeRO-{args.zero}, baseline = torch {torch.__version__} DDP (gloo); "
+        f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps; "
+        f"{platform.processor() or platform.machine()}"
+    )
+    print(
+        "\n| precision | loop | s/step (median) | min | max | images/s | model GFLOP/s | CPU s/step (median, busiest "
+        "rank) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     ratios = []
     for precision, times in rows:
         wall = {k: [w for w, _ in v] for k, v in times.items()}
         med = {k: statistics.median(v) for k, v in wall.items()}
         for name, v in wall.items():
-            label = f"ours (DeepSpeed ZeRO-{args.zero})" if name == "ours" else "plain PyTorch DDP" + (" + autocast" if precision == "bf16" else "")
+            label = (
+                f"ours (DeepSpeed ZeRO-{args.zero})"
+                if name == "ours"
+                else "plain PyTorch DDP" + (" + autocast" if precision == "bf16" else "")
+            )
             cpu = statistics.median(c for _, c in times[name])
-            print(f"| {precision} | {label} | {med[name]:.3f} | {min(v):.3f} | {max(v):.3f} | {batch / med[name]:.1f} "
-                  f"| {batch * flops / med[name] / 1e9:.1f} | {cpu:.3f} |")
+            print(
+                f"| {precision} | {label} | {med[name]:.3f} | {min(v):.3f} | {max(v):.3f} | {batch / med[name]:.1f} "
+                f"| {batch * flops / med[name] / 1e9:.1f} | {cpu:.3f} |"
+            )
         # Both loops of a round run back to back under the same load: the per-round ratio is
         # the steadier figure on a shared machine.
         paired = statistics.median(b / o for b, o in zip(wall["baseline"], wall["ours"], strict=True))
@@ -214,8 +247,11 @@ def report(args, world: int, rows, flops: float) -> None:
         ratios.append((precision, med["baseline"] / med["ours"], paired, cpu))
     print()
     for precision, ratio, paired, cpu in ratios:
-        print(f"- {precision}: ours / baseline throughput = {ratio:.2f}x from the median wall times, {paired:.2f}x median "
-              f"of the per-round ratios, {cpu:.2f}x per CPU-second (target >= 0.9)")
+        print(
+            f"- {precision}: ours / baseline throughput = {ratio:.2f}x from the median wall times, {paired:.2f}x "
+            "median "
+            f"of the per-round ratios, {cpu:.2f}x per CPU-second (target >= 0.9)"
+        )
 
 
 def main() -> None:

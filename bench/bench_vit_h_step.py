@@ -81,8 +81,13 @@ def worker(args: argparse.Namespace) -> None:
     from pipeline.recipe import build_engine
 
     rank, world, device = dist_setup()
-    overrides = ["data.micro_batch_size=1", f"train.global_batch_size={world}", f"ray.num_workers={world}",
-                 "data.train=unused", "tracking.system_metrics=false"]
+    overrides = [
+        "data.micro_batch_size=1",
+        f"train.global_batch_size={world}",
+        f"ray.num_workers={world}",
+        "data.train=unused",
+        "tracking.system_metrics=false",
+    ]
     if args.offload != "none":
         overrides += ["deepspeed.offload_optimizer=true", f"deepspeed.offload_param={args.offload == 'all'}"]
     cfg = load_config(args.config, overrides)
@@ -103,9 +108,17 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         step_times.append(time.perf_counter() - t)
         losses.append(loss.item())
-    row.update(step_s=step_times, loss=losses, rss_after=rss_gib(), peak=peak_gib(), global_steps=engine.global_steps,
-               params=sum(p.ds_numel for p in engine.module.parameters()), zero_stage=engine.zero_optimization_stage(),
-               bf16=engine.bfloat16_enabled(), grad_checkpointing=engine.module.grad_checkpointing)
+    row.update(
+        step_s=step_times,
+        loss=losses,
+        rss_after=rss_gib(),
+        peak=peak_gib(),
+        global_steps=engine.global_steps,
+        params=sum(p.ds_numel for p in engine.module.parameters()),
+        zero_stage=engine.zero_optimization_stage(),
+        bf16=engine.bfloat16_enabled(),
+        grad_checkpointing=engine.module.grad_checkpointing,
+    )
     rows = [None] * world
     dist.all_gather_object(rows, row)
     if rank == 0:
@@ -123,22 +136,33 @@ def report(args: argparse.Namespace, rows: list[dict], wall: float) -> None:
 
     psi, n = rows[0]["params"], len(rows)
     arith = 16 * psi / n / GIB
-    print(f"\nViT-H/14 from {Path(args.config).name}: {psi / 1e6:.0f}M params, ZeRO-{rows[0]['zero_stage']}, "
-          f"bf16 {rows[0]['bf16']}, activation checkpointing {rows[0]['grad_checkpointing']}, micro batch 1 at 224 px, "
-          f"{n} CPU ranks, offload: {args.offload}; DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, "
-          f"{platform.machine()}, {psutil.virtual_memory().total / GIB:.1f} GiB RAM; whole run {wall:.0f} s")
-    print("\n| rank | build (s) | step (s) | loss | RSS built (GiB) | RSS after step | peak RSS | ZeRO-3 arithmetic 16Ψ/N | transient fp32 model 4Ψ |")
+    print(
+        f"\nViT-H/14 from {Path(args.config).name}: {psi / 1e6:.0f}M params, ZeRO-{rows[0]['zero_stage']}, "
+        f"bf16 {rows[0]['bf16']}, activation checkpointing {rows[0]['grad_checkpointing']}, micro batch 1 at 224 px, "
+        f"{n} CPU ranks, offload: {args.offload}; DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, "
+        f"{platform.machine()}, {psutil.virtual_memory().total / GIB:.1f} GiB RAM; whole run {wall:.0f} s"
+    )
+    print(
+        "\n| rank | build (s) | step (s) | loss | RSS built (GiB) | RSS after step | peak RSS | ZeRO-3 arithmetic "
+        "16Ψ/N | transient fp32 model 4Ψ |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         steps = ", ".join(f"{s:.1f}" for s in r["step_s"])
-        print(f"| {r['rank']} | {r['build_s']:.1f} | {steps} | {r['loss'][-1]:.1f} | {r['rss_built']:.2f} | {r['rss_after']:.2f} "
-              f"| {r['peak']:.2f} | {arith:.2f} | {4 * psi / GIB:.2f} |")
+        print(
+            f"| {r['rank']} | {r['build_s']:.1f} | {steps} | {r['loss'][-1]:.1f} | {r['rss_built']:.2f} | "
+            f"{r['rss_after']:.2f} "
+            f"| {r['peak']:.2f} | {arith:.2f} | {4 * psi / GIB:.2f} |"
+        )
     total_peak = sum(r["peak"] for r in rows)
     print()
     print(f"- every rank reached step {rows[0]['global_steps']}: {all(r['global_steps'] == args.steps for r in rows)}")
     print(f"- peak RSS per rank / ZeRO-3 model-state arithmetic = {max(r['peak'] for r in rows) / arith:.2f}x")
-    print(f"- sum of the ranks' peak RSS = {total_peak:.1f} GiB = {total_peak / args.budget_gib:.2f}x the {args.budget_gib:.0f} GiB budget "
-          f"({'within' if total_peak <= args.budget_gib else 'OVER'})")
+    print(
+        f"- sum of the ranks' peak RSS = {total_peak:.1f} GiB = {total_peak / args.budget_gib:.2f}x the "
+        f"{args.budget_gib:.0f} GiB budget "
+        f"({'within' if total_peak <= args.budget_gib else 'OVER'})"
+    )
 
 
 def main() -> None:
@@ -146,13 +170,33 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    env = {"MALLOC_MMAP_THRESHOLD_": str(2**20), **os.environ, "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc)), "PYTHONPATH": str(ROOT)}
+    env = {
+        "MALLOC_MMAP_THRESHOLD_": str(2**20),
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc)),
+        "PYTHONPATH": str(ROOT),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={free_port()}",
-               str(Path(__file__).resolve()), "--config", args.config, "--classes", str(args.classes),
-               "--steps", str(args.steps), "--worker", str(out), "--offload", args.offload]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={args.nproc}",
+            f"--master_port={free_port()}",
+            str(Path(__file__).resolve()),
+            "--config",
+            args.config,
+            "--classes",
+            str(args.classes),
+            "--steps",
+            str(args.steps),
+            "--worker",
+            str(out),
+            "--offload",
+            args.offload,
+        ]
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t

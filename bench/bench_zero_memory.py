@@ -101,7 +101,9 @@ def model_state_tensors(engine) -> dict[str, list]:
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)
     params = list(engine.module.parameters())
-    master = list(getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", []))
+    master = list(
+        getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", [])
+    )
     grads = [t for t in [p.grad for p in params + master] if t is not None]
     if getattr(opt, "grad_partitions_flat_buffer", None) is not None:  # ZeRO-3
         grads.append(opt.grad_partitions_flat_buffer)
@@ -111,7 +113,9 @@ def model_state_tensors(engine) -> dict[str, list]:
     return {
         "weights": [getattr(p, "ds_tensor", p) for p in params],
         "fp32_master": master,
-        "adam_moments": [v for st in base.state.values() for v in st.values() if hasattr(v, "untyped_storage") and v.numel() > 1],
+        "adam_moments": [
+            v for st in base.state.values() for v in st.values() if hasattr(v, "untyped_storage") and v.numel() > 1
+        ],
         "gradients": grads,
         "buckets": buckets,
     }
@@ -148,11 +152,20 @@ def worker(args: argparse.Namespace) -> None:
     from pipeline.recipe import build_engine
 
     rank, world, device = dist_setup()
-    cfg = load_config(None, [
-        f"model.name={args.model}", f"data.micro_batch_size={args.micro}", f"train.global_batch_size={args.micro * world}",
-        "train.steps=100", "optim.warmup_steps=10", f"deepspeed.zero_stage={args.stage}", "train.precision=bf16",
-        "data.train=unused", f"ray.num_workers={world}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            f"data.micro_batch_size={args.micro}",
+            f"train.global_batch_size={args.micro * world}",
+            "train.steps=100",
+            "optim.warmup_steps=10",
+            f"deepspeed.zero_stage={args.stage}",
+            "train.precision=bf16",
+            "data.train=unused",
+            f"ray.num_workers={world}",
+        ],
+    )
     size = 224
     images = torch.randint(0, 256, (args.micro, size, size, 3), dtype=torch.uint8)
     targets = torch.zeros(args.micro, args.classes)
@@ -173,9 +186,15 @@ def worker(args: argparse.Namespace) -> None:
     gc.collect()
     rss1 = rss_mb()
     mine = {
-        "rank": rank, "rss_before": rss0, "rss_built": rss_built, "rss_with_grads": rss_grads, "rss_after": rss1,
-        "rss_delta": max(rss_grads, rss1) - rss0, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
-        **states, "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
+        "rank": rank,
+        "rss_before": rss0,
+        "rss_built": rss_built,
+        "rss_with_grads": rss_grads,
+        "rss_after": rss1,
+        "rss_delta": max(rss_grads, rss1) - rss0,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+        **states,
+        "params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
     }
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
@@ -189,9 +208,26 @@ def run_stage(args: argparse.Namespace, stage: int) -> list[dict]:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", f"--master_port={free_port()}",
-               str(Path(__file__).resolve()), "--model", args.model, "--classes", str(args.classes), "--micro", str(args.micro),
-               "--steps", str(args.steps), "--stage", str(stage), "--worker", str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={args.nproc}",
+            f"--master_port={free_port()}",
+            str(Path(__file__).resolve()),
+            "--model",
+            args.model,
+            "--classes",
+            str(args.classes),
+            "--micro",
+            str(args.micro),
+            "--steps",
+            str(args.steps),
+            "--stage",
+            str(stage),
+            "--worker",
+            str(out),
+        ]
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
             sys.exit(f"stage {stage} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -219,7 +255,9 @@ def deepspeed_estimates(args: argparse.Namespace) -> tuple[dict[int, float], str
         estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=args.nproc)
     total, largest = z3_params(model)
     _, z2 = estimate_zero2_model_states_mem_needs(total, args.nproc, 1, cpu_offload=False)
-    _, z3, _ = estimate_zero3_model_states_mem_needs(total, largest, args.nproc, 1, cpu_offload=False, cpu_offload_params=False)
+    _, z3, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, args.nproc, 1, cpu_offload=False, cpu_offload_params=False
+    )
     return {2: z2 / MB, 3: z3 / MB}, printed.getvalue()
 
 
@@ -237,11 +275,18 @@ def report(args: argparse.Namespace, results: dict[int, list[dict]]) -> None:
     estimates, printed = deepspeed_estimates(args)
     psi = results[min(results)][0]["params"]
     n = args.nproc
-    print(f"\n{args.model} ({psi / 1e6:.1f}M params, {args.classes} classes) on {n} CPU ranks, bf16, micro batch {args.micro} "
-          f"at 224 px, {args.steps} steps; DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, {platform.machine()}; "
-          "MB = 1e6 bytes, per rank (mean of ranks; max in brackets)\n")
-    print("| ZeRO | arithmetic | DeepSpeed estimate | live storage | = weights + fp32 master + Adam moments + grads + buckets + other "
-          "| RSS delta | peak RSS | storage / arithmetic | RSS / arithmetic |")
+    print(
+        f"\n{args.model} ({psi / 1e6:.1f}M params, {args.classes} classes) on {n} CPU ranks, bf16, micro batch "
+        f"{args.micro} "
+        f"at 224 px, {args.steps} steps; DeepSpeed {deepspeed.__version__}, torch {torch.__version__}, "
+        f"{platform.machine()}; "
+        "MB = 1e6 bytes, per rank (mean of ranks; max in brackets)\n"
+    )
+    print(
+        "| ZeRO | arithmetic | DeepSpeed estimate | live storage | = weights + fp32 master + Adam moments + grads + "
+        "buckets + other "
+        "| RSS delta | peak RSS | storage / arithmetic | RSS / arithmetic |"
+    )
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
     ratios = []
     for stage, ranks in sorted(results.items()):
@@ -250,9 +295,11 @@ def report(args: argparse.Namespace, results: dict[int, list[dict]]) -> None:
         a = arithmetic(stage, psi, n)
         est = f"{estimates[stage]:.0f}" if stage in estimates else "n/a (none for stage 1)"
         parts = " + ".join(f"{mean[k]:.0f}" for k in (*KINDS, "other"))
-        print(f"| {stage} | {a:.0f} | {est} | {mean['storage_delta']:.0f} ({top['storage_delta']:.0f}) | {parts} "
-              f"| {mean['rss_delta']:.0f} ({top['rss_delta']:.0f}) | {mean['peak_rss']:.0f} ({top['peak_rss']:.0f}) "
-              f"| {mean['storage_delta'] / a:.2f} | {mean['rss_delta'] / a:.2f} |")
+        print(
+            f"| {stage} | {a:.0f} | {est} | {mean['storage_delta']:.0f} ({top['storage_delta']:.0f}) | {parts} "
+            f"| {mean['rss_delta']:.0f} ({top['rss_delta']:.0f}) | {mean['peak_rss']:.0f} ({top['peak_rss']:.0f}) "
+            f"| {mean['storage_delta'] / a:.2f} | {mean['rss_delta'] / a:.2f} |"
+        )
         ratios.append((stage, mean["storage_delta"] / a, mean["rss_delta"] / a))
     print()
     for stage, s, r in ratios:
@@ -268,8 +315,15 @@ def main() -> None:
     results = {}
     for stage in (int(s) for s in args.stages.split(",")):
         results[stage] = run_stage(args, stage)
-        print(f"ZeRO-{stage}: " + "; ".join(f"rank {r['rank']} storage +{r['storage_delta']:.0f} MB, RSS +{r['rss_delta']:.0f} MB, "
-                                            f"peak {r['peak_rss']:.0f} MB" for r in results[stage]), flush=True)
+        print(
+            f"ZeRO-{stage}: "
+            + "; ".join(
+                f"rank {r['rank']} storage +{r['storage_delta']:.0f} MB, RSS +{r['rss_delta']:.0f} MB, "
+                f"peak {r['peak_rss']:.0f} MB"
+                for r in results[stage]
+            ),
+            flush=True,
+        )
     report(args, results)
 
 

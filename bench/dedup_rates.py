@@ -80,13 +80,16 @@ def draw_scene(seed: int) -> Image.Image:
         elif shape == 3:
             draw.line(points, fill=colour, width=int(rng.integers(1, 10)))
         else:
-            draw.chord(box, float(rng.uniform(0, 360)), float(rng.uniform(0, 360)), fill=fill,
-                       outline=colour)
+            draw.chord(box, float(rng.uniform(0, 360)), float(rng.uniform(0, 360)), fill=fill, outline=colour)
     for _ in range(int(rng.integers(0, 3))):
         word = "".join(chr(c) for c in rng.integers(65, 91, int(rng.integers(3, 10))))
         font = ImageFont.load_default(size=float(rng.uniform(10, 50)))
-        draw.text((rng.uniform(0, 0.7) * w, rng.uniform(0, 0.8) * h), word, font=font,
-                  fill=tuple(int(x) for x in rng.integers(0, 256, 3)))
+        draw.text(
+            (rng.uniform(0, 0.7) * w, rng.uniform(0, 0.8) * h),
+            word,
+            font=font,
+            fill=tuple(int(x) for x in rng.integers(0, 256, 3)),
+        )
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2))))
     noisy = np.asarray(img, np.float64) + rng.normal(0, rng.uniform(0, 8), (h, w, 3))
@@ -106,8 +109,7 @@ def _crop(img: Image.Image, rng: np.random.Generator | None, box=None) -> Image.
 
 
 COPIES: dict[str, Callable[[Image.Image, np.random.Generator], bytes]] = {
-    "resized": lambda img, rng: encode(img.resize((img.width // 2, img.height // 2),
-                                                  Image.Resampling.BICUBIC)),
+    "resized": lambda img, rng: encode(img.resize((img.width // 2, img.height // 2), Image.Resampling.BICUBIC)),
     "jpeg_q50": lambda img, rng: encode(img, 50),
     "cropped": lambda img, rng: encode(_crop(img, rng)),
     "greyscale": lambda img, rng: encode(img.convert("L")),
@@ -116,8 +118,11 @@ COPIES: dict[str, Callable[[Image.Image, np.random.Generator], bytes]] = {
 
 # Crops outside the 5-10%-per-side range the defaults are made for, to show where they end.
 OTHER_CROPS = {
-    "2% each side": (0.02,) * 4, "5% each side": (0.05,) * 4, "10% each side": (0.10,) * 4,
-    "12% each side": (0.12,) * 4, "10% off the left": (0.10, 0, 0, 0),
+    "2% each side": (0.02,) * 4,
+    "5% each side": (0.05,) * 4,
+    "10% each side": (0.10,) * 4,
+    "12% each side": (0.12,) * 4,
+    "10% off the left": (0.10, 0, 0, 0),
 }
 
 
@@ -131,11 +136,15 @@ def corpus_hash(data: bytes) -> int:
 def test_index(test_jpegs: list[bytes], dedup: DedupConfig) -> NearDuplicateIndex:
     """The index the job builds for a test set of these JPEGs (ids "0", "1", ...)."""
     boxes = crop_boxes(dedup.crop, dedup.crop_shift, dedup.crop_steps)
-    hashes = [hash_crops(decode_rgb(d, ImageConfig().max_pixels, DECODE_SIDE), boxes)
-              for d in test_jpegs]
-    return NearDuplicateIndex(["test"], [str(i) for i in range(len(test_jpegs))],
-                              np.zeros(len(test_jpegs)), np.array(hashes, np.uint64), boxes,
-                              dedup.max_distance)
+    hashes = [hash_crops(decode_rgb(d, ImageConfig().max_pixels, DECODE_SIDE), boxes) for d in test_jpegs]
+    return NearDuplicateIndex(
+        ["test"],
+        [str(i) for i in range(len(test_jpegs))],
+        np.zeros(len(test_jpegs)),
+        np.array(hashes, np.uint64),
+        boxes,
+        dedup.max_distance,
+    )
 
 
 def caught(index: NearDuplicateIndex, copies: list[bytes]) -> float:
@@ -146,37 +155,41 @@ def caught(index: NearDuplicateIndex, copies: list[bytes]) -> float:
     return float(own.mean())
 
 
-def measure(n_test: int, n_corpus: int, dedup: DedupConfig, seed: int = 0,
-            other_crops: bool = False) -> dict:
+def measure(n_test: int, n_corpus: int, dedup: DedupConfig, seed: int = 0, other_crops: bool = False) -> dict:
     """Detection rate per kind of copy, false-positive rate on distinct images, and the rate
     per (corpus image, test hash) pair at each distance, for extrapolating to other sizes."""
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     test_imgs = [draw_scene(seed * 10_000_000 + i) for i in range(n_test)]
     index = test_index([encode(img) for img in test_imgs], dedup)
-    detected = {kind: caught(index, [make(img, rng) for img in test_imgs])
-                for kind, make in COPIES.items()}
-    other = {name: caught(index, [encode(_crop(img, None, box)) for img in test_imgs])
-             for name, box in OTHER_CROPS.items()} if other_crops else {}
-    corpus = np.array([corpus_hash(encode(draw_scene(seed * 10_000_000 + CORPUS_SEED + i)))
-                       for i in range(n_corpus)], np.uint64)
+    detected = {kind: caught(index, [make(img, rng) for img in test_imgs]) for kind, make in COPIES.items()}
+    other = (
+        {name: caught(index, [encode(_crop(img, None, box)) for img in test_imgs]) for name, box in OTHER_CROPS.items()}
+        if other_crops
+        else {}
+    )
+    corpus = np.array(
+        [corpus_hash(encode(draw_scene(seed * 10_000_000 + CORPUS_SEED + i))) for i in range(n_corpus)], np.uint64
+    )
     lookup = time.perf_counter()
     entry, _ = index.nearest(corpus)
     lookup = time.perf_counter() - lookup
     within = np.zeros(dedup.max_distance + 1)  # (corpus image, test hash) pairs at each distance
     for q, e in zip(corpus, entry, strict=True):
-        counts = np.bincount(popcount(index.hashes ^ q), minlength=65)[:dedup.max_distance + 1]
+        counts = np.bincount(popcount(index.hashes ^ q), minlength=65)[: dedup.max_distance + 1]
         assert (e >= 0) == (counts.sum() > 0), "the index and a full scan disagree"
         within += counts
     pairs = max(1, n_corpus * len(index.hashes))
     return {
-        "test_images": n_test, "corpus_images": n_corpus, "hashes_per_test_image":
-        len(index.boxes), "max_distance": dedup.max_distance, "detected": detected,
+        "test_images": n_test,
+        "corpus_images": n_corpus,
+        "hashes_per_test_image": len(index.boxes),
+        "max_distance": dedup.max_distance,
+        "detected": detected,
         "other_crops": other,
         "false_positives": int((entry >= 0).sum()),
         "false_positive_rate": float((entry >= 0).sum() / max(1, n_corpus)),
-        "per_pair_rate": {d: float(within[:d + 1].sum() / pairs)
-                          for d in range(0, dedup.max_distance + 1, 2)},
+        "per_pair_rate": {d: float(within[: d + 1].sum() / pairs) for d in range(0, dedup.max_distance + 1, 2)},
         "bands": len(index.tables),
         "lookup_us": 1e6 * lookup / max(1, n_corpus),
         "seconds": time.perf_counter() - start,
@@ -192,8 +205,9 @@ def index_scale(n_test: int, dedup: DedupConfig) -> str:
     boxes = crop_boxes(dedup.crop, dedup.crop_shift, dedup.crop_steps)
     hashes = rng.integers(0, 2**63, (n_test, len(boxes)), dtype=np.uint64)
     start = time.perf_counter()
-    index = NearDuplicateIndex(["t"], [f"class/{i:06d}.jpg" for i in range(n_test)],
-                               np.zeros(n_test), hashes, boxes, dedup.max_distance)
+    index = NearDuplicateIndex(
+        ["t"], [f"class/{i:06d}.jpg" for i in range(n_test)], np.zeros(n_test), hashes, boxes, dedup.max_distance
+    )
     build = time.perf_counter() - start
     queries = rng.integers(0, 2**63, 1024, dtype=np.uint64).tolist()
     start = time.perf_counter()
@@ -202,12 +216,14 @@ def index_scale(n_test: int, dedup: DedupConfig) -> str:
     one = (time.perf_counter() - start) / 256
     start = time.perf_counter()
     for i in range(0, len(queries), LOOKUP_BATCH):
-        index.matches(queries[i:i + LOOKUP_BATCH])
+        index.matches(queries[i : i + LOOKUP_BATCH])
     batched = (time.perf_counter() - start) / len(queries)
-    return (f"index of {n_test} test images x {len(boxes)} = {len(index.hashes)} hashes: built in "
-            f"{build:.1f} s, {len(index.tables)} bands, {len(pickle.dumps(index, 5)) / 1e6:.0f} MB "
-            f"pickled; lookup {batched * 1e6:.0f} us per corpus sample in batches of "
-            f"{LOOKUP_BATCH} as shard tasks do ({one * 1e6:.0f} us one at a time)")
+    return (
+        f"index of {n_test} test images x {len(boxes)} = {len(index.hashes)} hashes: built in "
+        f"{build:.1f} s, {len(index.tables)} bands, {len(pickle.dumps(index, 5)) / 1e6:.0f} MB "
+        f"pickled; lookup {batched * 1e6:.0f} us per corpus sample in batches of "
+        f"{LOOKUP_BATCH} as shard tasks do ({one * 1e6:.0f} us one at a time)"
+    )
 
 
 def main() -> None:
@@ -219,26 +235,36 @@ def main() -> None:
     parser.add_argument("--crop-shift", type=float, default=DedupConfig.crop_shift)
     parser.add_argument("--crop-steps", type=int, default=DedupConfig.crop_steps)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=int, default=0,
-                        help="only time the index of this many test images (random hashes)")
+    parser.add_argument(
+        "--scale", type=int, default=0, help="only time the index of this many test images (random hashes)"
+    )
     args = parser.parse_args()
-    dedup = DedupConfig(max_distance=args.max_distance, crop=args.crop, crop_shift=args.crop_shift,
-                        crop_steps=args.crop_steps)
+    dedup = DedupConfig(
+        max_distance=args.max_distance, crop=args.crop, crop_shift=args.crop_shift, crop_steps=args.crop_steps
+    )
     if args.scale:
         print(index_scale(args.scale, dedup))
         return
     r = measure(args.test, args.corpus, dedup, args.seed, other_crops=True)
-    print(f"{r['test_images']} test images x {r['hashes_per_test_image']} hashes, "
-          f"max_distance {r['max_distance']} bits, {r['bands']} bands")
+    print(
+        f"{r['test_images']} test images x {r['hashes_per_test_image']} hashes, "
+        f"max_distance {r['max_distance']} bits, {r['bands']} bands"
+    )
     print(f"{'copy kind':<12}{'caught':>10}")
     for kind, rate in r["detected"].items():
         print(f"{kind:<12}{rate:>10.1%}")
-    print("beyond the 5-10% per side the crops are made for: " + ", ".join(
-        f"{name} {rate:.1%}" for name, rate in r["other_crops"].items()))
-    print(f"false positives: {r['false_positives']} of {r['corpus_images']} distinct images "
-          f"({r['false_positive_rate']:.2%})")
-    print("per (corpus image, test hash) pair within d bits: " + ", ".join(
-        f"d<={d}: {p:.2e}" for d, p in r["per_pair_rate"].items()))
+    print(
+        "beyond the 5-10% per side the crops are made for: "
+        + ", ".join(f"{name} {rate:.1%}" for name, rate in r["other_crops"].items())
+    )
+    print(
+        f"false positives: {r['false_positives']} of {r['corpus_images']} distinct images "
+        f"({r['false_positive_rate']:.2%})"
+    )
+    print(
+        "per (corpus image, test hash) pair within d bits: "
+        + ", ".join(f"d<={d}: {p:.2e}" for d, p in r["per_pair_rate"].items())
+    )
     print(f"lookup {r['lookup_us']:.0f} us per corpus image (batched); {r['seconds']:.0f} s in all")
 
 

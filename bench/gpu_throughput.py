@@ -13,7 +13,8 @@ pipeline's parameter groups, gradient clipping at 1. With ``--compile`` the same
 with each block compiled (``pipeline.compile.compile_blocks``, as ``train.compile``) too; with
 ``--engine`` the pipeline's own DeepSpeed engine (``pipeline.recipe.build_engine``, bf16
 weights with fp32 masters) runs the same steps, for each ZeRO stage of ``--zero`` and each
-of ``--modes`` (``eager``; ``compiled``: ``train.compile.enabled=true``). MFU = images/s x model FLOPs per image (``flops_per_image``: forward
+of ``--modes`` (``eager``; ``compiled``: ``train.compile.enabled=true``). MFU = images/s x model
+FLOPs per image (``flops_per_image``: forward
 + backward = 3x forward, no recomputation) / the GPU's dense bf16 peak, looked up by
 device name (``--peak-tflops`` overrides). The table ends with the ratios against the
 eager loop. Without a CUDA GPU it says so and exits 0.
@@ -44,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time the plain loop with each block compiled")
     p.add_argument("--engine", action="store_true", help="also time the pipeline's DeepSpeed engine")
     p.add_argument("--zero", default="1", help="ZeRO stages of the engine, comma-separated")
-    p.add_argument("--modes", default="eager", help="the engine eager, compiled (train.compile) or both: eager,compiled")
+    p.add_argument(
+        "--modes", default="eager", help="the engine eager, compiled (train.compile) or both: eager,compiled"
+    )
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak of the GPU; 0: look it up")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke run of this script's logic
     return p.parse_args(argv)
@@ -97,13 +100,30 @@ def engine_step(name: str, batch: int, args: argparse.Namespace, zero: int = 1, 
     from pipeline.engine import dist_setup, loss_fn
     from pipeline.recipe import build_engine
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29513"}.items():
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29513",
+    }.items():
         os.environ.setdefault(key, value)
     _, world, device = dist_setup()
-    cfg = load_config(None, [f"model.name={name}", f"model.img_size={args.img}", f"data.micro_batch_size={batch}",
-                             f"train.global_batch_size={batch}", "train.steps=100000", f"deepspeed.zero_stage={zero}",
-                             f"train.compile.enabled={compiled}",
-                             "train.precision=bf16", "data.train=unused", "ray.num_workers=1"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={name}",
+            f"model.img_size={args.img}",
+            f"data.micro_batch_size={batch}",
+            f"train.global_batch_size={batch}",
+            "train.steps=100000",
+            f"deepspeed.zero_stage={zero}",
+            f"train.compile.enabled={compiled}",
+            "train.precision=bf16",
+            "data.train=unused",
+            "ray.num_workers=1",
+        ],
+    )
     engine, _ = build_engine(cfg, args.classes, cfg.train.steps, world, device)
     engine.train()
 
@@ -168,9 +188,19 @@ def main() -> int:
             per_round, warm = timed(step, batch_data, args.warmup, args.steps, args.rounds, device)
             del step
             s = statistics.median(per_round)
-            rows.append({"model": name, "loop": loop, "batch": batch, "s": s, "ips": batch / s, "warm": warm,
-                         "tflops": batch * flops / s / 1e12, "mfu": batch * flops / s / peak if peak else float("nan"),
-                         "mem": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")})
+            rows.append(
+                {
+                    "model": name,
+                    "loop": loop,
+                    "batch": batch,
+                    "s": s,
+                    "ips": batch / s,
+                    "warm": warm,
+                    "tflops": batch * flops / s / 1e12,
+                    "mfu": batch * flops / s / peak if peak else float("nan"),
+                    "mem": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
+                }
+            )
             print(f"{name} {loop}: {batch / s:.0f} images/s", flush=True)
     report(args, gpu, peak, rows)
     return 0
@@ -179,21 +209,29 @@ def main() -> int:
 def report(args: argparse.Namespace, gpu: str, peak: float, rows: list[dict]) -> None:
     import torch
 
-    print(f"\n{gpu} (dense bf16 peak {peak / 1e12:.0f} TFLOP/s), torch {torch.__version__}, {args.img} px, bf16, "
-          f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps")
+    print(
+        f"\n{gpu} (dense bf16 peak {peak / 1e12:.0f} TFLOP/s), torch {torch.__version__}, {args.img} px, bf16, "
+        f"median of {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up steps"
+    )
     print("\n| model | loop | batch | ms/step | images/s | model TFLOP/s | MFU | peak memory (GiB) | warm-up (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['loop']} | {r['batch']} | {r['s'] * 1e3:.1f} | {r['ips']:.0f} | {r['tflops']:.0f} "
-              f"| {r['mfu']:.1%} | {r['mem']:.1f} | {r['warm']:.0f} |")
+        print(
+            f"| {r['model']} | {r['loop']} | {r['batch']} | {r['s'] * 1e3:.1f} | {r['ips']:.0f} | {r['tflops']:.0f} "
+            f"| {r['mfu']:.1%} | {r['mem']:.1f} | {r['warm']:.0f} |"
+        )
     print()
     for r in rows:  # each compiled loop against the same loop eager; the engine eager against the plain loop
         same = f"{r['loop'].rsplit(' (', 1)[0]} (eager)"
-        base = next((b for b in rows if b["model"] == r["model"] and b["loop"] == same and b is not r),
-                    next(b for b in rows if b["model"] == r["model"] and b["loop"] == "plain PyTorch (eager)"))
+        base = next(
+            (b for b in rows if b["model"] == r["model"] and b["loop"] == same and b is not r),
+            next(b for b in rows if b["model"] == r["model"] and b["loop"] == "plain PyTorch (eager)"),
+        )
         if r is not base:
-            print(f"- {r['model']}: {r['loop']} / {base['loop']} = {r['ips'] / base['ips']:.2f}x "
-                  f"(MFU {r['mfu']:.1%} vs {base['mfu']:.1%})")
+            print(
+                f"- {r['model']}: {r['loop']} / {base['loop']} = {r['ips'] / base['ips']:.2f}x "
+                f"(MFU {r['mfu']:.1%} vs {base['mfu']:.1%})"
+            )
     for r in rows:
         if r["loop"].endswith("(eager)"):
             print(f"- {r['model']}: {r['loop']} MFU {r['mfu']:.1%}")

@@ -121,8 +121,9 @@ class _Batches(torch.utils.data.IterableDataset):
 def handover(images: list[np.ndarray], labels: list[list[int]], after: bool, batches: int = 16) -> float:
     """Worker CPU microseconds per image to build and hand over a batch, less building it
     in-process (measured right after, so that what remains is the hand-over)."""
-    loader = torch.utils.data.DataLoader(_Batches(images, labels, after), batch_size=None,
-                                         num_workers=1, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(
+        _Batches(images, labels, after), batch_size=None, num_workers=1, prefetch_factor=2
+    )
     it = iter(loader)
     next(it)
     worker = psutil.Process().children(recursive=True)[0]
@@ -132,8 +133,9 @@ def handover(images: list[np.ndarray], labels: list[list[int]], after: bool, bat
     total = (sum(worker.cpu_times()[:2]) - t0) * 1e6 / (batches * len(images))
     del it, loader
     gc.collect()
-    build = per_item(lambda: sum(len((batch_after if after else batch_before)(images, labels, 10)[0])
-                                 for _ in range(batches)))
+    build = per_item(
+        lambda: sum(len((batch_after if after else batch_before)(images, labels, 10)[0]) for _ in range(batches))
+    )
     return total - build
 
 
@@ -146,8 +148,9 @@ def stages(index: str, batch: int, size: int) -> dict[str, tuple[float, float]]:
     read_before = per_item(lambda: sum(1 for u in urls for _ in tarfile_samples(u)))
     read_after = per_item(lambda: sum(1 for u in urls for _ in iter_tar_samples(u)))
     samples = [s for u in urls for s in iter_tar_samples(u)]
-    decode = per_item(lambda: len([decode_train(s["jpg"], size, random.Random(i), AREA, True)
-                                   for i, s in enumerate(samples)]))
+    decode = per_item(
+        lambda: len([decode_train(s["jpg"], size, random.Random(i), AREA, True) for i, s in enumerate(samples)])
+    )
     labels = per_item(lambda: len([sample_labels(s) for s in samples]))
     images = [decode_train(s["jpg"], size, random.Random(SEED), AREA, True) for s in samples[:batch]]
     ys = [sample_labels(s) for s in samples[:batch]]
@@ -156,10 +159,14 @@ def stages(index: str, batch: int, size: int) -> dict[str, tuple[float, float]]:
         assembled[after] = per_item(lambda fn=fn: sum(len(fn(images, ys, 10)[0]) for _ in range(16)))
     x = torch.from_numpy(np.stack(images))
     normalise = per_item(lambda: sum(len(to_model_input(x)) for _ in range(16)))
-    return {"read": (read_before, read_after), "decode": (decode, decode), "labels": (labels, labels),
-            "batch": (assembled[False], assembled[True]),
-            "hand-over": (handover(images, ys, False), handover(images, ys, True)),
-            "normalise (consumer)": (normalise, normalise)}
+    return {
+        "read": (read_before, read_after),
+        "decode": (decode, decode),
+        "labels": (labels, labels),
+        "batch": (assembled[False], assembled[True]),
+        "hand-over": (handover(images, ys, False), handover(images, ys, True)),
+        "normalise (consumer)": (normalise, normalise),
+    }
 
 
 def main() -> None:
@@ -174,21 +181,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="input_breakdown-") as tmp:
         work = Path(tmp)
         make_images(work / "src", args.images)
-        indexes = {name: shard(work / "src", work / f"shards-{short or 'orig'}", args.images, short)
-                   for name, short in (("original 500x375", None), ("shorter side 256", 256))}
+        indexes = {
+            name: shard(work / "src", work / f"shards-{short or 'orig'}", args.images, short)
+            for name, short in (("original 500x375", None), ("shorter side 256", 256))
+        }
         runs: dict[str, list[dict]] = {name: [] for name in indexes}
         for r in range(args.rounds):
             for name, index in indexes.items():
                 runs[name].append(stages(index, args.batch, args.size))
             print(f"round {r} done, 1-min load {os.getloadavg()[0]:.1f}", flush=True)
-    print(f"\nCPU microseconds per image (user + system), median of {args.rounds} rounds; "
-          f"{os.cpu_count()} cores, 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+    print(
+        f"\nCPU microseconds per image (user + system), median of {args.rounds} rounds; "
+        f"{os.cpu_count()} cores, 1-min load {load:.1f} before, {os.getloadavg()[0]:.1f} after\n"
+    )
     print("| shards | stage | before | after |")
     print("|---|---|---:|---:|")
     totals = {}
     for name, rounds in runs.items():
-        med = {stage: tuple(statistics.median(r[stage][i] for r in rounds) for i in (0, 1))
-               for stage in rounds[0]}
+        med = {stage: tuple(statistics.median(r[stage][i] for r in rounds) for i in (0, 1)) for stage in rounds[0]}
         for stage, (before, after) in med.items():
             print(f"| {name} | {stage} | {before:.0f} | {after:.0f} |")
         worker = [sum(v[i] for s, v in med.items() if s != "normalise (consumer)") for i in (0, 1)]
@@ -196,8 +206,11 @@ def main() -> None:
         totals[name] = (med["decode"][0], worker)
     print()
     for name, (decode, worker) in totals.items():
-        print(f"- {name}: decode / worker total = {decode / worker[0]:.2f}x before, "
-              f"{decode / worker[1]:.2f}x after (target >= 0.9)")
+        print(
+            f"- {name}: decode / worker total = {decode / worker[0]:.2f}x before, "
+            f"{decode / worker[1]:.2f}x after (target >= 0.9)"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -42,9 +42,7 @@ class Count(logging.Handler):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--heartbeat", type=float, default=10.0, help="lease.heartbeat_s (the default: 10)"
-    )
+    p.add_argument("--heartbeat", type=float, default=10.0, help="lease.heartbeat_s (the default: 10)")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--renewals", type=int, default=20)
     args = p.parse_args()

@@ -22,12 +22,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the job (or only plan it with `--dry-run`), print the
     summary; return the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
-        description="Shard an image corpus into webdataset tars, one Ray task per shard.")
+        prog="python -m data_prep", description="Shard an image corpus into webdataset tars, one Ray task per shard."
+    )
     parser.add_argument("config", nargs="?", help="YAML file merged onto PrepConfig")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. image.size=256")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list and plan only; print the plan summary, write nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list and plan only; print the plan summary, write nothing"
+    )
     args = parser.parse_intermixed_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:
@@ -62,8 +63,7 @@ def format_plan(plan: Plan) -> str:
         f"{'split':<10}{'samples':>14}{'shards':>10}{'bytes estimate':>18}",
     ]
     for name, sp in s["splits"].items():
-        lines.append(f"{name:<10}{sp['samples']:>14,}{sp['shards']:>10,}"
-                     f"{_human_bytes(sp['bytes_estimate']):>18}")
+        lines.append(f"{name:<10}{sp['samples']:>14,}{sp['shards']:>10,}{_human_bytes(sp['bytes_estimate']):>18}")
     return "\n".join(lines)
 
 

@@ -66,8 +66,9 @@ def read_yaml(path: str | os.PathLike, seen: tuple[Path, ...] = ()) -> DictConfi
     return OmegaConf.merge(*parts, node) if parts else node
 
 
-def compose(schema: type, path: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-            base: Any = None) -> DictConfig:
+def compose(
+    schema: type, path: str | os.PathLike | None = None, overrides: Sequence[str] = (), base: Any = None
+) -> DictConfig:
     """``schema`` <- ``base`` <- the YAML at ``path`` <- ``key=value`` overrides, typed and checked
     by OmegaConf (interpolations are left for the caller to resolve). Arguments starting with
     ``--`` are not overrides and are skipped. Raises :class:`ConfigError` naming the key."""

@@ -83,7 +83,9 @@ class DedupConfig:
     perceptual hash goes into its `.json`; a sample within `max_distance` bits of a test image
     (or of one of its crops) is dropped (`exclude`) or only listed (`list`)."""
 
-    against: dict[str, str] = field(default_factory=dict)  # test-set name -> URL (class folders, image folder, manifest, or a *_index.json of our shards)
+    against: dict[str, str] = field(
+        default_factory=dict
+    )  # test-set name -> URL (class folders, image folder, manifest, or a *_index.json of our shards)
     mode: DedupMode = DedupMode.exclude
     max_distance: int = 6  # Hamming distance in bits between 64-bit pHashes
     hash: HashKind = HashKind.phash  # none: no hash in the .json (needs `against` empty)
@@ -192,12 +194,18 @@ def validate(cfg: PrepConfig) -> None:
     if cfg.io_threads < 0:
         bad("io_threads", cfg.io_threads, "must be >= 0")
     p = cfg.planning
-    for key, value in (("on_ray_bytes", p.on_ray_bytes), ("on_ray_folders", p.on_ray_folders),
-                       ("max_tasks", p.max_tasks)):
+    for key, value in (
+        ("on_ray_bytes", p.on_ray_bytes),
+        ("on_ray_folders", p.on_ray_folders),
+        ("max_tasks", p.max_tasks),
+    ):
         if value < 0:
             bad(f"planning.{key}", value, "must be >= 0")
-    for key, value in (("range_bytes", p.range_bytes), ("bucket_bytes", p.bucket_bytes),
-                       ("folders_per_task", p.folders_per_task)):
+    for key, value in (
+        ("range_bytes", p.range_bytes),
+        ("bucket_bytes", p.bucket_bytes),
+        ("folders_per_task", p.folders_per_task),
+    ):
         if value < 1:
             bad(f"planning.{key}", value, "must be >= 1")
 
@@ -229,15 +237,32 @@ def with_absolute_paths(cfg: PrepConfig) -> PrepConfig:
 
     dedup = replace(cfg.dedup, against={k: absolute(v) for k, v in cfg.dedup.against.items()})
     planning = replace(cfg.planning, scratch=absolute(cfg.planning.scratch))
-    return replace(cfg, source=absolute(cfg.source), output=absolute(cfg.output),
-                   classes_file=absolute(cfg.classes_file), dedup=dedup, planning=planning)
+    return replace(
+        cfg,
+        source=absolute(cfg.source),
+        output=absolute(cfg.output),
+        classes_file=absolute(cfg.classes_file),
+        dedup=dedup,
+        planning=planning,
+    )
 
 
 def fingerprint(cfg: PrepConfig) -> str:
     """A hash of every setting that changes the output bytes. A rerun resumes an output only
     when this matches the one its plan was made with."""
-    keys = ("source", "source_kind", "classes_file", "seed", "shard_size", "shard_bytes",
-            "assumed_sample_bytes", "holdout", "image", "train_split", "dedup")
+    keys = (
+        "source",
+        "source_kind",
+        "classes_file",
+        "seed",
+        "shard_size",
+        "shard_bytes",
+        "assumed_sample_bytes",
+        "holdout",
+        "image",
+        "train_split",
+        "dedup",
+    )
     d = asdict(cfg)
     blob = json.dumps({k: d[k] for k in keys}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -39,8 +39,7 @@ MIN_BANDS = 3  # bands of at most 22 bits: a dense table of 2**22 offsets is 16 
 
 def phash(img: Image.Image) -> int:
     """The 64-bit perceptual hash of `img` (any mode) as an int."""
-    grey = np.asarray(img.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX),
-                      dtype=np.float64)
+    grey = np.asarray(img.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX), dtype=np.float64)
     coeffs = (_DCT @ grey @ _DCT.T).ravel()[1:]
     bits = np.concatenate([[False], coeffs > np.median(coeffs)])
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
@@ -58,8 +57,9 @@ def crop_boxes(crop: float, shift: float, steps: int = 1) -> list[tuple[float, f
     if crop <= 0:
         return [WHOLE]
     offsets = sorted({round(crop + shift * k / steps, 6) for k in range(-steps, steps + 1)})
-    return [WHOLE] + [(left, top, round(2 * crop - left, 6), round(2 * crop - top, 6))
-                      for left in offsets for top in offsets]
+    return [WHOLE] + [
+        (left, top, round(2 * crop - left, 6), round(2 * crop - top, 6)) for left in offsets for top in offsets
+    ]
 
 
 def box_name(box: tuple[float, float, float, float]) -> str:
@@ -74,8 +74,11 @@ def hash_crops(img: Image.Image, boxes: list[tuple[float, float, float, float]])
     w, h = img.size
     out = []
     for left, top, right, bottom in boxes:
-        part = img if (left, top, right, bottom) == WHOLE else img.crop(
-            (round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
+        part = (
+            img
+            if (left, top, right, bottom) == WHOLE
+            else img.crop((round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
+        )
         out.append(phash(part))
     return out
 
@@ -104,10 +107,11 @@ def choose_bands(n: int, max_distance: int) -> int:
     """The band count m that minimises the expected work of one lookup: m tables probed at
     every key within max_distance // m bits, plus the candidates found (for n uniform
     hashes, n / 2**width per probed key), each verified."""
+
     def cost(m: int) -> float:
         width, radius = 64 // m, max_distance // m
         probes = sum(math.comb(width, k) for k in range(radius + 1))
-        return m * probes * (1 + n / 2.0 ** width)
+        return m * probes * (1 + n / 2.0**width)
 
     return min(range(MIN_BANDS, MAX_BANDS + 1), key=cost)
 
@@ -119,8 +123,15 @@ class NearDuplicateIndex:
     i = e // len(boxes), which belongs to test set `sets[test_set[i]]` and is called `ids[i]`
     there."""
 
-    def __init__(self, sets: list[str], ids: list[str], test_set: np.ndarray, hashes: np.ndarray,
-                 boxes: list[tuple[float, float, float, float]], max_distance: int):
+    def __init__(
+        self,
+        sets: list[str],
+        ids: list[str],
+        test_set: np.ndarray,
+        hashes: np.ndarray,
+        boxes: list[tuple[float, float, float, float]],
+        max_distance: int,
+    ):
         self.sets, self.ids, self.boxes = sets, ids, boxes
         self.test_set = np.asarray(test_set, np.int32)
         self.hashes = np.ascontiguousarray(hashes, np.uint64).ravel()
@@ -136,8 +147,10 @@ class NearDuplicateIndex:
             keys = ((self.hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)
             order = np.argsort(keys, kind="stable").astype(np.int32)
             starts = np.searchsorted(keys[order], np.arange((1 << width) + 1)).astype(np.int32)
-            masks = np.array([sum(1 << b for b in bits) for k in range(radius + 1)
-                              for bits in combinations(range(width), k)], np.int64)
+            masks = np.array(
+                [sum(1 << b for b in bits) for k in range(radius + 1) for bits in combinations(range(width), k)],
+                np.int64,
+            )
             self.tables.append((shift, width, starts, order, masks))
         blob = hashlib.sha256(json.dumps([sets, ids, boxes, max_distance]).encode())
         blob.update(self.hashes.tobytes())
@@ -187,8 +200,9 @@ class NearDuplicateIndex:
                 out.append(None)
                 continue
             image, box = divmod(entry, len(self.boxes))
-            out.append(Match(self.sets[int(self.test_set[image])], self.ids[image], distance,
-                             box_name(self.boxes[box])))
+            out.append(
+                Match(self.sets[int(self.test_set[image])], self.ids[image], distance, box_name(self.boxes[box]))
+            )
         return out
 
     def match(self, h: int) -> Match | None:

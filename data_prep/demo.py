@@ -62,9 +62,7 @@ def glyph_template(seed: int, class_index: int) -> np.ndarray:
     return (ctrl - (lo + hi) / 2) / max(float((hi - lo).max()), 1e-6)
 
 
-def _place(
-    ctrl: np.ndarray, rng: np.random.Generator, size: float, centre: np.ndarray
-) -> np.ndarray:
+def _place(ctrl: np.ndarray, rng: np.random.Generator, size: float, centre: np.ndarray) -> np.ndarray:
     """Jitter, rotate, scale and shift a template into canvas units [0, 1]."""
     ctrl = ctrl + rng.normal(0.0, 0.03, ctrl.shape)
     angle = rng.uniform(-0.3, 0.3)
@@ -97,9 +95,7 @@ def _stroke(draw: ImageDraw.ImageDraw, strokes: list[np.ndarray], canvas: int, w
         draw.line([tuple(p) for p in pts.tolist()], fill=255, width=width, joint="curve")
 
 
-def render_glyph(
-    templates: list[np.ndarray], rng: np.random.Generator, size: int = 32
-) -> Image.Image:
+def render_glyph(templates: list[np.ndarray], rng: np.random.Generator, size: int = 32) -> Image.Image:
     """One sample (RGB, size x size) showing each template once; two share the canvas."""
     if len(templates) == 1:
         placed = [_place(templates[0], rng, 0.9, np.array([0.5, 0.5]))]
@@ -107,9 +103,7 @@ def render_glyph(
         # Side by side, in random order, each at half the size.
         order = rng.permutation(len(templates))
         xs = np.linspace(0.28, 0.72, len(templates))
-        placed = [
-            _place(templates[i], rng, 0.45, np.array([xs[j], 0.5])) for j, i in enumerate(order)
-        ]
+        placed = [_place(templates[i], rng, 0.45, np.array([xs[j], 0.5])) for j, i in enumerate(order)]
     strokes = [stroke for ctrl in placed for stroke in ctrl]
     return _draw(strokes, rng, size).convert("RGB")
 
@@ -139,8 +133,12 @@ def _write_class(args: tuple) -> list[dict]:
 def _reporting_full(out_dir: str, expected: int):
     """A full disk while drawing: the partial corpus goes (a rerun draws it again) and one line
     says where and how much (``data_prep.disk``)."""
-    return reporting_full(out_dir, expected, "the partial corpus was removed; free space there or point output_dir "
-                          "at a larger disk, then rerun", cleanup=lambda: shutil.rmtree(out_dir, ignore_errors=True))
+    return reporting_full(
+        out_dir,
+        expected,
+        "the partial corpus was removed; free space there or point output_dir at a larger disk, then rerun",
+        cleanup=lambda: shutil.rmtree(out_dir, ignore_errors=True),
+    )
 
 
 def make_glyph_corpus(
@@ -161,9 +159,7 @@ def make_glyph_corpus(
     Returns ``{"out_dir", "classes", "images", "multi_label_images", "manifest", "seconds"}``.
     """
     if num_classes < 1 or per_class < 1:
-        raise ValueError(
-            f"need num_classes >= 1 and per_class >= 1, got {num_classes}, {per_class}"
-        )
+        raise ValueError(f"need num_classes >= 1 and per_class >= 1, got {num_classes}, {per_class}")
     if not 0.0 <= multi_label_fraction <= 1.0:
         raise ValueError(f"multi_label_fraction must be in [0, 1], got {multi_label_fraction}")
     if multi_label_fraction > 0 and num_classes < 2:

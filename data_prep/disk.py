@@ -39,8 +39,10 @@ def check_room(path: str | os.PathLike, needed: float, what: str) -> None:
     """Raise :class:`NoRoom` naming ``path``, its free and the ``needed`` bytes when short."""
     free = free_bytes(path)
     if free < needed:
-        raise NoRoom(f"no room on disk: {path} has {free:,} bytes free, {what} need about {int(needed):,}; free space "
-                     "there, point output_dir at a larger disk or lower train.keep_checkpoints")
+        raise NoRoom(
+            f"no room on disk: {path} has {free:,} bytes free, {what} need about {int(needed):,}; free space "
+            "there, point output_dir at a larger disk or lower train.keep_checkpoints"
+        )
 
 
 def is_full(exc: BaseException, path: str | os.PathLike | None = None, expected: float = 0) -> bool:
@@ -74,8 +76,9 @@ def full_message(path: str | os.PathLike, exc: BaseException, expected: float = 
 
 
 @contextmanager
-def reporting_full(path: str | os.PathLike, expected: float = 0, then: str = "",
-                   cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+def reporting_full(
+    path: str | os.PathLike, expected: float = 0, then: str = "", cleanup: Callable[[], None] | None = None
+) -> Iterator[None]:
     """Writes to ``path`` inside; a full disk or quota met there runs ``cleanup`` and becomes a
     one-line :class:`DiskFull`; any other error passes unchanged."""
     try:
@@ -92,4 +95,4 @@ def one_line(exc: BaseException) -> str:
     """The one line of a :class:`DiskFull` that came back wrapped (a Ray task's error carries
     the remote traceback in its text)."""
     lines = [line for line in str(exc).splitlines() if "disk full: " in line]
-    return lines[-1][lines[-1].index("disk full: "):] if lines else str(exc)
+    return lines[-1][lines[-1].index("disk full: ") :] if lines else str(exc)

@@ -138,8 +138,7 @@ class FailureWatch:
         if known > limit:
             return "certain"
         seen = self.seen + sum(p["count"] for p in self.partial.values()) + extra_seen
-        failed = (self.seen_failed + extra_failed
-                  + sum(failed_in(p) for p in self.partial.values()))
+        failed = self.seen_failed + extra_failed + sum(failed_in(p) for p in self.partial.values())
         if known + self.remaining * rate_floor(failed, seen) > limit:
             return "likely"
         return None
@@ -152,15 +151,18 @@ class FailureWatch:
             by_reason.update(p["failures"])
         seen = self.seen + sum(p["count"] for p in self.partial.values())
         failed = self.seen_failed + sum(failed_in(p) for p in self.partial.values())
-        how = ("is exceeded" if verdict == "certain" else
-               f"will be exceeded (probability of error < {STOP_DELTA:g}: rule in "
-               "data_prep.failures.FailureWatch)")
-        reasons = "; ".join(f"{r}: {n} (e.g. {self.examples.get(r, '?')})"
-                            for r, n in sorted(by_reason.items()))
-        return (f"data prep of {source} stopped early: max_failure_fraction={self.max_fraction}"
-                f" {how}: {sum(self.certain.values())} of {self.listed} listed samples failed "
-                f"for certain, {failed} of the {seen} read so far failed "
-                f"({failed / max(seen, 1):.1%}). Failures by reason: {reasons}. "
-                f"{self.finished_shards} of {shards_total} shards finished and are kept; fix "
-                f"the source and rerun the same command to resume (a shard's _stats.json marks "
-                f"it done: delete it, or the output, to redo it)")
+        how = (
+            "is exceeded"
+            if verdict == "certain"
+            else f"will be exceeded (probability of error < {STOP_DELTA:g}: rule in data_prep.failures.FailureWatch)"
+        )
+        reasons = "; ".join(f"{r}: {n} (e.g. {self.examples.get(r, '?')})" for r, n in sorted(by_reason.items()))
+        return (
+            f"data prep of {source} stopped early: max_failure_fraction={self.max_fraction}"
+            f" {how}: {sum(self.certain.values())} of {self.listed} listed samples failed "
+            f"for certain, {failed} of the {seen} read so far failed "
+            f"({failed / max(seen, 1):.1%}). Failures by reason: {reasons}. "
+            f"{self.finished_shards} of {shards_total} shards finished and are kept; fix "
+            f"the source and rerun the same command to resume (a shard's _stats.json marks "
+            f"it done: delete it, or the output, to redo it)"
+        )

@@ -17,8 +17,9 @@ from .storage import join, open_fs, write_bytes
 WIDS_KIND = "wids-shard-index-v1"
 
 
-def split_index(split: str, plan: Plan, stats: list[dict[str, Any]],
-                dedup: DedupConfig | None = None) -> dict[str, Any]:
+def split_index(
+    split: str, plan: Plan, stats: list[dict[str, Any]], dedup: DedupConfig | None = None
+) -> dict[str, Any]:
     """The wids shard index of one split, from its shards' stats in shard order; with test
     sets in `dedup`, also the near-duplicates found per test set and how many were dropped."""
     failures: Counter = Counter()
@@ -26,8 +27,9 @@ def split_index(split: str, plan: Plan, stats: list[dict[str, Any]],
     for s in stats:
         failures.update(s["failures"])
         near.update(s.get("near_duplicates", {}))
-    shardlist = [{"url": s["shard"], "nsamples": s["successes"], "filesize": s["bytes"],
-                  "md5sum": s["md5sum"]} for s in stats]
+    shardlist = [
+        {"url": s["shard"], "nsamples": s["successes"], "filesize": s["bytes"], "md5sum": s["md5sum"]} for s in stats
+    ]
     return {
         "__kind__": WIDS_KIND,
         "wids_version": 1,
@@ -43,17 +45,18 @@ def split_index(split: str, plan: Plan, stats: list[dict[str, Any]],
     }
 
 
-def _dedup_record(dedup: DedupConfig, stats: list[dict[str, Any]], near: Counter
-                  ) -> dict[str, Any]:
-    return {"dedup": {
-        "mode": dedup.mode,
-        "max_distance": dedup.max_distance,
-        "hash": dedup.hash,
-        "against": dict(sorted(dedup.against.items())),
-        "near_duplicates": dict(sorted(near.items())),
-        "dropped": sum(s.get("excluded", 0) for s in stats),
-        "listings": [s["dedup_listing"] for s in stats if s.get("dedup_listing")],
-    }}
+def _dedup_record(dedup: DedupConfig, stats: list[dict[str, Any]], near: Counter) -> dict[str, Any]:
+    return {
+        "dedup": {
+            "mode": dedup.mode,
+            "max_distance": dedup.max_distance,
+            "hash": dedup.hash,
+            "against": dict(sorted(dedup.against.items())),
+            "near_duplicates": dict(sorted(near.items())),
+            "dropped": sum(s.get("excluded", 0) for s in stats),
+            "listings": [s["dedup_listing"] for s in stats if s.get("dedup_listing")],
+        }
+    }
 
 
 def timm_info(name: str, plan: Plan, stats: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -80,12 +83,13 @@ def write_indexes(cfg: PrepConfig, plan: Plan, stats: dict[str, list[dict[str, A
     name = posixpath.basename(root.rstrip("/")) or "dataset"
     files: list[tuple[str, Any]] = [
         ("classes.txt", "".join(c + "\n" for c in plan.classes)),
-        ("sizes.json", {s["shard"]: s["successes"] for shard_stats in stats.values()
-                        for s in shard_stats}),
+        ("sizes.json", {s["shard"]: s["successes"] for shard_stats in stats.values() for s in shard_stats}),
         ("_info.json", timm_info(name, plan, stats)),
     ]
-    files += [(f"{split}_index.json", split_index(split, plan, shard_stats, cfg.dedup))
-              for split, shard_stats in stats.items()]
+    files += [
+        (f"{split}_index.json", split_index(split, plan, shard_stats, cfg.dedup))
+        for split, shard_stats in stats.items()
+    ]
     for filename, content in files:
         data = content if isinstance(content, str) else json.dumps(content, indent=1)
         write_bytes(fs, join(root, filename), data.encode("utf-8"))

@@ -47,14 +47,16 @@ HASH_CHUNK = 64  # test images per hashing task (each hashed at up to 226 crops)
 
 
 @ray.remote(num_cpus=1)
-def _shard_task(cfg: PrepConfig, split: str, index: int, give_up_after: int,
-                test_sets: NearDuplicateIndex | None) -> dict[str, Any]:
+def _shard_task(
+    cfg: PrepConfig, split: str, index: int, give_up_after: int, test_sets: NearDuplicateIndex | None
+) -> dict[str, Any]:
     return write_shard(cfg, split, index, give_up_after, test_sets)
 
 
 @ray.remote(num_cpus=1)
-def _hash_task(units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float,
-               steps: int, max_pixels: int) -> tuple[list[int], list[str], np.ndarray, list[str]]:
+def _hash_task(
+    units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float, steps: int, max_pixels: int
+) -> tuple[list[int], list[str], np.ndarray, list[str]]:
     return hash_units(units, storage_options, crop, shift, steps, max_pixels)
 
 
@@ -73,11 +75,16 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
     cfg = with_absolute_paths(cfg)
     for url in (cfg.source, cfg.output):
         if "memory" in _protocols(cfg, url):
-            raise ValueError(f"{url}: memory:// is private to one process and invisible to "
-                             "Ray workers; use a local path or an object store")
+            raise ValueError(
+                f"{url}: memory:// is private to one process and invisible to "
+                "Ray workers; use a local path or an object store"
+            )
     start = time.perf_counter()
-    test_units = [u for i, (name, url) in enumerate(cfg.dedup.against.items())
-                  for u in list_test_set(i, name, url, cfg.storage_options)]
+    test_units = [
+        u
+        for i, (name, url) in enumerate(cfg.dedup.against.items())
+        for u in list_test_set(i, name, url, cfg.storage_options)
+    ]
     plan = load_plan(cfg) or build_plan(cfg)
     _check_failures(cfg, plan, dict(plan.failures), plan.examples)
     fs, root = open_fs(cfg.output, cfg.storage_options)
@@ -87,13 +94,16 @@ def run_prep(cfg: PrepConfig) -> dict[str, Any]:
     done = list_names(fs, root)
     todo = [(s, i) for s, i in plan.shards() if shard_name(s, i) + "_stats.json" not in done]
     earlier = _read_stats(cfg, sorted(set(plan.shards()) - set(todo)))
-    watch = FailureWatch(listed=plan.listed, max_fraction=cfg.max_failure_fraction,
-                         remaining=sum(sp.num_samples for sp in plan.splits.values()),
-                         certain=Counter(plan.failures), examples=dict(plan.examples))
+    watch = FailureWatch(
+        listed=plan.listed,
+        max_fraction=cfg.max_failure_fraction,
+        remaining=sum(sp.num_samples for sp in plan.splits.values()),
+        certain=Counter(plan.failures),
+        examples=dict(plan.examples),
+    )
     for key, shard_stats in earlier.items():
         watch.finished(key, shard_stats)
-    new_stats, shard_seconds = (_run_shards(cfg, plan, todo, watch, test_units, earlier)
-                                if todo else ({}, 0.0))
+    new_stats, shard_seconds = _run_shards(cfg, plan, todo, watch, test_units, earlier) if todo else ({}, 0.0)
     stats = _by_split(plan, {**earlier, **new_stats})
     summary = _summary(cfg, plan, stats, todo, new_stats, start, shard_seconds)
     _check_failures(cfg, plan, summary["failures"], summary["examples"])
@@ -107,9 +117,14 @@ def _protocols(cfg: PrepConfig, url: str) -> tuple[str, ...]:
     return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
-def _run_shards(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch,
-                test_units: list[Unit], earlier: dict[tuple[str, int], dict[str, Any]]
-                ) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
+def _run_shards(
+    cfg: PrepConfig,
+    plan: Plan,
+    todo: list[tuple[str, int]],
+    watch: FailureWatch,
+    test_units: list[Unit],
+    earlier: dict[tuple[str, int], dict[str, Any]],
+) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=cfg.ray_address)
@@ -133,8 +148,10 @@ def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
             chunks.append([])
         chunks[-1].append(unit)
     task = _hash_task.options(max_retries=cfg.retries, **placement(cfg))
-    refs = [task.remote(chunk, cfg.storage_options, d.crop, d.crop_shift, d.crop_steps,
-                        cfg.image.max_pixels) for chunk in chunks]
+    refs = [
+        task.remote(chunk, cfg.storage_options, d.crop, d.crop_shift, d.crop_steps, cfg.image.max_pixels)
+        for chunk in chunks
+    ]
     sets: list[int] = []
     ids: list[str] = []
     hashes: list[np.ndarray] = []
@@ -146,21 +163,26 @@ def _test_set_index(cfg: PrepConfig, units: list[Unit]) -> NearDuplicateIndex:
         hashes.append(h)
         errors += e
     if errors:
-        log.warning("%d test images could not be read and are not compared against, e.g. %s",
-                    len(errors), errors[0])
+        log.warning("%d test images could not be read and are not compared against, e.g. %s", len(errors), errors[0])
     if not ids:
         raise ValueError(f"no image of the dedup test sets could be read, e.g. {errors[:1]}")
     boxes = crop_boxes(d.crop, d.crop_shift, d.crop_steps)
-    index = NearDuplicateIndex(list(d.against), ids, np.array(sets), np.concatenate(hashes),
-                               boxes, d.max_distance)
-    log.info("hashed %d test images of %d sets at %d crops in %.1f s (index %s, %d bands)",
-             len(ids), len(d.against), len(boxes), time.perf_counter() - start, index.digest,
-             len(index.tables))
+    index = NearDuplicateIndex(list(d.against), ids, np.array(sets), np.concatenate(hashes), boxes, d.max_distance)
+    log.info(
+        "hashed %d test images of %d sets at %d crops in %.1f s (index %s, %d bands)",
+        len(ids),
+        len(d.against),
+        len(boxes),
+        time.perf_counter() - start,
+        index.digest,
+        len(index.tables),
+    )
     return index
 
 
-def _check_same_test_sets(cfg: PrepConfig, test_sets: NearDuplicateIndex,
-                          earlier: dict[tuple[str, int], dict[str, Any]]) -> None:
+def _check_same_test_sets(
+    cfg: PrepConfig, test_sets: NearDuplicateIndex, earlier: dict[tuple[str, int], dict[str, Any]]
+) -> None:
     """Finished shards were de-duplicated against the same test-set hashes, or the resumed
     output would mix two test sets."""
     for key, stats in earlier.items():
@@ -169,11 +191,13 @@ def _check_same_test_sets(cfg: PrepConfig, test_sets: NearDuplicateIndex,
                 f"invalid data-prep config: dedup.against: the test sets' hashes "
                 f"({test_sets.digest}) differ from those shard {shard_name(*key)} of "
                 f"{cfg.output} was de-duplicated against ({stats.get('dedup_digest')}): "
-                "the test images changed; use a fresh output folder")
+                "the test images changed; use a fresh output folder"
+            )
 
 
-def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch,
-                test_sets_ref: ray.ObjectRef) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
+def _submit_all(
+    cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch: FailureWatch, test_sets_ref: ray.ObjectRef
+) -> tuple[dict[tuple[str, int], dict[str, Any]], float]:
     """One task per shard, at most `max_in_flight` at once (`ray.wait` backpressure); raises
     `FailureFractionExceeded`, cancelling the tasks in flight, as soon as `watch` says so."""
     max_in_flight = cfg.max_in_flight or 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -200,8 +224,9 @@ def _submit_all(cfg: PrepConfig, plan: Plan, todo: list[tuple[str, int]], watch:
                     _cancel(in_flight)
                     if isinstance(e, DiskFull):  # also a Ray task's error caused by one: its line, not its traceback
                         raise DiskFull(one_line(e)) from None
-                    raise RuntimeError(f"data-prep shard {shard_name(split, index)} failed "
-                                       f"after {cfg.retries} retries: {e}") from e
+                    raise RuntimeError(
+                        f"data-prep shard {shard_name(split, index)} failed after {cfg.retries} retries: {e}"
+                    ) from e
                 if stats.get("gave_up"):
                     watch.gave_up((split, index), stats)
                     pending.appendleft(((split, index), 0))  # redone in full unless we stop
@@ -221,8 +246,9 @@ def _give_up_after(cfg: PrepConfig, watch: FailureWatch) -> int:
     return n if n and watch.verdict(extra_seen=n, extra_failed=n) else 0
 
 
-def _check_watch(cfg: PrepConfig, plan: Plan, watch: FailureWatch,
-                 in_flight: dict[ray.ObjectRef, tuple[str, int]]) -> None:
+def _check_watch(
+    cfg: PrepConfig, plan: Plan, watch: FailureWatch, in_flight: dict[ray.ObjectRef, tuple[str, int]]
+) -> None:
     verdict = watch.verdict()
     if verdict:
         _cancel(in_flight)
@@ -235,8 +261,7 @@ def _cancel(in_flight: dict[ray.ObjectRef, tuple[str, int]]) -> None:
         ray.cancel(ref)
 
 
-def _read_stats(cfg: PrepConfig, keys: list[tuple[str, int]]
-                ) -> dict[tuple[str, int], dict[str, Any]]:
+def _read_stats(cfg: PrepConfig, keys: list[tuple[str, int]]) -> dict[tuple[str, int], dict[str, Any]]:
     """The `_stats.json` of shards finished by earlier runs."""
     fs, root = open_fs(cfg.output, cfg.storage_options)
 
@@ -246,15 +271,20 @@ def _read_stats(cfg: PrepConfig, keys: list[tuple[str, int]]
     return dict(zip(keys, ordered_map(read, keys, cfg.io_threads), strict=True))
 
 
-def _by_split(plan: Plan, stats: dict[tuple[str, int], dict[str, Any]]
-              ) -> dict[str, list[dict[str, Any]]]:
+def _by_split(plan: Plan, stats: dict[tuple[str, int], dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Every shard's stats, per split in shard order."""
-    return {split: [stats[(split, i)] for i in range(sp.num_shards)]
-            for split, sp in plan.splits.items()}
+    return {split: [stats[(split, i)] for i in range(sp.num_shards)] for split, sp in plan.splits.items()}
 
 
-def _summary(cfg: PrepConfig, plan: Plan, stats: dict[str, list[dict[str, Any]]],
-             todo: list, new: dict, start: float, shard_seconds: float) -> dict[str, Any]:
+def _summary(
+    cfg: PrepConfig,
+    plan: Plan,
+    stats: dict[str, list[dict[str, Any]]],
+    todo: list,
+    new: dict,
+    start: float,
+    shard_seconds: float,
+) -> dict[str, Any]:
     failures: Counter = Counter(plan.failures)
     examples = dict(plan.examples)
     for shard_stats in stats.values():
@@ -268,9 +298,14 @@ def _summary(cfg: PrepConfig, plan: Plan, stats: dict[str, list[dict[str, Any]]]
     for shard_stats in stats.values():
         for s in shard_stats:
             near.update(s.get("near_duplicates", {}))
-    dedup = {"near_duplicates": dict(sorted(near.items())),
-             "dropped_near_duplicates": sum(s.get("excluded", 0) for ss in stats.values()
-                                            for s in ss)} if cfg.dedup.against else {}
+    dedup = (
+        {
+            "near_duplicates": dict(sorted(near.items())),
+            "dropped_near_duplicates": sum(s.get("excluded", 0) for ss in stats.values() for s in ss),
+        }
+        if cfg.dedup.against
+        else {}
+    )
     return {
         "output": cfg.output,
         "listed": plan.listed,
@@ -290,8 +325,7 @@ def _summary(cfg: PrepConfig, plan: Plan, stats: dict[str, list[dict[str, Any]]]
     }
 
 
-def _check_failures(cfg: PrepConfig, plan: Plan, failures: dict[str, int],
-                    examples: dict[str, str]) -> None:
+def _check_failures(cfg: PrepConfig, plan: Plan, failures: dict[str, int], examples: dict[str, str]) -> None:
     failed = sum(failures.values())
     fraction = failed / plan.listed if plan.listed else 0.0
     if fraction > cfg.max_failure_fraction:
@@ -299,4 +333,5 @@ def _check_failures(cfg: PrepConfig, plan: Plan, failures: dict[str, int],
         raise FailureFractionExceeded(
             f"data prep of {cfg.source}: {failed} of {plan.listed} samples failed "
             f"({fraction:.1%}), more than max_failure_fraction={cfg.max_failure_fraction}: "
-            f"{detail}")
+            f"{detail}"
+        )

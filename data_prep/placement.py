@@ -23,4 +23,3 @@ def placement(cfg: PrepConfig) -> dict[str, Any]:
 
     log.info("%s is local to this host: shard tasks run on this node", local[0])
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
-

@@ -66,16 +66,24 @@ def build_plan(cfg: PrepConfig, write: bool = True) -> Plan:
         kept, multi = _bucket(spool, tmp, n_buckets, classes, cfg, listing)
         os.remove(spool)
         if kept == 0:
-            raise ValueError(f"data-prep source {cfg.source} has no usable samples "
-                             f"(listed {listed}, "
-                             f"failures {dict(listing.failures)}, ignored {listing.ignored})")
+            raise ValueError(
+                f"data-prep source {cfg.source} has no usable samples "
+                f"(listed {listed}, "
+                f"failures {dict(listing.failures)}, ignored {listing.ignored})"
+            )
         holdout = holdout_size(cfg, kept)
         splits = _emit(tmp, n_buckets, cfg, holdout, sink)
     plan = Plan(
-        fingerprint=fingerprint(cfg), source=cfg.source, source_kind=kind, classes=classes,
-        multi_label=multi, listed=listed,
-        ignored=listing.ignored, failures=dict(sorted(listing.failures.items())),
-        examples=dict(sorted(listing.examples.items())), splits=splits,
+        fingerprint=fingerprint(cfg),
+        source=cfg.source,
+        source_kind=kind,
+        classes=classes,
+        multi_label=multi,
+        listed=listed,
+        ignored=listing.ignored,
+        failures=dict(sorted(listing.failures.items())),
+        examples=dict(sorted(listing.examples.items())),
+        splits=splits,
     )
     if write:
         sink(PLAN_FILE, plan.to_json())
@@ -113,14 +121,18 @@ def _spool(cfg: PrepConfig, kind: str, spool: str) -> _Listing:
                     listing.names.add(label)
                 else:
                     listing.max_int = max(listing.max_int, label)
-            out.write(json.dumps([item.url, item.labels, item.size, item.member, item.offset,
-                                  item.extra], separators=(",", ":")))
+            out.write(
+                json.dumps(
+                    [item.url, item.labels, item.size, item.member, item.offset, item.extra], separators=(",", ":")
+                )
+            )
             out.write("\n")
     return listing
 
 
-def _bucket(spool: str, tmp: str, n_buckets: int, classes: list[str], cfg: PrepConfig,
-            listing: _Listing) -> tuple[int, bool]:
+def _bucket(
+    spool: str, tmp: str, n_buckets: int, classes: list[str], cfg: PrepConfig, listing: _Listing
+) -> tuple[int, bool]:
     """Pass 2: resolve labels to indices and scatter records over random bucket files as
     `<estimated bytes>\t<plan line without its key>`, so that pass 3 parses no JSON.
     Returns (records kept, whether any has several labels)."""
@@ -183,8 +195,7 @@ class _Cutter:
     def add(self, estimate: int, body: bytes) -> None:
         """Append one record: `body` is its plan line without the leading `{` and key."""
         cap = self.cfg.shard_bytes
-        if self.lines and (len(self.lines) >= self.cfg.shard_size
-                           or (cap is not None and self.bytes + estimate > cap)):
+        if self.lines and (len(self.lines) >= self.cfg.shard_size or (cap is not None and self.bytes + estimate > cap)):
             self.finish()
         self.lines.append(b'{"key":"%0*d",%s' % (KEY_DIGITS, self.position, body))
         self.bytes += estimate
@@ -200,8 +211,9 @@ class _Cutter:
         self.lines, self.bytes = [], 0
 
 
-def _emit(tmp: str, n_buckets: int, cfg: PrepConfig, holdout: int,
-          sink: Callable[[str, bytes], None]) -> dict[str, SplitPlan]:
+def _emit(
+    tmp: str, n_buckets: int, cfg: PrepConfig, holdout: int, sink: Callable[[str, bytes], None]
+) -> dict[str, SplitPlan]:
     """Pass 3: permute each bucket, carve the holdout from the head, cut shards."""
     splits: dict[str, SplitPlan] = {}
     cutter: _Cutter | None = None
@@ -227,5 +239,3 @@ def _emit(tmp: str, n_buckets: int, cfg: PrepConfig, holdout: int,
     cutter.finish()
     order = [cfg.train_split, cfg.holdout.name]
     return {name: splits[name] for name in order if name in splits}
-
-

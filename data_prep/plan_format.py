@@ -75,8 +75,7 @@ class Plan:
             "num_classes": len(self.classes),
             "multi_label": self.multi_label,
             "splits": {
-                name: {"samples": sp.num_samples, "shards": sp.num_shards,
-                       "bytes_estimate": sum(sp.shard_bytes)}
+                name: {"samples": sp.num_samples, "shards": sp.num_shards, "bytes_estimate": sum(sp.shard_bytes)}
                 for name, sp in self.splits.items()
             },
         }
@@ -104,7 +103,8 @@ def load_plan(cfg: PrepConfig) -> Plan | None:
         raise ConfigError(
             f"output {cfg.output} holds a plan made with other settings (fingerprint "
             f"{plan.fingerprint}, this config {fingerprint(cfg)}): use a fresh output folder "
-            f"or delete that one")
+            f"or delete that one"
+        )
     return plan
 
 
@@ -133,8 +133,9 @@ def read_classes(cfg: PrepConfig) -> list[str]:
         if not name:
             raise ValueError(f"classes_file {cfg.classes_file} line {i + 1} is blank")
         if name in seen:
-            raise ValueError(f"classes_file {cfg.classes_file} names {name!r} twice "
-                             f"(lines {seen[name] + 1} and {i + 1})")
+            raise ValueError(
+                f"classes_file {cfg.classes_file} names {name!r} twice (lines {seen[name] + 1} and {i + 1})"
+            )
         seen[name] = i
     return names
 
@@ -143,8 +144,10 @@ def holdout_size(cfg: PrepConfig, total: int) -> int:
     """How many of `total` shuffled samples go to the holdout split."""
     n = cfg.holdout.count or round(cfg.holdout.fraction * total)
     if n >= total:
-        raise ConfigError(f"invalid data-prep config: holdout of {n} samples leaves nothing to "
-                          f"train on: the source has {total} usable samples")
+        raise ConfigError(
+            f"invalid data-prep config: holdout of {n} samples leaves nothing to "
+            f"train on: the source has {total} usable samples"
+        )
     return n
 
 
@@ -175,4 +178,3 @@ def plan_writer(cfg: PrepConfig) -> Callable[[str, bytes], None]:
         write_bytes(fs, join(folder, name), data)
 
     return sink
-

@@ -97,8 +97,10 @@ def worth_ray(cfg: PrepConfig, kind: str) -> bool:
     fs, path = open_fs(cfg.source, cfg.storage_options)
     p = cfg.planning
     if kind == "manifest":
-        return bool(p.on_ray_bytes) and sum(
-            fs.size(name) for name, _ in manifest_files(fs, path, cfg.source)) >= p.on_ray_bytes
+        return (
+            bool(p.on_ray_bytes)
+            and sum(fs.size(name) for name, _ in manifest_files(fs, path, cfg.source)) >= p.on_ray_bytes
+        )
     return bool(p.on_ray_folders) and len(class_units(fs, path, kind)[0]) >= p.on_ray_folders
 
 
@@ -144,8 +146,7 @@ def _ranges(fs, path: str, cfg: PrepConfig) -> tuple[list[Range], int]:
         delimiter = csv_delimiter(name)
         header = None
         if delimiter:
-            with fs.open(name, "rt", encoding="utf-8", errors="replace", compression="infer",
-                         newline="") as f:
+            with fs.open(name, "rt", encoding="utf-8", errors="replace", compression="infer", newline="") as f:
                 header = next(csv.reader(f, delimiter=delimiter), [])
             check_csv_header(header, url)
         if name.lower().endswith(COMPRESSED_EXTENSIONS):
@@ -162,8 +163,10 @@ def _unit_ranges(fs, path: str, cfg: PrepConfig, kind: str) -> tuple[list[Range]
     entries of the source folder (ignored)."""
     units, ignored = class_units(fs, path, kind)
     step = cfg.planning.folders_per_task
-    return [Range(i, 0, path, cfg.source, 0, 0, None, tuple(units[lo:lo + step]))
-            for i, lo in enumerate(range(0, len(units), step))], ignored
+    return [
+        Range(i, 0, path, cfg.source, 0, 0, None, tuple(units[lo : lo + step]))
+        for i, lo in enumerate(range(0, len(units), step))
+    ], ignored
 
 
 def _work_url(cfg: PrepConfig, ranges: list[Range], n_buckets: int) -> str:
@@ -171,8 +174,9 @@ def _work_url(cfg: PrepConfig, ranges: list[Range], n_buckets: int) -> str:
     versions, so that a rerun reuses only ranges scattered the same way from the same bytes."""
     fs = open_fs(cfg.source, cfg.storage_options)[0]
     versions = [fs.ukey(p) for p in sorted({r.path for r in ranges if not r.units})]
-    layout = json.dumps([fingerprint(cfg), n_buckets, versions,
-                         [(r.url, r.start, r.end, r.units) for r in ranges]]).encode()
+    layout = json.dumps(
+        [fingerprint(cfg), n_buckets, versions, [(r.url, r.start, r.end, r.units) for r in ranges]]
+    ).encode()
     base = cfg.planning.scratch or join(cfg.output, PLAN_DIR, "_work")
     return join(base, hashlib.sha256(layout).hexdigest()[:16])
 
@@ -200,8 +204,9 @@ def _options(cfg: PrepConfig) -> dict[str, Any]:
     return {"max_retries": cfg.retries, "retry_exceptions": True, **placement(cfg)}
 
 
-def _scatter_all(cfg: PrepConfig, kind: str, ranges: list[Range], n_buckets: int,
-                 work: str) -> tuple[list[dict[str, Any]], set[str]]:
+def _scatter_all(
+    cfg: PrepConfig, kind: str, ranges: list[Range], n_buckets: int, work: str
+) -> tuple[list[dict[str, Any]], set[str]]:
     """Scatter every range not yet scattered; return every range's summary, in range order,
     and the label names of them all (taken out of the summaries: the driver holds one copy
     of the vocabulary, not one per range)."""
@@ -217,8 +222,7 @@ def _scatter_all(cfg: PrepConfig, kind: str, ranges: list[Range], n_buckets: int
         ensure_dir(fs, join(root, d))
     todo = [r for r in ranges if r.rid not in summaries]
     if summaries:
-        log.info("reusing %d of %d ranges already scattered in %s", len(summaries), len(ranges),
-                 work)
+        log.info("reusing %d of %d ranges already scattered in %s", len(summaries), len(ranges), work)
     task = _scatter_task.options(**_options(cfg))
     cfg_ref = ray.put(cfg)
     calls = [lambda r=r: task.remote(cfg_ref, kind, r, n_buckets, work) for r in todo]
@@ -236,8 +240,17 @@ def _scatter_all(cfg: PrepConfig, kind: str, ranges: list[Range], n_buckets: int
     return [summaries[r.rid] for r in ranges], names
 
 
-def _finish(cfg: PrepConfig, kind: str, ranges: list[Range], scattered: list[dict[str, Any]],
-            names: set[str], ignored: int, n_buckets: int, work: str, write: bool) -> Plan:
+def _finish(
+    cfg: PrepConfig,
+    kind: str,
+    ranges: list[Range],
+    scattered: list[dict[str, Any]],
+    names: set[str],
+    ignored: int,
+    n_buckets: int,
+    work: str,
+    write: bool,
+) -> Plan:
     """Sort, cut and write, from the ranges' summaries and label names."""
     max_int = -1
     failures: Counter = Counter()
@@ -258,19 +271,28 @@ def _finish(cfg: PrepConfig, kind: str, ranges: list[Range], scattered: list[dic
     if unknown:
         failures[F.UNKNOWN_LABEL] += sum(s["unknown"] for s in unknown)
         rid, line, text = min(s["example"] for s in unknown)
-        examples.setdefault(F.UNKNOWN_LABEL,
-                            f"{ranges[rid].url}:{first_line[rid] + line}: {text}")
+        examples.setdefault(F.UNKNOWN_LABEL, f"{ranges[rid].url}:{first_line[rid] + line}: {text}")
     if kept == 0:
-        raise ValueError(f"data-prep source {cfg.source} has no usable samples "
-                         f"(listed {listed}, failures {dict(failures)}, ignored {ignored})")
+        raise ValueError(
+            f"data-prep source {cfg.source} has no usable samples "
+            f"(listed {listed}, failures {dict(failures)}, ignored {ignored})"
+        )
     holdout = holdout_size(cfg, kept)
     counts = [s["count"] for s in sorted_]
     cuts = _cuts(cfg, counts, holdout, work)
     splits = _write_all(cfg, cuts, counts, work, write)
-    plan = Plan(fingerprint=fingerprint(cfg), source=cfg.source, source_kind=kind,
-                classes=classes, multi_label=any(s["multi"] for s in sorted_), listed=listed,
-                ignored=ignored, failures=dict(sorted(failures.items())),
-                examples=dict(sorted(examples.items())), splits=splits)
+    plan = Plan(
+        fingerprint=fingerprint(cfg),
+        source=cfg.source,
+        source_kind=kind,
+        classes=classes,
+        multi_label=any(s["multi"] for s in sorted_),
+        listed=listed,
+        ignored=ignored,
+        failures=dict(sorted(failures.items())),
+        examples=dict(sorted(examples.items())),
+        splits=splits,
+    )
     if write:
         plan_writer(cfg)(PLAN_FILE, plan.to_json())
     return plan
@@ -287,8 +309,9 @@ def _first_lines(ranges: list[Range], scattered: list[dict[str, Any]]) -> list[i
     return out
 
 
-def _sort_all(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, Any]],
-              n_buckets: int, work: str, classes: list[str]) -> list[dict[str, Any]]:
+def _sort_all(
+    cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, Any]], n_buckets: int, work: str, classes: list[str]
+) -> list[dict[str, Any]]:
     """Sort every bucket; each bucket's count, unknown labels and whether it is multi-label."""
     fs, root = open_fs(work, cfg.storage_options)
     ensure_dir(fs, join(root, "sorted"))
@@ -299,12 +322,12 @@ def _sort_all(cfg: PrepConfig, ranges: list[Range], scattered: list[dict[str, An
     task = _sort_task.options(**_options(cfg))
     index_ref = ray.put({name: i for i, name in enumerate(classes)})
     estimates = cfg.shard_bytes is not None
-    calls = [lambda b=b: task.remote(work, b, holders[b], index_ref, len(classes), estimates,
-                                     cfg.storage_options)
-             for b in range(n_buckets)]
+    calls = [
+        lambda b=b: task.remote(work, b, holders[b], index_ref, len(classes), estimates, cfg.storage_options)
+        for b in range(n_buckets)
+    ]
     out: list[dict[str, Any]] = [{}] * n_buckets
-    for b, result in tqdm(_bounded(calls, _limit(cfg)), total=n_buckets, unit="bucket",
-                          desc="shuffling"):
+    for b, result in tqdm(_bounded(calls, _limit(cfg)), total=n_buckets, unit="bucket", desc="shuffling"):
         out[b] = result
     return out
 
@@ -352,8 +375,7 @@ def _estimates(cfg: PrepConfig, counts: list[int], work: str) -> Iterator[np.nda
             yield np.frombuffer(fs.cat_file(join(root, "sorted", f"{b:05d}.est")), np.int64)
 
 
-def _write_all(cfg: PrepConfig, cuts: list[Cut], counts: list[int], work: str,
-               write: bool) -> dict[str, SplitPlan]:
+def _write_all(cfg: PrepConfig, cuts: list[Cut], counts: list[int], work: str, write: bool) -> dict[str, SplitPlan]:
     """Write each shard's plan from the task of the bucket it starts in."""
     starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
     by_bucket: dict[int, list[Cut]] = {}
@@ -369,8 +391,7 @@ def _write_all(cfg: PrepConfig, cuts: list[Cut], counts: list[int], work: str,
     buckets = sorted(by_bucket)
     calls = [lambda b=b: task.remote(cfg, work, b, starts, by_bucket[b], write) for b in buckets]
     sizes: dict[tuple[str, int], tuple[int, int]] = {}
-    for _, result in tqdm(_bounded(calls, _limit(cfg)), total=len(calls), unit="bucket",
-                          desc="writing plans"):
+    for _, result in tqdm(_bounded(calls, _limit(cfg)), total=len(calls), unit="bucket", desc="writing plans"):
         sizes.update(result)
     splits: dict[str, SplitPlan] = {}
     for cut in cuts:
@@ -385,13 +406,11 @@ def _write_all(cfg: PrepConfig, cuts: list[Cut], counts: list[int], work: str,
 
 
 @ray.remote(num_cpus=1)
-def _scatter_task(cfg: PrepConfig, kind: str, r: Range, n_buckets: int,
-                  work: str) -> dict[str, Any]:
+def _scatter_task(cfg: PrepConfig, kind: str, r: Range, n_buckets: int, work: str) -> dict[str, Any]:
     return scatter_range(cfg, kind, r, n_buckets, work)
 
 
-def scatter_range(cfg: PrepConfig, kind: str, r: Range, n_buckets: int,
-                  work: str) -> dict[str, Any]:
+def scatter_range(cfg: PrepConfig, kind: str, r: Range, n_buckets: int, work: str) -> dict[str, Any]:
     """Parse or list one range, write its records to their buckets' scratch files, then its
     marker; return the marker's summary (lines, entries, ignored, failures, first example of
     each reason with its line in the range, label names, largest index label, buckets)."""
@@ -404,8 +423,11 @@ def scatter_range(cfg: PrepConfig, kind: str, r: Range, n_buckets: int,
     max_int = -1
     entries = ignored = 0
     lines = _LineCounter()
-    items = (enumerate((e for unit in r.units for e in unit_entries(fs, unit, kind)), 1)
-             if r.units else _range_items(fs, r, posixpath.dirname(r.path), lines))
+    items = (
+        enumerate((e for unit in r.units for e in unit_entries(fs, unit, kind)), 1)
+        if r.units
+        else _range_items(fs, r, posixpath.dirname(r.path), lines)
+    )
     for local, item in items:
         if not isinstance(item, Entry):
             if item.reason == IGNORED:
@@ -424,14 +446,20 @@ def scatter_range(cfg: PrepConfig, kind: str, r: Range, n_buckets: int,
         digest = hashlib.blake2b(content, digest_size=8, key=key).hexdigest().encode()
         b = int(digest[:8], 16) * n_buckets >> 32
         estimate = item.size if item.size is not None else cfg.assumed_sample_bytes
-        buckets.setdefault(b, []).append(b"%s\t%d\t%d:%d\t%s\n"
-                                         % (digest, estimate, r.rid, local, content))
+        buckets.setdefault(b, []).append(b"%s\t%d\t%d:%d\t%s\n" % (digest, estimate, r.rid, local, content))
     wfs, root = open_fs(work, cfg.storage_options)
     for b, recs in buckets.items():
         write_bytes(wfs, join(root, "scatter", f"{b:05d}", f"{r.rid:06d}"), b"".join(recs))
-    summary = {"lines": lines.n, "entries": entries, "ignored": ignored,
-               "failures": dict(failures), "examples": examples, "names": sorted(names),
-               "max_int": max_int, "buckets": sorted(buckets)}
+    summary = {
+        "lines": lines.n,
+        "entries": entries,
+        "ignored": ignored,
+        "failures": dict(failures),
+        "examples": examples,
+        "names": sorted(names),
+        "max_int": max_int,
+        "buckets": sorted(buckets),
+    }
     write_bytes(wfs, join(root, "ranges", f"{r.rid:06d}.json"), json.dumps(summary).encode())
     return json.loads(json.dumps(summary))  # as a rerun reads it back
 
@@ -475,7 +503,7 @@ def _range_items(fs, r: Range, base: str, lines: _LineCounter) -> Iterator[tuple
         next(text, None)  # the header
         skip = 1
     delimiter = csv_delimiter(r.path)
-    rows = (_csv_rows(text, r.url, delimiter, r.header) if delimiter else _jsonl_rows(text))
+    rows = _csv_rows(text, r.url, delimiter, r.header) if delimiter else _jsonl_rows(text)
     for line, row in rows:
         if isinstance(row, str):
             yield line + skip, Rejected(F.BAD_MANIFEST_LINE, f"{WHERE}: {row}")
@@ -506,13 +534,27 @@ def _range_lines(fs, r: Range, lines: _LineCounter) -> Iterator[bytes]:
 
 
 @ray.remote(num_cpus=1)
-def _sort_task(work: str, b: int, rids: list[int], index: dict[str, int], n_classes: int,
-               estimates: bool, storage_options: dict[str, Any]) -> dict[str, Any]:
+def _sort_task(
+    work: str,
+    b: int,
+    rids: list[int],
+    index: dict[str, int],
+    n_classes: int,
+    estimates: bool,
+    storage_options: dict[str, Any],
+) -> dict[str, Any]:
     return sort_bucket(work, b, rids, index, n_classes, estimates, storage_options)
 
 
-def sort_bucket(work: str, b: int, rids: list[int], index: dict[str, int], n_classes: int,
-                estimates: bool, storage_options: dict[str, Any]) -> dict[str, Any]:
+def sort_bucket(
+    work: str,
+    b: int,
+    rids: list[int],
+    index: dict[str, int],
+    n_classes: int,
+    estimates: bool,
+    storage_options: dict[str, Any],
+) -> dict[str, Any]:
     """Resolve the labels of bucket `b`'s records, sort them by key and write them as
     `<estimated bytes>\\t<plan line without its key>` (and, with `estimates`, the estimates
     as int64). Returns the count kept, whether any is multi-label, the unknown-label count
@@ -533,14 +575,18 @@ def sort_bucket(work: str, b: int, rids: list[int], index: dict[str, int], n_cla
                 example = candidate if example is None else min(example, candidate)
                 continue
             multi = multi or len(labels) > 1
-            out.append(b'%s\t%s\t"url":%s,"labels":[%s]%s'
-                       % (digest, estimate, url, b",".join(b"%d" % i for i in labels), rest))
+            out.append(
+                b'%s\t%s\t"url":%s,"labels":[%s]%s'
+                % (digest, estimate, url, b",".join(b"%d" % i for i in labels), rest)
+            )
     out.sort()  # by key; equal keys only for equal records
     write_bytes(fs, join(root, "sorted", f"{b:05d}"), b"".join(line[17:] + b"\n" for line in out))
     if estimates:
-        write_bytes(fs, join(root, "sorted", f"{b:05d}.est"),
-                    np.array([int(line[17:line.index(b"\t", 17)]) for line in out],
-                             np.int64).tobytes())
+        write_bytes(
+            fs,
+            join(root, "sorted", f"{b:05d}.est"),
+            np.array([int(line[17 : line.index(b"\t", 17)]) for line in out], np.int64).tobytes(),
+        )
     return {"count": len(out), "multi": multi, "unknown": unknown, "example": example}
 
 
@@ -553,13 +599,15 @@ def _labels_of(raw: bytes) -> list:
 
 
 @ray.remote(num_cpus=1)
-def _write_task(cfg: PrepConfig, work: str, b: int, starts: list[int], cuts: list[Cut],
-                write: bool) -> dict[tuple[str, int], tuple[int, int]]:
+def _write_task(
+    cfg: PrepConfig, work: str, b: int, starts: list[int], cuts: list[Cut], write: bool
+) -> dict[tuple[str, int], tuple[int, int]]:
     return write_cuts(cfg, work, b, starts, cuts, write)
 
 
-def write_cuts(cfg: PrepConfig, work: str, b: int, starts: list[int], cuts: list[Cut],
-               write: bool) -> dict[tuple[str, int], tuple[int, int]]:
+def write_cuts(
+    cfg: PrepConfig, work: str, b: int, starts: list[int], cuts: list[Cut], write: bool
+) -> dict[tuple[str, int], tuple[int, int]]:
     """Write the plans of `cuts` (shards starting in bucket `b`, reading on into the next
     buckets for the last); return each one's (samples, estimated bytes)."""
     fs, root = open_fs(work, cfg.storage_options)
@@ -572,9 +620,8 @@ def write_cuts(cfg: PrepConfig, work: str, b: int, starts: list[int], cuts: list
         while first + len(lines) < cut.end:
             lines += fs.cat_file(join(root, "sorted", f"{nxt:05d}")).splitlines()
             nxt += 1
-        rows = [line.split(b"\t", 1) for line in lines[cut.start - first: cut.end - first]]
-        data = b"".join(b'{"key":"%0*d",%s\n' % (KEY_DIGITS, cut.key + j, body)
-                        for j, (_, body) in enumerate(rows))
+        rows = [line.split(b"\t", 1) for line in lines[cut.start - first : cut.end - first]]
+        data = b"".join(b'{"key":"%0*d",%s\n' % (KEY_DIGITS, cut.key + j, body) for j, (_, body) in enumerate(rows))
         sink(shard_name(cut.split, cut.index) + ".jsonl", data)
         out[(cut.split, cut.index)] = (len(rows), sum(int(est) for est, _ in rows))
     return out

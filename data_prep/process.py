@@ -102,8 +102,9 @@ def process_image(data: bytes, opts: ImageConfig, with_hash: bool = False) -> Pr
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         new_size = target_size(width, height, opts.resize_mode, opts.size)
-        keep = (opts.keep_original and new_size is None and orientation == 1
-                and img.format == "JPEG" and img.mode == "RGB")
+        keep = (
+            opts.keep_original and new_size is None and orientation == 1 and img.format == "JPEG" and img.mode == "RGB"
+        )
         if new_size is not None and img.format == "JPEG":
             stored = new_size if orientation < 5 else new_size[::-1]
             if min(img.width // stored[0], img.height // stored[1]) >= 2:
@@ -112,8 +113,7 @@ def process_image(data: bytes, opts: ImageConfig, with_hash: bool = False) -> Pr
         mode = img.mode
         _load(img)
     if keep:
-        return Processed(data, width, height, mode, kept_original=True,
-                         phash=phash(img) if with_hash else None)
+        return Processed(data, width, height, mode, kept_original=True, phash=phash(img) if with_hash else None)
     try:
         if orientation in _TRANSPOSE:
             img = img.transpose(_TRANSPOSE[orientation])
@@ -124,8 +124,7 @@ def process_image(data: bytes, opts: ImageConfig, with_hash: bool = False) -> Pr
         img.save(out, "JPEG", quality=opts.quality)
     except Exception as e:  # noqa: BLE001 - any library failure is one skipped sample
         raise SampleError(F.PROCESS_ERROR, f"{type(e).__name__}: {e}") from None
-    return Processed(out.getvalue(), width, height, mode, kept_original=False,
-                     phash=phash(img) if with_hash else None)
+    return Processed(out.getvalue(), width, height, mode, kept_original=False, phash=phash(img) if with_hash else None)
 
 
 def decode_rgb(data: bytes, max_pixels: int, min_side: int = 0) -> Image.Image:

@@ -37,8 +37,9 @@ class _GiveUp(Exception):
     """The shard's first samples all failed: stop, and let the tar's staging discard it."""
 
 
-def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0,
-                test_sets: NearDuplicateIndex | None = None) -> dict[str, Any]:
+def write_shard(
+    cfg: PrepConfig, split: str, index: int, give_up_after: int = 0, test_sets: NearDuplicateIndex | None = None
+) -> dict[str, Any]:
     """Make `{split}-{index:06d}.tar` and then its `_stats.json` in `cfg.output`; return the
     stats: count, successes, failures by reason, bytes, md5sum, seconds, ... (all but the
     timings `seconds` and `cpu_seconds` are the same on every run).
@@ -59,8 +60,9 @@ def write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0,
         return _write_shard(cfg, split, index, give_up_after, test_sets)
 
 
-def _write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0,
-                 test_sets: NearDuplicateIndex | None = None) -> dict[str, Any]:
+def _write_shard(
+    cfg: PrepConfig, split: str, index: int, give_up_after: int = 0, test_sets: NearDuplicateIndex | None = None
+) -> dict[str, Any]:
     """:func:`write_shard` itself."""
     start, cpu_start = time.perf_counter(), time.process_time()
     name = shard_name(split, index)
@@ -78,8 +80,7 @@ def _write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0
     try:
         with staged_file(fs, join(root, name + ".tar")) as f:
             out = _HashingWriter(f)
-            writer = wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_USER,
-                                   group=TAR_USER, mode=TAR_MODE)
+            writer = wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER, mode=TAR_MODE)
             samples = _processed(cfg, records, with_hash, test_sets)
             for seen, (rec, img, match) in enumerate(samples, 1):
                 if isinstance(img, SampleError):
@@ -128,9 +129,9 @@ def _write_shard(cfg: PrepConfig, split: str, index: int, give_up_after: int = 0
     return stats
 
 
-def _processed(cfg: PrepConfig, records: list[dict[str, Any]], with_hash: bool,
-               test_sets: NearDuplicateIndex | None
-               ) -> Iterator[tuple[dict[str, Any], Processed | SampleError, Match | None]]:
+def _processed(
+    cfg: PrepConfig, records: list[dict[str, Any]], with_hash: bool, test_sets: NearDuplicateIndex | None
+) -> Iterator[tuple[dict[str, Any], Processed | SampleError, Match | None]]:
     """Every record, in order, with its processed image (or the `SampleError` that skips it)
     and the test image it is a near-duplicate of, if any. Lookups go `LOOKUP_BATCH` samples
     at a time: one lookup of many hashes costs about what one of a single hash does."""
@@ -153,12 +154,11 @@ def _processed(cfg: PrepConfig, records: list[dict[str, Any]], with_hash: bool,
             batch = []
 
 
-def _read_all(cfg: PrepConfig, records: list[dict[str, Any]]
-              ) -> Iterator[tuple[dict[str, Any], bytes | SampleError]]:
+def _read_all(cfg: PrepConfig, records: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], bytes | SampleError]]:
     """Every record with its bytes, in order, read ahead by `cfg.io_threads` threads. Reads go
     to the threads in chunks: one hand-off per sample costs more than a local read."""
     reader = SampleReader(cfg.storage_options)
-    chunks = [records[i:i + READ_CHUNK] for i in range(0, len(records), READ_CHUNK)]
+    chunks = [records[i : i + READ_CHUNK] for i in range(0, len(records), READ_CHUNK)]
     for chunk in ordered_map(lambda c: [reader(rec) for rec in c], chunks, cfg.io_threads):
         yield from chunk
 
@@ -197,16 +197,21 @@ def sample_source(rec: dict[str, Any]) -> str:
 
 
 def _listing_line(rec: dict[str, Any], h: int, match: Match, excluded: bool) -> bytes:
-    line = {"key": rec["key"], "source": sample_source(rec), "phash": to_hex(h),
-            "test_set": match.test_set, "test_id": match.test_id, "distance": match.distance,
-            "kind": match.kind, "excluded": excluded}
+    line = {
+        "key": rec["key"],
+        "source": sample_source(rec),
+        "phash": to_hex(h),
+        "test_set": match.test_set,
+        "test_id": match.test_id,
+        "distance": match.distance,
+        "kind": match.kind,
+        "excluded": excluded,
+    }
     return json.dumps(line).encode("utf-8") + b"\n"
 
 
-def _sample(rec: dict[str, Any], jpeg: bytes, width: int, height: int, h: int | None
-            ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"labels": rec["labels"], "source": sample_source(rec),
-                            "width": width, "height": height}
+def _sample(rec: dict[str, Any], jpeg: bytes, width: int, height: int, h: int | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"labels": rec["labels"], "source": sample_source(rec), "width": width, "height": height}
     if h is not None:
         meta["phash"] = to_hex(h)
     for k, v in (rec.get("extra") or {}).items():

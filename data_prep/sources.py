@@ -2,7 +2,8 @@
 
 Three layouts are read from any fsspec URL:
 - `folders`: `<root>/<class name>/**/<image>`; the class is the top-level folder.
-- `manifest`: a JSONL file (or a folder of them, read in name order as one manifest) (`{"path": ..., "label"|"labels": ..., ...}` a line) or a CSV/TSV
+- `manifest`: a JSONL file (or a folder of them, read in name order as one manifest)
+  (`{"path": ..., "label"|"labels": ..., ...}` a line) or a CSV/TSV
   file with a header naming a path column and a `label`/`labels` column (several labels
   separated by `;`). Paths are relative to the manifest's folder unless absolute or URLs.
   An integer label (or a CSV label of digits only) is a class index, a string is a class
@@ -70,16 +71,14 @@ def detect_kind(cfg: PrepConfig) -> str:
             raise ValueError(f"data-prep source is empty: {cfg.source}")
         if cfg.source_kind in ("auto", "manifest") and _is_manifest_name(path):
             return "manifest"
-        raise ValueError(f"data-prep source {cfg.source} is a file but not a "
-                         f"{'/'.join(MANIFEST_EXTENSIONS)} manifest")
+        raise ValueError(f"data-prep source {cfg.source} is a file but not a {'/'.join(MANIFEST_EXTENSIONS)} manifest")
     entries = [e for e in fs.ls(path, detail=True) if not _hidden(e["name"])]
     if not entries:
         raise ValueError(f"data-prep source is empty: {cfg.source}")
     manifests = all(e["type"] != "directory" and _is_manifest_name(e["name"]) for e in entries)
     if cfg.source_kind != "auto":
         if cfg.source_kind == "manifest" and not manifests:
-            raise ValueError(f"data-prep source {cfg.source} is a folder, not a manifest or "
-                             "a folder of manifests")
+            raise ValueError(f"data-prep source {cfg.source} is a folder, not a manifest or a folder of manifests")
         return cfg.source_kind
     if any(e["type"] == "directory" for e in entries):
         return "folders"
@@ -87,8 +86,10 @@ def detect_kind(cfg: PrepConfig) -> str:
         return "class_tars"
     if manifests:
         return "manifest"
-    raise ValueError(f"cannot tell the layout of data-prep source {cfg.source}: it holds no "
-                     "class folders and no .tar files; set source_kind")
+    raise ValueError(
+        f"cannot tell the layout of data-prep source {cfg.source}: it holds no "
+        "class folders and no .tar files; set source_kind"
+    )
 
 
 def iter_source(cfg: PrepConfig, kind: str) -> Iterator[Entry | Rejected]:
@@ -98,8 +99,7 @@ def iter_source(cfg: PrepConfig, kind: str) -> Iterator[Entry | Rejected]:
         return _iter_folders(fs, path, cfg.io_threads)
     if kind == "class_tars":
         return _iter_class_tars(fs, path, cfg.io_threads)
-    return (item for name, url in manifest_files(fs, path, cfg.source)
-            for item in _iter_manifest(fs, name, url))
+    return (item for name, url in manifest_files(fs, path, cfg.source) for item in _iter_manifest(fs, name, url))
 
 
 def manifest_files(fs: AbstractFileSystem, path: str, url: str) -> list[tuple[str, str]]:
@@ -157,12 +157,11 @@ def unit_entries(fs: AbstractFileSystem, unit: str, kind: str) -> Iterator[Entry
     return iter(_list_tar(fs, unit))
 
 
-def folder_entries(fs: AbstractFileSystem, class_dir: str,
-                   files: dict[str, dict]) -> Iterator[Entry | Rejected]:
+def folder_entries(fs: AbstractFileSystem, class_dir: str, files: dict[str, dict]) -> Iterator[Entry | Rejected]:
     """The entries of one class folder from its recursive listing, in name order."""
     label = posixpath.basename(class_dir.rstrip("/"))
     for name in sorted(files):
-        relative = name[len(class_dir):]
+        relative = name[len(class_dir) :]
         if not is_image_name(name) or any(p.startswith(".") for p in relative.split("/")):
             yield Rejected(IGNORED, to_url(fs, name))
             continue
@@ -205,8 +204,7 @@ def _list_tar(fs: AbstractFileSystem, path: str) -> list[Entry | Rejected]:
 
 def _iter_manifest(fs: AbstractFileSystem, path: str, url: str) -> Iterator[Entry | Rejected]:
     base = posixpath.dirname(path)
-    with fs.open(path, "rt", encoding="utf-8", errors="replace", compression="infer",
-                 newline="") as f:
+    with fs.open(path, "rt", encoding="utf-8", errors="replace", compression="infer", newline="") as f:
         delimiter = csv_delimiter(path)
         rows = _csv_rows(f, url, delimiter) if delimiter else _jsonl_rows(f)
         for line_no, row in rows:
@@ -229,8 +227,7 @@ def _jsonl_rows(f) -> Iterator[tuple[int, dict | str]]:
         yield line_no, row if isinstance(row, dict) else "not a JSON object"
 
 
-def _csv_rows(f, url: str, delimiter: str,
-              fieldnames: list[str] | None = None) -> Iterator[tuple[int, dict | str]]:
+def _csv_rows(f, url: str, delimiter: str, fieldnames: list[str] | None = None) -> Iterator[tuple[int, dict | str]]:
     """The rows of a CSV file, or (with `fieldnames`, the header read elsewhere) of lines
     after its header; line numbers count from the first line of `f`."""
     reader = csv.DictReader(f, delimiter=delimiter, fieldnames=fieldnames)
@@ -255,8 +252,10 @@ def _csv_rows(f, url: str, delimiter: str,
 def check_csv_header(header: list[str], url: str) -> None:
     """Raise `ValueError` naming `url` when a CSV header has no path or no label column."""
     if not any(k in header for k in PATH_FIELDS) or not any(k in header for k in LABEL_FIELDS):
-        raise ValueError(f"manifest {url} needs a header with a path column ({', '.join(PATH_FIELDS)}) "
-                         f"and a label column ({', '.join(LABEL_FIELDS)}); it has {header}")
+        raise ValueError(
+            f"manifest {url} needs a header with a path column ({', '.join(PATH_FIELDS)}) "
+            f"and a label column ({', '.join(LABEL_FIELDS)}); it has {header}"
+        )
 
 
 def csv_delimiter(path: str) -> str | None:
@@ -273,8 +272,7 @@ def _manifest_entry(fs: AbstractFileSystem, base: str, row: dict, where: str) ->
         return Rejected(F.BAD_MANIFEST_LINE, f"{where}: no path field ({', '.join(PATH_FIELDS)})")
     raw = row["labels"] if "labels" in row else row.get("label")
     labels = raw if isinstance(raw, list) else [raw]
-    if not labels or not all(isinstance(x, (int, str)) and not isinstance(x, bool) and x != ""
-                             for x in labels):
+    if not labels or not all(isinstance(x, (int, str)) and not isinstance(x, bool) and x != "" for x in labels):
         return Rejected(F.BAD_MANIFEST_LINE, f"{where}: no usable label ({raw!r})")
     extra = {k: v for k, v in row.items() if k != path_key and k not in LABEL_FIELDS}
     size = row.get("size") if isinstance(row.get("size"), int) else None

@@ -53,19 +53,22 @@ def list_test_set(set_index: int, name: str, url: str, storage_options: dict[str
     elif fs.isdir(path):
         root = path.rstrip("/") + "/"
         for found in sorted(fs.find(path)):
-            relative = found[len(root):]
+            relative = found[len(root) :]
             if is_image_name(found) and not any(p.startswith(".") for p in relative.split("/")):
                 units.append(Unit(set_index, to_url(fs, found), relative))
     else:
-        raise ValueError(f"invalid data-prep config: {key}={url!r}: not a folder of images, "
-                         "a JSONL/CSV manifest or a *_index.json of shards")
+        raise ValueError(
+            f"invalid data-prep config: {key}={url!r}: not a folder of images, "
+            "a JSONL/CSV manifest or a *_index.json of shards"
+        )
     if not units:
         raise ValueError(f"invalid data-prep config: {key}={url!r}: holds no images")
     return units
 
 
-def hash_units(units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float,
-               steps: int, max_pixels: int) -> tuple[list[int], list[str], np.ndarray, list[str]]:
+def hash_units(
+    units: list[Unit], storage_options: dict[str, Any], crop: float, shift: float, steps: int, max_pixels: int
+) -> tuple[list[int], list[str], np.ndarray, list[str]]:
     """Hash every image of `units` at every crop box: (test-set indices, ids, a uint64 array
     of (image, box) hashes, and one line per image that could not be read or decoded)."""
     boxes = crop_boxes(crop, shift, steps)
@@ -84,8 +87,7 @@ def hash_units(units: list[Unit], storage_options: dict[str, Any], crop: float, 
     return sets, ids, np.array(hashes, np.uint64).reshape(len(ids), len(boxes)), errors
 
 
-def _read_units(units: list[Unit], storage_options: dict[str, Any]
-                ) -> Iterator[tuple[Unit, str, bytes | Exception]]:
+def _read_units(units: list[Unit], storage_options: dict[str, Any]) -> Iterator[tuple[Unit, str, bytes | Exception]]:
     for unit in units:
         fs, path = open_fs(unit.url, storage_options)
         try:

@@ -39,8 +39,19 @@ import urllib.request
 from contextlib import ExitStack
 from urllib.parse import urlparse
 
-UPLOAD_EXCLUDES = [".venv", "venv", "runs", "mlruns", "mlartifacts", ".git", "**/__pycache__",
-                   "*.db", ".pytest_cache", ".ruff_cache", "*.egg-info"]
+UPLOAD_EXCLUDES = [
+    ".venv",
+    "venv",
+    "runs",
+    "mlruns",
+    "mlartifacts",
+    ".git",
+    "**/__pycache__",
+    "*.db",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+]
 
 
 def free_ports(n: int) -> list[int]:
@@ -64,8 +75,9 @@ def probe(address: str, timeout: float) -> str:
             reason = getattr(e, "reason", e)
             raise ConnectionError(f"no Ray dashboard answers at {address} ({reason})") from None
     if not parsed.hostname or not parsed.port:
-        raise ConnectionError(f"cannot read host:port from Ray address {address!r}; "
-                              "give the dashboard URL, e.g. http://head:8265")
+        raise ConnectionError(
+            f"cannot read host:port from Ray address {address!r}; give the dashboard URL, e.g. http://head:8265"
+        )
     try:
         with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout):
             return "unknown"
@@ -165,7 +177,11 @@ def node(cmd: list[str]) -> int:
         if torn_down:  # the job is over: SLURM ends the step
             return
         job = os.environ.get("SLURM_JOB_ID")
-        print(f"ray node on {socket.gethostname()}: SIGTERM, asking job {job} for a graceful stop", file=sys.stderr, flush=True)
+        print(
+            f"ray node on {socket.gethostname()}: SIGTERM, asking job {job} for a graceful stop",
+            file=sys.stderr,
+            flush=True,
+        )
         if job:
             subprocess.run(["scancel", "--batch", "--signal=USR2", job], check=False)
 

@@ -54,7 +54,7 @@ def _cutout(img: Image.Image, half: int, rng: random.Random) -> Image.Image:
     a = np.array(img)
     h, w = a.shape[:2]
     cy, cx = rng.randrange(h), rng.randrange(w)
-    a[max(0, cy - half):cy + half, max(0, cx - half):cx + half] = FILL
+    a[max(0, cy - half) : cy + half, max(0, cx - half) : cx + half] = FILL
     return Image.fromarray(a)
 
 
@@ -77,8 +77,12 @@ def _apply(name: str, img: Image.Image, m: float, rng: random.Random) -> Image.I
     if name == "SolarizeAdd":
         return _solarize_add(img, int(f * 110))
     if name in ("Color", "Contrast", "Brightness", "Sharpness"):
-        enhancer = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
-                    "Brightness": ImageEnhance.Brightness, "Sharpness": ImageEnhance.Sharpness}[name]
+        enhancer = {
+            "Color": ImageEnhance.Color,
+            "Contrast": ImageEnhance.Contrast,
+            "Brightness": ImageEnhance.Brightness,
+            "Sharpness": ImageEnhance.Sharpness,
+        }[name]
         return enhancer(img).enhance(max(0.0, f * 1.8 + 0.1))
     if name == "ShearX":
         return _affine(img, (1, _signed(f * 0.3, rng), 0, 0, 1, 0))
@@ -93,8 +97,24 @@ def _apply(name: str, img: Image.Image, m: float, rng: random.Random) -> Image.I
     raise ValueError(f"unknown RandAugment op {name!r}")
 
 
-OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "Color", "Contrast", "Brightness",
-       "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Cutout", "SolarizeAdd")
+OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Cutout",
+    "SolarizeAdd",
+)
 
 
 def randaugment(image: np.ndarray, num_layers: int, magnitude: float, rng: random.Random) -> np.ndarray:

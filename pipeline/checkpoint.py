@@ -108,7 +108,9 @@ def read_meta(tag_dir: str | os.PathLike) -> dict:
     except (OSError, ValueError) as e:
         raise CorruptCheckpoint(f"{tag_dir / META_FILE}: not a readable checkpoint manifest ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("files", {}), dict):
-        raise CorruptCheckpoint(f"{tag_dir / META_FILE}: not a checkpoint manifest (expected a JSON object with 'files')")
+        raise CorruptCheckpoint(
+            f"{tag_dir / META_FILE}: not a checkpoint manifest (expected a JSON object with 'files')"
+        )
     return meta
 
 
@@ -136,8 +138,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def _payload(tag_dir: Path) -> list[str]:
     """The files a manifest covers: every file of the tag but the marker, meta.json and temporaries."""
-    return sorted(p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*")
-                  if p.is_file() and p.name not in (MARKER, META_FILE) and not p.name.endswith(".tmp"))
+    return sorted(
+        p.relative_to(tag_dir).as_posix()
+        for p in tag_dir.rglob("*")
+        if p.is_file() and p.name not in (MARKER, META_FILE) and not p.name.endswith(".tmp")
+    )
 
 
 def _my_share(names: list[str]) -> list[str]:
@@ -145,7 +150,7 @@ def _my_share(names: list[str]) -> list[str]:
     local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if not dist.is_initialized():
         local, local_world = 0, 1
-    return names[local::max(1, local_world)]
+    return names[local :: max(1, local_world)]
 
 
 def _gather(obj) -> list:
@@ -162,10 +167,12 @@ def manifest(tag_dir: str | os.PathLike, collective: bool = True) -> dict[str, d
     ``collective=False`` this process hashes every file of its local copy alone."""
     tag_dir = Path(tag_dir)
     names = _payload(tag_dir)
-    mine = {name: {"size": (tag_dir / name).stat().st_size, "sha256": sha256_file(tag_dir / name)}
-            for name in (_my_share(names) if collective else names)}
+    mine = {
+        name: {"size": (tag_dir / name).stat().st_size, "sha256": sha256_file(tag_dir / name)}
+        for name in (_my_share(names) if collective else names)
+    }
     merged: dict[str, dict] = {}
-    for part in (_gather(mine) if collective else [mine]):
+    for part in _gather(mine) if collective else [mine]:
         for name, entry in part.items():
             merged.setdefault(name, entry)  # the lowest rank's copy, as publish's order has it
     return dict(sorted(merged.items()))
@@ -192,8 +199,11 @@ def check_files(tag_dir: str | os.PathLike, names: list[str] | None = None, coll
     if collective:
         errors = [e for part in _gather(errors) for e in part]
     if errors:
-        raise CorruptCheckpoint(f"{errors[0]}; the checkpoint cannot be trusted: resume from an earlier tag "
-                                "(delete this one) or restore the file from a copy", problem=errors[0])
+        raise CorruptCheckpoint(
+            f"{errors[0]}; the checkpoint cannot be trusted: resume from an earlier tag "
+            "(delete this one) or restore the file from a copy",
+            problem=errors[0],
+        )
 
 
 def verify(tag_dir: str | os.PathLike, collective: bool = False) -> str | None:
@@ -222,8 +232,11 @@ def _problem(tag_dir: Path, name: str, entry: dict | None) -> str | None:
 
 def _listed_rank_files(tag_dir: Path, meta: dict) -> list[Path]:
     files = meta.get("files")
-    names = [n for n in files if n.startswith("rank_") and n.endswith(".pt")] if files is not None else \
-        [p.name for p in tag_dir.glob("rank_*.pt")]
+    names = (
+        [n for n in files if n.startswith("rank_") and n.endswith(".pt")]
+        if files is not None
+        else [p.name for p in tag_dir.glob("rank_*.pt")]
+    )
     return sorted((tag_dir / n for n in names), key=lambda p: int(p.stem.split("_")[1]))
 
 
@@ -233,10 +246,17 @@ def _listed_rank_files(tag_dir: Path, meta: dict) -> list[Path]:
 def rng_state() -> dict:
     """The RNG states of this process, as tensors and plain values (loadable with weights_only)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -246,7 +266,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
     if isinstance(n, dict):
-        np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        np.random.set_state(
+            (n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
     else:  # a rank file from before the RNG state was plain values
         np.random.set_state(n)
     torch.set_rng_state(state["torch"])
@@ -259,15 +281,27 @@ def _load_rank_file(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CorruptCheckpoint(f"{path}: refused, not plain checkpoint data ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CorruptCheckpoint(
+            f"{path}: refused, not plain checkpoint data ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 # ---------------------------------------------------------------- save and load (every rank calls them)
 
 
-def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_yaml: str, keep: int = 0, ema=None,
-         one_dir: bool = True, expected: float = 0) -> str:
+def save(
+    engine,
+    ckpt_dir: str,
+    step: int,
+    meta: dict,
+    rank_state: dict,
+    config_yaml: str,
+    keep: int = 0,
+    ema=None,
+    one_dir: bool = True,
+    expected: float = 0,
+) -> str:
     """Save a checkpoint from every rank (all ranks must call this) into the local ``ckpt_dir``,
     with its manifest, and mark it complete; prune ``ckpt_dir`` to the ``keep`` newest.
 
@@ -292,7 +326,9 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
         files = manifest(tag_dir)  # a collective: each rank hashes a share of its host's files
         world = int(meta.get("world_size") or (dist.get_world_size() if dist.is_initialized() else 1))
         if (problem := layout_problem(list(files), world)) is not None:  # the same verdict on every rank
-            raise CorruptCheckpoint(f"{tag_dir}: not published, its files are not one save's: {problem}", f"{tag_dir}: {problem}")
+            raise CorruptCheckpoint(
+                f"{tag_dir}: not published, its files are not one save's: {problem}", f"{tag_dir}: {problem}"
+            )
         if rank == 0:
             _write_atomic(tag_dir / META_FILE, json.dumps({**meta, "step": step, "tag": tag, "files": files}, indent=2))
             _write_atomic(tag_dir / MARKER, "")
@@ -302,8 +338,11 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, rank_state: dict, config_
         (tag_dir / MARKER).unlink(missing_ok=True)
         shutil.rmtree(tag_dir, ignore_errors=True)  # nothing of it stays visible or takes room
         latest = latest_tag(ckpt_dir)
-        raise DiskFull(full_message(tag_dir, e, expected, f"its partial files were removed; the newest complete "
-                                    f"checkpoint is {latest}")) from None
+        raise DiskFull(
+            full_message(
+                tag_dir, e, expected, f"its partial files were removed; the newest complete checkpoint is {latest}"
+            )
+        ) from None
     if mine and keep > 0:
         # The tag just saved is kept whatever its step: a scratch dir may still hold higher tags
         # of another run or of a timeline a rollback left, which would otherwise outrank it.
@@ -322,8 +361,12 @@ def _empty(tag_dir: Path, mine: bool) -> None:
         left = [p.name for p in tag_dir.rglob("*") if p.is_file()]
         shutil.rmtree(tag_dir)
         if left:
-            log.warning("%s held %d file(s) of an earlier save at this step (%s): removed before this save", tag_dir,
-                        len(left), ", ".join(sorted(left)[:4]) + (", ..." if len(left) > 4 else ""))
+            log.warning(
+                "%s held %d file(s) of an earlier save at this step (%s): removed before this save",
+                tag_dir,
+                len(left),
+                ", ".join(sorted(left)[:4]) + (", ..." if len(left) > 4 else ""),
+            )
     if dist.is_initialized():
         dist.barrier()
 
@@ -339,8 +382,17 @@ def _write_tag(engine, ckpt_dir: str, tag: str, meta: dict, rank_state: dict, co
         rank_state = {**rank_state, "ema": ema.state_dict()}
         weights = ema.full_state_dict()  # a collective: every rank
         if rank == 0:
-            save_file(weights, str(tag_dir / EMA_FILE), metadata={"format": "pt", "tag": tag, "variant": "ema",
-                                                                  "decay": str(ema.decay), "updates": str(ema.updates)})
+            save_file(
+                weights,
+                str(tag_dir / EMA_FILE),
+                metadata={
+                    "format": "pt",
+                    "tag": tag,
+                    "variant": "ema",
+                    "decay": str(ema.decay),
+                    "updates": str(ema.updates),
+                },
+            )
     torch.save({**rank_state, "rng": rng_state()}, tag_dir / rank_file(rank))
     if rank == 0:
         (tag_dir / CONFIG_FILE).write_text(config_yaml)
@@ -365,8 +417,10 @@ def layout_problem(names: list[str], world_size: int) -> str | None:
             shards.setdefault(m["kind"], {}).setdefault(m["prefix"], []).append(int(m["rank"]))
     for kind, by_prefix in shards.items():
         if len(by_prefix) > 1:
-            return f"{kind} shards of {len(by_prefix)} kinds ({', '.join(repr(p) for p in sorted(by_prefix))} prefixes: " \
-                   "two precisions or two runs)"
+            return (
+                f"{kind} shards of {len(by_prefix)} kinds ({', '.join(repr(p) for p in sorted(by_prefix))} prefixes: "
+                "two precisions or two runs)"
+            )
         [(prefix, got)] = by_prefix.items()
         if sorted(got) != list(range(world_size)):
             return f"{prefix}zero_pp_rank_* {kind} shards of ranks {sorted(got)}, the save's world size is {world_size}"
@@ -521,8 +575,19 @@ def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
     if dst.exists():  # an interrupted conversion: its marker was never written
         shutil.rmtree(dst)
     subprocess.run(
-        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src), "--output_folder", str(dst),
-         "--num_extract_workers", "1", "--num_merge_workers", "1"],
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(src),
+            "--output_folder",
+            str(dst),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ],
         check=True,
     )
     # Rank files too: their data-stream positions tell a resume on another world size where
@@ -568,8 +633,15 @@ class CheckpointManager:
     Every rank calls :meth:`prepare`, :meth:`resume` and :meth:`save` together.
     """
 
-    def __init__(self, run: RunDir, staging: str, resume_from: str | None = None, keep: int = 0,
-                 on_corrupt: str = "set_aside", schedule: SaveSchedule | None = None):
+    def __init__(
+        self,
+        run: RunDir,
+        staging: str,
+        resume_from: str | None = None,
+        keep: int = 0,
+        on_corrupt: str = "set_aside",
+        schedule: SaveSchedule | None = None,
+    ):
         self.run, self.staging, self.resume_from, self.keep = run, staging, resume_from, keep
         self.schedule = schedule
         self.on_corrupt = str(on_corrupt)  # train.on_corrupt_checkpoint: set_aside | refuse
@@ -611,8 +683,11 @@ class CheckpointManager:
             return False
         if self.guard is None or self.guard.may_checkpoint(step) or (step == self.schedule.last and healthy):
             return True
-        log.warning("step %d: no checkpoint, an unhealthy step is within train.guard.bad_window=%d steps",
-                    step, self.guard.cfg.bad_window)
+        log.warning(
+            "step %d: no checkpoint, an unhealthy step is within train.guard.bad_window=%d steps",
+            step,
+            self.guard.cfg.bad_window,
+        )
         return False
 
     def prepare(self) -> tuple[str, str] | None:
@@ -645,8 +720,12 @@ class CheckpointManager:
                 return source
             tag = source[1]
             if not ours or self.on_corrupt == "refuse":
-                raise CorruptCheckpoint(f"{problem}; the checkpoint cannot be trusted ({'train.on_corrupt_checkpoint=refuse' if ours else 'train.resume_from'}): "
-                                        f"move {Path(*source)} aside or restore the file from a copy, then rerun", problem)
+                raise CorruptCheckpoint(
+                    f"{problem}; the checkpoint cannot be trusted "
+                    f"({'train.on_corrupt_checkpoint=refuse' if ours else 'train.resume_from'}): "
+                    f"move {Path(*source)} aside or restore the file from a copy, then rerun",
+                    problem,
+                )
             if not self.shared and tag not in refetched:  # perhaps only this host's copy went bad: fetch it once more
                 refetched.add(tag)
                 self._drop_local(tag)
@@ -664,12 +743,21 @@ class CheckpointManager:
         host drops its local copy); all ranks then look for the next newest."""
         event = {"tag": tag, "problem": problem, "moved_to": None}
         if not dist.is_initialized() or dist.get_rank() == 0:
-            note = {**event, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
-                    "pid": os.getpid()}
+            note = {
+                **event,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
             event["moved_to"] = self.run.checkpoints.set_aside(tag, note)
-            log.warning("checkpoint %s/%s is corrupt (%s): set aside in %s; resuming from the newest checkpoint that "
-                        "verifies (train.on_corrupt_checkpoint=refuse stops instead)", self.run.checkpoints.url, tag,
-                        problem, event["moved_to"])
+            log.warning(
+                "checkpoint %s/%s is corrupt (%s): set aside in %s; resuming from the newest checkpoint that "
+                "verifies (train.on_corrupt_checkpoint=refuse stops instead)",
+                self.run.checkpoints.url,
+                tag,
+                problem,
+                event["moved_to"],
+            )
         if dist.is_initialized():
             dist.barrier()
         if not self.shared:
@@ -687,16 +775,29 @@ class CheckpointManager:
         out = universal_dir(self.staging)
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             if (Path(out) / tag / MARKER).is_file():
-                log.warning("checkpoint %s saved at world size %s, resuming at %d: its universal conversion "
-                            "%s/%s is reused", tag, saved, world, out, tag)
+                log.warning(
+                    "checkpoint %s saved at world size %s, resuming at %d: its universal conversion %s/%s is reused",
+                    tag,
+                    saved,
+                    world,
+                    out,
+                    tag,
+                )
             else:
                 for old in Path(out).glob("*"):  # conversions of older tags are of no further use
                     if old.name != tag and old.is_dir():
                         shutil.rmtree(old, ignore_errors=True)
                 t0 = time.perf_counter()
                 to_universal(ckpt_dir, tag, out)
-                log.warning("checkpoint %s saved at world size %s, resuming at %d: converted to universal in "
-                            "%s/%s (%.1f s)", tag, saved, world, out, tag, time.perf_counter() - t0)
+                log.warning(
+                    "checkpoint %s saved at world size %s, resuming at %d: converted to universal in %s/%s (%.1f s)",
+                    tag,
+                    saved,
+                    world,
+                    out,
+                    tag,
+                    time.perf_counter() - t0,
+                )
         if dist.is_initialized():
             dist.barrier()
         return out, tag
@@ -737,8 +838,18 @@ class CheckpointManager:
         if self.guard is not None:
             data["guard"] = self.guard.state_dict()
         # A remote run dir's tags are kept there: this host keeps its newest copy (a fast local resume).
-        tag = save(self.engine, self.staging, step, meta, data, config_yaml, self.keep if self.shared else 1, ema=self.ema,
-                   one_dir=self.shared, expected=self.tag_bytes)
+        tag = save(
+            self.engine,
+            self.staging,
+            step,
+            meta,
+            data,
+            config_yaml,
+            self.keep if self.shared else 1,
+            ema=self.ema,
+            one_dir=self.shared,
+            expected=self.tag_bytes,
+        )
         publish_checkpoint(self.run, self.staging, tag, self.keep)
         log.info("checkpoint %s/%s complete", self.run.checkpoints.url, tag)
         return tag
@@ -807,8 +918,10 @@ def publish_checkpoint(run: RunDir, ckpt_dir: str, tag: str, keep: int) -> None:
     if rank0:
         listed = set(json.loads((Path(ckpt_dir) / tag / META_FILE).read_text())["files"]) | {META_FILE}
         if (there := run.checkpoints.files(tag)) != listed:
-            raise CorruptCheckpoint(f"{run.checkpoints.tag_url(tag)}: not marked complete, its files differ from its "
-                                    f"manifest (extra {sorted(there - listed)}, missing {sorted(listed - there)})")
+            raise CorruptCheckpoint(
+                f"{run.checkpoints.tag_url(tag)}: not marked complete, its files differ from its "
+                f"manifest (extra {sorted(there - listed)}, missing {sorted(listed - there)})"
+            )
         run.checkpoints.publish(Path(ckpt_dir) / tag, tag, marker=True)
         run.checkpoints.keep_latest(keep)
     if dist.is_initialized():

@@ -38,8 +38,13 @@ BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: debugging a graph
 RECOMPILES_LOGGER = "torch._dynamo.guards.__recompiles"
 
 
-def compile_blocks(model: torch.nn.Module, mode: str = "default", backend: str = "inductor",
-                   dynamic: bool | None = None, zero3: bool = False) -> int:
+def compile_blocks(
+    model: torch.nn.Module,
+    mode: str = "default",
+    backend: str = "inductor",
+    dynamic: bool | None = None,
+    zero3: bool = False,
+) -> int:
     """Compile the ``forward`` of every block of ``model.blocks`` in place; returns how many.
 
     ``dynamic`` None: torch's automatic dynamic shapes (a second input shape recompiles once
@@ -107,27 +112,45 @@ class CompileWatch:
         if self.recompiles > self.max_recompiles and not self.warned:
             self.warned = True
             if not self.quiet:
-                log.warning("recompilation storm: %d recompilations of the compiled blocks (more than "
-                            "%s.max_recompiles=%d); causes: %s", self.recompiles, self.key, self.max_recompiles,
-                            "; ".join(f"{c} (x{n})" for c, n in self.reasons.most_common(3)))
+                log.warning(
+                    "recompilation storm: %d recompilations of the compiled blocks (more than "
+                    "%s.max_recompiles=%d); causes: %s",
+                    self.recompiles,
+                    self.key,
+                    self.max_recompiles,
+                    "; ".join(f"{c} (x{n})" for c, n in self.reasons.most_common(3)),
+                )
 
     def metrics(self) -> dict[str, float]:
         """Seconds compiling, recompilations, and graph breaks (a region compiled in pieces) since the start."""
-        return {"compile/seconds": self.seconds, "compile/recompiles": float(self.recompiles),
-                "compile/graph_breaks": float(_graph_breaks() - self._breaks0)}
+        return {
+            "compile/seconds": self.seconds,
+            "compile/recompiles": float(self.recompiles),
+            "compile/graph_breaks": float(_graph_breaks() - self._breaks0),
+        }
 
     def report_first_step(self, step: int, seconds: float, mode: str, blocks: int, tracker=None) -> None:
         """The compile cost, once, after this process's first step: a log line, and with rank 0's
         ``tracker`` a metric."""
-        log.info("train.compile: %d blocks compiled (mode %s): %.1f s of compiling in step %d, which took %.1f s",
-                 blocks, mode, self.seconds, step, seconds)
+        log.info(
+            "train.compile: %d blocks compiled (mode %s): %.1f s of compiling in step %d, which took %.1f s",
+            blocks,
+            mode,
+            self.seconds,
+            step,
+            seconds,
+        )
         if tracker is not None:
             tracker.log_metrics({"compile/first_step_seconds": seconds, **self.metrics()}, step)
 
     def summary(self) -> dict:
         """For training's summary: the metrics without their prefix, the causes of recompilation,
         whether there was a storm."""
-        return {**{k.split("/")[1]: v for k, v in self.metrics().items()}, "reasons": dict(self.reasons), "storm": self.warned}
+        return {
+            **{k.split("/")[1]: v for k, v in self.metrics().items()},
+            "reasons": dict(self.reasons),
+            "storm": self.warned,
+        }
 
     def close(self) -> None:
         self._handler.remove_start_callback(self._start)

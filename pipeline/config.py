@@ -338,7 +338,9 @@ class DemoConfig:
 class PlanConfig:
     """The target hardware and corpus facts of ``python -m pipeline.plan``; training ignores them."""
 
-    device: str = "auto"  # a GPU (H100, H200, A100, L40S, ...), cpu (this host) or any name with memory_gib/peak_tflops; auto: H100 with ray.use_gpu, else cpu
+    # a GPU (H100, H200, A100, L40S, ...), cpu (this host) or any name with memory_gib/peak_tflops;
+    # auto: H100 with ray.use_gpu, else cpu
+    device: str = "auto"
     memory_gib: float = 0.0  # per device; 0: the device's
     peak_tflops: float = 0.0  # dense bf16 per device; 0: train.peak_tflops, else the device's
     mfu: float = 0.0  # 0: the measured one for the device (bench/train_plan_calibration.json), else an assumed 0.4
@@ -385,9 +387,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = compose(Config, path, overrides or [])
     try:
         # Workers run elsewhere (Ray's session dir): every path derived from output_dir is absolute.
-        require("://" not in cfg.output_dir, "output_dir",
-                 f"{cfg.output_dir!r} is a URL; output_dir is each host's local scratch dir. Put the run on object "
-                 "storage with ray.storage_path=<url> (checkpoints, records and demo shards then live in <url>/<name>)")
+        require(
+            "://" not in cfg.output_dir,
+            "output_dir",
+            f"{cfg.output_dir!r} is a URL; output_dir is each host's local scratch dir. Put the run on object "
+            "storage with ray.storage_path=<url> (checkpoints, records and demo shards then live in <url>/<name>)",
+        )
         cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
         if cfg.ray.storage_path and "://" not in cfg.ray.storage_path:
             cfg.ray.storage_path = str(Path(cfg.ray.storage_path).expanduser().resolve())
@@ -402,25 +407,51 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-
-
 def validate(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; each failure names its key."""
     from pipeline.model import VARIANTS
 
-    require(cfg.model.name in VARIANTS, "model.name", f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(VARIANTS))}")
+    require(
+        cfg.model.name in VARIANTS,
+        "model.name",
+        f"unknown model {cfg.model.name!r}; known: {', '.join(sorted(VARIANTS))}",
+    )
     require(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
-    require(0.0 <= cfg.train.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {cfg.train.label_smoothing}")
-    require(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    require(not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3, "deepspeed.offload_param", "parameter offload needs zero_stage 3")
-    require(not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1, "deepspeed.offload_optimizer", "optimizer offload needs zero_stage >= 1")
+    require(
+        0.0 <= cfg.train.label_smoothing < 1.0,
+        "train.label_smoothing",
+        f"must be in [0, 1), got {cfg.train.label_smoothing}",
+    )
+    require(
+        cfg.deepspeed.zero_stage in (0, 1, 2, 3),
+        "deepspeed.zero_stage",
+        f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}",
+    )
+    require(
+        not cfg.deepspeed.offload_param or cfg.deepspeed.zero_stage == 3,
+        "deepspeed.offload_param",
+        "parameter offload needs zero_stage 3",
+    )
+    require(
+        not cfg.deepspeed.offload_optimizer or cfg.deepspeed.zero_stage >= 1,
+        "deepspeed.offload_optimizer",
+        "optimizer offload needs zero_stage >= 1",
+    )
     require(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
-    require(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", f"must be two values in [0, 1), got {list(cfg.optim.betas)}")
+    require(
+        len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+        "optim.betas",
+        f"must be two values in [0, 1), got {list(cfg.optim.betas)}",
+    )
     require(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     require(cfg.train.steps > 0 or cfg.train.epochs > 0, "train.steps", "set train.steps or train.epochs")
     require(cfg.train.log_every > 0, "train.log_every", "must be positive")
     require(cfg.train.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
-    require(0 < cfg.data.crop_min_area <= cfg.data.crop_max_area <= 1, "data.crop_min_area", "need 0 < crop_min_area <= crop_max_area <= 1")
+    require(
+        0 < cfg.data.crop_min_area <= cfg.data.crop_max_area <= 1,
+        "data.crop_min_area",
+        "need 0 < crop_min_area <= crop_max_area <= 1",
+    )
     require(cfg.data.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
@@ -431,8 +462,11 @@ def validate(cfg: DictConfig) -> None:
         data_streams(cfg, world)
     for key, lease in (("lease", cfg.lease), ("eval.claims", cfg.eval.claims)):
         require(lease.heartbeat_s > 0, f"{key}.heartbeat_s", f"must be positive, got {lease.heartbeat_s}")
-        require(lease.expiry_s >= 2 * lease.heartbeat_s, f"{key}.expiry_s",
-                 f"must be at least two heartbeats ({2 * lease.heartbeat_s:g}s), got {lease.expiry_s}")
+        require(
+            lease.expiry_s >= 2 * lease.heartbeat_s,
+            f"{key}.expiry_s",
+            f"must be at least two heartbeats ({2 * lease.heartbeat_s:g}s), got {lease.expiry_s}",
+        )
     _validate_augreg(cfg)
     _validate_guard(cfg)
     _validate_compile(cfg)
@@ -448,14 +482,24 @@ def _validate_guard(cfg: DictConfig) -> None:
     require(g.spike_factor > 1, "train.guard.spike_factor", f"must be > 1, got {g.spike_factor}")
     for key in ("spike_window", "max_bad", "bad_window"):
         require(g[key] > 0, f"train.guard.{key}", f"must be positive, got {g[key]}")
-    require(g.max_bad <= g.bad_window, "train.guard.max_bad", f"{g.max_bad} unhealthy steps cannot fit in bad_window {g.bad_window}")
+    require(
+        g.max_bad <= g.bad_window,
+        "train.guard.max_bad",
+        f"{g.max_bad} unhealthy steps cannot fit in bad_window {g.bad_window}",
+    )
     require(g.skip_extra_steps >= 0, "train.guard.skip_extra_steps", f"must be >= 0, got {g.skip_extra_steps}")
     require(g.max_rollbacks >= 0, "train.guard.max_rollbacks", f"must be >= 0, got {g.max_rollbacks}")
-    require(g.fault.kind == "none" or 0 < g.fault.start < g.fault.end, "train.guard.fault.start",
-            f"a fault needs 0 < start < end, got {g.fault.start}, {g.fault.end}")
-    require(cfg.deepspeed.zero_stage > 0 or cfg.train.precision != "fp32", "train.guard.enabled",
-            "DeepSpeed cannot skip an update in fp32 without ZeRO; use deepspeed.zero_stage >= 1, bf16, or "
-            "train.guard.enabled=false")
+    require(
+        g.fault.kind == "none" or 0 < g.fault.start < g.fault.end,
+        "train.guard.fault.start",
+        f"a fault needs 0 < start < end, got {g.fault.start}, {g.fault.end}",
+    )
+    require(
+        cfg.deepspeed.zero_stage > 0 or cfg.train.precision != "fp32",
+        "train.guard.enabled",
+        "DeepSpeed cannot skip an update in fp32 without ZeRO; use deepspeed.zero_stage >= 1, bf16, or "
+        "train.guard.enabled=false",
+    )
 
 
 def _validate_compile(cfg: DictConfig) -> None:
@@ -468,9 +512,12 @@ def _validate_compile(cfg: DictConfig) -> None:
         require(c.backend in BACKENDS, f"{key}.backend", f"must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
         require(c.max_recompiles >= 0, f"{key}.max_recompiles", f"must be >= 0, got {c.max_recompiles}")
     c = cfg.train.compile
-    require(not (c.enabled and c.mode in CUDAGRAPH_MODES and cfg.deepspeed.zero_stage == 3), "train.compile.mode",
-            f"{c.mode!r} records CUDA graphs, which need parameters at fixed addresses; deepspeed.zero_stage=3 gathers "
-            "and frees them every step: use train.compile.mode=max-autotune-no-cudagraphs (or default)")
+    require(
+        not (c.enabled and c.mode in CUDAGRAPH_MODES and cfg.deepspeed.zero_stage == 3),
+        "train.compile.mode",
+        f"{c.mode!r} records CUDA graphs, which need parameters at fixed addresses; deepspeed.zero_stage=3 gathers "
+        "and frees them every step: use train.compile.mode=max-autotune-no-cudagraphs (or default)",
+    )
 
 
 AUG_PRESETS_DIR = CONFIGS_DIR / "aug"
@@ -497,11 +544,17 @@ def _validate_augreg(cfg: DictConfig) -> None:
     if a.preset == "custom":
         return
     presets = aug_presets()
-    require(a.preset in presets, "aug.preset", f"unknown preset {a.preset!r}; known: {', '.join(sorted(presets))}, custom")
+    require(
+        a.preset in presets, "aug.preset", f"unknown preset {a.preset!r}; known: {', '.join(sorted(presets))}, custom"
+    )
     differ = [k for k in AUG_KEYS if float(a[k]) != float(presets[a.preset].get(k, 0))]
-    require(not differ, f"aug.{differ[0] if differ else ''}",
-             f"{a[differ[0]] if differ else ''} differs from preset {a.preset!r} ({presets[a.preset]}); set aug.preset=custom "
-             "to run other values")
+    require(
+        not differ,
+        f"aug.{differ[0] if differ else ''}",
+        f"{a[differ[0]] if differ else ''} differs from preset {a.preset!r} ({presets[a.preset]}); set "
+        "aug.preset=custom "
+        "to run other values",
+    )
 
 
 # What ``demo.enabled`` draws under output_dir before the prep jobs run (pipeline.run.prepare_data).
@@ -529,8 +582,14 @@ def _required_paths(cfg: DictConfig) -> list[tuple[str, str]]:
     """(key, path) of every path the run reads; an unset mandatory one is an error now."""
     keys = ["data.train"] + (["train.resume_from"] if cfg.train.resume_from else [])
     if cfg.eval.enabled:
-        keys += [f"eval.{kind}.{i}.{split}" for kind, specs in cfg.eval.items() if isinstance(specs, ListConfig)
-                 for i, spec in enumerate(specs) for split in ("train", "test") if split in spec.keys()]
+        keys += [
+            f"eval.{kind}.{i}.{split}"
+            for kind, specs in cfg.eval.items()
+            if isinstance(specs, ListConfig)
+            for i, spec in enumerate(specs)
+            for split in ("train", "test")
+            if split in spec.keys()
+        ]
     for i, job in enumerate(cfg.prep):
         if not _exists(f"{job.output.rstrip('/')}/{job.train_split}_index.json"):  # else skipped
             keys += [f"prep.{i}.source"] + ([f"prep.{i}.classes_file"] if job.classes_file else [])
@@ -553,7 +612,7 @@ def _path_problem(cfg: DictConfig, url: str) -> str | None:
         if not _under(target, out):
             continue
         splits = [job.train_split] + ([job.holdout.name] if job.holdout.count or job.holdout.fraction else [])
-        name = target[len(out):].lstrip("/")
+        name = target[len(out) :].lstrip("/")
         if name.endswith("_index.json") and "/" not in name and name[: -len("_index.json")] not in splits:
             return f"is not an index that prep.{j} writes (its splits: {', '.join(splits)})"
         return None
@@ -594,13 +653,19 @@ def _validate_elastic(cfg: DictConfig) -> None:
     micro, glob = cfg.data.micro_batch_size, cfg.train.global_batch_size
     bad = [w for w in range(lo, hi + 1) if glob % (micro * w)]
     good = [w for w in range(1, hi + 1) if glob % (micro * w) == 0]
-    require(not bad, "ray.min_workers",
-            f"world sizes {', '.join(map(str, bad))} of {lo}..{hi} cannot keep train.global_batch_size={glob} "
-            f"(data.micro_batch_size {micro} x accumulation x world size); the sizes up to {hi} that can: "
-            f"{', '.join(map(str, good))} (narrow the range, or change the batch sizes)")
-    require(cfg.ray.max_failures != 0, "ray.max_failures",
-            "an elastic group restarts on the hosts left after a loss, and each restart counts as a failure: "
-            "set how many it may take (-1: no limit)")
+    require(
+        not bad,
+        "ray.min_workers",
+        f"world sizes {', '.join(map(str, bad))} of {lo}..{hi} cannot keep train.global_batch_size={glob} "
+        f"(data.micro_batch_size {micro} x accumulation x world size); the sizes up to {hi} that can: "
+        f"{', '.join(map(str, good))} (narrow the range, or change the batch sizes)",
+    )
+    require(
+        cfg.ray.max_failures != 0,
+        "ray.max_failures",
+        "an elastic group restarts on the hosts left after a loss, and each restart counts as a failure: "
+        "set how many it may take (-1: no limit)",
+    )
     require(cfg.ray.grow_wait_s > 0, "ray.grow_wait_s", f"must be positive, got {cfg.ray.grow_wait_s}")
 
 
@@ -624,11 +689,17 @@ def data_streams(cfg: DictConfig, world_size: int) -> int:
         return 0
     glob, micro = cfg.train.global_batch_size, cfg.data.micro_batch_size
     streams = cfg.data.streams or default_streams(glob, micro)
-    require(streams > 0 and glob % streams == 0, "data.streams",
-            f"{streams} streams do not divide train.global_batch_size={glob} (every stream gives as many samples a step)")
-    require(streams % world_size == 0, "data.streams",
-            f"{streams} streams cannot be shared by {world_size} ranks (a rank reads every {world_size}-th stream); "
-            f"use a multiple of every world size the run may have")
+    require(
+        streams > 0 and glob % streams == 0,
+        "data.streams",
+        f"{streams} streams do not divide train.global_batch_size={glob} (every stream gives as many samples a step)",
+    )
+    require(
+        streams % world_size == 0,
+        "data.streams",
+        f"{streams} streams cannot be shared by {world_size} ranks (a rank reads every {world_size}-th stream); "
+        f"use a multiple of every world size the run may have",
+    )
     return streams
 
 

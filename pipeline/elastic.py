@@ -104,8 +104,11 @@ def _policy_class():
                 return NoopDecision()
             self._grow_until = float("-inf")
             logging.getLogger("ray.train").info(
-                "growing the worker group at a checkpoint: %d -> %d workers", worker_group_state.num_workers, n)
-            return ResizeDecision(num_workers=n, resources_per_worker=self.scaling_config._resources_per_worker_not_none)
+                "growing the worker group at a checkpoint: %d -> %d workers", worker_group_state.num_workers, n
+            )
+            return ResizeDecision(
+                num_workers=n, resources_per_worker=self.scaling_config._resources_per_worker_not_none
+            )
 
     return GrowAtCheckpoint
 

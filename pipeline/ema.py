@@ -82,7 +82,9 @@ class EMA:
     def reset(self) -> None:
         """Start over from the module's current weights."""
         self.updates = 0
-        self.shadow = {n: (t.detach().float().clone(), off) for n, (t, off) in _pieces(self.module, self.masters).items()}
+        self.shadow = {
+            n: (t.detach().float().clone(), off) for n, (t, off) in _pieces(self.module, self.masters).items()
+        }
 
     def decay_at(self, updates: int) -> float:
         return min(self.decay, (1.0 + updates) / (10.0 + updates)) if self.warmup else self.decay
@@ -99,7 +101,11 @@ class EMA:
 
     def state_dict(self) -> dict:
         """This rank's pieces (what an exact resume on the same world size restores)."""
-        return {"decay": self.decay, "updates": self.updates, "pieces": {n: (t.cpu(), off) for n, (t, off) in self.shadow.items()}}
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "pieces": {n: (t.cpu(), off) for n, (t, off) in self.shadow.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.updates = int(state["updates"])
@@ -115,7 +121,7 @@ class EMA:
             flat = weights[name].reshape(-1).float()
             n = max(0, min(t.numel(), flat.numel() - off))
             t.zero_()
-            t[:n].copy_(flat[off:off + n].to(t.device))
+            t[:n].copy_(flat[off : off + n].to(t.device))
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -134,7 +140,7 @@ class EMA:
             if piece is not None:
                 t, off = piece
                 n = max(0, min(t.numel(), numel - off))
-                full[off:off + n] = t[:n].to(comm_device)
+                full[off : off + n] = t[:n].to(comm_device)
             if reduce:
                 dist.all_reduce(full)
             out[name] = full.view(shape).cpu()

@@ -44,9 +44,17 @@ def dist_setup(standalone: bool = False) -> tuple[int, int, torch.device]:
             for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
                 os.environ.setdefault(key, "1")
     elif standalone:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False)
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+        )
+        deepspeed.init_distributed(
+            dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, verbose=False
+        )
     else:
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -84,8 +92,15 @@ def warmup_decay(step: int, warmup: int, total: int, schedule: str = "cosine", e
     return 1.0 + (end - 1.0) * frac
 
 
-def ds_config(global_batch: int, micro_batch: int, world: int, grad_clip: float, precision: str,
-              zero: dict | None = None, fp16: dict | None = None) -> dict:
+def ds_config(
+    global_batch: int,
+    micro_batch: int,
+    world: int,
+    grad_clip: float,
+    precision: str,
+    zero: dict | None = None,
+    fp16: dict | None = None,
+) -> dict:
     """A DeepSpeed config: batch split, clipping, precision and ZeRO (``zero``: the
     ``zero_optimization`` section, None or stage 0 for none)."""
     if global_batch <= 0 or global_batch % (micro_batch * world):
@@ -105,13 +120,17 @@ def ds_config(global_batch: int, micro_batch: int, world: int, grad_clip: float,
     return out
 
 
-def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_factor: Callable[[int], float], config: dict):
+def initialize(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_factor: Callable[[int], float], config: dict
+):
     """``model`` and ``optimizer`` in a DeepSpeed engine, the lr scaled by ``lr_factor(step)``;
     (engine, scheduler)."""
     import deepspeed
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
     return engine, scheduler
 
 
@@ -133,8 +152,14 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, label_smooth
     return -(targets / targets.sum(-1, keepdim=True) * F.log_softmax(logits, -1)).sum(-1).mean()
 
 
-def forward_loss(engine, batch: dict, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 dtype: torch.dtype, device: torch.device, mixup_lam: float | None = None) -> torch.Tensor:
+def forward_loss(
+    engine,
+    batch: dict,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    mixup_lam: float | None = None,
+) -> torch.Tensor:
     """The loss of one ``pipeline.data`` batch, its images and targets mixed by ``mixup_lam``
     when given (``pipeline.augment.mixup``); backward it with ``engine.backward``."""
     targets = batch["targets"].to(device, non_blocking=True)
@@ -148,8 +173,14 @@ def forward_loss(engine, batch: dict, loss: Callable[[torch.Tensor, torch.Tensor
     return loss(engine(x), targets)
 
 
-def micro_step(engine, batch: dict, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-               dtype: torch.dtype, device: torch.device, mixup_lam: float | None = None) -> torch.Tensor:
+def micro_step(
+    engine,
+    batch: dict,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device,
+    mixup_lam: float | None = None,
+) -> torch.Tensor:
     """Forward, backward and (at the accumulation boundary) the optimizer step of one batch
     (:func:`forward_loss`); the loss, detached."""
     value = forward_loss(engine, batch, loss, dtype, device, mixup_lam)

@@ -21,7 +21,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("out", help="timm: a .safetensors file; hf and mlflow: a new folder")
     parser.add_argument("variant", nargs="?", default="raw", choices=checkpoint.VARIANTS)
     parser.add_argument("--format", default="timm", choices=("timm", "hf", "mlflow"))
-    parser.add_argument("--register", help="mlflow: log the model to the run's MLflow run and register it under this name")
+    parser.add_argument(
+        "--register", help="mlflow: log the model to the run's MLflow run and register it under this name"
+    )
     parser.add_argument("--tracking-uri", help="mlflow: the tracking server (default: the run's)")
     args = parser.parse_args(argv)
     export = load_export(args.source, None if args.tag == "latest" else args.tag, args.variant)

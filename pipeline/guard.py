@@ -97,7 +97,11 @@ class Guard:
         return Verdict(step, loss, ratio)
 
     def _judges_spikes(self, step: int) -> bool:
-        return step > self.warmup_steps and len(self.history) >= min(self.cfg.spike_window, 10) and statistics.median(self.history) > 0
+        return (
+            step > self.warmup_steps
+            and len(self.history) >= min(self.cfg.spike_window, 10)
+            and statistics.median(self.history) > 0
+        )
 
     def settle(self, verdict: Verdict, update_skipped: bool) -> Verdict:
         """Record the step once the optimizer has run: ``update_skipped`` is DeepSpeed's overflow
@@ -113,8 +117,13 @@ class Guard:
             self.bad.append((verdict.step, verdict.reason))
             self.skipped += 1
             if not self.quiet:
-                log.warning("step %d unhealthy (%s: loss %.4g, %.2fx the running median): its update was not applied",
-                            verdict.step, verdict.reason, verdict.loss, verdict.ratio)
+                log.warning(
+                    "step %d unhealthy (%s: loss %.4g, %.2fx the running median): its update was not applied",
+                    verdict.step,
+                    verdict.reason,
+                    verdict.loss,
+                    verdict.ratio,
+                )
         return verdict
 
     def trouble(self, verdict: Verdict) -> Trouble | None:
@@ -132,8 +141,11 @@ class Guard:
     def metrics(self) -> dict[str, float]:
         """For the step log: unhealthy steps so far, rollbacks, the largest loss/median ratio
         since the last call."""
-        out = {"guard/skipped_steps": self.skipped, "guard/rollbacks": len(self.events),
-               "guard/max_loss_ratio": self.max_ratio}
+        out = {
+            "guard/skipped_steps": self.skipped,
+            "guard/rollbacks": len(self.events),
+            "guard/max_loss_ratio": self.max_ratio,
+        }
         self.max_ratio = 0.0
         return out
 
@@ -152,8 +164,9 @@ class Guard:
             log.warning("replaying a rollback this checkpoint did not see: %s", describe(event))
             skip_past(stream, event)
 
-    def roll_back(self, trouble: Trouble, step: int, ckpts, stream, micro_batches: int, global_batch: int,
-                  tracker=None) -> tuple[dict, dict | None]:
+    def roll_back(
+        self, trouble: Trouble, step: int, ckpts, stream, micro_batches: int, global_batch: int, tracker=None
+    ) -> tuple[dict, dict | None]:
         """Back to the newest checkpoint before ``trouble``, past the data since then; ``(its meta,
         None)``, or ``({}, why)`` when there is no such checkpoint or the rollbacks ran out.
         ``ckpts`` is the run's :class:`~pipeline.checkpoint.CheckpointManager`; rank 0 passes its
@@ -162,15 +175,26 @@ class Guard:
         to = target([rundir.step_of(t) for t in ckpts.run.checkpoints.complete_tags()], trouble)
         reasons = ", ".join(sorted({r for s, r in self.bad}))
         if to is None or len(self.events) >= g.max_rollbacks:
-            why = "no checkpoint before it" if to is None else f"after {len(self.events)} rollbacks (train.guard.max_rollbacks)"
+            why = (
+                "no checkpoint before it"
+                if to is None
+                else f"after {len(self.events)} rollbacks (train.guard.max_rollbacks)"
+            )
             diverged = {"steps": trouble.steps, "reasons": reasons, "resume_from": ckpts.latest(), "why": why}
             if tracker is not None:
                 write_record(ckpts.run, self.events, diverged)
                 log.error("%s", diverged_message(diverged, ckpts.run.checkpoints.url))
             return {}, diverged
-        event = {"at_step": step, "first_bad": trouble.first, "bad_steps": trouble.steps, "reasons": reasons, "to_step": to,
-                 "batches": stream.batches + g.skip_extra_steps * micro_batches, "data_steps": stream.steps + g.skip_extra_steps,
-                 "samples_skipped": (step - to + g.skip_extra_steps) * global_batch}
+        event = {
+            "at_step": step,
+            "first_bad": trouble.first,
+            "bad_steps": trouble.steps,
+            "reasons": reasons,
+            "to_step": to,
+            "batches": stream.batches + g.skip_extra_steps * micro_batches,
+            "data_steps": stream.steps + g.skip_extra_steps,
+            "samples_skipped": (step - to + g.skip_extra_steps) * global_batch,
+        }
         self.events.append(event)
         if tracker is not None:
             write_record(ckpts.run, self.events)
@@ -220,8 +244,10 @@ def pending_skip(events: list[dict], seen: int, step: int) -> dict | None:
 
 
 def describe(event: dict) -> str:
-    return (f"steps {event['first_bad']}-{event['at_step']} ({event['reasons']}) rolled back to step {event['to_step']}, "
-            f"{event['samples_skipped']} samples skipped")
+    return (
+        f"steps {event['first_bad']}-{event['at_step']} ({event['reasons']}) rolled back to step {event['to_step']}, "
+        f"{event['samples_skipped']} samples skipped"
+    )
 
 
 def skip_past(stream, event: dict) -> None:
@@ -237,12 +263,18 @@ def skip_past(stream, event: dict) -> None:
 
 
 def diverged_message(diverged: dict, checkpoints_url: str) -> str:
-    return (f"diverged: unhealthy steps {diverged['steps']} ({diverged['reasons']}), {diverged['why']}. A rerun of the same "
-            f"command resumes from {checkpoints_url}/{diverged['resume_from']}; change the settings first (a lower optim.lr, "
-            "a longer optim.warmup_steps, optim.grad_clip, or train.guard.*)")
+    return (
+        f"diverged: unhealthy steps {diverged['steps']} ({diverged['reasons']}), {diverged['why']}. A rerun of the "
+        "same "
+        f"command resumes from {checkpoints_url}/{diverged['resume_from']}; change the settings first (a lower "
+        "optim.lr, "
+        "a longer optim.warmup_steps, optim.grad_clip, or train.guard.*)"
+    )
 
 
-USAGE = "usage: python -m pipeline.guard diverged <run dir URL>   (exit 0 and the reason when its last attempt diverged)"
+USAGE = (
+    "usage: python -m pipeline.guard diverged <run dir URL>   (exit 0 and the reason when its last attempt diverged)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,13 +147,29 @@ def took_over(url: str, previous: Owner, why: str | None = None) -> str:
     """What a launch that took the lease of ``url`` over from ``previous`` says (``why``: a
     reason the caller knows better)."""
     if why is None:
-        why = "its process has ended" if previous.ended() else "its batch job has ended" if previous.batch_job_ended() \
+        why = (
+            "its process has ended"
+            if previous.ended()
+            else "its batch job has ended"
+            if previous.batch_job_ended()
             else f"no heartbeat for over {previous.expiry_s:g}s"
+        )
     return f"took over {url} from {previous.describe()} ({why})"
 
 
-_SLURM_ALIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD", "RESIZING",
-                "SIGNALING", "STAGE_OUT", "STOPPED"}
+_SLURM_ALIVE = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+}
 
 
 def slurm_job_ended(job: str) -> bool:
@@ -189,7 +205,8 @@ class Lease:
     """A lease on the file at ``url`` (any fsspec URL), for this process.
 
     ``acquire`` takes it (a live owner raises :class:`LeaseHeld`; an expired one, or one whose
-    process ended on this machine, is taken over), ``start`` renews it every ``heartbeat_s`` in a thread, ``release`` deletes it.
+    process ended on this machine, is taken over), ``start`` renews it every ``heartbeat_s`` in a
+    thread, ``release`` deletes it.
     ``lost`` is set once a renewal finds another owner; ``on_lost(owner)`` is called then.
     """
 
@@ -259,10 +276,7 @@ class Lease:
         if self.lost.is_set():
             return False
         self.requests += 1
-        if (
-            self._version is not None
-            and (new := self.store.replace(self._record(), self._version)) is not None
-        ):
+        if self._version is not None and (new := self.store.replace(self._record(), self._version)) is not None:
             self._version = new
             return True
         self.requests += 1
@@ -305,9 +319,7 @@ class Lease:
                 except Exception as e:  # store away: retry (past expiry_s, another may take over)
                     log.warning("%s: lease not renewed (will retry): %s", self.url, e)
 
-        self._thread = threading.Thread(
-            target=loop, name=f"lease:{posixpath.basename(self.url)}", daemon=True
-        )
+        self._thread = threading.Thread(target=loop, name=f"lease:{posixpath.basename(self.url)}", daemon=True)
         self._thread.start()
         return self
 
@@ -320,9 +332,7 @@ class Lease:
             try:
                 self.store.delete(self._version)
             except Exception as e:  # it expires on its own
-                log.warning(
-                    "%s: lease not released (it expires in %.0fs): %s", self.url, self.expiry_s, e
-                )
+                log.warning("%s: lease not released (it expires in %.0fs): %s", self.url, self.expiry_s, e)
 
 
 class Fence:
@@ -379,9 +389,7 @@ def job_identity() -> tuple[str | None, str | None]:
     """
     try:
         job = (
-            json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-            .get("metadata", {})
-            .get("job_submission_id")
+            json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {}).get("job_submission_id")
         )
     except ValueError:
         job = None
@@ -496,9 +504,7 @@ class S3File:
 
     def _put(self, data: bytes, **condition):
         try:
-            return self.fs.call_s3(
-                "put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition
-            )["ETag"]
+            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition)["ETag"]
         except OSError as e:  # s3fs: FileExistsError (If-None-Match), EINVAL (If-Match)
             if _precondition_failed(e):
                 return None
@@ -508,12 +514,8 @@ class S3File:
 def _precondition_failed(e: BaseException) -> bool:
     """Whether S3 refused a conditional request (412, or 409 for a concurrent conditional write)."""
     cause = getattr(e, "__cause__", None)
-    code = (
-        getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
-    )
-    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or isinstance(
-        e, FileExistsError
-    )
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause is not None else None
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or isinstance(e, FileExistsError)
 
 
 class GCSFile:

@@ -39,9 +39,11 @@ def signature(export: Export):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     width = export.arch["num_classes"] or export.arch["representation_size"] or export.arch["width"]
-    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width), "logits")]),
-                          params=ParamSchema([ParamSpec("output", "string", "logits")]))
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, width), "logits")]),
+        params=ParamSchema([ParamSpec("output", "string", "logits")]),
+    )
 
 
 def example_input(export: Export):
@@ -77,16 +79,27 @@ def save(export: Export, path: str, pytorch_flavor: bool = True) -> str:
         (Path(tmp) / "meta.json").write_text(json.dumps(export.meta, indent=2, default=str))
         (Path(tmp) / "config.yaml").write_text(export.config_yaml)
         (Path(tmp) / CARD_FILE).write_text(model_card(export))
-        artifacts = {"weights": weights, "arch": str(Path(tmp) / ARCH_FILE), "meta": str(Path(tmp) / "meta.json"),
-                     "config": str(Path(tmp) / "config.yaml"), "card": str(Path(tmp) / CARD_FILE)}
+        artifacts = {
+            "weights": weights,
+            "arch": str(Path(tmp) / ARCH_FILE),
+            "meta": str(Path(tmp) / "meta.json"),
+            "config": str(Path(tmp) / "config.yaml"),
+            "card": str(Path(tmp) / CARD_FILE),
+        }
         code = Path(tmp) / "code" / "pipeline"
         code.mkdir(parents=True)
         for name in SERVING_MODULES:
             shutil.copy2(PACKAGE_DIR / name, code / name)
-        mlflow.pyfunc.save_model(path, python_model=ViTImages(), artifacts=artifacts, code_paths=[str(code)],
-                                 signature=signature(export), input_example=example_input(export),
-                                 pip_requirements=pip_requirements(), metadata={"checkpoint_tag": export.tag,
-                                                                                "weights_variant": export.variant})
+        mlflow.pyfunc.save_model(
+            path,
+            python_model=ViTImages(),
+            artifacts=artifacts,
+            code_paths=[str(code)],
+            signature=signature(export),
+            input_example=example_input(export),
+            pip_requirements=pip_requirements(),
+            metadata={"checkpoint_tag": export.tag, "weights_variant": export.variant},
+        )
     if pytorch_flavor:
         _add_pytorch_flavor(export, Path(path))
     shutil.copy2(Path(path) / "artifacts" / CARD_FILE, Path(path) / CARD_FILE)
@@ -119,7 +132,9 @@ def log_dir(tracker, model_dir: str, artifact_path: str) -> None:
         tracker.log_artifact(str(path), artifact_path if rel == "." else f"{artifact_path}/{rel}")
 
 
-def log(tracker, export: Export, artifact_path: str, register_as: str | None = None, pytorch_flavor: bool = True) -> str:
+def log(
+    tracker, export: Export, artifact_path: str, register_as: str | None = None, pytorch_flavor: bool = True
+) -> str:
     """Log ``export`` as an MLflow Model at ``artifact_path`` of the tracker's run; with
     ``register_as``, a new version of that registered model (once per run and path)."""
     with tempfile.TemporaryDirectory(prefix="vit-mlflow-") as tmp:
@@ -137,8 +152,10 @@ def log_and_register(export: Export, name: str, model_dir: str, tracking_uri: st
     run_id = export.meta.get("mlflow_run_id")
     uri = resolve_uri(explicit=tracking_uri, configured=export.tracking_uri)
     if not run_id or not uri:
-        raise ValueError(f"checkpoint {export.tag}: no MLflow run recorded in its meta.json (mlflow_run_id) or no "
-                         "tracking URI (--tracking-uri): cannot register it")
+        raise ValueError(
+            f"checkpoint {export.tag}: no MLflow run recorded in its meta.json (mlflow_run_id) or no "
+            "tracking URI (--tracking-uri): cannot register it"
+        )
     tracker = Tracker(uri, run_id)
     artifact_path = f"model_{export.tag}" + ("" if export.variant == "raw" else f"_{export.variant}")
     log_dir(tracker, model_dir, artifact_path)
@@ -150,8 +167,9 @@ def log_and_register(export: Export, name: str, model_dir: str, tracking_uri: st
     return f"models:/{name}/{version}"
 
 
-def log_final_weights(tracker, source: str, tag: str, register_as: str | None = None,
-                      pytorch_flavor: bool = True) -> str:
+def log_final_weights(
+    tracker, source: str, tag: str, register_as: str | None = None, pytorch_flavor: bool = True
+) -> str:
     """Log checkpoint ``tag`` of a run dir or checkpoints dir (``source``, any fsspec URL) as an
     MLflow Model (pyfunc and pytorch flavors, a signature, the
     timm-named weights, config, meta and model card as artifacts) at ``final_weights/`` of the

@@ -40,9 +40,7 @@ _BASES = {
 }
 
 VARIANTS: dict[str, ViTSpec] = {
-    f"vit_{base}{patch}": replace(spec, patch_size=patch)
-    for base, spec in _BASES.items()
-    for patch in (32, 16, 14, 8)
+    f"vit_{base}{patch}": replace(spec, patch_size=patch) for base, spec in _BASES.items() for patch in (32, 16, 14, 8)
 }
 # A few-minute CPU model for the demo and the tests: 32x32 inputs in 4x4 patches.
 VARIANTS["vit_demo"] = ViTSpec(width=128, depth=4, heads=4, mlp_dim=512, patch_size=4, img_size=32)
@@ -182,9 +180,7 @@ class VisionTransformer(nn.Module):
         width = spec.width
         self.patch_embed = PatchEmbed(spec.img_size, spec.patch_size, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if pool == "token" else None
-        self.pos_embed = nn.Parameter(
-            torch.empty(1, self.patch_embed.num_patches + self.num_prefix_tokens, width)
-        )
+        self.pos_embed = nn.Parameter(torch.empty(1, self.patch_embed.num_patches + self.num_prefix_tokens, width))
         self.pos_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(width, spec.heads, spec.mlp_dim, dropout, rate) for rate in drop_path_rates(drop_path, spec.depth)
@@ -272,8 +268,14 @@ def from_config(model_cfg, num_classes: int, **kwargs) -> VisionTransformer:
     pooling, pre-logits) with a ``num_classes`` head; ``kwargs``: the rest (``img_size`` to
     override the resolution, dropout, drop path, ...), which a caller states for its purpose."""
     kwargs.setdefault("img_size", model_cfg.img_size)
-    return create_model(model_cfg.name, num_classes=num_classes, patch_size=model_cfg.patch_size, pool=model_cfg.pool,
-                        representation_size=model_cfg.representation_size, **kwargs)
+    return create_model(
+        model_cfg.name,
+        num_classes=num_classes,
+        patch_size=model_cfg.patch_size,
+        pool=model_cfg.pool,
+        representation_size=model_cfg.representation_size,
+        **kwargs,
+    )
 
 
 def count_params(name: str, **kwargs) -> int:
@@ -295,8 +297,9 @@ def flops_per_image(spec: ViTSpec, num_classes: int = 0, training: bool = True) 
 POS_EMBED_INTERPOLATIONS = ("bilinear", "bicubic")
 
 
-def resize_pos_embed(posemb: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1,
-                     interpolation: str = "bilinear") -> torch.Tensor:
+def resize_pos_embed(
+    posemb: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1, interpolation: str = "bilinear"
+) -> torch.Tensor:
     """Resize (1, prefix + g*g, D) position embeddings to a new grid by 2-D interpolation.
 
     The class-token embedding is kept apart, as in the paper's fine-tuning at higher

@@ -33,6 +33,7 @@ CORES_PER_GPU_DEFAULT = 14  # a DGX H100: 112 cores for 8 GPUs
 
 # --- model ----------------------------------------------------------------------------
 
+
 def vit_params(spec: ViTSpec, num_classes: int, representation_size: int | None = None, pool: str = "token") -> int:
     """Parameters of :class:`pipeline.model.VisionTransformer` (the paper's count at 1000 classes)."""
     d, m, p = spec.width, spec.mlp_dim, spec.patch_size
@@ -41,17 +42,22 @@ def vit_params(spec: ViTSpec, num_classes: int, representation_size: int | None 
     embed = 3 * p * p * d + d + tokens * d + (d if pool == "token" else 0)
     head_in = representation_size or d
     head = (d * representation_size + representation_size if representation_size else 0) + (
-        head_in * num_classes + num_classes if num_classes else 0)
+        head_in * num_classes + num_classes if num_classes else 0
+    )
     return embed + spec.depth * block + 2 * d + head
 
 
-def train_flops(spec: ViTSpec, num_classes: int, representation_size: int | None = None, recompute: bool = False) -> float:
+def train_flops(
+    spec: ViTSpec, num_classes: int, representation_size: int | None = None, recompute: bool = False
+) -> float:
     """Model FLOPs (multiply-add = 2) to train on one image: forward + backward (2x forward),
     plus the blocks' forward once more under activation checkpointing."""
     body = flops_per_image(spec, 0, training=False)
     head_in = representation_size or spec.width
     forward = body + 2 * (spec.width * representation_size if representation_size else 0) + 2 * head_in * num_classes
-    blocks = body - flops_per_image(ViTSpec(spec.width, 0, spec.heads, spec.mlp_dim, spec.patch_size, spec.img_size), 0, training=False)
+    blocks = body - flops_per_image(
+        ViTSpec(spec.width, 0, spec.heads, spec.mlp_dim, spec.patch_size, spec.img_size), 0, training=False
+    )
     return 3 * forward + (blocks if recompute else 0.0)
 
 
@@ -59,8 +65,15 @@ def tokens_per_image(spec: ViTSpec, pool: str = "token") -> int:
     return (spec.img_size // spec.patch_size) ** 2 + (1 if pool == "token" else 0)
 
 
-def activation_bytes(spec: ViTSpec, micro_batch: int, num_classes: int, pool: str = "token", precision: str = "bf16",
-                     dropout: bool = False, recompute: bool = False) -> float:
+def activation_bytes(
+    spec: ViTSpec,
+    micro_batch: int,
+    num_classes: int,
+    pool: str = "token",
+    precision: str = "bf16",
+    dropout: bool = False,
+    recompute: bool = False,
+) -> float:
     """Peak activation memory of one forward + backward at ``micro_batch`` (bytes).
 
     Counts what autograd saves per token in a pre-LN block (flash-style attention, no
@@ -80,8 +93,17 @@ def activation_bytes(spec: ViTSpec, micro_batch: int, num_classes: int, pool: st
 
 # --- memory per rank --------------------------------------------------------------------
 
-def model_state_bytes(params: int, stage: int, world: int, precision: str = "bf16", offload_optimizer: bool = False,
-                      offload_param: bool = False, ema: bool = False, reduce_bucket_size: int = 0) -> dict[str, dict[str, float]]:
+
+def model_state_bytes(
+    params: int,
+    stage: int,
+    world: int,
+    precision: str = "bf16",
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+    ema: bool = False,
+    reduce_bucket_size: int = 0,
+) -> dict[str, dict[str, float]]:
     """Bytes per rank of the model states under ZeRO ``stage`` on ``world`` ranks, split by
     kind, for the device and for the host (offload). Mixed precision (ZeRO paper, K = 12):
     16-bit weights and gradients, fp32 master weights and two Adam moments; fp32: 4-byte
@@ -100,8 +122,10 @@ def model_state_bytes(params: int, stage: int, world: int, precision: str = "bf1
         "buckets": float(e * reduce_bucket_size) if stage == 3 else 0.0,
     }
     host_kinds = ({"optimizer", "ema"} if offload_optimizer else set()) | ({"weights"} if offload_param else set())
-    return {"device": {k: (0.0 if k in host_kinds else v) for k, v in parts.items()},
-            "host": {k: v for k, v in parts.items() if k in host_kinds}}
+    return {
+        "device": {k: (0.0 if k in host_kinds else v) for k, v in parts.items()},
+        "host": {k: v for k, v in parts.items() if k in host_kinds},
+    }
 
 
 def largest_micro_batch(budget: float, fixed: float, per_sample: float) -> int:
@@ -110,6 +134,7 @@ def largest_micro_batch(budget: float, fixed: float, per_sample: float) -> int:
 
 
 # --- time, cores, storage ---------------------------------------------------------------
+
 
 def images_per_second(flops_per_img: float, peak_tflops: float, mfu: float) -> float:
     """Images/s of one device that sustains ``mfu`` of ``peak_tflops``."""
@@ -121,8 +146,9 @@ def step_seconds(global_batch: int, world: int, device_images_per_s: float) -> f
     return global_batch / (world * device_images_per_s)
 
 
-def comm_bytes_per_step(params: int, stage: int, world: int, accumulation: int = 1, precision: str = "bf16",
-                        recompute: bool = False) -> float:
+def comm_bytes_per_step(
+    params: int, stage: int, world: int, accumulation: int = 1, precision: str = "bf16", recompute: bool = False
+) -> float:
     """Bytes through each rank's link per optimizer step (ring collectives move (N-1)/N of the
     data per rank for a reduce-scatter or an all-gather, twice that for an all-reduce).
     Stage 0: one gradient all-reduce; 1: a gradient reduce-scatter and a weight all-gather;
@@ -177,6 +203,7 @@ def train_steps(steps: int, epochs: float, num_samples: int, global_batch: int) 
 
 
 # --- the target -------------------------------------------------------------------------
+
 
 @dataclass
 class Target:
@@ -244,8 +271,17 @@ def cpu_rate(rates: list[dict], width: int) -> float:
     return min(rates, key=lambda r: abs(r["width"] - width))["gflops_per_thread"] if rates else 0.0
 
 
-def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float, train_peak_tflops: float,
-                   width: int, sbatch_args: str = "", cal: dict | None = None, compiled: bool = False) -> Target:
+def resolve_target(
+    plan,
+    use_gpu: bool,
+    num_workers: int,
+    cpus_per_worker: float,
+    train_peak_tflops: float,
+    width: int,
+    sbatch_args: str = "",
+    cal: dict | None = None,
+    compiled: bool = False,
+) -> Target:
     """The hardware the plan is for, from the ``plan`` settings, sbatch flags and the Ray keys;
     ``width`` picks the CPU calibration; ``compiled`` (``train.compile.enabled``): a GPU's
     measured compiled MFU when one is recorded."""
@@ -272,8 +308,10 @@ def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float
         mem = plan.memory_gib or (known.memory_gib if known else 0.0)
         peak = plan.peak_tflops or train_peak_tflops or (known.peak_tflops if known else 0.0)
         if not mem or not peak:
-            raise ValueError(f"plan.device: unknown GPU {name!r}; known: {', '.join(d.short for d in devices.DEVICES)}, "
-                             "cpu (or a name as CUDA reports it); or set plan.memory_gib and plan.peak_tflops")
+            raise ValueError(
+                f"plan.device: unknown GPU {name!r}; known: {', '.join(d.short for d in devices.DEVICES)}, "
+                "cpu (or a name as CUDA reports it); or set plan.memory_gib and plan.peak_tflops"
+            )
         mfu, mfu_source = gpu_mfu(plan.mfu, cal, known.short if known else name, compiled)
         cores = plan.cpu_cores_per_node or CORES_PER_GPU_DEFAULT * per_node
     decode = cal.get("decode", {})
@@ -283,6 +321,7 @@ def resolve_target(plan, use_gpu: bool, num_workers: int, cpus_per_worker: float
 
 
 # --- the plan ---------------------------------------------------------------------------
+
 
 def corpus(cfg) -> tuple[int, int, str]:
     """(samples, classes, where they came from) of the training corpus: plan.* settings, the
@@ -305,8 +344,17 @@ def make_plan(cfg, sbatch_args: str = "", cal: dict | None = None) -> dict:
     """Everything the plan prints, as a dict (see the module docstring)."""
     m, d, t = cfg.model, cfg.deepspeed, cfg.train
     spec = get_spec(m.name, img_size=m.img_size, patch_size=m.patch_size)
-    target = resolve_target(cfg.plan, cfg.ray.use_gpu, cfg.ray.num_workers, cfg.ray.cpus_per_worker,
-                            t.peak_tflops, spec.width, sbatch_args, cal, compiled=t.compile.enabled)
+    target = resolve_target(
+        cfg.plan,
+        cfg.ray.use_gpu,
+        cfg.ray.num_workers,
+        cfg.ray.cpus_per_worker,
+        t.peak_tflops,
+        spec.width,
+        sbatch_args,
+        cal,
+        compiled=t.compile.enabled,
+    )
     samples, classes, corpus_source = corpus(cfg)
     classes_for_count = classes or 1000
     params = vit_params(spec, classes_for_count, m.representation_size, str(m.pool))
@@ -326,13 +374,26 @@ def make_plan(cfg, sbatch_args: str = "", cal: dict | None = None) -> dict:
 
     def step_s(stage: int) -> float:
         """Compute plus communication, overlapped only with deepspeed.overlap_comm."""
-        comm = comm_bytes_per_step(params, stage, world, max(1, round(accum)), precision, m.grad_checkpointing) / (link * 1e9) if link else 0.0
+        comm = (
+            comm_bytes_per_step(params, stage, world, max(1, round(accum)), precision, m.grad_checkpointing)
+            / (link * 1e9)
+            if link
+            else 0.0
+        )
         return max(compute_s, comm) if d.overlap_comm else compute_s + comm
 
     stages = {}
     for stage in (0, 1, 2, 3):
-        states = model_state_bytes(params, stage, world, precision, d.offload_optimizer and stage >= 1,
-                                   d.offload_param and stage == 3, ema, d.reduce_bucket_size)
+        states = model_state_bytes(
+            params,
+            stage,
+            world,
+            precision,
+            d.offload_optimizer and stage >= 1,
+            d.offload_param and stage == 3,
+            ema,
+            d.reduce_bucket_size,
+        )
         fixed = sum(states["device"].values())
         total = fixed + act(micro, m.grad_checkpointing)
         stages[str(stage)] = {  # str: the same keys in the dict and its JSON
@@ -355,25 +416,58 @@ def make_plan(cfg, sbatch_args: str = "", cal: dict | None = None) -> dict:
     eval_flops = flops_per_image(spec, 0, training=False) * eval_images * (2 if ema else 1)
     eval_gpu_s = eval_flops / (target.mfu * target.peak_tflops * 1e12) if ips and eval_images else 0.0
     return {
-        "config": {"model": m.name, "zero_stage": d.zero_stage, "offload_optimizer": d.offload_optimizer,
-                   "offload_param": d.offload_param, "overlap_comm": d.overlap_comm, "precision": precision, "micro_batch_size": micro,
-                   "global_batch_size": glob, "grad_accumulation": accum, "grad_checkpointing": m.grad_checkpointing,
-                   "ema": ema},
+        "config": {
+            "model": m.name,
+            "zero_stage": d.zero_stage,
+            "offload_optimizer": d.offload_optimizer,
+            "offload_param": d.offload_param,
+            "overlap_comm": d.overlap_comm,
+            "precision": precision,
+            "micro_batch_size": micro,
+            "global_batch_size": glob,
+            "grad_accumulation": accum,
+            "grad_checkpointing": m.grad_checkpointing,
+            "ema": ema,
+        },
         "target": {**asdict(target), "world": world},
-        "model": {"params": params, "classes": classes_for_count, "classes_known": bool(classes),
-                  "tokens_per_image": tokens_per_image(spec, str(m.pool)), "train_gflops_per_image": flops / 1e9,
-                  "forward_gflops_per_image": train_flops(spec, classes_for_count, m.representation_size) / 3e9},
+        "model": {
+            "params": params,
+            "classes": classes_for_count,
+            "classes_known": bool(classes),
+            "tokens_per_image": tokens_per_image(spec, str(m.pool)),
+            "train_gflops_per_image": flops / 1e9,
+            "forward_gflops_per_image": train_flops(spec, classes_for_count, m.representation_size) / 3e9,
+        },
         "memory": {"budget_gib": budget / GIB, "stages": stages},
-        "time": {"images_per_s_per_device": glob / world / step if step else 0.0, "images_per_s": glob / step if step else 0.0,
-                 "compute_step_s": compute_s, "step_s": step, "link_gbps": link, "steps": steps,
-                 "num_samples": samples, "corpus_source": corpus_source, "wall_h": wall_s / 3600,
-                 "gpu_hours": wall_s * world / 3600},
-        "host": {"cores_per_device": host_cores_per_device(glob / world / step, target.decode_rate) if target.decode_rate and step else 0.0,
-                 "cores_per_device_available": target.cores_per_node / target.per_node},
-        "checkpoints": {"count": ckpts, "gb_per_tag": ckpt / 1e9, "upload_s": ckpt / (cfg.plan.storage_gbps * 1e9),
-                        "storage_gb": ckpt * kept / 1e9},
-        "eval": {"images_per_checkpoint": eval_images, "device_s_per_checkpoint": eval_gpu_s,
-                 "device_hours_total": eval_gpu_s * ckpts / 3600},
+        "time": {
+            "images_per_s_per_device": glob / world / step if step else 0.0,
+            "images_per_s": glob / step if step else 0.0,
+            "compute_step_s": compute_s,
+            "step_s": step,
+            "link_gbps": link,
+            "steps": steps,
+            "num_samples": samples,
+            "corpus_source": corpus_source,
+            "wall_h": wall_s / 3600,
+            "gpu_hours": wall_s * world / 3600,
+        },
+        "host": {
+            "cores_per_device": host_cores_per_device(glob / world / step, target.decode_rate)
+            if target.decode_rate and step
+            else 0.0,
+            "cores_per_device_available": target.cores_per_node / target.per_node,
+        },
+        "checkpoints": {
+            "count": ckpts,
+            "gb_per_tag": ckpt / 1e9,
+            "upload_s": ckpt / (cfg.plan.storage_gbps * 1e9),
+            "storage_gb": ckpt * kept / 1e9,
+        },
+        "eval": {
+            "images_per_checkpoint": eval_images,
+            "device_s_per_checkpoint": eval_gpu_s,
+            "device_hours_total": eval_gpu_s * ckpts / 3600,
+        },
     }
 
 
@@ -389,17 +483,24 @@ def refusal(plan: dict) -> str | None:
     micro, budget, glob = cfg["micro_batch_size"], mem["budget_gib"], cfg["global_batch_size"]
     if glob % (micro * world):
         good = splits(glob, world, stage["largest_micro_batch"])
-        return (f"train.global_batch_size={glob} is not a multiple of data.micro_batch_size x ranks = {micro} x {world}; "
-                + (f"data.micro_batch_size={good} splits it and fits" if good else "no micro-batch that fits splits it"))
+        return (
+            f"train.global_batch_size={glob} is not a multiple of data.micro_batch_size x ranks = {micro} x {world}; "
+            + (f"data.micro_batch_size={good} splits it and fits" if good else "no micro-batch that fits splits it")
+        )
     if stage["fits"]:
         return None
     fitting = [s for s, v in mem["stages"].items() if v["fits"]]
     best = max(mem["stages"].values(), key=lambda v: v["largest_micro_batch"])["largest_micro_batch"]
-    where = (f"it fits at ZeRO-{', '.join(map(str, fitting))} (deepspeed.zero_stage=...)" if fitting else
-             f"it fits at no ZeRO stage; the largest micro-batch that fits is {best}")
-    return (f"data.micro_batch_size={micro} needs {stage['total_gib']:.1f} GiB per rank at ZeRO-{cfg['zero_stage']}, over "
-            f"the {budget:.1f} GiB budget; the largest micro-batch that fits at ZeRO-{cfg['zero_stage']} is "
-            f"{stage['largest_micro_batch']}; {where}")
+    where = (
+        f"it fits at ZeRO-{', '.join(map(str, fitting))} (deepspeed.zero_stage=...)"
+        if fitting
+        else f"it fits at no ZeRO stage; the largest micro-batch that fits is {best}"
+    )
+    return (
+        f"data.micro_batch_size={micro} needs {stage['total_gib']:.1f} GiB per rank at ZeRO-{cfg['zero_stage']}, over "
+        f"the {budget:.1f} GiB budget; the largest micro-batch that fits at ZeRO-{cfg['zero_stage']} is "
+        f"{stage['largest_micro_batch']}; {where}"
+    )
 
 
 def _hours(h: float) -> str:
@@ -407,45 +508,73 @@ def _hours(h: float) -> str:
 
 
 def format_plan(p: dict) -> str:
-    c, tg, mo, me, ti, ho, ck, ev = (p[k] for k in ("config", "target", "model", "memory", "time", "host", "checkpoints", "eval"))
+    c, tg, mo, me, ti, ho, ck, ev = (
+        p[k] for k in ("config", "target", "model", "memory", "time", "host", "checkpoints", "eval")
+    )
     unit = "rank" if tg["device"] == "cpu" else "GPU"
     lines = [
-        f"target: {tg['nodes']} node(s) x {tg['per_node']} {tg['device']} = {tg['world']} ranks, {tg['memory_gib']:.0f} GiB "
+        f"target: {tg['nodes']} node(s) x {tg['per_node']} {tg['device']} = {tg['world']} ranks, "
+        f"{tg['memory_gib']:.0f} GiB "
         f"and {tg['peak_tflops'] * 1e3 if tg['device'] == 'cpu' else tg['peak_tflops']:.0f} "
         f"{'GFLOP/s (measured)' if tg['device'] == 'cpu' else 'TFLOP/s peak'} per {unit}, "
         f"{tg['cores_per_node']:.0f} host cores per node",
-        f"model: {c['model']}, {mo['params'] / 1e6:.1f}M params ({mo['classes']} classes{'' if mo['classes_known'] else ', assumed: set plan.num_classes'}), "
+        f"model: {c['model']}, {mo['params'] / 1e6:.1f}M params ({mo['classes']} "
+        f"classes{'' if mo['classes_known'] else ', assumed: set plan.num_classes'}), "
         f"{mo['tokens_per_image']} tokens/image, {mo['forward_gflops_per_image']:.1f} GFLOP forward, "
         f"{mo['train_gflops_per_image']:.1f} GFLOP to train per image"
         f"{' (with activation recomputation)' if c['grad_checkpointing'] else ''}",
-        f"batch: {c['micro_batch_size']} per {unit} x {tg['world']} x {c['grad_accumulation']:g} accumulation = {c['global_batch_size']}",
-        f"memory per {unit} at micro-batch {c['micro_batch_size']} (GiB; budget {me['budget_gib']:.1f} = plan.memory_fraction of "
+        f"batch: {c['micro_batch_size']} per {unit} x {tg['world']} x {c['grad_accumulation']:g} accumulation = "
+        f"{c['global_batch_size']}",
+        f"memory per {unit} at micro-batch {c['micro_batch_size']} (GiB; budget {me['budget_gib']:.1f} = "
+        "plan.memory_fraction of "
         f"{tg['memory_gib']:.0f}):",
-        "  ZeRO | weights  grads  optim    ema  bucket | activations (other ckpt) | total | host | fits | largest micro-batch | s/step",
+        "  ZeRO | weights  grads  optim    ema  bucket | activations (other ckpt) | total | host | fits | largest "
+        "micro-batch | s/step",
     ]
     for s, v in me["stages"].items():
         dv = v["device_gib"]
         mark = "*" if s == str(c["zero_stage"]) else " "
-        lines.append(f" {mark}{s:>3} | {dv['weights']:7.2f} {dv['gradients']:6.2f} {dv['optimizer']:6.2f} {dv['ema']:6.2f} "
-                     f"{dv['buckets']:6.2f} | {v['activations_gib']:11.2f} ({v['activations_other_gib']:6.2f})"
-                     f"   | {v['total_gib']:5.1f} | {v['host_gib']:4.1f} | {'yes' if v['fits'] else 'NO ':>4} | {v['largest_micro_batch']:>19,} | {v['step_s']:.3f}")
-    comm = (f" + communication at {ti['link_gbps']:.0f} GB/s per {unit} ({'overlapped' if c['overlap_comm'] else 'not overlapped'})"
-            if ti["link_gbps"] else " (communication not modelled on CPU ranks)")
+        lines.append(
+            f" {mark}{s:>3} | {dv['weights']:7.2f} {dv['gradients']:6.2f} {dv['optimizer']:6.2f} {dv['ema']:6.2f} "
+            f"{dv['buckets']:6.2f} | {v['activations_gib']:11.2f} ({v['activations_other_gib']:6.2f})"
+            f"   | {v['total_gib']:5.1f} | {v['host_gib']:4.1f} | {'yes' if v['fits'] else 'NO ':>4} | "
+            f"{v['largest_micro_batch']:>19,} | {v['step_s']:.3f}"
+        )
+    comm = (
+        f" + communication at {ti['link_gbps']:.0f} GB/s per {unit} "
+        f"({'overlapped' if c['overlap_comm'] else 'not overlapped'})"
+        if ti["link_gbps"]
+        else " (communication not modelled on CPU ranks)"
+    )
     rate = "the measured CPU rate" if tg["device"] == "cpu" else f"{tg['mfu']:.2f} of peak"
-    lines.append(f"time: {ti['compute_step_s']:.3f} s/step compute at {rate} ({tg['mfu_source']}){comm} = "
-                 f"{ti['step_s']:.3f} s/step, {ti['images_per_s_per_device']:,.0f} images/s per {unit}, {ti['images_per_s']:,.0f} in all")
+    lines.append(
+        f"time: {ti['compute_step_s']:.3f} s/step compute at {rate} ({tg['mfu_source']}){comm} = "
+        f"{ti['step_s']:.3f} s/step, {ti['images_per_s_per_device']:,.0f} images/s per {unit}, "
+        f"{ti['images_per_s']:,.0f} in all"
+    )
     if ti["steps"]:
-        lines.append(f"  {ti['steps']:,} steps ({ti['num_samples']:,} samples from {ti['corpus_source']}): {_hours(ti['wall_h'])} "
-                     f"wall, {ti['gpu_hours']:,.{0 if ti['gpu_hours'] >= 10 else 2}f} {unit}-hours")
+        lines.append(
+            f"  {ti['steps']:,} steps ({ti['num_samples']:,} samples from {ti['corpus_source']}): "
+            f"{_hours(ti['wall_h'])} "
+            f"wall, {ti['gpu_hours']:,.{0 if ti['gpu_hours'] >= 10 else 2}f} {unit}-hours"
+        )
     else:
         lines.append("  steps unknown: train.epochs needs the corpus size (plan.num_samples=...)")
-    lines.append(f"host cores per {unit} to decode for that rate: {ho['cores_per_device']:.1f} needed, "
-                 f"{ho['cores_per_device_available']:.1f} available ({tg['decode_rate']:.0f} images per core-second: {tg['decode_source']})")
-    lines.append(f"checkpoints: {ck['count']} tags of {ck['gb_per_tag']:.2f} GB, {ck['upload_s']:.0f} s each to upload at "
-                 f"plan.storage_gbps, {ck['storage_gb']:,.0f} GB kept (train.keep_checkpoints)")
+    lines.append(
+        f"host cores per {unit} to decode for that rate: {ho['cores_per_device']:.1f} needed, "
+        f"{ho['cores_per_device_available']:.1f} available ({tg['decode_rate']:.0f} images per core-second: "
+        f"{tg['decode_source']})"
+    )
+    lines.append(
+        f"checkpoints: {ck['count']} tags of {ck['gb_per_tag']:.2f} GB, {ck['upload_s']:.0f} s each to upload at "
+        f"plan.storage_gbps, {ck['storage_gb']:,.0f} GB kept (train.keep_checkpoints)"
+    )
     if ev["images_per_checkpoint"]:
-        lines.append(f"evaluation: {ev['images_per_checkpoint']:,} images per checkpoint, {ev['device_s_per_checkpoint'] / 60:.1f} "
-                     f"{unit}-min each, {ev['device_hours_total']:,.1f} {unit}-hours for all checkpoints")
+        lines.append(
+            f"evaluation: {ev['images_per_checkpoint']:,} images per checkpoint, "
+            f"{ev['device_s_per_checkpoint'] / 60:.1f} "
+            f"{unit}-min each, {ev['device_hours_total']:,.1f} {unit}-hours for all checkpoints"
+        )
     else:
         lines.append("evaluation: images per checkpoint unknown (plan.eval_images=...)")
     return "\n".join(lines)
@@ -454,11 +583,17 @@ def format_plan(p: dict) -> str:
 def plan_params(plan: dict) -> dict[str, float | int | str]:
     """The plan's headline figures as flat ``plan/...`` keys (MLflow params)."""
     stage = plan["memory"]["stages"][str(plan["config"]["zero_stage"])]
-    return {"plan/params": plan["model"]["params"], "plan/train_gflops_per_image": round(plan["model"]["train_gflops_per_image"], 2),
-            "plan/memory_gib_per_rank": round(stage["total_gib"], 2), "plan/largest_micro_batch": stage["largest_micro_batch"],
-            "plan/images_per_s": round(plan["time"]["images_per_s"], 1), "plan/step_s": round(plan["time"]["step_s"], 4),
-            "plan/wall_h": round(plan["time"]["wall_h"], 2), "plan/mfu": plan["target"]["mfu"],
-            "plan/mfu_source": plan["target"]["mfu_source"][:250]}
+    return {
+        "plan/params": plan["model"]["params"],
+        "plan/train_gflops_per_image": round(plan["model"]["train_gflops_per_image"], 2),
+        "plan/memory_gib_per_rank": round(stage["total_gib"], 2),
+        "plan/largest_micro_batch": stage["largest_micro_batch"],
+        "plan/images_per_s": round(plan["time"]["images_per_s"], 1),
+        "plan/step_s": round(plan["time"]["step_s"], 4),
+        "plan/wall_h": round(plan["time"]["wall_h"], 2),
+        "plan/mfu": plan["target"]["mfu"],
+        "plan/mfu_source": plan["target"]["mfu_source"][:250],
+    }
 
 
 def run_plan(cfg) -> dict:
@@ -482,11 +617,13 @@ def planned_vs_measured(planned: dict, images_per_s: float | None, tracker=None)
     except Exception:  # noqa: BLE001 - the server may be away: the line then says so
         pass
     batch = planned["plan/images_per_s"] * planned["plan/step_s"]  # the global batch
-    lines = [f"planned / measured  : images/s {planned['plan/images_per_s']:.1f} / "
-             f"{'n/a' if not images_per_s else f'{images_per_s:.1f}'}; step {planned['plan/step_s']:.3f} s / "
-             f"{'n/a' if not images_per_s or not batch else f'{batch / images_per_s:.3f} s'}; "
-             f"memory per rank {planned['plan/memory_gib_per_rank']:.2f} GiB (+ imports, CUDA context) / "
-             f"{'n/a' if memory is None else f'{memory:.2f} GiB'}"]
+    lines = [
+        f"planned / measured  : images/s {planned['plan/images_per_s']:.1f} / "
+        f"{'n/a' if not images_per_s else f'{images_per_s:.1f}'}; step {planned['plan/step_s']:.3f} s / "
+        f"{'n/a' if not images_per_s or not batch else f'{batch / images_per_s:.3f} s'}; "
+        f"memory per rank {planned['plan/memory_gib_per_rank']:.2f} GiB (+ imports, CUDA context) / "
+        f"{'n/a' if memory is None else f'{memory:.2f} GiB'}"
+    ]
     return lines
 
 
@@ -496,15 +633,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", help="experiment YAML (default: the demo)")
     p.add_argument("overrides", nargs="*", help="key=value")
-    p.add_argument("--sbatch-args", default=os.environ.get("PLAN_SBATCH_ARGS", ""),
-                   help='the SLURM shape, as for launch/pretrain.sh --slurm ("--nodes=64 --gpus-per-node=8")')
+    p.add_argument(
+        "--sbatch-args",
+        default=os.environ.get("PLAN_SBATCH_ARGS", ""),
+        help='the SLURM shape, as for launch/pretrain.sh --slurm ("--nodes=64 --gpus-per-node=8")',
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     if args.config and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = None
     try:
-        cfg = load_config(args.config or Path(__file__).resolve().parents[1] / "configs/experiment/demo.yaml", args.overrides)
+        cfg = load_config(
+            args.config or Path(__file__).resolve().parents[1] / "configs/experiment/demo.yaml", args.overrides
+        )
         plan = make_plan(cfg, args.sbatch_args or slurm_allocation(os.environ))
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)

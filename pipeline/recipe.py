@@ -52,11 +52,22 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    fp16 = {"loss_scale": 0, "initial_scale_power": d.fp16_initial_scale_power,  # dynamic loss scale
-            "loss_scale_window": d.fp16_loss_scale_window, "hysteresis": d.fp16_hysteresis,
-            "min_loss_scale": d.fp16_min_loss_scale}
-    out = ds_config(cfg.train.global_batch_size, cfg.data.micro_batch_size, world_size, cfg.optim.grad_clip,
-                    cfg.train.precision, zero, fp16)
+    fp16 = {
+        "loss_scale": 0,
+        "initial_scale_power": d.fp16_initial_scale_power,  # dynamic loss scale
+        "loss_scale_window": d.fp16_loss_scale_window,
+        "hysteresis": d.fp16_hysteresis,
+        "min_loss_scale": d.fp16_min_loss_scale,
+    }
+    out = ds_config(
+        cfg.train.global_batch_size,
+        cfg.data.micro_batch_size,
+        world_size,
+        cfg.optim.grad_clip,
+        cfg.train.precision,
+        zero,
+        fp16,
+    )
     if cfg.train.guard.enabled and cfg.train.precision == "bf16":
         out["bf16"]["check_grad_overflow"] = True  # how the guard skips an update (pipeline.guard)
     return _merge(out, dict(d.extra))
@@ -80,13 +91,19 @@ def _build_optimizer(cfg: DictConfig, model: torch.nn.Module, device: torch.devi
 
 def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     """The model to pre-train: the configured architecture with its regularisation and head init."""
-    return from_config(cfg.model, num_classes, dropout=cfg.model.dropout, drop_path=cfg.model.drop_path,
-                       head_bias_init=-10.0 if cfg.train.loss == "sigmoid" else 0.0,
-                       grad_checkpointing=cfg.model.grad_checkpointing)
+    return from_config(
+        cfg.model,
+        num_classes,
+        dropout=cfg.model.dropout,
+        drop_path=cfg.model.drop_path,
+        head_bias_init=-10.0 if cfg.train.loss == "sigmoid" else 0.0,
+        grad_checkpointing=cfg.model.grad_checkpointing,
+    )
 
 
-def build_engine(cfg: DictConfig, num_classes: int, steps: int, world: int, device: torch.device,
-                 load_universal: bool = False):
+def build_engine(
+    cfg: DictConfig, num_classes: int, steps: int, world: int, device: torch.device, load_universal: bool = False
+):
     """Model, optimizer and schedule wrapped in a DeepSpeed engine (same init on every rank);
     ``load_universal``: it will load a universal checkpoint (another world size)."""
     torch.manual_seed(cfg.train.seed)

@@ -86,15 +86,22 @@ def _train_worker(config: dict) -> None:
 
     cfg = from_container(config)
     ctx = ray.train.get_context()
-    print(f"training worker rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()} "
-          f"({ray.util.get_node_ip_address()})", flush=True)
+    print(
+        f"training worker rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()} "
+        f"({ray.util.get_node_ip_address()})",
+        flush=True,
+    )
 
     def report(metrics: dict, final: dict | None = None) -> None:
         is_rank0 = ctx.get_world_rank() == 0
         # An elastic group below its size asks at each checkpoint whether it can grow (pipeline.elastic);
         # not at the last one, where a restart would only end the run.
-        grow = (is_rank0 and final is None and metrics["step"] < metrics["total_steps"]
-                and room_to_grow(cfg.ray, ctx.get_world_size()))
+        grow = (
+            is_rank0
+            and final is None
+            and metrics["step"] < metrics["total_steps"]
+            and room_to_grow(cfg.ray, ctx.get_world_size())
+        )
         with tempfile.TemporaryDirectory() as d:
             (Path(d) / "pointer.json").write_text(json.dumps({"run_dir": cfg.run_dir, "tag": metrics["tag"]}))
             ckpt = ray.train.Checkpoint.from_directory(d) if is_rank0 else None
@@ -109,9 +116,14 @@ def _train_worker(config: dict) -> None:
 
     diverged = (summary.get("guard") or {}).get("diverged")
     tag = diverged["resume_from"] if diverged else tag_for(summary["step"])  # nothing was saved after the trouble
-    report({"step": summary["step"], "tag": tag, "loss": summary["loss"], "total_steps": summary["total_steps"]},
-           final={"finished": summary["step"] >= summary["total_steps"] and not diverged, "preempted": summary["preempted"],
-                  "diverged": bool(diverged)})
+    report(
+        {"step": summary["step"], "tag": tag, "loss": summary["loss"], "total_steps": summary["total_steps"]},
+        final={
+            "finished": summary["step"] >= summary["total_steps"] and not diverged,
+            "preempted": summary["preempted"],
+            "diverged": bool(diverged),
+        },
+    )
 
 
 def connect_ray(cfg: DictConfig) -> None:
@@ -121,8 +133,18 @@ def connect_ray(cfg: DictConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu" if not cfg.ray.use_gpu else "cuda")}
-    for var in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL",
-                "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "PIPELINE_QUIET", "TQDM_DISABLE", LEASE_TOKEN):
+    for var in (
+        "MLFLOW_TRACKING_URI",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_ENDPOINT_URL",
+        "FSSPEC_S3_ENDPOINT_URL",
+        "GLOO_SOCKET_IFNAME",
+        "NCCL_SOCKET_IFNAME",
+        "PIPELINE_QUIET",
+        "TQDM_DISABLE",
+        LEASE_TOKEN,
+    ):
         if var in os.environ:
             env[var] = os.environ[var]
     runtime_env = {"env_vars": env}
@@ -149,8 +171,10 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
-        raise ConfigError(f"ray.address: cannot reach a Ray cluster at {address} ({e}); "
-                          "start one (ray start --head) or fix ray.address / $RAY_ADDRESS") from None
+        raise ConfigError(
+            f"ray.address: cannot reach a Ray cluster at {address} ({e}); "
+            "start one (ray start --head) or fix ray.address / $RAY_ADDRESS"
+        ) from None
 
 
 def check_room(cfg: DictConfig, run: RunDir) -> None:
@@ -179,7 +203,9 @@ def check_resources(cfg: DictConfig) -> None:
         raise ConfigError(f"{key}: {workers} GPU workers asked, the cluster has {total.get('GPU', 0):g} GPUs")
     need = workers * cfg.ray.cpus_per_worker
     if total.get("CPU", 0) < need:
-        raise ConfigError(f"ray.cpus_per_worker: {need:g} CPUs asked for training, the cluster has {total.get('CPU', 0):g}")
+        raise ConfigError(
+            f"ray.cpus_per_worker: {need:g} CPUs asked for training, the cluster has {total.get('CPU', 0):g}"
+        )
 
 
 def prepare_data(cfg: DictConfig) -> list[dict]:
@@ -193,8 +219,14 @@ def prepare_data(cfg: DictConfig) -> list[dict]:
         from data_prep.demo import make_digits_corpus, make_glyph_corpus
 
         if not (out / "corpus" / "glyphs").exists():
-            s = make_glyph_corpus(str(out / "corpus" / "glyphs"), num_classes=cfg.demo.classes, per_class=cfg.demo.per_class,
-                                  size=cfg.demo.image_size, seed=cfg.demo.seed, multi_label_fraction=cfg.demo.multi_label_fraction)
+            s = make_glyph_corpus(
+                str(out / "corpus" / "glyphs"),
+                num_classes=cfg.demo.classes,
+                per_class=cfg.demo.per_class,
+                size=cfg.demo.image_size,
+                seed=cfg.demo.seed,
+                multi_label_fraction=cfg.demo.multi_label_fraction,
+            )
             log.info("demo corpus: %s", s)
         if not (out / "corpus" / "digits").exists():
             make_digits_corpus(str(out / "corpus" / "digits"), size=cfg.demo.image_size)
@@ -232,12 +264,19 @@ def fit(cfg: DictConfig):
         train_loop_config=OmegaConf.to_container(cfg, resolve=True),
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(
-            num_workers=(cfg.ray.num_workers if cfg.ray.min_workers is None else (cfg.ray.min_workers, cfg.ray.num_workers)),
-            use_gpu=cfg.ray.use_gpu, resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
+            num_workers=(
+                cfg.ray.num_workers if cfg.ray.min_workers is None else (cfg.ray.min_workers, cfg.ray.num_workers)
+            ),
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker},
         ),
-        run_config=RunConfig(name="ray", storage_path=storage, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=RunConfig(
+            name="ray",
+            storage_path=storage,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
     )
     if cfg.ray.min_workers is None:
         return trainer.fit()
@@ -254,8 +293,11 @@ def run_job(cfg: DictConfig, dead_owner: str | None = None) -> dict:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     run = RunDir(cfg.run_dir)
     if (finished := _finished_summary(cfg, run)) is not None:
-        print(f"run {cfg.name} is finished (step {finished['final_step']} of {finished['total_steps']}, {run.url}); "
-              "its summary:", flush=True)
+        print(
+            f"run {cfg.name} is finished (step {finished['final_step']} of {finished['total_steps']}, {run.url}); "
+            "its summary:",
+            flush=True,
+        )
         _print_summary(finished)
         return finished
     lease = take_lease(cfg, run, dead_owner)
@@ -270,8 +312,9 @@ def take_lease(cfg: DictConfig, run: RunDir, dead_owner: str | None = None) -> L
     ($PIPELINE_LEASE_TOKEN), whose rank 0 stops without a checkpoint once it is not the lease's.
     A lease of Ray job ``dead_owner`` (ended, as the launcher asked the cluster) is taken over."""
     job_id, cluster = job_identity()
-    lease = Lease(run.lease_url, cfg.lease.heartbeat_s, cfg.lease.expiry_s, job_id=job_id,
-                  cluster=cfg.ray.address or cluster)
+    lease = Lease(
+        run.lease_url, cfg.lease.heartbeat_s, cfg.lease.expiry_s, job_id=job_id, cluster=cfg.ray.address or cluster
+    )
     previous = lease.acquire(dead=lambda owner: dead_owner is not None and owner.job_id == dead_owner)
     if previous is not None:
         why = f"its Ray job {dead_owner} has ended" if previous.job_id == dead_owner and dead_owner else None
@@ -338,8 +381,11 @@ def _owned_job(cfg: DictConfig, run: RunDir, lease: Lease, t_start: float) -> di
     run.write_summary(summary)
     _print_summary(summary)
     if summary["stopped"]:
-        print(f"\nstopped on request at step {summary['final_step']} of {summary['total_steps']}, checkpoint saved in "
-              f"{run.checkpoints.url}; to resume, rerun the same command (same name and storage): {' '.join(sys.argv)}", flush=True)
+        print(
+            f"\nstopped on request at step {summary['final_step']} of {summary['total_steps']}, checkpoint saved in "
+            f"{run.checkpoints.url}; to resume, rerun the same command (same name and storage): {' '.join(sys.argv)}",
+            flush=True,
+        )
     return summary
 
 
@@ -390,8 +436,11 @@ def _install_stop_handler(run) -> StopRequest:
 
     def request(signum: int) -> None:
         run.request_stop(f"signal {signum} at {time.time():.0f}")
-        print(f"signal {signum}: stopping at the next step boundary after a checkpoint (signal again to stop at once)",
-              file=sys.stderr, flush=True)
+        print(
+            f"signal {signum}: stopping at the next step boundary after a checkpoint (signal again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return StopRequest((signal.SIGTERM, signal.SIGINT), on_request=request, exit_on_repeat=True)
 
@@ -410,12 +459,14 @@ def _summary(run, tracker, prep, final: dict, train_seconds: float, total_second
             name = rec["dataset"] if variant == "raw" else f"{rec['dataset']}/{variant}"  # digits, digits/ema
             if rec["protocol"] == "fewshot_linear":
                 fewshot.setdefault(name, {})[rec["step"]] = {
-                    int(k.removesuffix("shot")): v for k, v in rec["metrics"].items() if k.endswith("shot")}
+                    int(k.removesuffix("shot")): v for k, v in rec["metrics"].items() if k.endswith("shot")
+                }
             elif rec["protocol"] == "finetune":
                 finetune.setdefault(name, {})[rec["step"]] = rec["metrics"]["top1"]
             else:  # any other evaluator: the metrics it puts on the parent run (knn/digits/top1 -> top1)
                 other.setdefault(rec["protocol"], {}).setdefault(name, {})[rec["step"]] = {
-                    k.rsplit("/", 1)[-1]: v for k, v in rec["parent_metrics"].items()}
+                    k.rsplit("/", 1)[-1]: v for k, v in rec["parent_metrics"].items()
+                }
     try:
         experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
     except Exception:  # the server may be away
@@ -425,7 +476,9 @@ def _summary(run, tracker, prep, final: dict, train_seconds: float, total_second
         "experiment_id": experiment_id,
         "tracking_uri": tracker.uri,
         "run_dir": run.url,
-        "shards_written": sum(s.get("shards", 0) if isinstance(s.get("shards"), int) else sum(s.get("shards", {}).values()) for s in prep),
+        "shards_written": sum(
+            s.get("shards", 0) if isinstance(s.get("shards"), int) else sum(s.get("shards", {}).values()) for s in prep
+        ),
         "prep": prep,
         "final_step": final.get("step"),
         "final_loss": final.get("loss"),
@@ -456,7 +509,10 @@ def _print_summary(s: dict) -> None:
     for name, steps in s["fewshot"].items():
         for step, acc in sorted(steps.items(), key=lambda t: int(t[0])):
             label = "random init" if int(step) == 0 else f"step {step}"
-            print(f"few-shot {name:<10} {label:>12}: " + "  ".join(f"{k}-shot {v:.3f}" for k, v in sorted(acc.items(), key=lambda t: int(t[0]))))
+            print(
+                f"few-shot {name:<10} {label:>12}: "
+                + "  ".join(f"{k}-shot {v:.3f}" for k, v in sorted(acc.items(), key=lambda t: int(t[0])))
+            )
     for name, steps in s.get("finetune", {}).items():
         for step, top1 in steps.items():
             label = "random init" if int(step) == 0 else f"step {step}"
@@ -465,9 +521,16 @@ def _print_summary(s: dict) -> None:
         for name, steps in datasets.items():
             for step, metrics in sorted(steps.items(), key=lambda t: int(t[0])):
                 label = "random init" if int(step) == 0 else f"step {step}"
-                print(f"{protocol} {name:<10} {label:>12}: " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())))
+                print(
+                    f"{protocol} {name:<10} {label:>12}: "
+                    + "  ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()))
+                )
     uri = s["tracking_uri"]
-    page = f"#/experiments/{s['experiment_id']}/runs/{s['run_id']}?workflowType=machine_learning" if s.get("experiment_id") else ""
+    page = (
+        f"#/experiments/{s['experiment_id']}/runs/{s['run_id']}?workflowType=machine_learning"
+        if s.get("experiment_id")
+        else ""
+    )
     if uri.startswith(("http://", "https://")):
         print(f"MLflow run {s['run_id']}: {uri.rstrip('/')}/{page}")
     else:
@@ -478,10 +541,14 @@ def _print_summary(s: dict) -> None:
     if left.get("evaluations") or left.get("spool"):
         evals = left.get("evaluations", [])
         spooled = f" and spooled training writes in {left['spool']}" if left.get("spool") else ""
-        print(f"\nNOT IN MLFLOW YET: the tracking server at {uri} did not take {len(evals)} evaluation(s) "
-              f"{' '.join(evals)}{spooled}. Nothing is lost: evaluations are kept in {s['run_dir']}. Deliver everything "
-              f"when the server is back with:\n  python -m pipeline.evaluate sync {s['run_dir']} --tracking-uri {uri}"
-              + (f" --spool-dir {left['spool']}" if left.get("spool") else ""), file=sys.stderr, flush=True)
+        print(
+            f"\nNOT IN MLFLOW YET: the tracking server at {uri} did not take {len(evals)} evaluation(s) "
+            f"{' '.join(evals)}{spooled}. Nothing is lost: evaluations are kept in {s['run_dir']}. Deliver everything "
+            f"when the server is back with:\n  python -m pipeline.evaluate sync {s['run_dir']} --tracking-uri {uri}"
+            + (f" --spool-dir {left['spool']}" if left.get("spool") else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 # What a failed job's text says, the one sentence that ends the output, and the exit status.
@@ -489,8 +556,11 @@ _KNOWN = (
     ("DiskFull: ", "{}; rerun the same command to resume from the newest checkpoint", Exit.NO_SPACE),
     ("disk full: ", "{}; rerun the same command to resume from the newest checkpoint", Exit.NO_SPACE),
     ("NoRoom: ", "config error: {}", Exit.CONFIG),
-    ("CorruptCheckpoint: ", "corrupt checkpoint: {} (train.on_corrupt_checkpoint=set_aside resumes from the newest "
-     "one that verifies)", Exit.FAILED),
+    (
+        "CorruptCheckpoint: ",
+        "corrupt checkpoint: {} (train.on_corrupt_checkpoint=set_aside resumes from the newest one that verifies)",
+        Exit.FAILED,
+    ),
 )
 
 
@@ -516,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--dead-owner" in argv:  # the launcher saw this Ray job of our cluster end: its lease is not live
         at = argv.index("--dead-owner")
         dead_owner = argv[at + 1] if at + 1 < len(argv) else None
-        del argv[at:at + 2]
+        del argv[at : at + 2]
     logging.basicConfig(level=log_level(), format="%(asctime)s %(name)s %(message)s")
     path = argv[0] if argv and "=" not in argv[0] else None
     try:
@@ -537,8 +607,12 @@ def main(argv: list[str] | None = None) -> int:
         print(refusal(cfg.name, cfg.run_dir, e.owner), file=sys.stderr, flush=True)
         return Exit.CONFIG
     except LeaseLost as e:
-        print(f"lease lost: {e}; this job stopped without writing (no checkpoint, summary or MLflow status): "
-              "the run goes on under its new owner", file=sys.stderr, flush=True)
+        print(
+            f"lease lost: {e}; this job stopped without writing (no checkpoint, summary or MLflow status): "
+            "the run goes on under its new owner",
+            file=sys.stderr,
+            flush=True,
+        )
         return Exit.LOST
     except Exception as e:  # noqa: BLE001 - a reason we know ends the output, after Ray's tracebacks
         if (known := known_failure(e)) is None:

@@ -76,7 +76,7 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def run_dir_url(output_dir: str, storage_path: str | None, name: str) -> str:
@@ -143,10 +143,11 @@ class Checkpoints:
             raise FileNotFoundError(f"{self.tag_url(tag)} is not a complete checkpoint (no {MARKER} marker)")
         dst = Path(local_dir) / tag
         src = f"{self.root}/{tag}"
-        files = {path[len(src):].lstrip("/"): info["size"] for path, info in self.fs.find(src, detail=True).items()}
+        files = {path[len(src) :].lstrip("/"): info["size"] for path, info in self.fs.find(src, detail=True).items()}
         files.pop(MARKER, None)
-        if (dst / MARKER).is_file() and all((dst / rel).is_file() and (dst / rel).stat().st_size == size
-                                            for rel, size in files.items()):
+        if (dst / MARKER).is_file() and all(
+            (dst / rel).is_file() and (dst / rel).stat().st_size == size for rel, size in files.items()
+        ):
             return dst
         tmp = Path(local_dir) / f".fetch-{tag}-{uuid.uuid4().hex[:8]}"
         for rel in files:
@@ -175,7 +176,7 @@ class Checkpoints:
         """The files of a tag here (relative names), its marker aside."""
         self.fs.invalidate_cache()
         src = f"{self.root}/{tag}"
-        return {path[len(src):].lstrip("/") for path in self.fs.find(src)} - {MARKER}
+        return {path[len(src) :].lstrip("/") for path in self.fs.find(src)} - {MARKER}
 
     def set_aside(self, tag: str, note: dict) -> str:
         """Move a tag out of the run's checkpoints into ``_corrupt/<tag>`` (not deleted: a person
@@ -194,7 +195,7 @@ class Checkpoints:
         else:  # no rename on an object store: copy each file, then delete
             self.fs.invalidate_cache()
             for path in self.fs.find(src):
-                self.fs.copy(path, f"{dst}/{path[len(src):].lstrip('/')}")
+                self.fs.copy(path, f"{dst}/{path[len(src) :].lstrip('/')}")
             self.fs.rm(src, recursive=True)
         write_atomic(self.fs, f"{dst}/{CORRUPT_NOTE}", json.dumps(note, indent=1))
         return f"{self.url}/{CORRUPT}/{name}"
@@ -319,8 +320,12 @@ class RunDir:
 
     def unshown_evals(self) -> list[tuple[str, str, dict]]:
         """``(tag, name, record)`` of the evaluations not yet shown in MLflow, oldest first."""
-        return [(tag, name, rec) for tag, recs in sorted(self.eval_records().items(), key=lambda t: step_of(t[0]))
-                for name, rec in sorted(recs.items()) if not self.shown_in_mlflow(tag, name)]
+        return [
+            (tag, name, rec)
+            for tag, recs in sorted(self.eval_records().items(), key=lambda t: step_of(t[0]))
+            for name, rec in sorted(recs.items())
+            if not self.shown_in_mlflow(tag, name)
+        ]
 
     # -- summaries
     def write_summary(self, summary: dict) -> None:
@@ -355,8 +360,10 @@ def claim_scratch(output_dir: str, run: RunDir) -> str | None:
         except Exception:  # its store does not answer: judged by what is known
             owner = None
         if owner is not None and not owner.free():
-            return (f"output_dir {output_dir} stages the checkpoints of run {other}, owned by {owner.describe()}: "
-                    f"two live runs must not share a scratch dir; give this run its own (output_dir=runs/<name>)")
+            return (
+                f"output_dir {output_dir} stages the checkpoints of run {other}, owned by {owner.describe()}: "
+                f"two live runs must not share a scratch dir; give this run its own (output_dir=runs/<name>)"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(fsspec.filesystem("file"), str(path), run.url + "\n")
     return None

@@ -31,9 +31,21 @@ class StepMetrics:
     Call :meth:`close` at the end, however training ends.
     """
 
-    def __init__(self, tracker: Tracker | None, device: torch.device, step: int, total_steps: int, log_every: int,
-                 world: int, global_batch: int, flops_per_image: float, peak_flops: float, tokens_per_image: int,
-                 sources: tuple = (), system_metrics: bool = False):
+    def __init__(
+        self,
+        tracker: Tracker | None,
+        device: torch.device,
+        step: int,
+        total_steps: int,
+        log_every: int,
+        world: int,
+        global_batch: int,
+        flops_per_image: float,
+        peak_flops: float,
+        tokens_per_image: int,
+        sources: tuple = (),
+        system_metrics: bool = False,
+    ):
         self.tracker, self.device, self.total_steps, self.log_every = tracker, device, total_steps, log_every
         self.world, self.global_batch, self.sources = world, global_batch, [s for s in sources if s is not None]
         self.flops_per_image, self.peak_flops, self.tokens_per_image = flops_per_image, peak_flops, tokens_per_image
@@ -73,10 +85,15 @@ class StepMetrics:
         ips = (step - self.window_start) * self.global_batch / dt
         self.last_loss = (self.window[0] / self.window[1]).item()
         metrics = {
-            "train/loss": self.last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-            "train/images_per_s": ips, "train/tokens_per_s": ips * self.tokens_per_image,
-            "train/memory_gib_max_rank": mem.item(), "train/samples_seen": samples_seen,
-            "train/skipped_samples": skipped_samples, "train/world_size": self.world,
+            "train/loss": self.last_loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/images_per_s": ips,
+            "train/tokens_per_s": ips * self.tokens_per_image,
+            "train/memory_gib_max_rank": mem.item(),
+            "train/samples_seen": samples_seen,
+            "train/skipped_samples": skipped_samples,
+            "train/world_size": self.world,
         }
         for source in self.sources:
             metrics.update(source.metrics())
@@ -84,9 +101,18 @@ class StepMetrics:
             metrics["train/mfu"] = ips * self.flops_per_image / (self.peak_flops * self.world)
         if self.tracker is not None and step > self.logged_upto:
             steps_per_s = (step - self.window_start) / dt
-            log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f images/s %.1f steps/s %.2f eta %s mem %.2fGiB",
-                     step, self.total_steps, self.last_loss, lr, grad_norm, ips, steps_per_s,
-                     eta(self.total_steps - step, steps_per_s), mem.item())
+            log.info(
+                "step %d/%d loss %.4f lr %.2e grad_norm %.3f images/s %.1f steps/s %.2f eta %s mem %.2fGiB",
+                step,
+                self.total_steps,
+                self.last_loss,
+                lr,
+                grad_norm,
+                ips,
+                steps_per_s,
+                eta(self.total_steps - step, steps_per_s),
+                mem.item(),
+            )
             self.tracker.log_metrics(metrics, step)
             self.logged_upto = step
         self.restart(step)
@@ -114,7 +140,9 @@ def peak_flops(peak_tflops: float, device_name: str | None) -> float:
     if device_name is None:
         return 0.0
     if not (known := devices.peak_tflops(device_name)):
-        log.warning("no MFU: %r is not in pipeline/devices.py; set train.peak_tflops to its dense bf16 TFLOP/s", device_name)
+        log.warning(
+            "no MFU: %r is not in pipeline/devices.py; set train.peak_tflops to its dense bf16 TFLOP/s", device_name
+        )
     return known * 1e12
 
 

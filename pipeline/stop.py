@@ -44,8 +44,12 @@ class StopRequest:
     main thread no handler can be installed (some launchers): :attr:`installed` is False then.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), on_request: Callable[[int], None] | None = None,
-                 exit_on_repeat: bool = False):
+    def __init__(
+        self,
+        signals: tuple[int, ...] = (signal.SIGTERM,),
+        on_request: Callable[[int], None] | None = None,
+        exit_on_repeat: bool = False,
+    ):
         self.requested = False
         self.signals = 0
         self._on_request, self._exit_on_repeat = on_request, exit_on_repeat

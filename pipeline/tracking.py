@@ -42,12 +42,17 @@ from mlflow.tracking import MlflowClient
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
-_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": 5, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1}
+_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": 5,
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 1,
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": 1,
+}
 _RETRY_SECONDS = (1.0, 30.0)  # background replay: first wait, longest wait
 
 
-def resolve_uri(explicit: str | None = None, configured: str | None = None, recorded: str | None = None,
-                default: str | None = None) -> str | None:
+def resolve_uri(
+    explicit: str | None = None, configured: str | None = None, recorded: str | None = None, default: str | None = None
+) -> str | None:
     """The one precedence rule for the tracking URI, for training and evaluation alike: a
     command-line value, then the config's ``tracking.uri``, then $MLFLOW_TRACKING_URI, then
     the one the run recorded (its checkpoints' meta), then ``default``."""
@@ -167,7 +172,9 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run ended and wait (``flush_timeout_s``) for the spool to drain."""
-        self._write({"op": "set_terminated", "run": self._run_id, "status": status, "end_time": int(time.time() * 1000)})
+        self._write(
+            {"op": "set_terminated", "run": self._run_id, "status": status, "end_time": int(time.time() * 1000)}
+        )
         self.flush(self.flush_timeout_s)
 
     def register_model(self, name: str, artifact_path: str) -> None:
@@ -187,7 +194,12 @@ class Tracker:
             except Exception as e:
                 if not _transient(e):
                     raise
-                log.warning("MLflow at %s did not take a write (%s); spooling to %s until it answers", self.uri, _short(e), j.path_hint())
+                log.warning(
+                    "MLflow at %s did not take a write (%s); spooling to %s until it answers",
+                    self.uri,
+                    _short(e),
+                    j.path_hint(),
+                )
                 j.append(record)
 
     def metric_history(self, key: str) -> list:
@@ -206,6 +218,7 @@ class Tracker:
     def pending(self) -> int:
         """Writes of this process not delivered yet."""
         return len(self.journal.queue)
+
 
 class SystemMetrics:
     """CPU, memory, disk, network and GPU use, sampled into ``system/...`` metrics of a run.
@@ -286,8 +299,13 @@ def _apply(record: dict) -> None:
     elif op == "log_artifact":
         if not Path(record["file"]).exists():
             raise _Permanent(f"artifact file {record['file']} is gone")
-        _with_timeout(int(os.environ.get("PIPELINE_MLFLOW_ARTIFACT_TIMEOUT", 600)),
-                      client.log_artifact, run, record["file"], record.get("artifact_path"))
+        _with_timeout(
+            int(os.environ.get("PIPELINE_MLFLOW_ARTIFACT_TIMEOUT", 600)),
+            client.log_artifact,
+            run,
+            record["file"],
+            record.get("artifact_path"),
+        )
     elif op == "set_terminated":
         client.set_terminated(run, status=record["status"], end_time=record.get("end_time"))
     elif op == "update_run":
@@ -329,7 +347,13 @@ def _with_timeout(seconds: int, fn, *args):
                 os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = old
 
 
-_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+_TRANSIENT_CODES = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+}
 
 
 class _Permanent(Exception):
@@ -450,8 +474,13 @@ class _Journal:
                 return True
             if deadline is not None and time.time() + wait > deadline:
                 if not own and timeout:
-                    log.warning("%d MLflow writes still spooled in %s; they are sent when the server answers "
-                                "(or run: python -m pipeline.evaluate sync --spool-dir %s)", len(self.queue), self.path, self.dir)
+                    log.warning(
+                        "%d MLflow writes still spooled in %s; they are sent when the server answers "
+                        "(or run: python -m pipeline.evaluate sync --spool-dir %s)",
+                        len(self.queue),
+                        self.path,
+                        self.dir,
+                    )
                 return False
             time.sleep(wait)
             wait = min(wait * 2, _RETRY_SECONDS[1])
@@ -486,6 +515,7 @@ class _Journal:
             if done:
                 _remove(self.path)
             fh.close()  # releases the lock
+
 
 def server_up(uri: str, timeout: float = 2.0) -> bool:
     """Whether an HTTP tracking server answers ``/health`` (other stores: assume yes)."""

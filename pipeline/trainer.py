@@ -65,8 +65,11 @@ class Trainer:
         self.cfg, self.on_checkpoint, self.owns_run = cfg, on_checkpoint, owns_run
         self.rank, self.world, self.device = dist_setup()
         quiet = bool(os.environ.get("PIPELINE_QUIET"))  # python -m pipeline.run --quiet
-        logging.basicConfig(level=logging.INFO if self.rank == 0 and not quiet else logging.WARNING,
-                            format="%(asctime)s %(message)s", force=True)
+        logging.basicConfig(
+            level=logging.INFO if self.rank == 0 and not quiet else logging.WARNING,
+            format="%(asctime)s %(message)s",
+            force=True,
+        )
         self.stop_request = StopRequest()  # SIGTERM: checkpoint at the next step boundary and exit
         self.tracker: Tracker | None = None
         self.lost, self.diverged, self.status = False, None, None  # status: the MLflow run's end; None: failed
@@ -108,8 +111,13 @@ class Trainer:
             if vote is Vote.LOST:
                 break
             if self.metrics.due(self.step):
-                self.metrics.log(self.step, self.scheduler.get_last_lr()[0], float(self.engine.get_global_grad_norm() or 0.0),
-                                 self.samples_seen, self.stream.skipped)
+                self.metrics.log(
+                    self.step,
+                    self.scheduler.get_last_lr()[0],
+                    float(self.engine.get_global_grad_norm() or 0.0),
+                    self.samples_seen,
+                    self.stream.skipped,
+                )
             stopping = vote is Vote.STOP or self.step == self.cfg.train.stop_at_step
             healthy = verdict is None or verdict.reason is None
             if saved := self.ckpts.should_save(self.step, stopping, healthy):
@@ -129,7 +137,9 @@ class Trainer:
         for micro in range(self.accum):
             batch = next(self.stream)
             # mixup: one lambda per micro-batch, from (seed, step, micro-batch): exact on resume
-            lam = mixup_lambda(cfg.aug.mixup_alpha, cfg.train.seed, self.step, micro) if cfg.aug.mixup_alpha > 0 else None
+            lam = (
+                mixup_lambda(cfg.aug.mixup_alpha, cfg.train.seed, self.step, micro) if cfg.aug.mixup_alpha > 0 else None
+            )
             value = forward_loss(self.engine, batch, self.loss_of, self.dtype, self.device, mixup_lam=lam)
             if self.guard is not None:
                 value = faults.corrupt_loss(value, cfg.train.guard.fault, self.stream.batches, self.rank)
@@ -145,8 +155,9 @@ class Trainer:
         self.step = self.engine.global_steps
         if self.compiling is not None and self._first_step[0] == self.step - 1:
             c = cfg.train.compile
-            self.compiling.report_first_step(self.step, time.time() - self._first_step[1], c.mode,
-                                             len(self.engine.module.blocks), self.tracker)
+            self.compiling.report_first_step(
+                self.step, time.time() - self._first_step[1], c.mode, len(self.engine.module.blocks), self.tracker
+            )
         if self.guard is not None:
             verdict = self.guard.settle(verdict, self.engine.skipped_steps > skipped_before)
         return verdict
@@ -154,13 +165,22 @@ class Trainer:
     def save(self, step: int) -> None:
         """A checkpoint of every tracked part at ``step`` (every rank), then ``on_checkpoint``."""
         t = self.tracker
-        meta = {"samples_seen": self.samples_seen, "world_size": self.world, "total_steps": self.total_steps,
-                "num_classes": self.num_classes, "model": self.cfg.model.name, "image_size": self.engine.module.spec.img_size,
-                "mlflow_run_id": t.run_id if t else None, "mlflow_uri": t.uri if t else None,
-                "guard_events": len(self.guard.events) if self.guard else 0}
+        meta = {
+            "samples_seen": self.samples_seen,
+            "world_size": self.world,
+            "total_steps": self.total_steps,
+            "num_classes": self.num_classes,
+            "model": self.cfg.model.name,
+            "image_size": self.engine.module.spec.img_size,
+            "mlflow_run_id": t.run_id if t else None,
+            "mlflow_uri": t.uri if t else None,
+            "guard_events": len(self.guard.events) if self.guard else 0,
+        }
         tag = self.ckpts.save(step, meta, self.config_yaml)
         if self.on_checkpoint is not None:
-            self.on_checkpoint({"step": step, "tag": tag, "loss": self.metrics.last_loss, "total_steps": self.total_steps})
+            self.on_checkpoint(
+                {"step": step, "tag": tag, "loss": self.metrics.last_loss, "total_steps": self.total_steps}
+            )
 
     def close(self) -> None:
         """Release what training opened (the sample-keys file, the monitors, rank 0's MLflow run
@@ -177,8 +197,9 @@ class Trainer:
 
     def _roll_back(self, trouble: guard.Trouble) -> bool:
         """The guard's rollback (every rank); False when the run diverged instead."""
-        meta, self.diverged = self.guard.roll_back(trouble, self.step, self.ckpts, self.stream, self.accum,
-                                                   self.cfg.train.global_batch_size, self.tracker)
+        meta, self.diverged = self.guard.roll_back(
+            trouble, self.step, self.ckpts, self.stream, self.accum, self.cfg.train.global_batch_size, self.tracker
+        )
         if self.diverged is not None:
             return False
         self.step, self.samples_seen = self.engine.global_steps, int(meta.get("samples_seen", 0))
@@ -201,8 +222,12 @@ class Trainer:
             mine = Vote.CONTINUE
         if (vote := agree(mine, self.device)) is Vote.LOST:
             self.lost = True
-            log.error("the run dir's lease names another owner (%s/%s): stopping at step %d with no checkpoint or metric",
-                      self.run.url, rundir.LEASE, self.step)
+            log.error(
+                "the run dir's lease names another owner (%s/%s): stopping at step %d with no checkpoint or metric",
+                self.run.url,
+                rundir.LEASE,
+                self.step,
+            )
         return vote
 
     def _stops_here(self, vote: Vote, saved: bool) -> bool:
@@ -211,9 +236,14 @@ class Trainer:
             return False
         if vote is Vote.STOP:
             self.stop_request.requested = True
-            log.warning("stop requested (SIGTERM or %s/%s): %s; rerun the same command to resume", self.run.url, rundir.STOP,
-                        f"checkpoint saved at step {self.step}" if saved
-                        else f"no checkpoint (unhealthy), the last is {self.ckpts.latest()}")
+            log.warning(
+                "stop requested (SIGTERM or %s/%s): %s; rerun the same command to resume",
+                self.run.url,
+                rundir.STOP,
+                f"checkpoint saved at step {self.step}"
+                if saved
+                else f"no checkpoint (unhealthy), the last is {self.ckpts.latest()}",
+            )
         else:
             log.info("stopping at step %d (train.stop_at_step); rerun the same command to resume", self.step)
         return True
@@ -221,13 +251,23 @@ class Trainer:
     def _outcome(self) -> dict:
         """The summary, and the status a run this process owns ends with."""
         self.status = end_status(self.step >= self.total_steps and self.diverged is None, self.diverged is not None)
-        summary = {"step": self.step, "total_steps": self.total_steps, "loss": self.metrics.last_loss,
-                   "preempted": bool(self.stop_request.requested), "lost": self.lost, "samples_seen": self.samples_seen,
-                   "run_id": self.tracker.run_id if self.tracker else None}
+        summary = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "loss": self.metrics.last_loss,
+            "preempted": bool(self.stop_request.requested),
+            "lost": self.lost,
+            "samples_seen": self.samples_seen,
+            "run_id": self.tracker.run_id if self.tracker else None,
+        }
         if self.ckpts.set_aside:
             summary["corrupt_checkpoints"] = self.ckpts.set_aside
         if self.guard is not None:
-            summary["guard"] = {"skipped_steps": self.guard.skipped, "rollbacks": self.guard.events, "diverged": self.diverged}
+            summary["guard"] = {
+                "skipped_steps": self.guard.skipped,
+                "rollbacks": self.guard.events,
+                "diverged": self.diverged,
+            }
         if self.compiling is not None:
             summary["compile"] = self.compiling.summary()
         return summary
@@ -250,17 +290,32 @@ class Trainer:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # every rank writes here (sample keys) before any save
         self.run = rundir.RunDir(cfg.run_dir)
         schedule = checkpoint.SaveSchedule(t.checkpoint_every, self.total_steps, t.stop_at_step, t.checkpoint_at_start)
-        self.ckpts = checkpoint.CheckpointManager(self.run, checkpoint.staging_dir(cfg.output_dir), t.resume_from,
-                                                  t.keep_checkpoints, on_corrupt=t.on_corrupt_checkpoint, schedule=schedule)
+        self.ckpts = checkpoint.CheckpointManager(
+            self.run,
+            checkpoint.staging_dir(cfg.output_dir),
+            t.resume_from,
+            t.keep_checkpoints,
+            on_corrupt=t.on_corrupt_checkpoint,
+            schedule=schedule,
+        )
         self.ckpts.tag_bytes = _check_room(cfg, self.ckpts, self.num_classes, self.world, self.total_steps, self.device)
         src = self.ckpts.prepare()  # recovery: the run dir's latest checkpoint onto this host
-        self.engine, self.scheduler = build_engine(cfg, self.num_classes, self.total_steps, self.world, self.device,
-                                                   load_universal=src is not None and checkpoint.is_universal(Path(*src)))
+        self.engine, self.scheduler = build_engine(
+            cfg,
+            self.num_classes,
+            self.total_steps,
+            self.world,
+            self.device,
+            load_universal=src is not None and checkpoint.is_universal(Path(*src)),
+        )
         torch.manual_seed(t.seed * 1000 + self.rank + 1)  # dropout differs per rank
         e = t.ema
         self.ema = EMA(self.engine.module, e.decay, e.every, e.warmup, self.engine.optimizer) if e.decay else None
-        self.guard = guard.Guard(t.guard, cfg.optim.warmup_steps, fp16=t.precision == "fp16",
-                                 quiet=self.rank != 0) if t.guard.enabled else None
+        self.guard = (
+            guard.Guard(t.guard, cfg.optim.warmup_steps, fp16=t.precision == "fp16", quiet=self.rank != 0)
+            if t.guard.enabled
+            else None
+        )
         self.ckpts.track(engine=self.engine, ema=self.ema, guard=self.guard)
         self.meta, data_state = self.ckpts.resume()
         self.step = self.engine.global_steps
@@ -271,18 +326,32 @@ class Trainer:
         """This rank's data stream at the resumed position, past a rollback its checkpoint missed."""
         cfg = self.cfg
         spec = StreamSpec(
-            index_url=cfg.data.train, rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
-            batch_size=cfg.data.micro_batch_size, image_size=self.engine.module.spec.img_size, num_classes=self.num_classes,
-            seed=cfg.train.seed, shuffle_block=cfg.data.shuffle_block, crop_area=(cfg.data.crop_min_area, cfg.data.crop_max_area),
-            flip=cfg.data.flip, randaug_layers=cfg.aug.randaug_layers, randaug_magnitude=cfg.aug.randaug_magnitude,
-            streams=data_streams(cfg, self.world), global_batch=cfg.train.global_batch_size,
+            index_url=cfg.data.train,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=cfg.data.num_workers,
+            batch_size=cfg.data.micro_batch_size,
+            image_size=self.engine.module.spec.img_size,
+            num_classes=self.num_classes,
+            seed=cfg.train.seed,
+            shuffle_block=cfg.data.shuffle_block,
+            crop_area=(cfg.data.crop_min_area, cfg.data.crop_max_area),
+            flip=cfg.data.flip,
+            randaug_layers=cfg.aug.randaug_layers,
+            randaug_magnitude=cfg.aug.randaug_magnitude,
+            streams=data_streams(cfg, self.world),
+            global_batch=cfg.train.global_batch_size,
         )
         rng = checkpoint.rng_state()
         self.stream = train_stream(spec, data_state)
         self.ckpts.track(stream=self.stream)
-        checkpoint.set_rng_state(rng)  # the DataLoader seeds its workers from the global RNG: keep dropout's stream exact on resume
+        checkpoint.set_rng_state(
+            rng
+        )  # the DataLoader seeds its workers from the global RNG: keep dropout's stream exact on resume
         if self.guard is not None:
-            self.guard.replay(self.run, int(self.meta.get("guard_events", 0)), self.step, self.stream, writer=self.rank == 0)
+            self.guard.replay(
+                self.run, int(self.meta.get("guard_events", 0)), self.step, self.stream, writer=self.rank == 0
+            )
 
     def _open_tracking(self) -> None:
         """Rank 0's MLflow run: a resumed run keeps its run, so curves continue instead of restarting;
@@ -297,10 +366,19 @@ class Trainer:
                 self.tracker.log_text(to_yaml(cfg), "config.yaml")
             if self.ckpts.set_aside:
                 _record_set_aside(self.tracker, self.ckpts.set_aside, self.step)
-        if (saved_world := int(self.meta.get("world_size") or self.world)) != self.world:  # an elastic group resized, or a rerun
-            log.warning("resized: step %d resumes on %d ranks, its checkpoint was saved by %d", self.step, self.world, saved_world)
+        if (
+            saved_world := int(self.meta.get("world_size") or self.world)
+        ) != self.world:  # an elastic group resized, or a rerun
+            log.warning(
+                "resized: step %d resumes on %d ranks, its checkpoint was saved by %d",
+                self.step,
+                self.world,
+                saved_world,
+            )
             if self.tracker is not None:
-                self.tracker.log_metrics({"elastic/resized_from": saved_world, "elastic/resized_to": self.world}, self.step)
+                self.tracker.log_metrics(
+                    {"elastic/resized_from": saved_world, "elastic/resized_to": self.world}, self.step
+                )
                 self.tracker.set_tags({f"elastic.resize.step_{self.step}": f"{saved_world} -> {self.world} ranks"})
 
     def _build_step_parts(self) -> None:
@@ -316,20 +394,32 @@ class Trainer:
             self._open.callback(self.compiling.close)
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.metrics = StepMetrics(
-            self.tracker, self.device, self.step, self.total_steps, cfg.train.log_every, self.world, cfg.train.global_batch_size,
-            flops_per_image(model.spec, self.num_classes), peak_flops(cfg.train.peak_tflops, gpu),
+            self.tracker,
+            self.device,
+            self.step,
+            self.total_steps,
+            cfg.train.log_every,
+            self.world,
+            cfg.train.global_batch_size,
+            flops_per_image(model.spec, self.num_classes),
+            peak_flops(cfg.train.peak_tflops, gpu),
             (model.spec.img_size // model.spec.patch_size) ** 2 + model.num_prefix_tokens,
-            sources=(self.guard, self.compiling), system_metrics=cfg.tracking.system_metrics)
+            sources=(self.guard, self.compiling),
+            system_metrics=cfg.tracking.system_metrics,
+        )
         self._open.callback(self.metrics.close)
         self.keys_file = None
         if cfg.train.log_sample_keys:
-            self.keys_file = self._open.enter_context(open(Path(cfg.output_dir) / f"sample_keys_rank{self.rank}.jsonl", "a"))
+            self.keys_file = self._open.enter_context(
+                open(Path(cfg.output_dir) / f"sample_keys_rank{self.rank}.jsonl", "a")
+            )
         token = os.environ.get(LEASE_TOKEN)
         self.fence = Fence(self.run.lease_url, token, cfg.lease.heartbeat_s) if self.rank == 0 and token else None
 
 
-def _check_room(cfg: DictConfig, ckpts: checkpoint.CheckpointManager, num_classes: int, world: int, steps: int,
-               device: torch.device) -> float:
+def _check_room(
+    cfg: DictConfig, ckpts: checkpoint.CheckpointManager, num_classes: int, world: int, steps: int, device: torch.device
+) -> float:
     """Refuse (:class:`~data_prep.disk.NoRoom`, on every rank) when a host's staging dir lacks room
     for the checkpoints it will hold at once (``pipeline.plan.checkpoint_room``, this host's
     share of each tag), or stages another live run's (:func:`pipeline.rundir.claim_scratch`);
@@ -354,5 +444,7 @@ def _record_set_aside(tracker: Tracker, events: list[dict], step: int) -> None:
     """The corrupt checkpoints set aside at this resume, on the MLflow run: a tag each (which
     file, why, where it went) and the step resumed from."""
     for event in events:
-        tracker.set_tags({f"checkpoint.corrupt.{event['tag']}": f"{event['problem']} (set aside in {event['moved_to']})"})
+        tracker.set_tags(
+            {f"checkpoint.corrupt.{event['tag']}": f"{event['problem']} (set aside in {event['moved_to']})"}
+        )
     tracker.log_metrics({"checkpoint/corrupt_set_aside": len(events), "checkpoint/resumed_from_step": step}, step)

@@ -77,8 +77,10 @@ def _read_npz(path: str, data: bytes) -> dict[str, np.ndarray]:
             except ValueError as e:
                 if "allow_pickle" not in str(e):
                     raise WeightsError(_unreadable(path, looks_right, "a .npz archive", e, key)) from None
-                raise WeightsError(f"{path}: not a ViT checkpoint: {key} holds Python objects (pickled data is "
-                                   "never loaded: it can run code)") from None
+                raise WeightsError(
+                    f"{path}: not a ViT checkpoint: {key} holds Python objects (pickled data is "
+                    "never loaded: it can run code)"
+                ) from None
             except Exception as e:  # noqa: BLE001 - a member cut short: zlib, CRC, EOF
                 raise WeightsError(_unreadable(path, looks_right, "a .npz archive", e, key)) from None
     return arrays
@@ -113,8 +115,10 @@ def layout_of(arrays: dict[str, np.ndarray], path: str = "weights") -> str:
         return "vit_jax"
     if "patch_embed.proj.weight" in arrays:
         return "timm"
-    raise WeightsError(f"{path}: not a ViT checkpoint of vit_jax, big_vision or timm (no embedding/kernel, "
-                       f"params/embedding/kernel or patch_embed.proj.weight); first keys: {sorted(arrays)[:8]}")
+    raise WeightsError(
+        f"{path}: not a ViT checkpoint of vit_jax, big_vision or timm (no embedding/kernel, "
+        f"params/embedding/kernel or patch_embed.proj.weight); first keys: {sorted(arrays)[:8]}"
+    )
 
 
 class _Arrays:
@@ -129,7 +133,7 @@ class _Arrays:
         return self.prefix + key in self.arrays
 
     def keys(self) -> list[str]:
-        return [k[len(self.prefix):] for k in self.arrays if k.startswith(self.prefix)]
+        return [k[len(self.prefix) :] for k in self.arrays if k.startswith(self.prefix)]
 
     def get(self, key: str, shape: tuple, index: int | None = None) -> np.ndarray:
         name = self.prefix + key
@@ -146,8 +150,9 @@ class _Arrays:
         return a
 
 
-def convert(arrays: dict[str, np.ndarray], heads: int | None = None,
-            path: str = "weights") -> tuple[dict[str, torch.Tensor], dict]:
+def convert(
+    arrays: dict[str, np.ndarray], heads: int | None = None, path: str = "weights"
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Our state dict and the ``create_model`` keyword arguments that fit it (``path`` names
     the file in errors)."""
     layout = layout_of(arrays, path)
@@ -164,16 +169,22 @@ def _t(a: np.ndarray) -> torch.Tensor:
 def _grid(w: _Arrays, key: str, tokens: int, prefix_tokens: int) -> int:
     grid = int(round((tokens - prefix_tokens) ** 0.5))
     if grid * grid != tokens - prefix_tokens:
-        raise WeightsError(f"{w.path}: {w.prefix}{key} has {tokens} tokens: {tokens - prefix_tokens} patches are no "
-                           "square grid")
+        raise WeightsError(
+            f"{w.path}: {w.prefix}{key} has {tokens} tokens: {tokens - prefix_tokens} patches are no square grid"
+        )
     return grid
 
 
 def _from_flax(w: _Arrays, layout: str, heads: int | None) -> tuple[dict[str, torch.Tensor], dict]:
     if any(k.startswith("MAPHead") for k in w.keys()):
-        raise WeightsError(f"{w.path}: attention-pooling (MAP head) checkpoints are not supported: our model pools by token or gap")
-    mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1") if layout == "big_vision" else (
-        "MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+        raise WeightsError(
+            f"{w.path}: attention-pooling (MAP head) checkpoints are not supported: our model pools by token or gap"
+        )
+    mha, mlp, ln2 = (
+        ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
+        if layout == "big_vision"
+        else ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    )
     scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
     if scanned:
         depth = w.get("Transformer/encoderblock/LayerNorm_0/scale", (None, None)).shape[0]
@@ -195,12 +206,17 @@ def _from_flax(w: _Arrays, layout: str, heads: int | None) -> tuple[dict[str, to
     num_heads, head_dim = block(0, q, (width, None, None)).shape[1:]  # (D, heads, head_dim): the file says
     if num_heads * head_dim != width or (heads is not None and heads != num_heads):
         asked = f"heads={heads} was asked, but " if heads is not None else ""
-        raise WeightsError(f"{w.path}: {asked}block 0's {q} is shaped (width, heads, head_dim) = {(width, num_heads, head_dim)}"
-                           + ("" if num_heads * head_dim == width else f": {num_heads} x {head_dim} is not the width {width}"))
+        raise WeightsError(
+            f"{w.path}: {asked}block 0's {q} is shaped (width, heads, head_dim) = {(width, num_heads, head_dim)}"
+            + ("" if num_heads * head_dim == width else f": {num_heads} x {head_dim} is not the width {width}")
+        )
     mlp_dim = block(0, f"{mlp}/Dense_0/kernel", (width, None)).shape[1]
     w.what = f"a {layout} ViT of width {width}, {num_heads} heads, MLP {mlp_dim}"
     D, H, hd, M = width, num_heads, head_dim, mlp_dim
-    sd = {"patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)), "patch_embed.proj.bias": _t(w.get("embedding/bias", (D,)))}
+    sd = {
+        "patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)),
+        "patch_embed.proj.bias": _t(w.get("embedding/bias", (D,))),
+    }
     pool = "token" if "cls" in w else "gap"
     pos_key = "pos_embedding" if layout == "big_vision" else "Transformer/posembed_input/pos_embedding"
     pos = w.get(pos_key, (1, None, D))
@@ -212,13 +228,21 @@ def _from_flax(w: _Arrays, layout: str, heads: int | None) -> tuple[dict[str, to
     sd["pos_embed"] = _t(pos)
     for i in range(depth):
         p = f"blocks.{i}."
-        sd[p + "norm1.weight"], sd[p + "norm1.bias"] = _t(block(i, "LayerNorm_0/scale", (D,))), _t(block(i, "LayerNorm_0/bias", (D,)))
+        sd[p + "norm1.weight"], sd[p + "norm1.bias"] = (
+            _t(block(i, "LayerNorm_0/scale", (D,))),
+            _t(block(i, "LayerNorm_0/bias", (D,))),
+        )
         qkv = ("query", "key", "value")
-        sd[p + "attn.qkv.weight"] = _t(np.concatenate([block(i, f"{mha}/{n}/kernel", (D, H, hd)).reshape(D, D).T for n in qkv]))
+        sd[p + "attn.qkv.weight"] = _t(
+            np.concatenate([block(i, f"{mha}/{n}/kernel", (D, H, hd)).reshape(D, D).T for n in qkv])
+        )
         sd[p + "attn.qkv.bias"] = _t(np.concatenate([block(i, f"{mha}/{n}/bias", (H, hd)).reshape(-1) for n in qkv]))
         sd[p + "attn.proj.weight"] = _t(block(i, f"{mha}/out/kernel", (H, hd, D)).reshape(D, D).T)
         sd[p + "attn.proj.bias"] = _t(block(i, f"{mha}/out/bias", (D,)))
-        sd[p + "norm2.weight"], sd[p + "norm2.bias"] = _t(block(i, f"{ln2}/scale", (D,))), _t(block(i, f"{ln2}/bias", (D,)))
+        sd[p + "norm2.weight"], sd[p + "norm2.bias"] = (
+            _t(block(i, f"{ln2}/scale", (D,))),
+            _t(block(i, f"{ln2}/bias", (D,))),
+        )
         for r, (n_in, n_out) in enumerate(((D, M), (M, D))):
             sd[p + f"mlp.fc{r + 1}.weight"] = _t(block(i, f"{mlp}/Dense_{r}/kernel", (n_in, n_out)).T)
             sd[p + f"mlp.fc{r + 1}.bias"] = _t(block(i, f"{mlp}/Dense_{r}/bias", (n_out,)))
@@ -232,16 +256,25 @@ def _from_flax(w: _Arrays, layout: str, heads: int | None) -> tuple[dict[str, to
     num_classes = 0
     if "head/kernel" in w and w.get("head/kernel", (representation or D, None)).shape[-1] > 0:
         num_classes = w.get("head/kernel", (representation or D, None)).shape[-1]
-        sd["head.weight"], sd["head.bias"] = _t(w.get("head/kernel", (representation or D, num_classes)).T), _t(
-            w.get("head/bias", (num_classes,)))
+        sd["head.weight"], sd["head.bias"] = (
+            _t(w.get("head/kernel", (representation or D, num_classes)).T),
+            _t(w.get("head/bias", (num_classes,))),
+        )
     spec = ViTSpec(width=D, depth=depth, heads=H, mlp_dim=M, patch_size=patch, img_size=grid * patch)
     return sd, _kwargs(spec, pool, representation, num_classes, layout)
 
 
 def _from_timm(w: _Arrays, heads: int | None) -> tuple[dict[str, torch.Tensor], dict]:
     arrays = w.arrays
-    unsupported = sorted(k for k in arrays if k.split(".")[0] in ("fc_norm", "norm_pre", "reg_token", "attn_pool")
-                         or ".ls1." in k or ".ls2." in k or "q_norm" in k or "k_norm" in k)
+    unsupported = sorted(
+        k
+        for k in arrays
+        if k.split(".")[0] in ("fc_norm", "norm_pre", "reg_token", "attn_pool")
+        or ".ls1." in k
+        or ".ls2." in k
+        or "q_norm" in k
+        or "k_norm" in k
+    )
     if unsupported and any(arrays[k].size for k in unsupported):
         raise WeightsError(f"{w.path}: timm weights with parts our ViT does not have: {unsupported[:6]}")
     kernel = w.get("patch_embed.proj.weight", (None, 3, None, None))  # (D, in, ph, pw)
@@ -272,22 +305,42 @@ def _timm_heads(path: str, width: int, heads: int | None) -> int:
         return heads
     known = sorted({(s.heads, n) for n, s in VARIANTS.items() if s.width == width})
     if len({h for h, _ in known}) != 1:
-        raise WeightsError(f"{path}: timm weights do not record the number of heads and width {width} is no known "
-                           "variant's: pass heads (load_pretrained(..., heads=N); init_heads=N on the command line)")
+        raise WeightsError(
+            f"{path}: timm weights do not record the number of heads and width {width} is no known "
+            "variant's: pass heads (load_pretrained(..., heads=N); init_heads=N on the command line)"
+        )
     heads, name = known[0]
-    log.warning("%s: timm weights do not record the number of heads; assuming %d, those of %s (the paper's variant "
-                "of width %d). A timm model with another count (e.g. vit_base_patch16_gap_224 has 16) needs heads=N "
-                "(init_heads=N on the command line), else its outputs are wrong", path, heads, re.sub(r"\d+$", "", name),
-                width)
+    log.warning(
+        "%s: timm weights do not record the number of heads; assuming %d, those of %s (the paper's variant "
+        "of width %d). A timm model with another count (e.g. vit_base_patch16_gap_224 has 16) needs heads=N "
+        "(init_heads=N on the command line), else its outputs are wrong",
+        path,
+        heads,
+        re.sub(r"\d+$", "", name),
+        width,
+    )
     return heads
 
 
 def _kwargs(spec: ViTSpec, pool: str, representation: int | None, num_classes: int, layout: str) -> dict:
-    name = next((n for n, s in VARIANTS.items() if (s.width, s.depth, s.heads, s.mlp_dim, s.patch_size) ==
-                 (spec.width, spec.depth, spec.heads, spec.mlp_dim, spec.patch_size)), "vit_b16")
+    name = next(
+        (
+            n
+            for n, s in VARIANTS.items()
+            if (s.width, s.depth, s.heads, s.mlp_dim, s.patch_size)
+            == (spec.width, spec.depth, spec.heads, spec.mlp_dim, spec.patch_size)
+        ),
+        "vit_b16",
+    )
     kwargs = {f.name: getattr(spec, f.name) for f in fields(ViTSpec)}
-    return {"name": name, **kwargs, "pool": pool, "representation_size": representation, "num_classes": num_classes,
-            "layout": layout}
+    return {
+        "name": name,
+        **kwargs,
+        "pool": pool,
+        "representation_size": representation,
+        "num_classes": num_classes,
+        "layout": layout,
+    }
 
 
 def _check_fits(path: str, state: dict[str, torch.Tensor], model: VisionTransformer, what: str) -> None:
@@ -295,18 +348,27 @@ def _check_fits(path: str, state: dict[str, torch.Tensor], model: VisionTransfor
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     if missing:
-        raise WeightsError(f"{path}: {missing[0]} is missing ({what} needs it" + (f"; {len(missing)} keys missing)"
-                                                                                 if len(missing) > 1 else ")"))
+        raise WeightsError(
+            f"{path}: {missing[0]} is missing ({what} needs it"
+            + (f"; {len(missing)} keys missing)" if len(missing) > 1 else ")")
+        )
     extra = [k for k in state if k not in want]
     if extra:
-        raise WeightsError(f"{path}: {extra[0]} is no part of {what}" + (f" ({len(extra)} such keys)" if len(extra) > 1 else ""))
+        raise WeightsError(
+            f"{path}: {extra[0]} is no part of {what}" + (f" ({len(extra)} such keys)" if len(extra) > 1 else "")
+        )
     for k, v in state.items():
         if v.shape != want[k].shape:
             raise WeightsError(f"{path}: {k} has shape {tuple(v.shape)}, {what} needs {tuple(want[k].shape)}")
 
 
-def load_pretrained(path: str, img_size: int | None = None, interpolation: str = "bilinear", heads: int | None = None,
-                    dropout: float = 0.0) -> VisionTransformer:
+def load_pretrained(
+    path: str,
+    img_size: int | None = None,
+    interpolation: str = "bilinear",
+    heads: int | None = None,
+    dropout: float = 0.0,
+) -> VisionTransformer:
     """Our model holding the weights of ``path``, at ``img_size`` (position embeddings resized).
 
     ``heads`` is the number of attention heads where the file does not record it (timm's);
@@ -319,15 +381,32 @@ def load_pretrained(path: str, img_size: int | None = None, interpolation: str =
     trained = kw["img_size"]
     if img_size and img_size != trained:
         if img_size % kw["patch_size"]:
-            raise WeightsError(f"image size {img_size} is not a multiple of the patch size {kw['patch_size']} of {path}")
+            raise WeightsError(
+                f"image size {img_size} is not a multiple of the patch size {kw['patch_size']} of {path}"
+            )
         kw["img_size"] = img_size
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], img_size // kw["patch_size"],
-                                              1 if kw["pool"] == "token" else 0, interpolation)
+        state["pos_embed"] = resize_pos_embed(
+            state["pos_embed"], img_size // kw["patch_size"], 1 if kw["pool"] == "token" else 0, interpolation
+        )
     model = create_model(name, dropout=dropout, **kw)
-    _check_fits(path, state, model, f"a {layout} ViT of width {kw['width']}, depth {kw['depth']}, MLP {kw['mlp_dim']}, "
-                f"{kw['num_classes']} classes")
+    _check_fits(
+        path,
+        state,
+        model,
+        f"a {layout} ViT of width {kw['width']}, depth {kw['depth']}, MLP {kw['mlp_dim']}, {kw['num_classes']} classes",
+    )
     model.load_state_dict(state)
-    log.info("loaded %s weights %s: width %d, depth %d, heads %d, patch %d, %d px (trained at %d), pool %s, %d classes",
-             layout, path, kw["width"], kw["depth"], kw["heads"], kw["patch_size"], kw["img_size"], trained, kw["pool"],
-             kw["num_classes"])
+    log.info(
+        "loaded %s weights %s: width %d, depth %d, heads %d, patch %d, %d px (trained at %d), pool %s, %d classes",
+        layout,
+        path,
+        kw["width"],
+        kw["depth"],
+        kw["heads"],
+        kw["patch_size"],
+        kw["img_size"],
+        trained,
+        kw["pool"],
+        kw["num_classes"],
+    )
     return model

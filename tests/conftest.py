@@ -147,10 +147,15 @@ def _shared_services_alive(request):
         if srv.proc is None or srv.proc.poll() is not None:
             log = srv.root / "server.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
-            pytest.fail(f"the module's mlflow server ({srv.uri}) is not running (exit {srv.proc and srv.proc.returncode}):\n{tail}")
+            pytest.fail(
+                f"the module's mlflow server ({srv.uri}) is not running (exit "
+                f"{srv.proc and srv.proc.returncode}):\n{tail}"
+            )
 
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
     """Debian's chromium (``launch/setup.sh --dev`` installs it when run as root), else a skip."""
-    return shutil.which("chromium") or pytest.skip("needs chromium (launch/setup.sh --dev installs it when run as root)")
+    return shutil.which("chromium") or pytest.skip(
+        "needs chromium (launch/setup.sh --dev installs it when run as root)"
+    )

@@ -29,16 +29,17 @@ def test_randaugment_is_a_function_of_seed_key_and_pass_only():
     b = randaugment(img, 2, 15, sample_rng(0, "000000042", 3))
     assert a.dtype == np.uint8 and a.shape == img.shape
     assert np.array_equal(a, b)
-    others = [randaugment(img, 2, 15, sample_rng(s, k, p)) for s, k, p in
-              [(0, f"{i:09d}", 3) for i in range(8)] + [(1, "000000042", 3), (0, "000000042", 4)]]
+    others = [
+        randaugment(img, 2, 15, sample_rng(s, k, p))
+        for s, k, p in [(0, f"{i:09d}", 3) for i in range(8)] + [(1, "000000042", 3), (0, "000000042", 4)]
+    ]
     assert sum(not np.array_equal(a, o) for o in others) >= len(others) - 2, "keys, seeds and passes draw differently"
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_every_randaugment_op_keeps_shape_and_changes_the_image(op):
     img = _image(1)
-    outs = [np.asarray(_apply(op, Image.fromarray(img), 8, sample_rng(0, str(i), 0)).convert("RGB"))
-            for i in range(4)]
+    outs = [np.asarray(_apply(op, Image.fromarray(img), 8, sample_rng(0, str(i), 0)).convert("RGB")) for i in range(4)]
     assert all(o.shape == img.shape for o in outs)
     assert any(not np.array_equal(o, img) for o in outs), op
 
@@ -122,15 +123,24 @@ def test_ema_follows_the_update_formula_with_and_without_warmup():
     state = ema.state_dict()
     other = EMA(torch.nn.Linear(3, 2), 0.9)
     other.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(other.full_state_dict().values(), ema.full_state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(other.full_state_dict().values(), ema.full_state_dict().values(), strict=True)
+    )
 
 
 def test_the_presets_are_big_vision_augreg_settings():
     presets = aug_presets()
     table = {k: (v["randaug_layers"], v["randaug_magnitude"], v["mixup_alpha"]) for k, v in presets.items()}
     # big_vision configs/vit_i1k.py RANDAUG_DEF / MIXUP_DEF (heavy = big_vision's "strong")
-    assert table == {"none": (0, 0, 0.0), "light1": (2, 0, 0.0), "light2": (2, 10, 0.2), "medium1": (2, 15, 0.2),
-                     "medium2": (2, 15, 0.5), "heavy1": (2, 20, 0.5), "heavy2": (2, 20, 0.8)}
+    assert table == {
+        "none": (0, 0, 0.0),
+        "light1": (2, 0, 0.0),
+        "light2": (2, 10, 0.2),
+        "medium1": (2, 15, 0.2),
+        "medium2": (2, 15, 0.5),
+        "heavy1": (2, 20, 0.5),
+        "heavy2": (2, 20, 0.8),
+    }
 
 
 def test_an_experiment_selects_a_preset_by_including_it(tmp_path):
@@ -141,23 +151,35 @@ def test_an_experiment_selects_a_preset_by_including_it(tmp_path):
     assert (cfg.model.dropout, cfg.model.drop_path) == (0.1, 0.1)
 
 
-@pytest.mark.parametrize("override,key", [
-    ("aug.mixup_alpha=-0.1", "aug.mixup_alpha"),
-    ("aug.randaug_magnitude=31", "aug.randaug_magnitude"),
-    ("aug.preset=extreme", "aug.preset"),
-    ("aug.randaug_layers=2", "aug.randaug_layers"),  # a preset's values are not silently changed
-    ("model.drop_path=1.0", "model.drop_path"),
-    ("train.ema.decay=1.0", "train.ema.decay"),
-    ("train.ema.every=0", "train.ema.every"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("aug.mixup_alpha=-0.1", "aug.mixup_alpha"),
+        ("aug.randaug_magnitude=31", "aug.randaug_magnitude"),
+        ("aug.preset=extreme", "aug.preset"),
+        ("aug.randaug_layers=2", "aug.randaug_layers"),  # a preset's values are not silently changed
+        ("model.drop_path=1.0", "model.drop_path"),
+        ("train.ema.decay=1.0", "train.ema.decay"),
+        ("train.ema.every=0", "train.ema.every"),
+    ],
+)
 def test_bad_augreg_values_fail_at_load_naming_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, ["data.train=x", "train.steps=1", f"output_dir={tmp_path}", override])
 
 
 def test_custom_values_need_the_custom_preset(tmp_path):
-    cfg = load_config(None, ["data.train=x", "train.steps=1", f"output_dir={tmp_path}", "aug.preset=custom",
-                             "aug.randaug_layers=3", "aug.randaug_magnitude=7"])
+    cfg = load_config(
+        None,
+        [
+            "data.train=x",
+            "train.steps=1",
+            f"output_dir={tmp_path}",
+            "aug.preset=custom",
+            "aug.randaug_layers=3",
+            "aug.randaug_magnitude=7",
+        ],
+    )
     assert cfg.aug.randaug_layers == 3
 
 
@@ -165,16 +187,33 @@ def test_the_training_stream_applies_randaugment_by_sample_key(tiny_shards):
     from pipeline.data import StreamSpec, TrainStream
 
     def first_batches(**aug):
-        spec = StreamSpec(index_url=tiny_shards, rank=0, world_size=1, num_workers=0, batch_size=8, image_size=16,
-                          num_classes=4, seed=0, shuffle_block=16, crop_area=(0.8, 1.0), flip=False, **aug)
+        spec = StreamSpec(
+            index_url=tiny_shards,
+            rank=0,
+            world_size=1,
+            num_workers=0,
+            batch_size=8,
+            image_size=16,
+            num_classes=4,
+            seed=0,
+            shuffle_block=16,
+            crop_area=(0.8, 1.0),
+            flip=False,
+            **aug,
+        )
         stream = TrainStream(spec)
         return [next(stream) for _ in range(3)]
 
-    plain, aug, again = first_batches(), first_batches(randaug_layers=2, randaug_magnitude=10), \
-        first_batches(randaug_layers=2, randaug_magnitude=10)
+    plain, aug, again = (
+        first_batches(),
+        first_batches(randaug_layers=2, randaug_magnitude=10),
+        first_batches(randaug_layers=2, randaug_magnitude=10),
+    )
     assert [b["keys"] for b in plain] == [b["keys"] for b in aug], "augmentation does not change which samples come"
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(aug, again, strict=True))
-    changed = sum(not torch.equal(p["images"][i], a["images"][i]) for p, a in zip(plain, aug, strict=True) for i in range(8))
+    changed = sum(
+        not torch.equal(p["images"][i], a["images"][i]) for p, a in zip(plain, aug, strict=True) for i in range(8)
+    )
     assert changed >= 12, f"only {changed} of 24 images were augmented"
 
 
@@ -182,8 +221,10 @@ def test_the_trainer_builds_its_model_with_the_configured_stochastic_depth(tmp_p
     from pipeline.model import DropPath
     from pipeline.recipe import build_model
 
-    cfg = load_config(None, ["data.train=x", "train.steps=1", f"output_dir={tmp_path}", "model.name=vit_tiny_test",
-                             "model.drop_path=0.1"])
+    cfg = load_config(
+        None,
+        ["data.train=x", "train.steps=1", f"output_dir={tmp_path}", "model.name=vit_tiny_test", "model.drop_path=0.1"],
+    )
     rates = [m.rate for m in build_model(cfg, 4).modules() if isinstance(m, DropPath)]
     assert rates == pytest.approx([0.1])  # 2 blocks: 0 (identity) and 0.1
 
@@ -196,8 +237,11 @@ def test_a_stage0_bf16_engines_ema_averages_the_fp32_masters_not_the_bf16_weight
     dist_setup(standalone=True)
     torch.manual_seed(0)
     model = create_model("vit_tiny_test", num_classes=4)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                      config={"train_batch_size": 4, "bf16": {"enabled": True}})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+        config={"train_batch_size": 4, "bf16": {"enabled": True}},
+    )
     ema = EMA(engine.module, 0.5, optimizer=engine.optimizer)
     start = ema.full_state_dict()
     x, y = torch.randn(4, 3, 16, 16, dtype=torch.bfloat16), torch.tensor([0, 1, 2, 3])

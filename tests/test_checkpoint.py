@@ -53,7 +53,9 @@ def saved(tmp_path_factory, tiny_shards):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_the_manager_saves_publishes_prunes_and_resumes_on_another_host(tmp_path, tiny_shards, saved, s3, where, monkeypatch):
+def test_the_manager_saves_publishes_prunes_and_resumes_on_another_host(
+    tmp_path, tiny_shards, saved, s3, where, monkeypatch
+):
     if where == "s3":
         for k, v in s3.items():
             monkeypatch.setenv(k, v)
@@ -160,14 +162,24 @@ def test_verify_from_the_shell_names_the_corrupt_file(saved, tmp_path):
 
     copy = tmp_path / TAG
     shutil.copytree(saved["run"] / "checkpoints" / TAG, copy)
-    ok = subprocess.run([sys.executable, "-m", "pipeline.checkpoint", "verify", str(copy)], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "pipeline.checkpoint", "verify", str(copy)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and "every file matches" in ok.stdout, ok.stderr
     with open(copy / "rank_0.pt", "r+b") as f:
         f.seek(10)
         byte = f.read(1)
         f.seek(10)
         f.write(bytes([byte[0] ^ 0x80]))
-    bad = subprocess.run([sys.executable, "-m", "pipeline.checkpoint", "verify", str(copy)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.checkpoint", "verify", str(copy)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and f"{copy / 'rank_0.pt'}: sha256 differs" in bad.stderr, bad.stderr

@@ -22,12 +22,24 @@ from tests.support.phases import checkpoint_to_universal, overrides, run_phases
 TAG4 = "step_00000004"
 COMPILED = {"train.compile.enabled": True}
 # Every knob whose state a resume must restore, under a compiled ZeRO-2 run.
-Z2 = {**COMPILED, "deepspeed.zero_stage": 2, "model.grad_checkpointing": True, "model.drop_path": 0.2,
-      "train.ema.decay": 0.7, "train.checkpoint_every": 2}
+Z2 = {
+    **COMPILED,
+    "deepspeed.zero_stage": 2,
+    "model.grad_checkpointing": True,
+    "model.drop_path": 0.2,
+    "train.ema.decay": 0.7,
+    "train.checkpoint_every": 2,
+}
 FP32 = {"deepspeed.zero_stage": 1, "train.precision": "fp32", "model.dropout": 0.0}
 # Rank 0's third micro-batch (step 2) gets a NaN loss: the guard skips that step.
-Z3 = {**COMPILED, "deepspeed.zero_stage": 3, "model.grad_checkpointing": True, "train.guard.fault.kind": "nan",
-      "train.guard.fault.start": 3, "train.guard.fault.end": 4}
+Z3 = {
+    **COMPILED,
+    "deepspeed.zero_stage": 3,
+    "model.grad_checkpointing": True,
+    "train.guard.fault.kind": "nan",
+    "train.guard.fault.start": 3,
+    "train.guard.fault.end": 4,
+}
 # Stopped on 2 ranks, resumed on 1 from a universal checkpoint (activation checkpointing off).
 Z3_RESIZE = {**COMPILED, "deepspeed.zero_stage": 3, "train.checkpoint_every": 2, "train.stop_at_step": 2}
 TAG2 = "step_00000002"
@@ -43,21 +55,41 @@ def runs(tmp_path_factory, ranks) -> dict:
         return overrides(root / name, shards, uri, **{"train.steps": 4, **kw})
 
     # ZeRO-3 runs last in a process (it replaces torch.nn.functional.linear process-wide).
-    first = run_phases(ranks, 2, [
-        {"name": "z2", "overrides": ov("z2", **Z2)},
-        {"name": "z2_stopped", "overrides": ov("z2_stopped", **Z2, **{"train.stop_at_step": 2})},
-        {"name": "fp32_eager", "overrides": ov("fp32_eager", **FP32)},
-        {"name": "fp32_compiled", "overrides": ov("fp32_compiled", **FP32, **COMPILED)},
-        {"name": "z3", "overrides": ov("z3", **Z3)},
-        {"name": "z3_resize", "overrides": ov("z3_resize", **Z3_RESIZE)},
-    ], root, timeout=900)
-    resumed = run_phases(ranks, 2, [{"name": "z2_stopped", "overrides": ov("z2_stopped", **Z2, **{"train.stop_at_step": 2})}],
-                         root / "resumed", timeout=600)
+    first = run_phases(
+        ranks,
+        2,
+        [
+            {"name": "z2", "overrides": ov("z2", **Z2)},
+            {"name": "z2_stopped", "overrides": ov("z2_stopped", **Z2, **{"train.stop_at_step": 2})},
+            {"name": "fp32_eager", "overrides": ov("fp32_eager", **FP32)},
+            {"name": "fp32_compiled", "overrides": ov("fp32_compiled", **FP32, **COMPILED)},
+            {"name": "z3", "overrides": ov("z3", **Z3)},
+            {"name": "z3_resize", "overrides": ov("z3_resize", **Z3_RESIZE)},
+        ],
+        root,
+        timeout=900,
+    )
+    resumed = run_phases(
+        ranks,
+        2,
+        [{"name": "z2_stopped", "overrides": ov("z2_stopped", **Z2, **{"train.stop_at_step": 2})}],
+        root / "resumed",
+        timeout=600,
+    )
     universal = checkpoint_to_universal(str(root / "z3_resize" / "checkpoints"), TAG2, str(root / "z3_universal"))
-    one_rank = run_phases(ranks, 1, [{"name": "z3_one", "overrides": ov("z3_one", **{**Z3_RESIZE, "train.stop_at_step": 0,
-                                                                                "train.resume_from": universal}),
-                               "check_load": {"ckpt_dir": str(root / "z3_resize" / "checkpoints"), "tag": TAG2}}],
-                          root / "one_rank", timeout=600)
+    one_rank = run_phases(
+        ranks,
+        1,
+        [
+            {
+                "name": "z3_one",
+                "overrides": ov("z3_one", **{**Z3_RESIZE, "train.stop_at_step": 0, "train.resume_from": universal}),
+                "check_load": {"ckpt_dir": str(root / "z3_resize" / "checkpoints"), "tag": TAG2},
+            }
+        ],
+        root / "one_rank",
+        timeout=600,
+    )
     return {"root": root, "first": first, "resumed": resumed, "one_rank": one_rank, "shards": shards}
 
 
@@ -83,7 +115,10 @@ def test_compiled_fp32_training_follows_eager_training(runs):
     assert [s for s, _ in compiled["loss_history"]] == [1, 2, 3, 4]
     for (step, want), (_, got) in zip(eager["loss_history"], compiled["loss_history"], strict=True):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5), f"step {step}"
-    a, b = (checkpoint.load_fp32_weights(str(runs["root"] / n / "checkpoints"), TAG4) for n in ("fp32_eager", "fp32_compiled"))
+    a, b = (
+        checkpoint.load_fp32_weights(str(runs["root"] / n / "checkpoints"), TAG4)
+        for n in ("fp32_eager", "fp32_compiled")
+    )
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     assert "compile" not in eager["summary"] and compiled["summary"]["compile"]["seconds"] > 0
 
@@ -213,11 +248,17 @@ def test_a_recompilation_storm_is_a_warning_naming_the_cause(caplog):
     assert len(storm) == 1 and "a batch of another size" in storm[0] and "max_recompiles=2" in storm[0]
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    (["train.compile.mode=reduce-overhead"], "train.compile.mode"),
-    (["eval.compile.backend=tvm"], "eval.compile.backend"),
-    (["train.compile.enabled=true", "train.compile.mode=max-autotune", "deepspeed.zero_stage=3"], "train.compile.mode"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (["train.compile.mode=reduce-overhead"], "train.compile.mode"),
+        (["eval.compile.backend=tvm"], "eval.compile.backend"),
+        (
+            ["train.compile.enabled=true", "train.compile.mode=max-autotune", "deepspeed.zero_stage=3"],
+            "train.compile.mode",
+        ),
+    ],
+)
 def test_the_config_check_refuses_compile_settings_that_cannot_work(override, key, tmp_path):
     from pipeline.config import ConfigError, load_config
 
@@ -232,13 +273,28 @@ def test_the_plan_takes_a_measured_compiled_mfu_when_training_compiles_and_says_
     from pipeline.config import load_config
     from pipeline.plan import make_plan
 
-    cal = {"gpu_mfu": {"H100": {"mfu": 0.30, "source": "eager run"}},
-           "gpu_mfu_compiled": {"H100": {"mfu": 0.42, "source": "compiled run"}}}
-    base = ["data.train=unused", "train.steps=100", f"output_dir={tmp_path}", "plan.device=H100", "plan.num_samples=1000",
-            "plan.num_classes=10", "model.name=vit_b16", "data.micro_batch_size=32", "train.global_batch_size=256"]
-    target = {flag: make_plan(load_config(None, [*base, f"train.compile.enabled={flag}"]), cal=cal)["target"]
-              for flag in (False, True)}
+    cal = {
+        "gpu_mfu": {"H100": {"mfu": 0.30, "source": "eager run"}},
+        "gpu_mfu_compiled": {"H100": {"mfu": 0.42, "source": "compiled run"}},
+    }
+    base = [
+        "data.train=unused",
+        "train.steps=100",
+        f"output_dir={tmp_path}",
+        "plan.device=H100",
+        "plan.num_samples=1000",
+        "plan.num_classes=10",
+        "model.name=vit_b16",
+        "data.micro_batch_size=32",
+        "train.global_batch_size=256",
+    ]
+    target = {
+        flag: make_plan(load_config(None, [*base, f"train.compile.enabled={flag}"]), cal=cal)["target"]
+        for flag in (False, True)
+    }
     assert (target[False]["mfu"], target[False]["mfu_source"]) == (0.30, "eager: eager run")
-    assert target[True]["mfu"] == 0.42 and target[True]["mfu_source"].startswith("compiled (train.compile): compiled run")
+    assert target[True]["mfu"] == 0.42 and target[True]["mfu_source"].startswith(
+        "compiled (train.compile): compiled run"
+    )
     only_eager = make_plan(load_config(None, [*base, "train.compile.enabled=true"]), cal={"gpu_mfu": cal["gpu_mfu"]})
     assert only_eager["target"]["mfu"] == 0.30 and "no compiled MFU for H100" in only_eager["target"]["mfu_source"]

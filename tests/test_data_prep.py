@@ -99,10 +99,17 @@ def test_exif_orientation_is_applied():
     assert Image.open(io.BytesIO(out.data)).size == (30, 40) == (out.width, out.height)
 
 
-@pytest.mark.parametrize("data, mode", [
-    (jpeg(mode="CMYK"), "CMYK"), (jpeg(mode="L"), "L"), (png("RGBA"), "RGBA"),
-    (png("P"), "P"), (png("LA"), "LA"), (png("I;16"), "I;16"),
-])
+@pytest.mark.parametrize(
+    "data, mode",
+    [
+        (jpeg(mode="CMYK"), "CMYK"),
+        (jpeg(mode="L"), "L"),
+        (png("RGBA"), "RGBA"),
+        (png("P"), "P"),
+        (png("LA"), "LA"),
+        (png("I;16"), "I;16"),
+    ],
+)
 def test_any_mode_becomes_an_rgb_jpeg(data, mode):
     out = process_image(data, ImageConfig())
     img = Image.open(io.BytesIO(out.data))
@@ -116,12 +123,15 @@ def test_alpha_is_composited_on_white_and_16_bit_is_scaled_not_clipped():
     assert 60 < gray.mean() < 200  # clipping would make almost every pixel 255
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", F.EMPTY_FILE),
-    (b"this is a text file named .jpg\n", F.NOT_AN_IMAGE),
-    (jpeg(64, 48)[:900], F.TRUNCATED_IMAGE),
-    (jpeg(300, 300), F.TOO_MANY_PIXELS),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", F.EMPTY_FILE),
+        (b"this is a text file named .jpg\n", F.NOT_AN_IMAGE),
+        (jpeg(64, 48)[:900], F.TRUNCATED_IMAGE),
+        (jpeg(300, 300), F.TOO_MANY_PIXELS),
+    ],
+)
 def test_bad_bytes_raise_a_named_sample_error(data, reason):
     with pytest.raises(F.SampleError) as e:
         process_image(data, ImageConfig(max_pixels=50_000))
@@ -138,14 +148,17 @@ def test_config_merges_yaml_then_overrides(tmp_path):
     assert (cfg.source, cfg.shard_size, cfg.image.size, cfg.holdout.count) == ("/data/in", 50, 128, 7)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["shard_size=ten"], "shard_size"),
-    (["image.sise=3"], "image.sise"),
-    (["bogus=1"], "bogus"),
-    (["image.resize_mode=shorter"], "image.size"),
-    (["holdout.name=train"], "holdout.name"),
-    ([], "source"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["shard_size=ten"], "shard_size"),
+        (["image.sise=3"], "image.sise"),
+        (["bogus=1"], "bogus"),
+        (["image.resize_mode=shorter"], "image.size"),
+        (["holdout.name=train"], "holdout.name"),
+        ([], "source"),
+    ],
+)
 def test_a_bad_config_is_an_error_naming_the_key(overrides, key, capsys):
     base = [] if key == "source" else ["source=/in", "output=/out"]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -157,8 +170,7 @@ def test_a_bad_config_is_an_error_naming_the_key(overrides, key, capsys):
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     make_folders(tmp_path / "src")
     out = tmp_path / "out"
-    assert main([f"source={tmp_path / 'src'}", f"output={out}", "shard_size=5",
-                 "holdout.count=4", "--dry-run"]) == 0
+    assert main([f"source={tmp_path / 'src'}", f"output={out}", "shard_size=5", "holdout.count=4", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "24 samples listed" in text and "classes  3" in text
     assert "val" in text and "train" in text and not out.exists()
@@ -182,8 +194,9 @@ def test_plan_is_a_seeded_shuffle_of_every_sample_across_many_buckets(tmp_path, 
         cfg = cfg_for(tmp_path / "src", tmp_path / out, seed=seed, shard_size=4)
         cfg.holdout.count = 3
         plan = build_plan(cfg)
-        recs = {s: [r for i in range(sp.num_shards) for r in read_shard_plan(cfg, s, i)]
-                for s, sp in plan.splits.items()}
+        recs = {
+            s: [r for i in range(sp.num_shards) for r in read_shard_plan(cfg, s, i)] for s, sp in plan.splits.items()
+        }
         return [r["url"] for r in recs["val"]], [r["url"] for r in recs["train"]], plan
 
     val, train, plan = urls(0, "a")
@@ -202,8 +215,9 @@ def test_integer_labels_are_class_indices(tmp_path):
     plan = build_plan(cfg_for(tmp_path / "m.jsonl", tmp_path / "out"), write=False)
     assert plan.classes == [str(i) for i in range(8)] and plan.multi_label
     (tmp_path / "classes.txt").write_text("".join(f"c{i}\n" for i in range(4)))
-    plan = build_plan(cfg_for(tmp_path / "m.jsonl", tmp_path / "out",
-                              classes_file=str(tmp_path / "classes.txt")), write=False)
+    plan = build_plan(
+        cfg_for(tmp_path / "m.jsonl", tmp_path / "out", classes_file=str(tmp_path / "classes.txt")), write=False
+    )
     assert plan.failures == {F.UNKNOWN_LABEL: 1} and plan.splits["train"].num_samples == 6
 
 
@@ -277,24 +291,28 @@ def test_a_shard_with_one_good_sample_among_its_first_does_not_give_up(tmp_path)
 def test_failure_watch_stops_when_certain_or_overwhelmingly_likely():
     watch = F.FailureWatch(listed=1000, max_fraction=0.1, remaining=1000)
     assert watch.verdict() is None
-    watch.finished("a", {"count": 100, "successes": 91, "failures": {F.MISSING_FILE: 9},
-                         "examples": {F.MISSING_FILE: "/x/0.jpg: gone"}})
+    watch.finished(
+        "a",
+        {
+            "count": 100,
+            "successes": 91,
+            "failures": {F.MISSING_FILE: 9},
+            "examples": {F.MISSING_FILE: "/x/0.jpg: gone"},
+        },
+    )
     assert watch.verdict() is None, "9% failed: within 10%"
-    watch.gave_up("b", {"count": 100, "successes": 0, "failures": {F.MISSING_FILE: 100},
-                        "examples": {}})
+    watch.gave_up("b", {"count": 100, "successes": 0, "failures": {F.MISSING_FILE: 100}, "examples": {}})
     assert watch.verdict() == "likely", "109 of 200 read failed: the rest will exceed 10%"
     message = watch.message("/m.jsonl", "likely", 10)
     assert "missing_file: 109 (e.g. /x/0.jpg: gone)" in message
     assert "1 of 10 shards finished and are kept" in message
     watch.finished("b", {"count": 100, "successes": 100, "failures": {}, "examples": {}})
     assert watch.verdict() is None, "the redone shard was fine after all"
-    watch.finished("c", {"count": 100, "successes": 8, "failures": {F.READ_ERROR: 92},
-                         "examples": {}})
+    watch.finished("c", {"count": 100, "successes": 8, "failures": {F.READ_ERROR: 92}, "examples": {}})
     assert watch.verdict() == "certain" and 101 > 0.1 * 1000
     # A few failed samples are weak evidence: Hoeffding's margin is wide for small n.
     small = F.FailureWatch(listed=10_000, max_fraction=0.5, remaining=10_000)
-    small.gave_up("a", {"count": 5, "successes": 0, "failures": {F.MISSING_FILE: 5},
-                        "examples": {}})
+    small.gave_up("a", {"count": 5, "successes": 0, "failures": {F.MISSING_FILE: 5}, "examples": {}})
     assert small.verdict() is None
     assert F.rate_floor(100, 100) > 0.73 and F.rate_floor(5, 5) == 0.0
 
@@ -372,8 +390,7 @@ def test_jsonl_manifest_with_multi_labels_and_extra_fields(ray_local, tmp_path):
     for i in range(12):
         (src / f"{i}.jpg").write_bytes(jpeg(seed=i))
         labels = ["sky", "sea"] if i % 3 == 0 else ["sea"]
-        lines.append(json.dumps({"path": f"imgs/{i}.jpg", "labels": labels, "caption": f"c{i}",
-                                 "score": i / 10}))
+        lines.append(json.dumps({"path": f"imgs/{i}.jpg", "labels": labels, "caption": f"c{i}", "score": i / 10}))
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     summary = run_prep(cfg_for(tmp_path / "train.jsonl", out, shard_size=5))
@@ -396,8 +413,9 @@ def test_csv_manifest_with_a_classes_file_counts_unknown_labels(ray_local, tmp_p
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "classes.txt").write_text("bee\nant\n")
     out = tmp_path / "out"
-    summary = run_prep(cfg_for(tmp_path / "m.csv", out, classes_file=str(tmp_path / "classes.txt"),
-                               max_failure_fraction=0.2))
+    summary = run_prep(
+        cfg_for(tmp_path / "m.csv", out, classes_file=str(tmp_path / "classes.txt"), max_failure_fraction=0.2)
+    )
     assert summary["samples"] == 9 and summary["failures"] == {F.UNKNOWN_LABEL: 1}
     assert (out / "classes.txt").read_text() == "bee\nant\n"
     for s in all_samples(out):
@@ -426,8 +444,11 @@ def test_per_class_tars_are_read_in_place(ray_local, tmp_path):
     out = tmp_path / "out"
     summary = run_prep(cfg_for(src, out, shard_size=4, holdout=HoldoutConfig(count=2)))
     assert summary["samples_per_split"] == {"val": 2, "train": 8}
-    got = {(json.loads(s["json"])["source"], int(s["cls"]), hashlib.md5(s["jpg"]).digest())
-           for split in ("val", "train") for s in all_samples(out, split)}
+    got = {
+        (json.loads(s["json"])["source"], int(s["cls"]), hashlib.md5(s["jpg"]).digest())
+        for split in ("val", "train")
+        for s in all_samples(out, split)
+    }
     assert got == expected
     assert sorted(p.name for p in src.iterdir()) == ["n01440764.tar", "n01443537.tar"]
     wids_check(out / "val_index.json")
@@ -465,8 +486,16 @@ def make_bad_corpus(root: Path) -> tuple[Path, Path]:
     return root / "m.jsonl", root / "classes.txt"
 
 
-BAD_COUNTS = {F.TRUNCATED_IMAGE: 1, F.EMPTY_FILE: 1, F.NOT_AN_IMAGE: 1, F.TOO_MANY_PIXELS: 1,
-              F.READ_ERROR: 1, F.MISSING_FILE: 1, F.UNKNOWN_LABEL: 1, F.BAD_MANIFEST_LINE: 1}
+BAD_COUNTS = {
+    F.TRUNCATED_IMAGE: 1,
+    F.EMPTY_FILE: 1,
+    F.NOT_AN_IMAGE: 1,
+    F.TOO_MANY_PIXELS: 1,
+    F.READ_ERROR: 1,
+    F.MISSING_FILE: 1,
+    F.UNKNOWN_LABEL: 1,
+    F.BAD_MANIFEST_LINE: 1,
+}
 
 
 @pytest.mark.slow
@@ -474,14 +503,19 @@ BAD_COUNTS = {F.TRUNCATED_IMAGE: 1, F.EMPTY_FILE: 1, F.NOT_AN_IMAGE: 1, F.TOO_MA
 def test_bad_inputs_are_skipped_and_counted_by_reason(ray_local, tmp_path):
     manifest, classes = make_bad_corpus(tmp_path)
     out = tmp_path / "out"
-    cfg = cfg_for(manifest, out, classes_file=str(classes), shard_size=6,
-                  max_failure_fraction=0.5, image=ImageConfig(max_pixels=50_000))
+    cfg = cfg_for(
+        manifest,
+        out,
+        classes_file=str(classes),
+        shard_size=6,
+        max_failure_fraction=0.5,
+        image=ImageConfig(max_pixels=50_000),
+    )
     summary = run_prep(cfg)
     assert summary["failures"] == BAD_COUNTS
     assert summary["samples"] == 11 and summary["listed"] == 19
     index = json.loads((out / "train_index.json").read_text())
-    assert index["failures"] == {k: v for k, v in BAD_COUNTS.items()
-                                 if k not in (F.UNKNOWN_LABEL, F.BAD_MANIFEST_LINE)}
+    assert index["failures"] == {k: v for k, v in BAD_COUNTS.items() if k not in (F.UNKNOWN_LABEL, F.BAD_MANIFEST_LINE)}
     converted: dict[str, int] = {}
     for name in os.listdir(out):
         if name.endswith("_stats.json"):
@@ -499,13 +533,24 @@ def test_too_many_failures_raise_and_the_cli_exits_non_zero(ray_local, tmp_path,
 
     manifest, classes = make_bad_corpus(tmp_path)
     out = tmp_path / "out"
-    cfg = cfg_for(manifest, out, classes_file=str(classes), max_failure_fraction=0.2,
-                  image=ImageConfig(max_pixels=50_000))
+    cfg = cfg_for(
+        manifest, out, classes_file=str(classes), max_failure_fraction=0.2, image=ImageConfig(max_pixels=50_000)
+    )
     with pytest.raises(FailureFractionExceeded, match="8 of 19 samples failed"):
         run_prep(cfg)
     assert not (out / "train_index.json").exists()
-    assert main([f"source={manifest}", f"output={out}", f"classes_file={classes}",
-                 "max_failure_fraction=0.2", "image.max_pixels=50000"]) == 1
+    assert (
+        main(
+            [
+                f"source={manifest}",
+                f"output={out}",
+                f"classes_file={classes}",
+                "max_failure_fraction=0.2",
+                "image.max_pixels=50000",
+            ]
+        )
+        == 1
+    )
     assert "max_failure_fraction" in capsys.readouterr().err
 
 
@@ -516,14 +561,18 @@ def test_a_manifest_of_missing_paths_stops_in_seconds_and_the_cli_exits_1(ray_lo
     out = tmp_path / "out"
     env = dict(os.environ, RAY_ADDRESS=ray_local)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "data_prep", f"source={manifest}",
-                           f"output={out}", "shard_size=1000"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep", f"source={manifest}", f"output={out}", "shard_size=1000"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
     seconds = time.monotonic() - start
     assert proc.returncode == 1, proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"error: data prep of {manifest} stopped early: "
-                            "max_failure_fraction=0.1 will be exceeded")
+    assert error.startswith(f"error: data prep of {manifest} stopped early: max_failure_fraction=0.1 will be exceeded")
     assert f"missing_file: 100 (e.g. {tmp_path / 'img'}" in error
     assert "0 of 4 shards finished" in error
     assert not list(out.glob("*.tar")) and not list(out.glob("*_stats.json"))
@@ -543,8 +592,7 @@ def test_a_stopped_job_keeps_its_finished_shards_and_a_rerun_resumes(ray_local, 
         run_prep(cfg)
     assert [p.name for p in out.glob("*_stats.json")] == ["train-000000_stats.json"]
     assert not (out / "train_index.json").exists()
-    summary = run_prep(cfg_for(manifest, out, shard_size=20, max_in_flight=1,
-                               max_failure_fraction=0.95))
+    summary = run_prep(cfg_for(manifest, out, shard_size=20, max_in_flight=1, max_failure_fraction=0.95))
     assert summary["shards_skipped"] == 1 and summary["shards_run"] == 9
     assert summary["samples"] == 20 and summary["failures"] == {F.MISSING_FILE: 180}
 
@@ -567,13 +615,24 @@ def test_a_missing_or_empty_source_is_a_clear_error_before_any_task(ray_local, t
 @pytest.mark.timeout(150)
 def test_sigkill_then_rerun_gives_the_bytes_of_an_uninterrupted_run(ray_local, tmp_path):
     make_folders(tmp_path / "src", per_class=16, w=640, h=480)
-    args = [f"source={tmp_path / 'src'}", "shard_size=3", "max_in_flight=1", "holdout.count=5",
-            "image.resize_mode=shorter", "image.size=96"]
+    args = [
+        f"source={tmp_path / 'src'}",
+        "shard_size=3",
+        "max_in_flight=1",
+        "holdout.count=5",
+        "image.resize_mode=shorter",
+        "image.size=96",
+    ]
     killed, clean = tmp_path / "killed" / "shards", tmp_path / "clean" / "shards"
     env = dict(os.environ, RAY_ADDRESS=ray_local)
     log = open(tmp_path / "cli.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args, f"output={killed}"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", *args, f"output={killed}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 90
         while not list(killed.glob("*_stats.json")):

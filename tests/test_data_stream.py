@@ -32,8 +32,19 @@ from tests.support.data import write_shards
 
 
 def spec(index: str, rank=0, world=2, workers=2, batch=4, seed=0, block=16) -> StreamSpec:
-    return StreamSpec(index_url=index, rank=rank, world_size=world, num_workers=workers, batch_size=batch, image_size=16,
-                      num_classes=4, seed=seed, shuffle_block=block, crop_area=(0.5, 1.0), flip=True)
+    return StreamSpec(
+        index_url=index,
+        rank=rank,
+        world_size=world,
+        num_workers=workers,
+        batch_size=batch,
+        image_size=16,
+        num_classes=4,
+        seed=seed,
+        shuffle_block=block,
+        crop_area=(0.5, 1.0),
+        flip=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +87,10 @@ def test_reader_stream_resumes_mid_block_exactly(uneven):
     units = make_units(ShardIndex.load(uneven), 2)
     full = [(s["__key__"], pos) for s, pos in itertools.islice(reader_stream(units, 1, 2, 3, block=8), 60)]
     for cut in (1, 7, 8, 19, 20, 45):
-        resumed = [(s["__key__"], pos) for s, pos in itertools.islice(reader_stream(units, 1, 2, 3, 8, start=full[cut - 1][1]), 60 - cut)]
+        resumed = [
+            (s["__key__"], pos)
+            for s, pos in itertools.islice(reader_stream(units, 1, 2, 3, 8, start=full[cut - 1][1]), 60 - cut)
+        ]
         assert resumed == full[cut:]
 
 
@@ -146,8 +160,12 @@ def test_stream_batches_hold_exactly_the_decoded_samples_of_each_reader_in_order
         samples = reader_stream(units, reader, num_readers, s.seed, s.shuffle_block)
         for b in (b for b in batches if b["reader"] == logical):
             taken = [next(samples) for _ in range(s.batch_size)]
-            expected = np.stack([decode_train(x["jpg"], s.image_size, seeded_rng(s.seed, reader, *pos), s.crop_area, s.flip)
-                                 for x, pos in taken])
+            expected = np.stack(
+                [
+                    decode_train(x["jpg"], s.image_size, seeded_rng(s.seed, reader, *pos), s.crop_area, s.flip)
+                    for x, pos in taken
+                ]
+            )
             assert b["keys"] == [x["__key__"] for x, _ in taken] and tuple(b["position"]) == taken[-1][1]
             assert b["images"].dtype == torch.uint8 and torch.equal(b["images"], torch.from_numpy(expected))
             assert torch.equal(b["targets"], multi_hot([sample_labels(x) for x, _ in taken], s.num_classes))
@@ -170,9 +188,16 @@ def _tar_of(path, fmt, members) -> str:
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_reader_yields_the_files_and_names_tarfile_yields(tmp_path, fmt):
     long_dir = "d" * 120 if fmt == tarfile.USTAR_FORMAT else "d" * 300  # ustar: prefix + name
-    members = [("a/000001.jpg", b"x" * 511), ("a/000001.cls", b"3"), ("a/dir", (tarfile.DIRTYPE,)),
-               ("a/link", (tarfile.SYMTYPE,)), ("a/000002.jpg", b""), ("a/000002.json", b"y" * 512),
-               (f"{long_dir}/000003.jpg", b"z" * 513), ("a/000004.txt", bytes(range(256)) * 9)]
+    members = [
+        ("a/000001.jpg", b"x" * 511),
+        ("a/000001.cls", b"3"),
+        ("a/dir", (tarfile.DIRTYPE,)),
+        ("a/link", (tarfile.SYMTYPE,)),
+        ("a/000002.jpg", b""),
+        ("a/000002.json", b"y" * 512),
+        (f"{long_dir}/000003.jpg", b"z" * 513),
+        ("a/000004.txt", bytes(range(256)) * 9),
+    ]
     if fmt != tarfile.USTAR_FORMAT:
         members.append(("a/üñï.jpg", b"w" * 1000))  # non-ASCII: a pax path record, or raw bytes in GNU
     url = _tar_of(tmp_path / "t.tar", fmt, members)

@@ -35,8 +35,9 @@ def photo() -> bytes:
     for _ in range(12):
         x, y, r = rng.integers(0, W), rng.integers(0, H), rng.integers(20, 120)
         shade = int(rng.integers(0, 256))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r, x + r, y + r), fill=(
-            int(255 * x / (W - 1)), int(255 * y / (H - 1)), shade))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(
+            (x - r, y - r, x + r, y + r), fill=(int(255 * x / (W - 1)), int(255 * y / (H - 1)), shade)
+        )
     out = io.BytesIO()
     pil.save(out, "JPEG", quality=90)
     return out.getvalue()
@@ -63,9 +64,16 @@ def crop_seen(image: np.ndarray) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def decoded(photo) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
     """(drafted, full-size) outputs per seed at two output sizes."""
-    return {size: [(decode_train(photo, size, random.Random(s), AREA, True),
-                    full_size_reference(photo, size, random.Random(s))) for s in SEEDS]
-            for size in (64, 224)}
+    return {
+        size: [
+            (
+                decode_train(photo, size, random.Random(s), AREA, True),
+                full_size_reference(photo, size, random.Random(s)),
+            )
+            for s in SEEDS
+        ]
+        for size in (64, 224)
+    }
 
 
 def test_most_crops_decode_at_reduced_scale(photo, monkeypatch):

@@ -30,8 +30,10 @@ def test_phash_moves_a_few_bits_under_resize_jpeg_and_grey_and_many_between_imag
     img = draw_scene(7)
     h = phash(img)
     assert 0 <= h < 2**63 and bin(h).count("1") == 31, "63 bits thresholded at their median"
-    near = [phash(Image.open(io.BytesIO(COPIES[k](img, np.random.default_rng(0)))))
-            for k in ("resized", "jpeg_q50", "greyscale")]
+    near = [
+        phash(Image.open(io.BytesIO(COPIES[k](img, np.random.default_rng(0)))))
+        for k in ("resized", "jpeg_q50", "greyscale")
+    ]
     assert all(bin(h ^ x).count("1") <= 6 for x in near)
     others = [phash(draw_scene(s)) for s in range(100, 140)]
     assert min(bin(h ^ x).count("1") for x in others) > 10
@@ -42,8 +44,9 @@ def test_the_index_finds_exactly_what_a_full_scan_finds(n_images, max_distance):
     rng = np.random.default_rng(n_images + max_distance)
     boxes = crop_boxes(0.075, 0.025)
     hashes = rng.integers(0, 2**63, (n_images, len(boxes)), dtype=np.uint64)
-    index = NearDuplicateIndex(["t"], [str(i) for i in range(n_images)], np.zeros(n_images),
-                               hashes, boxes, max_distance)
+    index = NearDuplicateIndex(
+        ["t"], [str(i) for i in range(n_images)], np.zeros(n_images), hashes, boxes, max_distance
+    )
     queries = index.hashes[rng.integers(0, len(index.hashes), 400)].copy()
     for i, flips in enumerate(rng.integers(0, max_distance + 4, len(queries))):
         for bit in rng.choice(63, flips, replace=False):
@@ -62,8 +65,10 @@ def test_the_index_finds_exactly_what_a_full_scan_finds(n_images, max_distance):
 def test_each_kind_of_copy_is_caught_and_distinct_images_are_not(capsys):
     r = measure(n_test=100, n_corpus=400, dedup=DedupConfig())
     with capsys.disabled():
-        print(f"\ndedup on {r['test_images']} test / {r['corpus_images']} distinct images: "
-              f"caught {r['detected']}, false positives {r['false_positive_rate']:.2%}")
+        print(
+            f"\ndedup on {r['test_images']} test / {r['corpus_images']} distinct images: "
+            f"caught {r['detected']}, false positives {r['false_positive_rate']:.2%}"
+        )
     assert r["detected"] == {k: 1.0 for k in KINDS}
     assert r["false_positive_rate"] <= 0.01
     weak = measure(n_test=40, n_corpus=0, dedup=DedupConfig(crop=0.0))
@@ -73,14 +78,17 @@ def test_each_kind_of_copy_is_caught_and_distinct_images_are_not(capsys):
 # ---------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("override, key", [
-    ("dedup.mode=drop", "dedup.mode"),
-    ("dedup.max_distance=40", "dedup.max_distance"),
-    ("dedup.crop=0.3", "dedup.crop"),
-    ("dedup.crop_shift=0.1", "dedup.crop_shift"),
-    ("dedup.hash=md5", "dedup.hash"),
-    ("dedup.against._x=/t", "dedup.against._x"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("dedup.mode=drop", "dedup.mode"),
+        ("dedup.max_distance=40", "dedup.max_distance"),
+        ("dedup.crop=0.3", "dedup.crop"),
+        ("dedup.crop_shift=0.1", "dedup.crop_shift"),
+        ("dedup.hash=md5", "dedup.hash"),
+        ("dedup.against._x=/t", "dedup.against._x"),
+    ],
+)
 def test_a_bad_dedup_config_is_an_error_naming_the_key(override, key, capsys):
     args = ["source=/in", "output=/out", override]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -97,8 +105,7 @@ def test_a_missing_test_set_fails_before_anything_runs(tmp_path, capsys):
     for name, url in (("gone", tmp_path / "nowhere"), ("bare", tmp_path / "empty")):
         out = tmp_path / f"out-{name}"
         start = time.perf_counter()
-        assert main([f"source={tmp_path / 'src'}", f"output={out}",
-                     f"dedup.against.{name}={url}"]) == 2
+        assert main([f"source={tmp_path / 'src'}", f"output={out}", f"dedup.against.{name}={url}"]) == 2
         assert f"dedup.against.{name}" in capsys.readouterr().err
         assert not out.exists() and time.perf_counter() - start < 5
 
@@ -122,8 +129,9 @@ def make_corpus(root: Path, tests: dict[str, list[int]]) -> tuple[dict[str, Path
     (root / "src" / "copy").mkdir(parents=True)
     for i in range(12):
         (root / "src" / "plain" / f"{i}.jpg").write_bytes(encode(draw_scene(500 + i)))
-    pairs = sorted(((name, i, seed) for name, seeds in tests.items() for i, seed in enumerate(seeds)),
-                   key=lambda p: p[1])  # the test sets take turns
+    pairs = sorted(
+        ((name, i, seed) for name, seeds in tests.items() for i, seed in enumerate(seeds)), key=lambda p: p[1]
+    )  # the test sets take turns
     for kind, (name, i, seed) in zip(KINDS, pairs, strict=False):
         (root / "src" / "copy" / f"{kind}.jpg").write_bytes(COPIES[kind](draw_scene(seed), rng))
         copies[f"{kind}.jpg"] = (name, f"c{i % 2}/{seed}.jpg", kind)
@@ -131,8 +139,7 @@ def make_corpus(root: Path, tests: dict[str, list[int]]) -> tuple[dict[str, Path
 
 
 def listed(out: Path) -> list[dict]:
-    return [json.loads(line) for p in sorted(out.glob("*_dedup.jsonl"))
-            for line in p.read_text().splitlines()]
+    return [json.loads(line) for p in sorted(out.glob("*_dedup.jsonl")) for line in p.read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -156,8 +163,9 @@ def test_exclude_drops_each_kind_of_copy_and_the_index_records_how_many(ray_loca
     assert sum(s["excluded"] for s in stats) == 4 and sum(s["successes"] for s in stats) == 12
     assert {s["count"] - s["successes"] - s["excluded"] for s in stats} == {0}
     lines = listed(out)
-    assert {Path(x["source"]).name: (x["test_set"], x["test_id"], x["excluded"]) for x in lines} \
-        == {name: (ts, tid, True) for name, (ts, tid, _) in copies.items()}
+    assert {Path(x["source"]).name: (x["test_set"], x["test_id"], x["excluded"]) for x in lines} == {
+        name: (ts, tid, True) for name, (ts, tid, _) in copies.items()
+    }
     assert next(x for x in lines if x["source"].endswith("cropped.jpg"))["kind"].startswith("crop")
 
     again = run_prep(cfg)  # resume: every shard is done
@@ -177,12 +185,11 @@ def test_list_mode_keeps_the_samples_against_a_manifest_and_our_own_shard_index(
     sets, copies = make_corpus(tmp_path, {"folder": [1, 2, 3], "shards": [4, 5, 6]})
     shards = cfg_for(sets["shards"], tmp_path / "shards", shard_size=2)
     run_prep(shards)  # the second test set is one of our own sharded splits
-    (tmp_path / "m.jsonl").write_text("".join(
-        json.dumps({"path": f"folder/c{i % 2}/{s}.jpg", "label": "x"}) + "\n"
-        for i, s in enumerate([1, 2, 3])))
+    (tmp_path / "m.jsonl").write_text(
+        "".join(json.dumps({"path": f"folder/c{i % 2}/{s}.jpg", "label": "x"}) + "\n" for i, s in enumerate([1, 2, 3]))
+    )
     cfg = cfg_for(tmp_path / "src", tmp_path / "out", shard_size=8)
-    cfg.dedup.against = {"manifest": str(tmp_path / "m.jsonl"),
-                         "shards": str(tmp_path / "shards" / "train_index.json")}
+    cfg.dedup.against = {"manifest": str(tmp_path / "m.jsonl"), "shards": str(tmp_path / "shards" / "train_index.json")}
     cfg.dedup.mode = "list"
     summary = run_prep(cfg)
     assert summary["samples"] == 16 and summary["dropped_near_duplicates"] == 0
@@ -195,6 +202,8 @@ def test_list_mode_keeps_the_samples_against_a_manifest_and_our_own_shard_index(
     assert by_name["cropped.jpg"]["test_set"] == "manifest"
     assert by_name["jpeg_q50.jpg"]["test_set"] == "shards"
     assert by_name["jpeg_q50.jpg"]["test_id"].startswith("train-00000")
-    kept = {Path(json.loads(s["json"])["source"]).name: json.loads(s["json"])["phash"]
-            for s in all_samples(tmp_path / "out")}
+    kept = {
+        Path(json.loads(s["json"])["source"]).name: json.loads(s["json"])["phash"]
+        for s in all_samples(tmp_path / "out")
+    }
     assert all(by_name[n]["phash"] == kept[n] for n in by_name)

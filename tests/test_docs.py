@@ -26,20 +26,60 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "data_prep" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 DEMO = "configs/experiment/demo.yaml"
-SCRIPTS = ("launch/pretrain.sh", "launch/train_dist.sh", "launch/mlflow_server.sh", "launch/setup.sh",
-           "launch/slurm/pretrain.sbatch", "launch/validate.py")
-MODULES = ("pipeline.run", "pipeline.train", "pipeline.plan", "pipeline.evaluate", "pipeline.checkpoint",
-           "pipeline.rundir", "pipeline.guard", "pipeline.stop", "data_prep")
+SCRIPTS = (
+    "launch/pretrain.sh",
+    "launch/train_dist.sh",
+    "launch/mlflow_server.sh",
+    "launch/setup.sh",
+    "launch/slurm/pretrain.sbatch",
+    "launch/validate.py",
+)
+MODULES = (
+    "pipeline.run",
+    "pipeline.train",
+    "pipeline.plan",
+    "pipeline.evaluate",
+    "pipeline.checkpoint",
+    "pipeline.rundir",
+    "pipeline.guard",
+    "pipeline.stop",
+    "data_prep",
+)
 # Commands whose config composes onto pipeline.config.Config; data_prep's onto PrepConfig.
-PIPELINE_CONFIGS = ("launch/pretrain.sh", "launch/train_dist.sh", "launch/slurm/pretrain.sbatch",
-                    "launch/validate.py", "pipeline.run", "pipeline.train", "pipeline.plan")
+PIPELINE_CONFIGS = (
+    "launch/pretrain.sh",
+    "launch/train_dist.sh",
+    "launch/slurm/pretrain.sbatch",
+    "launch/validate.py",
+    "pipeline.run",
+    "pipeline.train",
+    "pipeline.plan",
+)
 # pipeline.run and pipeline.train parse no options but these (their main() strips them);
 # pipeline.stop takes none.
 PLAIN_OPTIONS = {"pipeline.run": {"--quiet"}, "pipeline.train": {"--local_rank"}, "pipeline.stop": set()}
 # Dotted names in the docs that are not config keys: an MLflow tag, a Ray API.
 NOT_KEYS = {"eval.variant", "ray.train.report", "deepspeed.utils.set_z3_leaf_modules"}
-FILE_SUFFIXES = {"py", "yaml", "yml", "json", "jsonl", "md", "txt", "pt", "tar", "safetensors", "npz", "png",
-                 "db", "sh", "sbatch", "out", "mlflow", "gz"}
+FILE_SUFFIXES = {
+    "py",
+    "yaml",
+    "yml",
+    "json",
+    "jsonl",
+    "md",
+    "txt",
+    "pt",
+    "tar",
+    "safetensors",
+    "npz",
+    "png",
+    "db",
+    "sh",
+    "sbatch",
+    "out",
+    "mlflow",
+    "gz",
+}
 PLACEHOLDER = "PLACEHOLDER"
 TIMEOUT_S = 120
 
@@ -60,6 +100,7 @@ class Command:
 
 
 # --- reading the docs -------------------------------------------------------------------
+
 
 def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT))
@@ -148,9 +189,9 @@ def ours(words: list[str], where: str, text: str) -> Command | None:
         env[k] = v
     for i, w in enumerate(words):
         if w.lstrip("./") in SCRIPTS or w in SCRIPTS:
-            return Command(where, text, w.lstrip("./") if w.startswith("./") else w, words[i + 1:], env)
+            return Command(where, text, w.lstrip("./") if w.startswith("./") else w, words[i + 1 :], env)
         if w in ("-m", "--module") and i + 1 < len(words) and words[i + 1] in MODULES:
-            return Command(where, text, words[i + 1], words[i + 2:], env)
+            return Command(where, text, words[i + 1], words[i + 2 :], env)
     return None
 
 
@@ -189,6 +230,7 @@ def split_args(cmd: Command) -> tuple[list[str], list[str], list[str]]:
 
 # --- what our CLIs accept ---------------------------------------------------------------
 
+
 def options_in(help_text: str) -> set[str]:
     """Options a help text offers: in its usage brackets, or starting an option line."""
     pattern = r"(?:^[ #]{0,5}(?:-\w, )?|\[|\| |setup\.sh +)(--?[A-Za-z][\w-]*)"
@@ -202,8 +244,9 @@ def script_help(script: str) -> str:
         script = "launch/pretrain.sh"
     if script == "launch/validate.py":
         return "[--print KEY]"  # its docstring's usage
-    r = subprocess.run(["bash", str(ROOT / script), "--help"], capture_output=True, text=True,
-                       timeout=TIMEOUT_S, cwd=ROOT)
+    r = subprocess.run(
+        ["bash", str(ROOT / script), "--help"], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT
+    )
     assert r.returncode == 0, f"{script} --help exited {r.returncode}: {r.stderr}"
     return r.stdout
 
@@ -219,7 +262,11 @@ def module_help(module: str, sub: str | None = None) -> str:
     import importlib
 
     main = importlib.import_module(f"{module}.__main__" if _is_package(module) else module).main
-    argv = [sub, "--help"] if sub else (["--help"] if module in ("pipeline.plan", "pipeline.evaluate", "data_prep") else [])
+    argv = (
+        [sub, "--help"]
+        if sub
+        else (["--help"] if module in ("pipeline.plan", "pipeline.evaluate", "data_prep") else [])
+    )
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
         main(argv)
@@ -232,7 +279,8 @@ def subcommands(module: str) -> set[str]:
     if module == "pipeline.evaluate":
         return set(re.search(r"\{([\w,]+)\}", text).group(1).split(","))
     return set(re.findall(r"^\s{2}([a-z][\w-]+) ", text, flags=re.MULTILINE)) | set(
-        re.findall(r"python -m [\w.]+ ([a-z][\w-]+) <", text))
+        re.findall(r"python -m [\w.]+ ([a-z][\w-]+) <", text)
+    )
 
 
 @functools.cache
@@ -341,6 +389,7 @@ def config_problem(cmd: Command, positionals: list[str], overrides: list[str]) -
 
 # --- the tests --------------------------------------------------------------------------
 
+
 def test_the_docs_show_our_commands():
     programs = {c.program for c in doc_commands()}
     for program in ("launch/pretrain.sh", "launch/train_dist.sh", "pipeline.run", "pipeline.evaluate", "data_prep"):
@@ -355,19 +404,25 @@ def test_every_command_in_the_docs_has_the_options_subcommands_and_config_keys_i
         options, positionals, overrides = split_args(cmd)
         sub = None
         if cmd.program in ("pipeline.evaluate", "pipeline.rundir", "pipeline.checkpoint", "pipeline.guard") and (
-                positionals or not {"-h", "--help"} & set(options)):
+            positionals or not {"-h", "--help"} & set(options)
+        ):
             sub = positionals[0] if positionals else None
             if sub not in subcommands(cmd.program):
-                problems.append(cmd.fail(f"{cmd.program} has no subcommand {sub!r} "
-                                         f"(it has: {', '.join(sorted(subcommands(cmd.program)))})"))
+                problems.append(
+                    cmd.fail(
+                        f"{cmd.program} has no subcommand {sub!r} "
+                        f"(it has: {', '.join(sorted(subcommands(cmd.program)))})"
+                    )
+                )
                 continue
         allowed = allowed_options(cmd.program, sub)
         if cmd.program == "launch/mlflow_server.sh" and "--" in cmd.args:
-            options = split_args(Command(cmd.where, cmd.text, cmd.program, cmd.args[:cmd.args.index("--")]))[0]
+            options = split_args(Command(cmd.where, cmd.text, cmd.program, cmd.args[: cmd.args.index("--")]))[0]
         for o in options:
             if o not in allowed and o != "--":
-                problems.append(cmd.fail(f"{cmd.program} has no option {o} (its help offers: "
-                                         f"{', '.join(sorted(allowed))})"))
+                problems.append(
+                    cmd.fail(f"{cmd.program} has no option {o} (its help offers: {', '.join(sorted(allowed))})")
+                )
         if (why := config_problem(cmd, positionals, overrides)) is not None:
             problems.append(cmd.fail(why))
     assert not problems, "\n".join(problems)
@@ -394,10 +449,14 @@ def test_troubleshooting_lists_every_exit_status():
     """Each of pipeline.stop.Exit is a row of docs/troubleshooting.md: its number and its name."""
     from pipeline.stop import Exit
 
-    rows = re.findall(r"^\| *(\d+) *\| *`(\w+)` *\|", (ROOT / "docs" / "troubleshooting.md").read_text(), flags=re.MULTILINE)
+    rows = re.findall(
+        r"^\| *(\d+) *\| *`(\w+)` *\|", (ROOT / "docs" / "troubleshooting.md").read_text(), flags=re.MULTILINE
+    )
     listed, named = {(int(n), name) for n, name in rows}, {(e.value, e.name) for e in Exit}
-    assert listed == named, (f"docs/troubleshooting.md: exit statuses missing {sorted(named - listed)}, "
-                             f"not in pipeline.stop.Exit {sorted(listed - named)}")
+    assert listed == named, (
+        f"docs/troubleshooting.md: exit statuses missing {sorted(named - listed)}, "
+        f"not in pipeline.stop.Exit {sorted(listed - named)}"
+    )
 
 
 def _leaf_keys(data, prefix: str = "") -> list[str]:
@@ -426,7 +485,7 @@ def _expand(path: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", path)
     if not m:
         return [path]
-    return [p for alt in m.group(1).split(",") for p in _expand(path[:m.start()] + alt + path[m.end():])]
+    return [p for alt in m.group(1).split(",") for p in _expand(path[: m.start()] + alt + path[m.end() :])]
 
 
 def test_every_repository_file_the_docs_name_exists():
@@ -468,8 +527,11 @@ def test_the_readme_config_error_is_what_the_job_prints():
     """The README's example error: run in-process, the same line (and exit 2)."""
     from pipeline.run import main
 
-    shown = re.search(r"^\$ python -m pipeline\.run (.+?)\s+#.*\n(config error: .+)$", (ROOT / "README.md").read_text(),
-                      flags=re.MULTILINE)
+    shown = re.search(
+        r"^\$ python -m pipeline\.run (.+?)\s+#.*\n(config error: .+)$",
+        (ROOT / "README.md").read_text(),
+        flags=re.MULTILINE,
+    )
     assert shown, "README.md: the config-error example is gone"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -481,8 +543,14 @@ def _run_shown(cmd: Command, extra: tuple[str, ...] = ()) -> subprocess.Complete
     args = [a for a in cmd.args if PLACEHOLDER not in a]
     env = {**os.environ, **cmd.env}
     env.pop("SLURM_JOB_ID", None)
-    return subprocess.run(["bash", str(ROOT / cmd.program), *args, *extra], capture_output=True, text=True,
-                          timeout=TIMEOUT_S, cwd=ROOT, env=env)
+    return subprocess.run(
+        ["bash", str(ROOT / cmd.program), *args, *extra],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def test_the_launchers_dry_runs_and_plans_shown_in_the_docs_run():

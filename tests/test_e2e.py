@@ -13,9 +13,18 @@ from mlflow.tracking import MlflowClient
 from tests.support import ROOT
 
 TINY = [
-    "demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.steps=4", "train.global_batch_size=32",
-    "data.micro_batch_size=16", "optim.warmup_steps=1", "train.log_every=1", "train.checkpoint_every=2",
-    "eval.fewshot.0.shots=[1,5]", "eval.fewshot.0.seeds=1", "eval.poll_seconds=0.5",
+    "demo.classes=10",
+    "demo.per_class=16",
+    "prep.0.shard_size=64",
+    "train.steps=4",
+    "train.global_batch_size=32",
+    "data.micro_batch_size=16",
+    "optim.warmup_steps=1",
+    "train.log_every=1",
+    "train.checkpoint_every=2",
+    "eval.fewshot.0.shots=[1,5]",
+    "eval.fewshot.0.seeds=1",
+    "eval.poll_seconds=0.5",
 ]
 
 
@@ -25,11 +34,23 @@ def demo_run(tmp_path_factory, job):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
-    proc = job.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    proc = job.run(
+        [sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
-    rerun = job.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    rerun = job.run(
+        [sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out, proc.stdout, rerun
 
 
@@ -67,8 +88,20 @@ def test_demo_logs_a_pretraining_run_with_step_metrics_and_child_eval_runs(demo_
 @pytest.mark.timeout(60)
 def test_a_bad_config_fails_before_anything_starts(tmp_path):
     out = tmp_path / "never"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}",
-                           "train.global_batch_size=100"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "configs/experiment/demo.yaml",
+            f"output_dir={out}",
+            "train.global_batch_size=100",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "train.global_batch_size" in proc.stderr
     assert not out.exists()

@@ -65,12 +65,12 @@ def test_only_an_elastic_group_below_its_size_asks_for_room(ray_local):
     from pipeline.elastic import room_to_grow
 
     fixed = load_config(DEMO, ["ray.num_workers=2"]).ray
-    elastic = load_config(DEMO, ["ray.min_workers=1", "ray.num_workers=2",
-                                                          "ray.max_failures=-1"]).ray
+    elastic = load_config(DEMO, ["ray.min_workers=1", "ray.num_workers=2", "ray.max_failures=-1"]).ray
     assert _released(2)
     assert not room_to_grow(fixed, 1)  # a fixed group never grows
     assert not room_to_grow(elastic, 2)  # already at ray.num_workers
     assert room_to_grow(elastic, 1)  # 1 of 2, and a CPU is free
-    wide = load_config(DEMO, ["ray.min_workers=1", "ray.num_workers=2", "ray.max_failures=-1",
-                                                       "ray.cpus_per_worker=4"]).ray
+    wide = load_config(
+        DEMO, ["ray.min_workers=1", "ray.num_workers=2", "ray.max_failures=-1", "ray.cpus_per_worker=4"]
+    ).ray
     assert not room_to_grow(wide, 1)  # a worker of 4 CPUs does not fit

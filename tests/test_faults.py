@@ -37,10 +37,23 @@ def train_cfg(out: Path, shards: str, **extra):
     the run dir continues the same MLflow run)."""
     from pipeline.config import load_config
 
-    base = {"model.name": "vit_tiny_test", "data.train": shards, "output_dir": str(out), "train.steps": 6,
-            "train.global_batch_size": 8, "data.micro_batch_size": 8, "train.log_every": 1, "train.checkpoint_every": 2,
-            "train.loss": "softmax", "train.precision": "fp32", "deepspeed.zero_stage": 2, "data.num_workers": 0,
-            "ray.num_workers": 1, "tracking.system_metrics": False, "tracking.uri": f"sqlite:///{out.parent.parent / 'mlflow.db'}"}
+    base = {
+        "model.name": "vit_tiny_test",
+        "data.train": shards,
+        "output_dir": str(out),
+        "train.steps": 6,
+        "train.global_batch_size": 8,
+        "data.micro_batch_size": 8,
+        "train.log_every": 1,
+        "train.checkpoint_every": 2,
+        "train.loss": "softmax",
+        "train.precision": "fp32",
+        "deepspeed.zero_stage": 2,
+        "data.num_workers": 0,
+        "ray.num_workers": 1,
+        "tracking.system_metrics": False,
+        "tracking.uri": f"sqlite:///{out.parent.parent / 'mlflow.db'}",
+    }
     base.update(extra)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
@@ -63,8 +76,9 @@ def stopped_run(tmp_path_factory, tiny_shards) -> Path:
 
 
 @pytest.mark.timeout(240)
-def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_that_verifies(stopped_run, tmp_path,
-                                                                                                    tiny_shards):
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_newest_that_verifies(
+    stopped_run, tmp_path, tiny_shards
+):
     from mlflow.tracking import MlflowClient
 
     out = stopped_run.parent.parent / "resumed" / "run"
@@ -148,11 +162,26 @@ def test_the_evaluate_cli_reports_a_corrupt_tag_or_config_in_one_line(stopped_ru
     config = out / "checkpoints" / tag_for(2) / "config.yaml"
     config.write_text(config.read_text().replace("train:", "tr@in: [", 1))  # no longer YAML, nor the manifest's
     evals = tmp_path / "eval.yaml"
-    evals.write_text(f"eval:\n  fewshot:\n    - {{name: tiny, train: {tiny_shards}, test: {tiny_shards}, shots: [1], seeds: 1}}\n")
+    evals.write_text(
+        f"eval:\n  fewshot:\n    - {{name: tiny, train: {tiny_shards}, test: {tiny_shards}, shots: [1], seeds: 1}}\n"
+    )
     for tag, bad in ((tag_for(4), MODEL_FILE), (tag_for(2), "config.yaml")):
-        proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "checkpoint", str(out), tag, str(evals),
-                               f"--tracking-uri=sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=100)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.evaluate",
+                "checkpoint",
+                str(out),
+                tag,
+                str(evals),
+                f"--tracking-uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and "config error" not in proc.stderr, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
@@ -166,8 +195,9 @@ STALE = ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_ra
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_stale_files_of_an_earlier_save_at_the_same_step_never_reach_the_published_tag(tmp_path, tiny_shards, where,
-                                                                                       monkeypatch):
+def test_stale_files_of_an_earlier_save_at_the_same_step_never_reach_the_published_tag(
+    tmp_path, tiny_shards, where, monkeypatch
+):
     """An earlier attempt at step 2 on 2 ranks (another precision too) left files in the scratch
     tag dir and half an upload; the 1-rank save at step 2 publishes only its own files."""
     from tests.support.engine import tiny_engine, train_step
@@ -177,7 +207,9 @@ def test_stale_files_of_an_earlier_save_at_the_same_step_never_reach_the_publish
         if where == "s3":
             for k, v in env.items():
                 monkeypatch.setenv(k, v)
-        run = RunDir(f"s3://runs/{tmp_path.name}" if where == "s3" else str(tmp_path / "host" / "checkpoints").rsplit("/", 1)[0])
+        run = RunDir(
+            f"s3://runs/{tmp_path.name}" if where == "s3" else str(tmp_path / "host" / "checkpoints").rsplit("/", 1)[0]
+        )
         staging = checkpoint.staging_dir(str(tmp_path / "host"))
         for name in STALE:
             (Path(staging) / tag_for(2)).mkdir(parents=True, exist_ok=True)
@@ -220,6 +252,7 @@ def test_every_shipped_experiment_keeps_its_scratch_dir_under_its_name():
 
 # ---------------------------------------------------------------- a full disk
 
+
 @contextlib.contextmanager
 def small_disk(path: Path, size_kib: int):
     """A tmpfs of ``size_kib`` at ``path`` (root only), unmounted on the way out."""
@@ -238,47 +271,82 @@ def grow(path: Path, size_kib: int) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts_naming_path_free_and_needed(tmp_path, tiny_shards):
+def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts_naming_path_free_and_needed(
+    tmp_path, tiny_shards
+):
     """4 tags of ~233 KB (the plan's size), kept 1 (+1 while saving): 466 KB on a 256 KiB disk."""
     from data_prep.disk import NoRoom
     from tests.support import ROOT
 
     with small_disk(tmp_path / "disk", 256) as disk:
-        cfg = train_cfg(disk / "run", tiny_shards, **{"train.keep_checkpoints": 1,
-                                                        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-        with pytest.raises(NoRoom, match=rf"no room on disk: {disk / 'run' / 'checkpoints'} has [\d,]+ bytes free, "
-                                         r"2 checkpoint\(s\) of [\d,]+ bytes \(the plan's size\) need about [\d,]+"):
+        cfg = train_cfg(
+            disk / "run",
+            tiny_shards,
+            **{"train.keep_checkpoints": 1, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        )
+        with pytest.raises(
+            NoRoom,
+            match=rf"no room on disk: {disk / 'run' / 'checkpoints'} has [\d,]+ bytes free, "
+            r"2 checkpoint\(s\) of [\d,]+ bytes \(the plan's size\) need about [\d,]+",
+        ):
             run_training(cfg)
         assert not (disk / "run" / "checkpoints").exists() or not list((disk / "run" / "checkpoints").glob("step_*"))
-        overrides = [f"{k}={v}" for k, v in {"model.name": "vit_tiny_test", "data.train": tiny_shards, "train.steps": 6,
-                     "train.global_batch_size": 8, "data.micro_batch_size": 8, "train.checkpoint_every": 2,
-                     "train.keep_checkpoints": 1, "train.precision": "fp32", "eval.enabled": False, "ray.num_workers": 1,
-                     "output_dir": str(disk / "driver"), "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}.items()]
-        proc = subprocess.run([sys.executable, "-m", "pipeline.run", *overrides], cwd=ROOT, capture_output=True, text=True,
-                              timeout=100, env={**os.environ, "RAY_ADDRESS": ""})
+        overrides = [
+            f"{k}={v}"
+            for k, v in {
+                "model.name": "vit_tiny_test",
+                "data.train": tiny_shards,
+                "train.steps": 6,
+                "train.global_batch_size": 8,
+                "data.micro_batch_size": 8,
+                "train.checkpoint_every": 2,
+                "train.keep_checkpoints": 1,
+                "train.precision": "fp32",
+                "eval.enabled": False,
+                "ray.num_workers": 1,
+                "output_dir": str(disk / "driver"),
+                "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            }.items()
+        ]
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline.run", *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=100,
+            env={**os.environ, "RAY_ADDRESS": ""},
+        )
         assert proc.returncode == 2, proc.stderr[-3000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"config error: no room on disk: {disk / 'driver' / 'checkpoints'} has"), last
 
 
 @pytest.mark.timeout(240)
-def test_a_save_that_meets_a_full_disk_fails_in_one_line_leaves_no_partial_tag_and_the_rerun_finishes(tmp_path, tiny_shards):
+def test_a_save_that_meets_a_full_disk_fails_in_one_line_leaves_no_partial_tag_and_the_rerun_finishes(
+    tmp_path, tiny_shards
+):
     """The plan's 2 x 233 KB fit a 600 KiB disk; the real tags (~350 KB each, and DeepSpeed's
     scripts) do not: the save at step 2 meets ENOSPC while tag 0 is kept."""
     from data_prep.disk import DiskFull
 
     with small_disk(tmp_path / "disk", 600) as disk:
-        cfg = train_cfg(disk / "run", tiny_shards, **{"train.keep_checkpoints": 1,
-                                                        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        cfg = train_cfg(
+            disk / "run",
+            tiny_shards,
+            **{"train.keep_checkpoints": 1, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        )
         run = RunDir(str(disk / "run"))
         with pytest.raises(DiskFull) as err:
             run_training(cfg)
         t_fault = time.perf_counter()
         message = str(err.value)
-        assert "\n" not in message and re.match(rf"disk full: writing {disk / 'run' / 'checkpoints'}/step_\d+ failed "
-                                                r"\(No space left on device\): [\d,]+ bytes free there, it needs about "
-                                                r"[\d,]+; its partial files were removed; the newest complete checkpoint "
-                                                r"is step_\d+$", message), message
+        assert "\n" not in message and re.match(
+            rf"disk full: writing {disk / 'run' / 'checkpoints'}/step_\d+ failed "
+            r"\(No space left on device\): [\d,]+ bytes free there, it needs about "
+            r"[\d,]+; its partial files were removed; the newest complete checkpoint "
+            r"is step_\d+$",
+            message,
+        ), message
         failed = re.search(r"step_\d+", message).group(0)
         kept = run.checkpoints.complete_tags()
         assert kept and failed not in kept and not (disk / "run" / "checkpoints" / failed).exists(), "no partial tag"
@@ -300,12 +368,16 @@ def test_drawing_the_demo_corpus_on_a_full_disk_fails_in_one_line_and_leaves_no_
     with small_disk(tmp_path / "disk", 128) as disk:
         with pytest.raises(DiskFull) as err:
             make_glyph_corpus(str(disk / "glyphs"), num_classes=10, per_class=60, size=32)
-        assert re.fullmatch(rf"disk full: writing {disk / 'glyphs'} failed \(No space left on device\): [\d,]+ bytes free "
-                            r"there, it needs about [\d,]+; the partial corpus was removed; .*rerun", str(err.value)), err.value
+        assert re.fullmatch(
+            rf"disk full: writing {disk / 'glyphs'} failed \(No space left on device\): [\d,]+ bytes free "
+            r"there, it needs about [\d,]+; the partial corpus was removed; .*rerun",
+            str(err.value),
+        ), err.value
         assert not (disk / "glyphs").exists(), "a partial corpus would pass for a drawn one on the rerun"
 
 
 # ---------------------------------------------------------------- a dead owner
+
 
 def test_a_lease_whose_ray_job_ended_or_whose_slurm_job_was_requeued_is_taken_over_at_once(tmp_path, monkeypatch):
     """The owners here are this live process (fresh heartbeats, a live pid): only what the
@@ -344,10 +416,16 @@ def test_a_second_live_run_over_the_same_scratch_dir_is_refused_before_it_writes
     lease.acquire()
     lease.start()
     try:
-        cfg = train_cfg(scratch, tiny_shards, **{"ray.storage_path": str(storage), "name": "fp32",
-                                                 "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-        with pytest.raises(NoRoom, match=rf"output_dir {scratch} stages the checkpoints of run {storage / 'bf16'}, owned "
-                                         r"by Ray job pretrain-bf16 .*: two live runs must not share a scratch dir"):
+        cfg = train_cfg(
+            scratch,
+            tiny_shards,
+            **{"ray.storage_path": str(storage), "name": "fp32", "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        )
+        with pytest.raises(
+            NoRoom,
+            match=rf"output_dir {scratch} stages the checkpoints of run {storage / 'bf16'}, owned "
+            r"by Ray job pretrain-bf16 .*: two live runs must not share a scratch dir",
+        ):
             run_training(cfg)
         assert not (scratch / "checkpoints").exists() and (scratch / SERVES).read_text().strip() == first.url
     finally:

@@ -35,8 +35,7 @@ def reference_predict(train_x, train_y, test_x, num_classes, l2=L2):
 def random_problem(n_train, n_test, dim, num_classes, seed=0):
     rng = np.random.default_rng(seed)
     return (
-        rng.normal(size=(n_train, dim)).astype(np.float32) * rng.uniform(0.1, 5, dim)
-        + rng.normal(size=dim),
+        rng.normal(size=(n_train, dim)).astype(np.float32) * rng.uniform(0.1, 5, dim) + rng.normal(size=dim),
         rng.integers(0, num_classes, n_train),
         rng.normal(size=(n_test, dim)).astype(np.float32),
         rng.integers(0, num_classes, n_test),
@@ -69,9 +68,7 @@ def test_each_shot_set_is_solved_with_its_own_statistics():
     for k in (1, 5):
         for seed in range(2):
             idx = shot_indices(train_y, k, seed, 4)
-            ref = reference_predict(
-                train_x[idx].astype(np.float64), train_y[idx], test_x.astype(np.float64), 4
-            )
+            ref = reference_predict(train_x[idx].astype(np.float64), train_y[idx], test_x.astype(np.float64), 4)
             assert results[k]["per_seed"][seed] == pytest.approx(np.mean(ref == test_y))
 
 

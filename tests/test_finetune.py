@@ -43,7 +43,9 @@ def ckpt(tmp_path_factory):
 
 def digits_finetune(digits, **overrides):
     """configs/eval/finetune_digits.yaml, with the shards of this test."""
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), read_yaml(CONFIGS / "eval" / "finetune_digits.yaml"), {"output_dir": "/unused"})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(Config), read_yaml(CONFIGS / "eval" / "finetune_digits.yaml"), {"output_dir": "/unused"}
+    )
     ft = cfg.eval.finetune[0]
     ft.train, ft.test = digits
     return OmegaConf.merge(ft, overrides)
@@ -119,8 +121,11 @@ def test_finetuning_on_digits_picks_an_lr_on_dev_and_beats_chance_on_test(ckpt, 
 
 
 def test_the_paper_transfer_configs_hold_the_papers_numbers():
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), read_yaml(CONFIGS / "eval" / "finetune_paper.yaml"),
-                          read_yaml(CONFIGS / "eval" / "fewshot_paper.yaml"))
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(Config),
+        read_yaml(CONFIGS / "eval" / "finetune_paper.yaml"),
+        read_yaml(CONFIGS / "eval" / "fewshot_paper.yaml"),
+    )
     steps = {ft.name: ft.steps for ft in cfg.eval.finetune}
     assert steps == {"imagenet": 20_000, "cifar10": 10_000, "cifar100": 10_000, "pets": 500, "flowers102": 500}
     for ft in cfg.eval.finetune:
@@ -138,11 +143,17 @@ def test_finetuning_dropout_and_position_interpolation_come_from_the_config(ckpt
     pretrained = checkpoint.load_fp32_weights(ckpt, "step_00000000")
     bilinear = load_for_finetune(ckpt, "step_00000000", num_classes=10, image_size=24)
     assert bilinear.blocks[0].mlp.drop1.p == 0.0 and bilinear.pos_drop.p == 0.0
-    bicubic = load_for_finetune(ckpt, "step_00000000", num_classes=10, image_size=24, interpolation="bicubic", dropout=0.1)
-    assert bicubic.blocks[0].mlp.drop1.p == 0.1 and bicubic.blocks[1].attn.proj_drop.p == 0.1 and bicubic.pos_drop.p == 0.1
+    bicubic = load_for_finetune(
+        ckpt, "step_00000000", num_classes=10, image_size=24, interpolation="bicubic", dropout=0.1
+    )
+    assert (
+        bicubic.blocks[0].mlp.drop1.p == 0.1 and bicubic.blocks[1].attn.proj_drop.p == 0.1 and bicubic.pos_drop.p == 0.1
+    )
     assert torch.allclose(bicubic.pos_embed.detach(), resize_pos_embed(pretrained["pos_embed"], 6, 1, "bicubic"))
     assert not torch.allclose(bicubic.pos_embed.detach(), bilinear.pos_embed.detach())
-    with pytest.raises(ConfigError, match=r"^pos_embed_interpolation: Invalid value 'nearest', expected one of \[bilinear, bicubic\]"):
+    with pytest.raises(
+        ConfigError, match=r"^pos_embed_interpolation: Invalid value 'nearest', expected one of \[bilinear, bicubic\]"
+    ):
         compose(FineTuneConfig, overrides=["pos_embed_interpolation=nearest"])  # an Enum: refused at merge time
     with pytest.raises(ConfigError, match="precision must be bf16 or fp32"):
         check(compose(FineTuneConfig, overrides=["precision=fp16"]))
@@ -162,25 +173,42 @@ def _shards_with_sizes(out: Path, stored: int, original: int | None, n: int = 6)
             buf = io.BytesIO()
             Image.fromarray(np.full((stored, stored + 8, 3), 40 * (i % 5), np.uint8)).save(buf, format="JPEG")
             meta = {"labels": [i % 2]} | ({"width": original + 8, "height": original} if original else {})
-            sink.write({"__key__": f"s{i:04d}", "jpg": buf.getvalue(), "cls": str(i % 2).encode(),
-                        "json": json.dumps(meta).encode()})
-    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "classes": ["a", "b"],
-             "shardlist": [{"url": "train-000000.tar", "nsamples": n}]}
+            sink.write(
+                {
+                    "__key__": f"s{i:04d}",
+                    "jpg": buf.getvalue(),
+                    "cls": str(i % 2).encode(),
+                    "json": json.dumps(meta).encode(),
+                }
+            )
+    index = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "classes": ["a", "b"],
+        "shardlist": [{"url": "train-000000.tar", "nsamples": n}],
+    }
     (out / "train_index.json").write_text(json.dumps(index))
     return str(out / "train_index.json")
 
 
 def test_a_split_stored_below_the_finetuning_resolution_is_refused(tmp_path, caplog):
     shrunk = _shards_with_sizes(tmp_path / "shrunk", stored=24, original=64)
-    with pytest.raises(ConfigError, match=r"shrunk below the fine-tuning resolution 32.*shorter side 24, originally 64.*image.size >= 32"):
+    with pytest.raises(
+        ConfigError,
+        match=r"shrunk below the fine-tuning resolution 32.*shorter side 24, originally 64.*image.size >= 32",
+    ):
         check_stored_size(shrunk, 32, "eval.finetune[x]")
     check_stored_size(shrunk, 24, "eval.finetune[x]")  # stored at the resolution: fine
-    check_stored_size(_shards_with_sizes(tmp_path / "small", stored=24, original=24), 32, "k")  # CIFAR-like: originals small
+    check_stored_size(
+        _shards_with_sizes(tmp_path / "small", stored=24, original=24), 32, "k"
+    )  # CIFAR-like: originals small
     unknown = _shards_with_sizes(tmp_path / "unknown", stored=24, original=None)
     with caplog.at_level("WARNING"):
         check_stored_size(unknown, 32, "eval.finetune[x]")
     assert "no recorded original size" in caplog.text
-    ft = OmegaConf.merge(OmegaConf.structured(FineTuneConfig), {"name": "x", "train": shrunk, "test": shrunk, "image_size": 32})
+    ft = OmegaConf.merge(
+        OmegaConf.structured(FineTuneConfig), {"name": "x", "train": shrunk, "test": shrunk, "image_size": 32}
+    )
     with pytest.raises(ConfigError, match="image.size >= 32"):  # before any engine is built
         finetune_eval(ft, "/nonexistent", "step_00000000")
 
@@ -196,8 +224,10 @@ def test_published_weights_are_a_starting_point_for_finetuning_and_the_cli(tmp_p
     model = load_for_finetune(None, None, num_classes=10, image_size=32, init=str(npz))
     assert model.spec.img_size == 32 and model.pre_logits is None and not model.head.weight.any()
     fewshot = tmp_path / "fewshot.yaml"
-    fewshot.write_text(f"eval:\n  fewshot:\n    - name: digits\n      train: {digits[0]}\n      test: {digits[1]}\n"
-                       "      shots: [1, 5]\n      seeds: 1\n")
+    fewshot.write_text(
+        f"eval:\n  fewshot:\n    - name: digits\n      train: {digits[0]}\n      test: {digits[1]}\n"
+        "      shots: [1, 5]\n      seeds: 1\n"
+    )
     assert main(["pretrained", str(fewshot), f"init={npz}"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["init"] == str(npz) and set(out["fewshot"]["digits"]) == {"1", "5"}

@@ -87,12 +87,15 @@ def test_state_round_trips_and_a_resume_replays_only_the_rollbacks_its_checkpoin
     assert guard.pending_skip(events, seen=0, step=12) is None
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("train.guard.spike_factor=1", "train.guard.spike_factor"),
-    ("train.guard.max_bad=30", "train.guard.max_bad"),
-    ("train.guard.fault.kind=nan", "train.guard.fault.start"),
-    ("train.precision=fp32", "train.guard.enabled"),  # with deepspeed.zero_stage=0 below
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.guard.spike_factor=1", "train.guard.spike_factor"),
+        ("train.guard.max_bad=30", "train.guard.max_bad"),
+        ("train.guard.fault.kind=nan", "train.guard.fault.start"),
+        ("train.precision=fp32", "train.guard.enabled"),  # with deepspeed.zero_stage=0 below
+    ],
+)
 def test_bad_guard_settings_fail_before_anything_starts_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         load_config(str(DEMO), [override, "deepspeed.zero_stage=0"] if "fp32" in override else [override])
@@ -106,9 +109,20 @@ def shards(tmp_path_factory) -> str:
     return write_shards(tmp_path_factory.mktemp("guard_shards"), num_classes=4, per_shard=[40, 40, 40])
 
 
-def _torchrun(ranks, out: Path, shards: str, *extra: str, expect: int = 0, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           "-m", "pipeline.train", str(DEMO), *guard_run_overrides(out, shards, *extra)]
+def _torchrun(
+    ranks, out: Path, shards: str, *extra: str, expect: int = 0, nproc: int = 2
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "pipeline.train",
+        str(DEMO),
+        *guard_run_overrides(out, shards, *extra),
+    ]
     proc = ranks.run(cmd, env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=230)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -135,7 +149,9 @@ def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 @pytest.mark.timeout(260)
 def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, shards, ranks):
     out = tmp_path / "run"
-    proc = _torchrun(ranks, out, shards, "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=14")
+    proc = _torchrun(
+        ranks, out, shards, "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=14"
+    )
     s = _summary(proc)
     assert s["step"] == 12 and math.isfinite(s["loss"])
     assert s["guard"] == {"skipped_steps": 1, "rollbacks": [], "diverged": None}
@@ -148,19 +164,34 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, shards, ra
 
 @pytest.mark.timeout(600)
 def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_after_a_kill(tmp_path, shards, ranks):
-    fault = ["deepspeed.zero_stage=3", "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=18"]
+    fault = [
+        "deepspeed.zero_stage=3",
+        "train.guard.fault.kind=nan",
+        "train.guard.fault.start=13",
+        "train.guard.fault.end=18",
+    ]
     whole = tmp_path / "whole"
     s = _summary(_torchrun(ranks, whole, shards, *fault))
     (event,) = s["guard"]["rollbacks"]
     # batches 13-17 of rank 0 are steps 7-9 (2 a step): three unhealthy steps, back to step 4,
     # the 5 steps since skipped (80 samples); the stream goes on at batch 19
-    assert event == {"at_step": 9, "first_bad": 7, "bad_steps": [7, 8, 9], "reasons": "non-finite loss", "to_step": 4,
-                     "batches": 18, "data_steps": 9, "samples_skipped": 80}
+    assert event == {
+        "at_step": 9,
+        "first_bad": 7,
+        "bad_steps": [7, 8, 9],
+        "reasons": "non-finite loss",
+        "to_step": 4,
+        "batches": 18,
+        "data_steps": 9,
+        "samples_skipped": 80,
+    }
     assert s["step"] == 12 and s["guard"]["diverged"] is None and math.isfinite(s["loss"])
     assert _tags(whole) == [0, 4, 8, 12]
     for rank in (0, 1):
         lines = _keys(whole, rank)
-        assert [r["step"] for r in lines] == [s for s in range(9) for _ in (0, 1)] + [s for s in range(4, 12) for _ in (0, 1)]
+        assert [r["step"] for r in lines] == [s for s in range(9) for _ in (0, 1)] + [
+            s for s in range(4, 12) for _ in (0, 1)
+        ]
         assert [r["keys"] for r in lines[18:]] == [r["keys"] for r in _untouched_stream(shards, rank, 18, 34)]
 
     killed = tmp_path / "killed"
@@ -179,7 +210,12 @@ def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_afte
 def test_a_rollback_replayed_after_a_resize_skips_the_same_samples(tmp_path, shards, ranks):
     # canonical order: a global step's samples depend on (seed, step) only, so the keys of a
     # rerun on 1 rank must equal those of the uninterrupted 2-rank run, step by step
-    fault = ["data.order=canonical", "train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=18"]
+    fault = [
+        "data.order=canonical",
+        "train.guard.fault.kind=nan",
+        "train.guard.fault.start=13",
+        "train.guard.fault.end=18",
+    ]
     whole = tmp_path / "whole"
     s = _summary(_torchrun(ranks, whole, shards, *fault))
     (event,) = s["guard"]["rollbacks"]
@@ -192,7 +228,10 @@ def test_a_rollback_replayed_after_a_resize_skips_the_same_samples(tmp_path, sha
     assert "replaying a rollback this checkpoint did not see: steps 7-9" in again.stderr
     s1 = _summary(again)
     assert s1["step"] == 12 and s1["guard"]["rollbacks"] == [event] and s1["guard"]["diverged"] is None
-    assert math.isclose(s1["loss"], s["loss"], rel_tol=1e-3), (s1["loss"], s["loss"])  # bf16 sums in another order: 2e-4 measured
+    assert math.isclose(s1["loss"], s["loss"], rel_tol=1e-3), (
+        s1["loss"],
+        s["loss"],
+    )  # bf16 sums in another order: 2e-4 measured
 
     def by_step(lines: list[dict]) -> dict[int, list[str]]:
         steps: dict[int, list[str]] = {}
@@ -217,8 +256,19 @@ def _untouched_stream(shards: str, rank: int, start: int, end: int) -> list[dict
     """Batches ``start`` to ``end - 1`` (from 0) of a rank's stream as training reads it, never trained on."""
     from pipeline.data import StreamSpec, TrainStream
 
-    spec = StreamSpec(index_url=shards, rank=rank, world_size=2, num_workers=1, batch_size=4, image_size=32, num_classes=4,
-                      seed=0, shuffle_block=2048, crop_area=(0.8, 1.0), flip=False)
+    spec = StreamSpec(
+        index_url=shards,
+        rank=rank,
+        world_size=2,
+        num_workers=1,
+        batch_size=4,
+        image_size=32,
+        num_classes=4,
+        seed=0,
+        shuffle_block=2048,
+        crop_area=(0.8, 1.0),
+        flip=False,
+    )
     stream = TrainStream(spec)
     batches = [next(stream) for _ in range(end)]
     return batches[start:]
@@ -227,19 +277,40 @@ def _untouched_stream(shards: str, rank: int, start: int, end: int) -> list[dict
 @pytest.mark.timeout(330)
 def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status(tmp_path, shards, job):
     out = tmp_path / "run"
-    never_ends = ["train.guard.fault.kind=nan", "train.guard.fault.start=13", "train.guard.fault.end=1000",
-                  "train.guard.max_rollbacks=1", "eval.enabled=true", "eval.fewshot.0.shots=[1]", "eval.fewshot.0.seeds=1",
-                  "eval.poll_seconds=0.5", "demo.enabled=true", "demo.classes=4", "demo.per_class=8", "ray.num_workers=2",
-                  "prep.0.shard_size=64", f"ray.storage_path={tmp_path / 'runs'}", "name=diverges"]
+    never_ends = [
+        "train.guard.fault.kind=nan",
+        "train.guard.fault.start=13",
+        "train.guard.fault.end=1000",
+        "train.guard.max_rollbacks=1",
+        "eval.enabled=true",
+        "eval.fewshot.0.shots=[1]",
+        "eval.fewshot.0.seeds=1",
+        "eval.poll_seconds=0.5",
+        "demo.enabled=true",
+        "demo.classes=4",
+        "demo.per_class=8",
+        "ray.num_workers=2",
+        "prep.0.shard_size=64",
+        f"ray.storage_path={tmp_path / 'runs'}",
+        "name=diverges",
+    ]
     # the demo's digits evaluation, with the tiny shards above as the training set
     overrides = [o for o in guard_run_overrides(out, shards, *never_ends) if o != "prep=[]"]
     env = {**ranks_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = job.run([str(ROOT / "launch" / "pretrain.sh"), str(DEMO), *overrides], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = job.run(
+        [str(ROOT / "launch" / "pretrain.sh"), str(DEMO), *overrides],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == Exit.DIVERGED, text[-6000:]
     run_dir = tmp_path / "runs" / "diverges"
-    assert "diverged: unhealthy steps [5, 6, 7] (non-finite loss), after 1 rollbacks (train.guard.max_rollbacks)" in text
+    assert (
+        "diverged: unhealthy steps [5, 6, 7] (non-finite loss), after 1 rollbacks (train.guard.max_rollbacks)" in text
+    )
     assert f"resumes from {run_dir}/checkpoints/step_00000004" in text
     assert "guard rollback      : steps 7-9 (non-finite loss) rolled back to step 4, 80 samples skipped" in text
     assert _tags(run_dir) == [0, 4]  # nothing after the fault was published...
@@ -259,9 +330,21 @@ def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status
 @pytest.mark.timeout(260)
 def test_train_dist_exits_with_the_divergence_status_that_torchrun_hides(tmp_path, shards, ranks):
     out = tmp_path / "run"
-    cmd = [str(ROOT / "launch" / "train_dist.sh"), "--nproc", "2", str(DEMO),
-           *guard_run_overrides(out, shards, "deepspeed.zero_stage=3", "train.guard.fault.kind=nan", "train.guard.fault.start=13",
-                       "train.guard.fault.end=1000", "train.guard.max_rollbacks=0")]
+    cmd = [
+        str(ROOT / "launch" / "train_dist.sh"),
+        "--nproc",
+        "2",
+        str(DEMO),
+        *guard_run_overrides(
+            out,
+            shards,
+            "deepspeed.zero_stage=3",
+            "train.guard.fault.kind=nan",
+            "train.guard.fault.start=13",
+            "train.guard.fault.end=1000",
+            "train.guard.max_rollbacks=0",
+        ),
+    ]
     proc = ranks.run(cmd, env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == Exit.DIVERGED, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "diverged: unhealthy steps [7, 8, 9] (non-finite loss), after 0 rollbacks" in proc.stderr

@@ -56,8 +56,18 @@ def run_dir(tmp_path_factory, tiny_shards) -> Path:
     tiny shards, and a few-shot record for step 4."""
     out = tmp_path_factory.mktemp("handoff_run")
     make_checkpoints(out, [2, 4], num_classes=4, overrides=(f"data.train={tiny_shards}",))
-    record = record_of("fewshot_linear", "digits", TAG, 4, str(out / "checkpoints" / TAG), {"shots": [5]},
-                       {"5shot": 0.625}, {"fewshot/digits/5shot": 0.625}, np.eye(4, dtype=int), "digits")
+    record = record_of(
+        "fewshot_linear",
+        "digits",
+        TAG,
+        4,
+        str(out / "checkpoints" / TAG),
+        {"shots": [5]},
+        {"5shot": 0.625},
+        {"fewshot/digits/5shot": 0.625},
+        np.eye(4, dtype=int),
+        "digits",
+    )
     RunDir(str(out)).write_eval_record(TAG, "fewshot-digits", record)
     return out
 
@@ -66,8 +76,6 @@ def run_dir(tmp_path_factory, tiny_shards) -> Path:
 def ours(run_dir):
     export = load_export(str(run_dir), TAG)
     return export, export.model()
-
-
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +87,21 @@ def registered(mlflow_server, run_dir, tmp_path_factory) -> dict:
     tracker = Tracker(mlflow_server.uri, run_id, spool_dir=str(tmp_path_factory.mktemp("spool")))
     log_final_weights(tracker, str(run_dir / "checkpoints"), TAG, register_as=NAME)
     (version,) = client.search_model_versions(f"name='{NAME}'")
-    return {"client": client, "run_id": run_id, "experiment_id": exp_id, "version": version.version,
-            "uri": f"models:/{NAME}/{version.version}"}
+    return {
+        "client": client,
+        "run_id": run_id,
+        "experiment_id": exp_id,
+        "version": version.version,
+        "uri": f"models:/{NAME}/{version.version}",
+    }
 
 
 def expected(model, images: list, size: int, crop_ratio: float, features: bool = False) -> np.ndarray:
     """Our model on images preprocessed as evaluation does."""
-    pixels = [decode_eval(im, size, crop_ratio) if isinstance(im, bytes) else eval_crop(Image.fromarray(im), size, crop_ratio)
-              for im in images]
+    pixels = [
+        decode_eval(im, size, crop_ratio) if isinstance(im, bytes) else eval_crop(Image.fromarray(im), size, crop_ratio)
+        for im in images
+    ]
     with torch.no_grad():
         x = to_model_input(torch.from_numpy(np.stack(pixels)))
         return (model.forward_features(x) if features else model(x)).numpy()
@@ -107,12 +122,25 @@ def test_the_final_weights_are_a_registered_mlflow_model_with_schema_weights_and
     assert checkpoint.main(["export", str(run_dir), TAG, str(timm)]) == 0
     digest = hashlib.sha256(timm.read_bytes()).hexdigest()
     assert hashlib.sha256((local / "artifacts" / "model.safetensors").read_bytes()).hexdigest() == digest
-    assert {p.name for p in (local / "artifacts").iterdir()} >= {"model.safetensors", "config.yaml", "meta.json", "README.md"}
+    assert {p.name for p in (local / "artifacts").iterdir()} >= {
+        "model.safetensors",
+        "config.yaml",
+        "meta.json",
+        "README.md",
+    }
     card = (local / "README.md").read_text()
     assert card == (local / "artifacts" / "README.md").read_text()
-    for fact in ("width 32, depth 2, heads 2", "index: `train`", "samples: 48", "classes: 4", "global batch 8",
-                 "| fewshot-digits | fewshot_linear | digits | 5shot | 0.6250 |", "ViTForImageClassification",
-                 "mlflow.pyfunc.load_model", "safetensors.torch.load_file"):
+    for fact in (
+        "width 32, depth 2, heads 2",
+        "index: `train`",
+        "samples: 48",
+        "classes: 4",
+        "global batch 8",
+        "| fewshot-digits | fewshot_linear | digits | 5shot | 0.6250 |",
+        "ViTForImageClassification",
+        "mlflow.pyfunc.load_model",
+        "safetensors.torch.load_file",
+    ):
         assert fact in card, fact
 
 
@@ -132,7 +160,9 @@ def test_pyfunc_and_pytorch_loads_from_the_registry_give_our_logits(registered, 
     assert logits.shape == (3, 4) and np.allclose(logits, want, atol=1e-5, rtol=1e-5)
     feats = pyfunc.predict(pd.DataFrame({"image": images}), params={"output": "features"})
     want_feats = expected(model, images, size, ratio, features=True)
-    assert feats.shape == (3, 32) and np.allclose(feats, want_feats, atol=1e-5) and np.ptp(want_feats, axis=0).max() > 0.1
+    assert (
+        feats.shape == (3, 32) and np.allclose(feats, want_feats, atol=1e-5) and np.ptp(want_feats, axis=0).max() > 0.1
+    )
     module = mlflow.pytorch.load_model(registered["uri"])
     x = torch.rand(5, 3, size, size) * 2 - 1  # a batch size the export never saw
     with torch.no_grad():
@@ -145,10 +175,28 @@ def test_mlflow_models_serve_answers_an_http_request_with_our_logits(registered,
     export, model = ours
     port = free_port()
     # The local environment manager execs `uvicorn`: the venv's, found first on PATH.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", registered["uri"], "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_server.uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        registered["uri"],
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -184,14 +232,26 @@ def test_mlflow_models_serve_answers_an_http_request_with_our_logits(registered,
 
 
 @pytest.mark.timeout(300)
-def test_any_tag_on_request_becomes_a_registered_model_of_its_run(registered, run_dir, mlflow_server, tmp_path, monkeypatch):
+def test_any_tag_on_request_becomes_a_registered_model_of_its_run(
+    registered, run_dir, mlflow_server, tmp_path, monkeypatch
+):
     import mlflow.pyfunc
 
     tag = "step_00000002"
     copy_tags(str(run_dir / "checkpoints"), tmp_path / "run" / "checkpoints", [tag], registered["run_id"])
     out = tmp_path / "model"
-    argv = ["export", str(tmp_path / "run"), tag, str(out), "--format", "mlflow", "--register", f"{NAME}-early",
-            "--tracking-uri", mlflow_server.uri]
+    argv = [
+        "export",
+        str(tmp_path / "run"),
+        tag,
+        str(out),
+        "--format",
+        "mlflow",
+        "--register",
+        f"{NAME}-early",
+        "--tracking-uri",
+        mlflow_server.uri,
+    ]
     assert checkpoint.main(argv) == 0 and (out / "MLmodel").is_file()
     (version,) = registered["client"].search_model_versions(f"name='{NAME}-early'")
     assert version.run_id == registered["run_id"] and version.source.endswith(f"/model_{tag}")
@@ -216,7 +276,12 @@ def test_transformers_loads_the_hf_export_strictly_with_our_logits(run_dir, ours
     export, model = ours
     out = tmp_path / "hf"
     assert checkpoint.main(["export", str(run_dir), TAG, str(out), "--format", "hf"]) == 0
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+    }
     hf, info = ViTForImageClassification.from_pretrained(str(out), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert hf.config.id2label == {i: f"c{i}" for i in range(4)}
@@ -225,7 +290,9 @@ def test_transformers_loads_the_hf_export_strictly_with_our_logits(run_dir, ours
     processor = AutoImageProcessor.from_pretrained(str(out))
     pixels = processor(images=[Image.fromarray(a) for a in arrays], return_tensors="pt")["pixel_values"]
     size, ratio = export.preprocess["image_size"], export.preprocess["crop_ratio"]
-    ours_pixels = to_model_input(torch.from_numpy(np.stack([eval_crop(Image.fromarray(a), size, ratio) for a in arrays])))
+    ours_pixels = to_model_input(
+        torch.from_numpy(np.stack([eval_crop(Image.fromarray(a), size, ratio) for a in arrays]))
+    )
     assert torch.allclose(pixels, ours_pixels, atol=1e-6)  # the image processor preprocesses as we do
     with torch.no_grad():
         assert torch.allclose(hf.eval()(pixel_values=pixels).logits, model(ours_pixels), atol=1e-5, rtol=1e-5)
@@ -283,13 +350,20 @@ def test_any_host_exports_from_a_run_dir_on_object_storage(run_dir, ours, tmp_pa
 @pytest.mark.timeout(900)  # room for installing chromium on first use
 def test_the_registry_page_shows_the_version_with_its_schema(chromium, registered, mlflow_server):  # noqa: F811
     version = registered["version"]
-    page = text_of(render(chromium, f"{mlflow_server.uri}/#/models/{NAME}/versions/{version}", "registered_model_version"))
+    page = text_of(
+        render(chromium, f"{mlflow_server.uri}/#/models/{NAME}/versions/{version}", "registered_model_version")
+    )
     assert f"Version {version}" in page and "Source Run : handoff" in page
     assert "Schema Name Type Inputs (1) Outputs (1)" in page  # no schema: "Inputs (0)"
     # The registry page folds the columns; the run's artifact view shows them in the MLmodel.
     exp, run = registered["experiment_id"], registered["run_id"]
-    view = text_of(render(chromium, f"{mlflow_server.uri}/#/experiments/{exp}/runs/{run}/artifacts/final_weights/MLmodel?{ML}",
-                          "registered_model_mlmodel"))
+    view = text_of(
+        render(
+            chromium,
+            f"{mlflow_server.uri}/#/experiments/{exp}/runs/{run}/artifacts/final_weights/MLmodel?{ML}",
+            "registered_model_mlmodel",
+        )
+    )
     flat = re.sub(r"\s+", "", view)
     assert "python_function:" in flat and "pytorch:" in flat and "model_data:data" in flat
     assert '"type":"binary","name":"image"' in flat and '"name":"logits"' in flat and '"dtype":"float32"' in flat

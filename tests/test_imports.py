@@ -79,7 +79,8 @@ def test_the_import_graph_of_pipeline_and_data_prep_has_no_cycle():
     assert "data_prep.plan_format" in graph["data_prep.plan_ray"]  # the graph sees relative imports
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(
-        " <-> ".join(f"{m} (imports {sorted(graph[m] & set(c))})" for m in c) for c in found)
+        " <-> ".join(f"{m} (imports {sorted(graph[m] & set(c))})" for m in c) for c in found
+    )
 
 
 def test_the_cycle_finder_finds_a_cycle():

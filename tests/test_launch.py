@@ -25,9 +25,17 @@ from tests.support.services import free_port
 PRETRAIN = ROOT / "launch" / "pretrain.sh"
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 # The tiniest real pre-training job: 400 glyphs, 2 steps of one worker, no evaluation.
-TINY = ["train.steps=2", "train.checkpoint_every=2", "demo.per_class=4", "eval.enabled=false",
-        "ray.num_workers=1", "data.micro_batch_size=16", "train.global_batch_size=16",
-        "tracking.system_metrics=false", "tracking.pytorch_flavor=false"]
+TINY = [
+    "train.steps=2",
+    "train.checkpoint_every=2",
+    "demo.per_class=4",
+    "eval.enabled=false",
+    "ray.num_workers=1",
+    "data.micro_batch_size=16",
+    "train.global_batch_size=16",
+    "tracking.system_metrics=false",
+    "tracking.pytorch_flavor=false",
+]
 TOKEN = secrets.token_hex(32)
 
 
@@ -70,8 +78,16 @@ def processes_mentioning(text: str) -> list[str]:
 @pytest.mark.timeout(30)
 def test_help_describes_every_mode():
     out = subprocess.run([str(PRETRAIN), "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("--slurm", "--address", "--dry-run", "--num-cpus", "configs/experiment/demo.yaml", "SLURM_HOSTNAMES",
-                 "--requeue", "--signal-lead"):
+    for word in (
+        "--slurm",
+        "--address",
+        "--dry-run",
+        "--num-cpus",
+        "configs/experiment/demo.yaml",
+        "SLURM_HOSTNAMES",
+        "--requeue",
+        "--signal-lead",
+    ):
         assert word in out
 
 
@@ -87,7 +103,7 @@ def test_dry_run_local_prints_start_submit_and_stop_and_starts_nothing(ray_tmp):
     assert "-m pipeline.run" in submit and str(ROOT / "configs/experiment/demo.yaml") in submit
     # The default output_dir (runs/demo) is made absolute under the repo: the job's files land there.
     assert submit.endswith(f"train.steps=4 output_dir={ROOT}/runs/demo")
-    assert any(line.startswith("+ kill -TERM") for line in lines[lines.index(submit):])
+    assert any(line.startswith("+ kill -TERM") for line in lines[lines.index(submit) :])
     assert list(ray_tmp.iterdir()) == []
 
 
@@ -99,8 +115,9 @@ def test_dry_run_slurm_puts_the_head_on_the_first_node_and_a_worker_per_gpu(host
         slurm.update(SLURM_JOB_NODELIST="gpu-[07-09]", SLURM_HOSTNAMES="gpu-07,gpu-08,gpu-09")
     else:  # scontrol, when installed, has no SLURM config here: the comma fallback expands it
         slurm.update(SLURM_JOB_NODELIST="gpu-07,gpu-08,gpu-09")
-    r = pretrain("--slurm", "--dry-run", "data.micro_batch_size=8", "train.global_batch_size=96",
-                 env=launch_env(**slurm))
+    r = pretrain(
+        "--slurm", "--dry-run", "data.micro_batch_size=8", "train.global_batch_size=96", env=launch_env(**slurm)
+    )
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "head gpu-07, workers gpu-08 gpu-09, 3 node(s) x 16 CPUs x 4 GPUs" in out
@@ -127,8 +144,16 @@ def test_slurm_outside_an_allocation_submits_the_sbatch_script():
 
 @pytest.mark.timeout(60)
 def test_slurm_requeue_and_signal_lead_reach_sbatch():
-    r = pretrain("--slurm", "--dry-run", "--requeue", "--signal-lead", "45", "--sbatch-args", "--nodes=2 --time=1",
-                 env=launch_env())
+    r = pretrain(
+        "--slurm",
+        "--dry-run",
+        "--requeue",
+        "--signal-lead",
+        "45",
+        "--sbatch-args",
+        "--nodes=2 --time=1",
+        env=launch_env(),
+    )
     assert r.returncode == 0, r.stderr
     sbatch = next(line for line in r.stdout.splitlines() if " sbatch " in line)
     assert "PRETRAIN_REQUEUE=1" in sbatch
@@ -169,21 +194,42 @@ def test_unreachable_address_is_a_clear_error():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_train_dist_dry_run_prints_the_launcher_command(launcher, tiny_shards):
-    r = subprocess.run([str(ROOT / "launch/train_dist.sh"), "--dry-run", "--launcher", launcher, "--nproc", "2",
-                        f"data.train={tiny_shards}"], env=launch_env(), capture_output=True, text=True, timeout=50)
+    r = subprocess.run(
+        [
+            str(ROOT / "launch/train_dist.sh"),
+            "--dry-run",
+            "--launcher",
+            launcher,
+            "--nproc",
+            "2",
+            f"data.train={tiny_shards}",
+        ],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
     assert r.returncode == 0, r.stderr
-    expected = {"torchrun": "torchrun --standalone --nproc_per_node 2 -m pipeline.train",
-                "deepspeed": "deepspeed --num_gpus 2 --master_port "}[launcher]
+    expected = {
+        "torchrun": "torchrun --standalone --nproc_per_node 2 -m pipeline.train",
+        "deepspeed": "deepspeed --num_gpus 2 --master_port ",
+    }[launcher]
     assert expected in r.stdout and "ray.num_workers=2" in r.stdout
 
 
 @pytest.mark.timeout(30)
 def test_mlflow_server_dry_run_prints_the_tracking_uri(tmp_path):
-    r = subprocess.run([str(ROOT / "launch/mlflow_server.sh"), "--dry-run", "--dir", str(tmp_path), "--port", "5123"],
-                       capture_output=True, text=True, timeout=25)
+    r = subprocess.run(
+        [str(ROOT / "launch/mlflow_server.sh"), "--dry-run", "--dir", str(tmp_path), "--port", "5123"],
+        capture_output=True,
+        text=True,
+        timeout=25,
+    )
     assert r.returncode == 0, r.stderr
     assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5123" in r.stdout
-    assert f"--backend-store-uri sqlite:///{tmp_path}/mlflow.db --artifacts-destination {tmp_path}/mlartifacts" in r.stdout
+    assert (
+        f"--backend-store-uri sqlite:///{tmp_path}/mlflow.db --artifacts-destination {tmp_path}/mlartifacts" in r.stdout
+    )
 
 
 @pytest.mark.timeout(60)
@@ -204,18 +250,56 @@ def ray_head():
     port, dash, client, agent = (free_port() for _ in range(4))
     # RAY_JOB_STOP_WAIT_TIME_S: what the README asks of a cluster's head, so that `ray job stop`
     # leaves the driver time for its stop checkpoint (Ray's default is SIGKILL after 3 s).
-    env = launch_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-                     RAY_JOB_STOP_WAIT_TIME_S="300")
+    env = launch_env(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_JOB_STOP_WAIT_TIME_S="300"
+    )
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-         "--port", str(port), "--dashboard-port", str(dash), "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--num-cpus", "2", "--temp-dir", str(tmp),
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dash),
+            "--ray-client-server-port",
+            str(client),
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            str(tmp),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dash}"
     try:
-        subprocess.run([sys.executable, str(ROOT / "launch/cluster.py"), "wait-nodes", url, "1", "--timeout", "120",
-                        "--pid", str(head.pid)], env=env, check=True, timeout=150)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "launch/cluster.py"),
+                "wait-nodes",
+                url,
+                "1",
+                "--timeout",
+                "120",
+                "--pid",
+                str(head.pid),
+            ],
+            env=env,
+            check=True,
+            timeout=150,
+        )
         yield url
     finally:
         head.terminate()
@@ -244,8 +328,16 @@ def test_job_round_trip_on_an_existing_cluster(ray_head, tmp_path, job):
 @pytest.mark.timeout(120)
 def test_the_jobs_exit_code_is_the_launchers(ray_head, tmp_path, job):
     # Valid config, impossible on a 2-CPU cluster: pipeline.run exits 2 once connected.
-    r = pretrain("--address", ray_head, *TINY, "ray.cpus_per_worker=64", f"output_dir={tmp_path}/run",
-                 env=launch_env(), timeout=110, job=job)
+    r = pretrain(
+        "--address",
+        ray_head,
+        *TINY,
+        "ray.cpus_per_worker=64",
+        f"output_dir={tmp_path}/run",
+        env=launch_env(),
+        timeout=110,
+        job=job,
+    )
     assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ray.cpus_per_worker" in r.stdout
 
@@ -289,8 +381,10 @@ def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stop
             proc.kill()
     assert "to resume, rerun the same command" in log.read_text()
     stopped = _latest_complete_step(tmp_path / "run" / "checkpoints")
-    print(f"\nSIGTERM to launch/pretrain.sh after step {logged}: last periodic checkpoint step 0, stop checkpoint "
-          f"step {stopped}, steps lost {max(0, logged - stopped)}")
+    print(
+        f"\nSIGTERM to launch/pretrain.sh after step {logged}: last periodic checkpoint step 0, stop checkpoint "
+        f"step {stopped}, steps lost {max(0, logged - stopped)}"
+    )
     assert stopped >= logged and stopped % 50 != 0  # the step it was at, not the last periodic one
     assert list(ray_tmp.iterdir()) == []
     leftovers = [str(temp_dir), f"output_dir={tmp_path}/run"]  # Ray's processes, the job's driver
@@ -299,8 +393,9 @@ def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stop
         time.sleep(1)
     assert not any(map(processes_mentioning, leftovers))
 
-    again = job.run([*run, f"train.steps={stopped + 2}"], env=launch_env(ray_tmp), capture_output=True, text=True,
-                           timeout=240)
+    again = job.run(
+        [*run, f"train.steps={stopped + 2}"], env=launch_env(ray_tmp), capture_output=True, text=True, timeout=240
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {tmp_path}/run/checkpoints/step_{stopped:08d}" in again.stdout + again.stderr
 
@@ -309,33 +404,57 @@ def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stop
 @pytest.mark.timeout(400)
 def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(ray_head, tmp_path, job):
     log = tmp_path / "pretrain.log"
-    run = [str(PRETRAIN), "--address", ray_head, *TINY, "train.log_every=1", "train.checkpoint_every=50",
-           f"output_dir={tmp_path}/run"]
+    run = [
+        str(PRETRAIN),
+        "--address",
+        ray_head,
+        *TINY,
+        "train.log_every=1",
+        "train.checkpoint_every=50",
+        f"output_dir={tmp_path}/run",
+    ]
     with log.open("w") as out:
         proc = job.popen([*run, "train.steps=1000"], env=launch_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_step(proc, log, 3)
         logged = _last_step(log)
         submission = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
-        subprocess.run([RAY, "job", "stop", "--address", ray_head, submission], env=launch_env(), capture_output=True,
-                       timeout=200, check=True)
+        subprocess.run(
+            [RAY, "job", "stop", "--address", ray_head, submission],
+            env=launch_env(),
+            capture_output=True,
+            timeout=200,
+            check=True,
+        )
         assert proc.wait(100) == 3, log.read_text()[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
     assert "to resume, rerun the same command" in log.read_text()
     stopped = _latest_complete_step(tmp_path / "run" / "checkpoints")
-    print(f"\nray job stop after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
-          f"steps lost {max(0, logged - stopped)}")
+    print(
+        f"\nray job stop after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
+        f"steps lost {max(0, logged - stopped)}"
+    )
     assert stopped >= logged and stopped % 50 != 0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(500)
-def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_of_submitting_another(ray_head, tmp_path, job):
+def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_of_submitting_another(
+    ray_head, tmp_path, job
+):
     log = tmp_path / "pretrain.log"
-    run = [str(PRETRAIN), "--address", ray_head, *TINY, "train.log_every=1", "train.checkpoint_every=50",
-           f"output_dir={tmp_path}/run", "train.steps=1000"]
+    run = [
+        str(PRETRAIN),
+        "--address",
+        ray_head,
+        *TINY,
+        "train.log_every=1",
+        "train.checkpoint_every=50",
+        f"output_dir={tmp_path}/run",
+        "train.steps=1000",
+    ]
     with log.open("w") as out:  # the first launch, its own session: the dropped ssh session kills all of it
         first = job.popen(run, env=launch_env(), stdout=out, stderr=subprocess.STDOUT)
     again = None
@@ -350,8 +469,13 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
             line = again.stdout.readline()
             assert line, followed[-3000:]
             followed += line
-        subprocess.run([sys.executable, "-m", "pipeline.rundir", "stop", f"{tmp_path}/run"], cwd=ROOT, check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "pipeline.rundir", "stop", f"{tmp_path}/run"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         rest, _ = again.communicate(timeout=200)
     finally:
         for proc in (first, again):
@@ -365,8 +489,9 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and_logs_each_step_once(ray_head, tmp_path,
-                                                                                                  job):
+def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and_logs_each_step_once(
+    ray_head, tmp_path, job
+):
     """The driver of a running --address job is SIGKILLed (Ray marks the job FAILED while its
     lease's heartbeat is still fresh): the rerun does not follow the dead job, it takes the run
     over, resumes from the last checkpoint and logs every step once."""
@@ -378,8 +503,16 @@ def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and
 
     log = tmp_path / "pretrain.log"
     out = tmp_path / "run"
-    run = [str(PRETRAIN), "--address", ray_head, *TINY, "train.log_every=1", "train.checkpoint_every=5",
-           f"output_dir={out}", "train.steps=1000"]
+    run = [
+        str(PRETRAIN),
+        "--address",
+        ray_head,
+        *TINY,
+        "train.log_every=1",
+        "train.checkpoint_every=5",
+        f"output_dir={out}",
+        "train.steps=1000",
+    ]
     with log.open("w") as sink:
         first = job.popen(run, env=launch_env(), stdout=sink, stderr=subprocess.STDOUT)
     again = None
@@ -401,15 +534,22 @@ def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and
             assert line, text[-3000:]
             text += line
         t_step = time.monotonic()
-        subprocess.run([sys.executable, "-m", "pipeline.rundir", "stop", str(out)], cwd=ROOT, check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "pipeline.rundir", "stop", str(out)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
         rest, _ = again.communicate(timeout=240)
     finally:
         for proc in (first, again):
             if proc is not None and proc.poll() is None:
                 proc.kill()
     text += rest
-    assert f"owned by job {submission} of this cluster, which has ended (FAILED): taking the run over" in text, text[-3000:]
+    assert f"owned by job {submission} of this cluster, which has ended (FAILED): taking the run over" in text, text[
+        -3000:
+    ]
     assert "following it" not in text and f"its Ray job {submission} has ended" in text, text[-3000:]
     assert again.returncode == 3, text[-3000:]  # its own job's status: stopped with a checkpoint
     run_id = RunDir(str(out)).mlflow_run_id

@@ -125,9 +125,7 @@ def test_the_lease_of_a_process_of_this_machine_that_ended_is_taken_over_at_once
     from tests.support import ROOT
 
     take = f"from pipeline.lease import Lease; import os; Lease({lease_url!r}, 10, 60).acquire(); os._exit(0)"
-    dead = subprocess.run(
-        [sys.executable, "-c", take], cwd=ROOT, capture_output=True, text=True, timeout=50
-    )
+    dead = subprocess.run([sys.executable, "-c", take], cwd=ROOT, capture_output=True, text=True, timeout=50)
     assert dead.returncode == 0, dead.stderr[-3000:]
     previous = Lease(lease_url, heartbeat_s=10, expiry_s=60).acquire()  # 60 s before it expires
     assert previous is not None and previous.ended() and not previous.expired()
@@ -163,9 +161,7 @@ def _fabricated(url: str, expiry_s: float) -> Lease:
 
 
 @pytest.mark.timeout(120)
-def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ray_starts(
-    tmp_path, capsys
-):
+def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ray_starts(tmp_path, capsys):
     import ray
 
     from pipeline.run import main
@@ -175,9 +171,7 @@ def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ra
     out = tmp_path / "run"
     owner = _fabricated(str(out / "LEASE"), expiry_s=60)
     t0 = time.time()
-    assert (
-        main([str(ROOT / "configs" / "experiment" / "demo.yaml"), f"output_dir={out}", *TINY]) == 2
-    )
+    assert main([str(ROOT / "configs" / "experiment" / "demo.yaml"), f"output_dir={out}", *TINY]) == 2
     took = time.time() - t0
     err = capsys.readouterr().err
     assert (
@@ -186,11 +180,7 @@ def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ra
     )
     assert re.search(r"last heartbeat \d+s ago\. This launch does not train", err), err
     assert f"python -m pipeline.rundir stop {out}" in err
-    assert (
-        not ray.is_initialized()
-        and not (out / "corpus").exists()
-        and not (out / "mlflow_run_id").exists()
-    )
+    assert not ray.is_initialized() and not (out / "corpus").exists() and not (out / "mlflow_run_id").exists()
     assert owner.holds()  # untouched
     print(f"\nrefused in {took:.1f}s")
 
@@ -222,9 +212,7 @@ def test_an_expired_lease_is_taken_over_and_the_run_finishes(tmp_path, jobs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_without_writing(
-    tmp_path, jobs
-):
+def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_without_writing(tmp_path, jobs):
     import os
     import signal
 
@@ -245,12 +233,8 @@ def test_an_owner_stopped_past_its_expiry_is_taken_over_and_on_sigcont_stops_wit
     t_took = second.wait_for(
         lambda: next((t for t, line in second.lines if "took over" in line), None), 120, "takeover"
     )
-    t_step = second.wait_for(
-        lambda: next((t for t, _ in second.steps()), None), 200, "a step of the new owner"
-    )
-    assert re.search(
-        rf"took over {out} from a process on host \S+ \(pid {first.proc.pid}\)", second.text()
-    )
+    t_step = second.wait_for(lambda: next((t for t, _ in second.steps()), None), 200, "a step of the new owner")
+    assert re.search(rf"took over {out} from a process on host \S+ \(pid {first.proc.pid}\)", second.text())
     assert second.wait(300) == 0, second.text()[-6000:]
     summary = (out / "summary.json").read_text()
     client, run_id = mlflow_of(out)
@@ -305,8 +289,9 @@ def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and
 
     # Its own run: rank 0 holds the lease while it trains (a Ray launch of the run is refused, naming
     # the torchrun job) and releases it at the end.
-    with ranks.popen([*cmd, "train.steps=24"], env=ranks_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as proc:
+    with ranks.popen(
+        [*cmd, "train.steps=24"], env=ranks_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
         try:
             deadline = time.time() + 120
             while not (out / "LEASE").exists() and proc.poll() is None and time.time() < deadline:
@@ -331,7 +316,10 @@ def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and
     cmd[2] = "1"
     again = ranks.run([*cmd, "train.steps=28"], env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
-    assert "checkpoint step_00000024 saved at world size 2, resuming at 1: converted to universal in" in again.stdout + again.stderr
+    assert (
+        "checkpoint step_00000024 saved at world size 2, resuming at 1: converted to universal in"
+        in again.stdout + again.stderr
+    )
     assert (out / "checkpoints" / "step_00000028").is_dir() and not (out / "LEASE").exists()
 
 
@@ -393,13 +381,9 @@ def test_two_watchers_over_one_run_dir_evaluate_and_publish_each_checkpoint_once
         client = MlflowClient(srv.uri)
         _, run_id = new_run(client, "two-watchers")
         run = RunDir(str(tmp_path / "run"))
-        copy_tags(
-            ckpts, tmp_path / "run" / "checkpoints", ["step_00000000", "step_00000002"], run_id
-        )
+        copy_tags(ckpts, tmp_path / "run" / "checkpoints", ["step_00000000", "step_00000002"], run_id)
         # The in-job watcher and a `python -m pipeline.evaluate watch` of the same run, at once.
-        watchers = [
-            Watcher(eval_cfg(digits), run, srv.uri, run_id, use_ray=False) for _ in range(2)
-        ]
+        watchers = [Watcher(eval_cfg(digits), run, srv.uri, run_id, use_ray=False) for _ in range(2)]
         barrier = threading.Barrier(2)
 
         def watch(w: Watcher) -> None:
@@ -415,8 +399,6 @@ def test_two_watchers_over_one_run_dir_evaluate_and_publish_each_checkpoint_once
         assert not any(w.failed for w in watchers)
         steps = sorted(int(c.data.tags["eval.checkpoint_step"]) for c in child_runs(client, run_id))
         assert steps == [0, 2]
-        assert sorted(
-            m.step for m in client.get_metric_history(run_id, "fewshot/digits/5shot")
-        ) == [0, 2]
+        assert sorted(m.step for m in client.get_metric_history(run_id, "fewshot/digits/5shot")) == [0, 2]
     finally:
         srv.stop()

@@ -17,7 +17,14 @@ from pipeline.model import (
 )
 
 # Paper Table 1 (B, L, H) and vit_jax/big_vision for Ti, S, g; 224 px, 1000-class head.
-PAPER_PARAMS = {"vit_ti16": 5.7e6, "vit_s16": 22.1e6, "vit_b16": 86e6, "vit_l16": 307e6, "vit_h14": 632e6, "vit_g14": 1.0e9}
+PAPER_PARAMS = {
+    "vit_ti16": 5.7e6,
+    "vit_s16": 22.1e6,
+    "vit_b16": 86e6,
+    "vit_l16": 307e6,
+    "vit_h14": 632e6,
+    "vit_g14": 1.0e9,
+}
 
 
 @pytest.mark.parametrize("name,expected", sorted(PAPER_PARAMS.items()))
@@ -27,8 +34,13 @@ def test_parameter_counts_match_the_paper_within_1_5_percent(name, expected):
 
 
 def test_table1_shapes_for_every_patch_size():
-    for base, (layers, width, mlp, heads) in {"ti": (12, 192, 768, 3), "s": (12, 384, 1536, 6), "b": (12, 768, 3072, 12),
-                                               "l": (24, 1024, 4096, 16), "h": (32, 1280, 5120, 16)}.items():
+    for base, (layers, width, mlp, heads) in {
+        "ti": (12, 192, 768, 3),
+        "s": (12, 384, 1536, 6),
+        "b": (12, 768, 3072, 12),
+        "l": (24, 1024, 4096, 16),
+        "h": (32, 1280, 5120, 16),
+    }.items():
         for patch in (32, 16, 14):
             s = VARIANTS[f"vit_{base}{patch}"]
             assert (s.depth, s.width, s.mlp_dim, s.heads, s.patch_size) == (layers, width, mlp, heads, patch)
@@ -42,8 +54,18 @@ def test_counting_does_not_allocate_the_big_models():
 
 def test_state_dict_names_follow_timm():
     names = set(create_model("vit_tiny_test", num_classes=5).state_dict())
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
-                "blocks.0.attn.proj.bias", "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.bias", "norm.weight", "head.weight"):
+    for key in (
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.bias",
+        "blocks.1.mlp.fc1.weight",
+        "blocks.1.mlp.fc2.bias",
+        "norm.weight",
+        "head.weight",
+    ):
         assert key in names
 
 

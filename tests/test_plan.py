@@ -39,15 +39,20 @@ def test_parameter_counts_match_the_papers_table_1(name, paper):
     assert params == count_params(name, num_classes=1000)
 
 
-@pytest.mark.parametrize("name, kw", [
-    ("vit_demo", dict(num_classes=100)),
-    ("vit_b16", dict(num_classes=21843, representation_size=768)),
-    ("vit_s16", dict(num_classes=10, pool="gap")),
-    ("vit_h14", dict(num_classes=18291, representation_size=1280)),
-])
+@pytest.mark.parametrize(
+    "name, kw",
+    [
+        ("vit_demo", dict(num_classes=100)),
+        ("vit_b16", dict(num_classes=21843, representation_size=768)),
+        ("vit_s16", dict(num_classes=10, pool="gap")),
+        ("vit_h14", dict(num_classes=18291, representation_size=1280)),
+    ],
+)
 def test_parameter_formula_equals_the_built_model(name, kw):
     spec = get_spec(name)
-    assert vit_params(spec, kw["num_classes"], kw.get("representation_size"), kw.get("pool", "token")) == count_params(name, **kw)
+    assert vit_params(spec, kw["num_classes"], kw.get("representation_size"), kw.get("pool", "token")) == count_params(
+        name, **kw
+    )
 
 
 def test_vit_b16_flops_match_timms_published_gmacs():
@@ -124,18 +129,45 @@ def test_the_plan_runs_on_every_experiment_config(path, capsys):
 
 def test_the_corpus_size_comes_from_a_local_index_when_the_config_has_none(tmp_path, capsys):
     index = tmp_path / "train_index.json"  # the keys data_prep writes (data_prep/index.py)
-    index.write_text(json.dumps({"shardlist": [{"url": "a.tar", "nsamples": 600_000}, {"url": "b.tar", "nsamples": 681_167}],
-                                 "num_samples": 1_281_167, "num_classes": 1000, "classes": [str(i) for i in range(1000)]}))
-    assert main([str(ROOT / "configs/experiment/imagenet1k_vit_b16_scratch.yaml"), f"data.train={index}", "plan.num_samples=0",
-                 "plan.num_classes=0", "--json"]) == 0
+    index.write_text(
+        json.dumps(
+            {
+                "shardlist": [{"url": "a.tar", "nsamples": 600_000}, {"url": "b.tar", "nsamples": 681_167}],
+                "num_samples": 1_281_167,
+                "num_classes": 1000,
+                "classes": [str(i) for i in range(1000)],
+            }
+        )
+    )
+    assert (
+        main(
+            [
+                str(ROOT / "configs/experiment/imagenet1k_vit_b16_scratch.yaml"),
+                f"data.train={index}",
+                "plan.num_samples=0",
+                "plan.num_classes=0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     assert plan["time"]["corpus_source"] == str(index) and plan["model"]["classes"] == 1000
     assert plan["time"]["steps"] == 300 * 1_281_167 // 4096
 
 
 def test_vit_h14_on_64_nodes_of_8_h100_plans_the_papers_compute(capsys):
-    assert main([str(ROOT / "configs/experiment/jft_vit_h14.yaml"), "data.micro_batch_size=8", "--json",
-                 "--sbatch-args=--nodes=64 --gpus-per-node=8"]) == 0
+    assert (
+        main(
+            [
+                str(ROOT / "configs/experiment/jft_vit_h14.yaml"),
+                "data.micro_batch_size=8",
+                "--json",
+                "--sbatch-args=--nodes=64 --gpus-per-node=8",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     assert plan["target"]["world"] == 512 and plan["config"]["grad_accumulation"] == 1
     # Paper Table 6: 4262 exaFLOPs for ViT-H/14 at 14 epochs (without recomputation).
@@ -145,7 +177,12 @@ def test_vit_h14_on_64_nodes_of_8_h100_plans_the_papers_compute(capsys):
 
 def test_a_micro_batch_that_fits_at_no_stage_is_refused_naming_the_largest_that_does(capsys):
     # ViT-H/14 without recomputation on 24 GB GPUs: 64 images of activations alone exceed it.
-    args = [str(ROOT / "configs/experiment/jft_vit_h14.yaml"), "plan.device=L4", "plan.nodes=8", "model.grad_checkpointing=false"]
+    args = [
+        str(ROOT / "configs/experiment/jft_vit_h14.yaml"),
+        "plan.device=L4",
+        "plan.nodes=8",
+        "model.grad_checkpointing=false",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "fits at no ZeRO stage" in err and "data.micro_batch_size=64" in err
@@ -193,10 +230,27 @@ def test_a_run_logs_its_plan_and_sets_it_next_to_the_measured():
 
 @pytest.mark.timeout(120)
 def test_pretrain_sh_plan_starts_nothing_and_passes_the_exit_status():
-    ok = subprocess.run([str(ROOT / "launch/pretrain.sh"), "--plan", "configs/experiment/demo.yaml", "train.steps=10"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=110)
+    ok = subprocess.run(
+        [str(ROOT / "launch/pretrain.sh"), "--plan", "configs/experiment/demo.yaml", "train.steps=10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "memory per rank" in ok.stdout and "job submit" not in ok.stdout + ok.stderr
-    bad = subprocess.run([str(ROOT / "launch/pretrain.sh"), "--plan", "--slurm", "--sbatch-args", "--nodes=64 --gpus-per-node=8",
-                          "configs/experiment/jft_vit_h14.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=110)
+    bad = subprocess.run(
+        [
+            str(ROOT / "launch/pretrain.sh"),
+            "--plan",
+            "--slurm",
+            "--sbatch-args",
+            "--nodes=64 --gpus-per-node=8",
+            "configs/experiment/jft_vit_h14.yaml",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert bad.returncode == 2 and "not a multiple" in bad.stderr

@@ -35,9 +35,15 @@ N_CLASSES = 50
 def jft_rows(n: int, seed: int = 0) -> list[dict]:
     """JFT-style rows: 1-4 class names each, a size, an extra field."""
     rng = np.random.default_rng(seed)
-    return [{"path": f"/img/{i:07d}.jpg",
-             "labels": [f"c{k:03d}" for k in rng.choice(N_CLASSES, rng.integers(1, 5), False)],
-             "size": int(rng.integers(1000, 90000)), "source": "web"} for i in range(n)]
+    return [
+        {
+            "path": f"/img/{i:07d}.jpg",
+            "labels": [f"c{k:03d}" for k in rng.choice(N_CLASSES, rng.integers(1, 5), False)],
+            "size": int(rng.integers(1000, 90000)),
+            "source": "web",
+        }
+        for i in range(n)
+    ]
 
 
 def write_jsonl(path: Path, rows: list[dict], bad: dict[int, str] | None = None) -> Path:
@@ -59,8 +65,7 @@ def records(cfg, plan) -> list[dict]:
     for split in [cfg.holdout.name, cfg.train_split]:
         if split in plan.splits:
             for i in range(plan.splits[split].num_shards):
-                out += [{k: v for k, v in r.items() if k != "key"}
-                        for r in read_shard_plan(cfg, split, i)]
+                out += [{k: v for k, v in r.items() if k != "key"} for r in read_shard_plan(cfg, split, i)]
     return out
 
 
@@ -71,8 +76,14 @@ def test_1_3_and_8_planning_tasks_give_byte_identical_plans(ray_local, tmp_path)
     size = manifest.stat().st_size
     plans = {}
     for n in (1, 3, 8):
-        cfg = on_ray(manifest, tmp_path / f"out{n}", range_bytes=-(-size // n), max_tasks=n,
-                     bucket_bytes=size // 5, shard_size=256)
+        cfg = on_ray(
+            manifest,
+            tmp_path / f"out{n}",
+            range_bytes=-(-size // n),
+            max_tasks=n,
+            bucket_bytes=size // 5,
+            shard_size=256,
+        )
         cfg.holdout.count = 100
         plan = build_plan(cfg)
         plans[n] = plan_files(tmp_path / f"out{n}")
@@ -94,8 +105,13 @@ def test_1_3_and_8_planning_tasks_give_byte_identical_plans(ray_local, tmp_path)
 def test_the_shuffled_order_is_uniform_in_the_line_number(ray_local, tmp_path):
     n = 4000
     manifest = write_jsonl(tmp_path / "m.jsonl", jft_rows(n, seed=1))
-    cfg = on_ray(manifest, tmp_path / "out", range_bytes=manifest.stat().st_size // 4 + 1,
-                 bucket_bytes=manifest.stat().st_size // 6, shard_size=500)
+    cfg = on_ray(
+        manifest,
+        tmp_path / "out",
+        range_bytes=manifest.stat().st_size // 4 + 1,
+        bucket_bytes=manifest.stat().st_size // 6,
+        shard_size=500,
+    )
     plan = build_plan(cfg)
     line = np.array([int(r["url"][5:12]) for r in records(cfg, plan)])
     position = np.arange(n)
@@ -116,7 +132,7 @@ def test_a_manifest_split_in_many_files_plans_as_its_concatenation(ray_local, tm
     parts = tmp_path / "parts"
     parts.mkdir()
     for i, lo in enumerate(range(0, 1500, 400)):
-        write_jsonl(parts / f"part-{i:03d}.jsonl", rows[lo:lo + 400])
+        write_jsonl(parts / f"part-{i:03d}.jsonl", rows[lo : lo + 400])
     a = build_plan(on_ray(whole, tmp_path / "a", shard_size=200))
     b = build_plan(on_ray(parts, tmp_path / "b", range_bytes=9000, shard_size=200))
     assert b.source_kind == "manifest" and b.listed == 1500
@@ -134,9 +150,11 @@ def awkward_step(data: bytes) -> int:
     longest = max(zip(starts, starts[1:], strict=False), key=lambda se: se[1] - se[0])
     for step in range(200, 3000):
         ends = range(step, len(data), step)
-        if (any(data[e] & 0xC0 == 0x80 for e in ends)
-                and any(data[e - 1:e + 1] == b"\r\n" for e in ends)
-                and sum(longest[0] < e < longest[1] - 1 for e in ends) >= 2):
+        if (
+            any(data[e] & 0xC0 == 0x80 for e in ends)
+            and any(data[e - 1 : e + 1] == b"\r\n" for e in ends)
+            and sum(longest[0] < e < longest[1] - 1 for e in ends) >= 2
+        ):
             return step
     raise AssertionError("no range size cuts all three")
 
@@ -144,11 +162,16 @@ def awkward_step(data: bytes) -> int:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_ranges_cut_utf8_characters_crlf_line_ends_and_very_long_lines(ray_local, tmp_path):
-    rows = [{"path": f"/img/{i}.jpg", "label": "ünïcødé-€" if i % 2 else "plain",
-             "caption": "日本語のキャプション" * (300 if i == 5 else 1 + i % 3)} for i in range(40)]
+    rows = [
+        {
+            "path": f"/img/{i}.jpg",
+            "label": "ünïcødé-€" if i % 2 else "plain",
+            "caption": "日本語のキャプション" * (300 if i == 5 else 1 + i % 3),
+        }
+        for i in range(40)
+    ]
     manifest = tmp_path / "m.jsonl"
-    manifest.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\r\n"
-                                  for r in rows))
+    manifest.write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\r\n" for r in rows))
     with io.StringIO(newline="") as buf:
         writer = csv.writer(buf, lineterminator="\r\n")
         writer.writerow(["path", "label", "caption"])
@@ -160,8 +183,7 @@ def test_ranges_cut_utf8_characters_crlf_line_ends_and_very_long_lines(ray_local
         want = sorted(map(key, records(local, build_plan(local))))
         plans = []
         for range_bytes in (awkward_step((tmp_path / name).read_bytes()), 1 << 20):
-            cfg = on_ray(tmp_path / name, tmp_path / f"{name}-{range_bytes}", shard_size=7,
-                         range_bytes=range_bytes)
+            cfg = on_ray(tmp_path / name, tmp_path / f"{name}-{range_bytes}", shard_size=7, range_bytes=range_bytes)
             plan = build_plan(cfg)
             assert plan.listed == 40 and plan.failures == {}, (name, range_bytes)
             assert sorted(map(key, records(cfg, plan))) == want, (name, range_bytes)
@@ -172,13 +194,19 @@ def test_ranges_cut_utf8_characters_crlf_line_ends_and_very_long_lines(ray_local
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_malformed_lines_unknown_labels_and_missing_fields_are_counted_with_file_and_line(
-        ray_local, tmp_path):
+def test_malformed_lines_unknown_labels_and_missing_fields_are_counted_with_file_and_line(ray_local, tmp_path):
     rows = jft_rows(300, seed=3)
     rows[40]["labels"] = ["no-such-class"]  # line 45 once the bad lines are in
-    manifest = write_jsonl(tmp_path / "m.jsonl", rows, bad={
-        5: "{not json", 9: json.dumps({"labels": ["c001"]}), 12: "[1, 2]",
-        30: json.dumps({"path": "/x.jpg", "labels": []})})
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl",
+        rows,
+        bad={
+            5: "{not json",
+            9: json.dumps({"labels": ["c001"]}),
+            12: "[1, 2]",
+            30: json.dumps({"path": "/x.jpg", "labels": []}),
+        },
+    )
     (tmp_path / "classes.txt").write_text("".join(f"c{i:03d}\n" for i in range(N_CLASSES)))
     classes = str(tmp_path / "classes.txt")
     local = build_plan(cfg_for(manifest, tmp_path / "local", classes_file=classes), write=False)
@@ -209,8 +237,14 @@ def test_shard_bytes_cuts_as_in_process_whatever_the_ranges(ray_local, tmp_path)
     cap = 400_000
     plans = []
     for range_bytes in (3000, 1 << 20):
-        cfg = on_ray(manifest, tmp_path / f"o{range_bytes}", range_bytes=range_bytes,
-                     bucket_bytes=20000, shard_size=30, shard_bytes=cap)
+        cfg = on_ray(
+            manifest,
+            tmp_path / f"o{range_bytes}",
+            range_bytes=range_bytes,
+            bucket_bytes=20000,
+            shard_size=30,
+            shard_bytes=cap,
+        )
         cfg.holdout.count = 50
         plan = build_plan(cfg)
         plans.append(plan_files(tmp_path / f"o{range_bytes}"))
@@ -220,7 +254,7 @@ def test_shard_bytes_cuts_as_in_process_whatever_the_ranges(ray_local, tmp_path)
     for split in ("val", "train"):
         sp = plan.splits[split]
         for i, (count, nbytes) in enumerate(zip(sp.shard_counts, sp.shard_bytes, strict=True)):
-            sizes = [r["size"] for r in recs[pos:pos + count]]
+            sizes = [r["size"] for r in recs[pos : pos + count]]
             assert nbytes == sum(sizes) and (nbytes <= cap or count == 1)
             pos += count
             last = i == sp.num_shards - 1
@@ -239,8 +273,7 @@ def test_a_job_planned_on_ray_shards_every_sample_of_the_manifest(ray_local, tmp
     cfg.holdout.count = 3
     summary = run_prep(cfg)
     assert summary["samples_per_split"] == {"train": 12, "val": 3} and summary["failed"] == 1
-    got = sorted(json.loads(s["json"])["n"] for split in ("train", "val")
-                 for s in all_samples(tmp_path / "out", split))
+    got = sorted(json.loads(s["json"])["n"] for split in ("train", "val") for s in all_samples(tmp_path / "out", split))
     assert got == list(range(15)) and not (tmp_path / "out" / "_plan" / "_work").exists()
 
 
@@ -268,12 +301,15 @@ def test_class_folders_and_tars_are_listed_by_tasks_whatever_the_grouping(ray_lo
         local_plan = build_plan(local)
         plans = []
         for per_task in (1, 4, 100):
-            cfg = on_ray(tmp_path / kind, tmp_path / f"{kind}-{per_task}", shard_size=5,
-                         folders_per_task=per_task)
+            cfg = on_ray(tmp_path / kind, tmp_path / f"{kind}-{per_task}", shard_size=5, folders_per_task=per_task)
             plan = build_plan(cfg)
             plans.append(plan_files(tmp_path / f"{kind}-{per_task}"))
             assert (plan.listed, plan.ignored, plan.classes, plan.source_kind) == (
-                local_plan.listed, local_plan.ignored, local_plan.classes, local_plan.source_kind)
+                local_plan.listed,
+                local_plan.ignored,
+                local_plan.classes,
+                local_plan.source_kind,
+            )
             want = sorted(map(key, records(local, local_plan)))
             assert sorted(map(key, records(cfg, plan))) == want
         assert plans[0] == plans[1] == plans[2], kind
@@ -290,8 +326,7 @@ def test_a_manifest_on_s3_plans_to_s3_as_the_local_copy_does(ray_local, s3_serve
     s3.mkdir("planning")
     s3.put_file(str(manifest), "planning/m.jsonl")
     local = build_plan(on_ray(manifest, tmp_path / "local", range_bytes=20000, shard_size=100))
-    plan = build_plan(on_ray("s3://planning/m.jsonl", "s3://planning/out", range_bytes=20000,
-                             shard_size=100))
+    plan = build_plan(on_ray("s3://planning/m.jsonl", "s3://planning/out", range_bytes=20000, shard_size=100))
     s3.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in s3.find("planning/out"))
     assert names == sorted(plan_files(tmp_path / "local"))  # no scratch left behind
@@ -300,8 +335,7 @@ def test_a_manifest_on_s3_plans_to_s3_as_the_local_copy_does(ray_local, s3_serve
             assert s3.cat_file(f"planning/out/_plan/{name}") == data
     assert plan.splits == local.splits and plan.listed == 800
 
-    make_folders(tmp_path / "src", per_class=2, classes=[f"c{i}" for i in range(5)] + ["dog"],
-                 w=8, h=8)
+    make_folders(tmp_path / "src", per_class=2, classes=[f"c{i}" for i in range(5)] + ["dog"], w=8, h=8)
     s3.put(str(tmp_path / "src") + "/", "planning/src/", recursive=True)
     plan = build_plan(on_ray("s3://planning/src", "s3://planning/folders", folders_per_task=2))
     assert plan.source_kind == "folders" and plan.listed == 12 and plan.ignored == 2
@@ -314,14 +348,14 @@ def test_a_manifest_on_s3_plans_to_s3_as_the_local_copy_does(ray_local, s3_serve
 def test_sigkill_mid_plan_then_rerun_reuses_finished_ranges(ray_local, tmp_path, caplog):
     manifest = write_jsonl(tmp_path / "m.jsonl", jft_rows(20000, seed=6))
     settings = dict(range_bytes=manifest.stat().st_size // 40 + 1, max_tasks=1, shard_size=1000)
-    script = (f"from tests.support.prep import on_ray\n"
-              f"from data_prep.plan import build_plan\n"
-              f"build_plan(on_ray({str(manifest)!r}, {str(tmp_path / 'killed')!r}, **{settings!r}))\n")
-    env = dict(os.environ, RAY_ADDRESS=ray_local,
-               PYTHONPATH=str(ROOT))
+    script = (
+        f"from tests.support.prep import on_ray\n"
+        f"from data_prep.plan import build_plan\n"
+        f"build_plan(on_ray({str(manifest)!r}, {str(tmp_path / 'killed')!r}, **{settings!r}))\n"
+    )
+    env = dict(os.environ, RAY_ADDRESS=ray_local, PYTHONPATH=str(ROOT))
     log = open(tmp_path / "driver.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     work = tmp_path / "killed" / "_plan" / "_work"
     try:
         deadline = time.monotonic() + 90
@@ -346,8 +380,10 @@ def test_sigkill_mid_plan_then_rerun_reuses_finished_ranges(ray_local, tmp_path,
     assert resumed == clean and not work.exists()
 
 
-@pytest.mark.parametrize("override, key", [("planning.range_bytes=0", "planning.range_bytes"),
-                                           ("planning.on_ray_folders=-1", "planning.on_ray_folders")])
+@pytest.mark.parametrize(
+    "override, key",
+    [("planning.range_bytes=0", "planning.range_bytes"), ("planning.on_ray_folders=-1", "planning.on_ray_folders")],
+)
 def test_a_bad_planning_setting_is_an_error_naming_the_key(tmp_path, override, key):
     from data_prep.config import ConfigError, load_config
 
@@ -358,9 +394,25 @@ def test_a_bad_planning_setting_is_an_error_naming_the_key(tmp_path, override, k
 @pytest.mark.timeout(300)
 def test_the_planning_benchmark_runs_its_three_planners_and_the_ray_plans_agree(ray_local, tmp_path):
     """``bench/bench_planning.py`` at a small size (its figures come from the by-hand runs)."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_planning.py"), "--lines", "20000",
-                          "--range-mb", "1", "--holdout", "2000", "--address", ray_local, "--keep", str(tmp_path)],
-                         capture_output=True, text=True, timeout=280)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_planning.py"),
+            "--lines",
+            "20000",
+            "--range-mb",
+            "1",
+            "--holdout",
+            "2000",
+            "--address",
+            ray_local,
+            "--keep",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if "records/s" in line]
     assert [r.split(":")[0].strip() for r in rows] == ["in-process", "ray, 1 task", "ray, 2 tasks"]

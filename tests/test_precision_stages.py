@@ -14,8 +14,13 @@ from tests.support.phases import overrides, run_phases
 
 TAG4 = "step_00000004"
 # fp16 settings unlike DeepSpeed's defaults, so the test sees ours arrive, not its own.
-FP16 = {"train.precision": "fp16", "deepspeed.fp16_initial_scale_power": 12, "deepspeed.fp16_loss_scale_window": 200,
-        "deepspeed.fp16_hysteresis": 3, "deepspeed.fp16_min_loss_scale": 2.0}
+FP16 = {
+    "train.precision": "fp16",
+    "deepspeed.fp16_initial_scale_power": 12,
+    "deepspeed.fp16_loss_scale_window": 200,
+    "deepspeed.fp16_hysteresis": 3,
+    "deepspeed.fp16_min_loss_scale": 2.0,
+}
 FP16_REFUSAL = "ValueError: Type fp16 is not supported on your device."
 STAGES = {
     "zero1": {"deepspeed.zero_stage": 1},
@@ -34,14 +39,28 @@ def runs(tmp_path_factory, ranks) -> dict:
 
     # ZeRO-3 replaces torch.nn.functional.linear process-wide (DeepSpeed's memory-efficient
     # linear), which shifts later stage-1/2 runs' numerics: stage-3 runs go last in a process.
-    first = run_phases(ranks, 2, [
-        {"name": "fp16", "overrides": ov("fp16", **FP16), "expect_error": FP16_REFUSAL.split(": ", 1)[1]},
-        *(phase for n, s in STAGES.items() for phase in (
-            {"name": f"{n}_ref", "overrides": ov(f"{n}_ref", **s), "save_fp32": str(root / f"{n}_ref_fp32.pt")},
-            {"name": n, "overrides": ov(n, **s, **{"train.stop_at_step": 2})})),
-    ], root)
-    resumed = run_phases(ranks, 2, [{"name": n, "overrides": ov(n, **s, **{"train.stop_at_step": 2})} for n, s in STAGES.items()],
-                         root / "resumed")
+    first = run_phases(
+        ranks,
+        2,
+        [
+            {"name": "fp16", "overrides": ov("fp16", **FP16), "expect_error": FP16_REFUSAL.split(": ", 1)[1]},
+            *(
+                phase
+                for n, s in STAGES.items()
+                for phase in (
+                    {"name": f"{n}_ref", "overrides": ov(f"{n}_ref", **s), "save_fp32": str(root / f"{n}_ref_fp32.pt")},
+                    {"name": n, "overrides": ov(n, **s, **{"train.stop_at_step": 2})},
+                )
+            ),
+        ],
+        root,
+    )
+    resumed = run_phases(
+        ranks,
+        2,
+        [{"name": n, "overrides": ov(n, **s, **{"train.stop_at_step": 2})} for n, s in STAGES.items()],
+        root / "resumed",
+    )
     return {"root": root, "first": first, "resumed": resumed}
 
 
@@ -81,13 +100,24 @@ def test_fp16_dynamic_loss_scaling_reaches_deepspeed_and_trains_or_is_refused_on
     settings either way, and the numerics of fp16 are left to a GPU."""
     run = runs["first"]["fp16"]
     sent = run["ds_configs"][0]
-    assert sent["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 200,
-                            "hysteresis": 3, "min_loss_scale": 2.0}
+    assert sent["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 12,
+        "loss_scale_window": 200,
+        "hysteresis": 3,
+        "min_loss_scale": 2.0,
+    }
     assert sent["bf16"] == {"enabled": False}
     parsed = run["engine_precision"][0]
     assert parsed["fp16"] and not parsed["bf16"] and parsed["dynamic_loss_scale"] and parsed["loss_scale"] == 0
-    assert parsed["dynamic_loss_scale_args"] == {"init_scale": 2**12, "scale_window": 200, "delayed_shift": 3,
-                                                 "consecutive_hysteresis": False, "min_scale": 2}
+    assert parsed["dynamic_loss_scale_args"] == {
+        "init_scale": 2**12,
+        "scale_window": 200,
+        "delayed_shift": 3,
+        "consecutive_hysteresis": False,
+        "min_scale": 2,
+    }
     if "error" in run:
         assert run["error"] == FP16_REFUSAL
     else:  # an accelerator that supports fp16 trains it
@@ -102,7 +132,9 @@ def test_zero3_export_writes_fp32_weights_that_load_into_a_fresh_model_strictly(
     from pipeline.model import create_model
 
     root = runs["root"]
-    out = checkpoint.export_safetensors(str(root / "zero3_offload_ref" / "checkpoints"), TAG4, str(tmp_path / "model.safetensors"))
+    out = checkpoint.export_safetensors(
+        str(root / "zero3_offload_ref" / "checkpoints"), TAG4, str(tmp_path / "model.safetensors")
+    )
     weights = load_file(out)
     assert all(v.dtype == torch.float32 for v in weights.values())
     model = create_model("vit_tiny_test", num_classes=4)
@@ -110,4 +142,6 @@ def test_zero3_export_writes_fp32_weights_that_load_into_a_fresh_model_strictly(
     trained = torch.load(root / "zero3_offload_ref_fp32.pt")  # the engine's own fp32 master weights at step 4
     assert sorted(trained) == sorted(weights)
     assert max((trained[k] - weights[k]).abs().max().item() for k in weights) == 0.0
-    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith("head.")), "trained head, not the zero init"
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if k.startswith("head.")), (
+        "trained head, not the zero init"
+    )

@@ -39,24 +39,37 @@ def test_a_sigkilled_worker_is_restarted_and_resumes_without_duplicate_metrics(t
     out = tmp_path / "run"
     job = Job(out, "ray.max_failures=2")
     jobs.append(job)
-    job.wait_for(lambda: (out / "checkpoints" / "step_00000003" / "COMPLETE").exists() and
-                 any(s >= 4 for _, s in job.steps()), 150, "step 3 checkpoint")
-    workers = job.wait_for(lambda: [p for p in psutil.Process(job.proc.pid).children(recursive=True)
-                                    if "ray::RayTrainWorker" in " ".join(_cmdline(p))], 10, "RayTrainWorker")
+    job.wait_for(
+        lambda: (out / "checkpoints" / "step_00000003" / "COMPLETE").exists() and any(s >= 4 for _, s in job.steps()),
+        150,
+        "step 3 checkpoint",
+    )
+    workers = job.wait_for(
+        lambda: [
+            p
+            for p in psutil.Process(job.proc.pid).children(recursive=True)
+            if "ray::RayTrainWorker" in " ".join(_cmdline(p))
+        ],
+        10,
+        "RayTrainWorker",
+    )
     killed_at_step = max(s for _, s in job.steps())
     t_kill = time.time()
     workers[-1].send_signal(signal.SIGKILL)
 
     assert job.wait(150) == 0, job.text()[-6000:]
     # The restarted group's "resumed from" line splits the output: steps done before the kill, then new ones.
-    t_resumed, restart_ckpt = next((t, int(m.group(1))) for t, line in job.lines
-                                   if (m := re.search(r"resumed from \S+/step_(\d+)", line)))
+    t_resumed, restart_ckpt = next(
+        (t, int(m.group(1))) for t, line in job.lines if (m := re.search(r"resumed from \S+/step_(\d+)", line))
+    )
     done = max(s for t, s in job.steps() if t < t_resumed)
     t_first, first = next((t, s) for t, s in job.steps() if t > t_resumed)
-    print(f"\nSIGKILL after step {done} (last logged before the restart; {killed_at_step} when the kill was sent); "
-          f"resumed from checkpoint step {restart_ckpt}: {done - restart_ckpt} steps lost and redone (not logged again); "
-          f"restarted group resumed {t_resumed - t_kill:.1f}s and logged its first new step ({first}) "
-          f"{t_first - t_kill:.1f}s after the SIGKILL")
+    print(
+        f"\nSIGKILL after step {done} (last logged before the restart; {killed_at_step} when the kill was sent); "
+        f"resumed from checkpoint step {restart_ckpt}: {done - restart_ckpt} steps lost and redone (not logged again); "
+        f"restarted group resumed {t_resumed - t_kill:.1f}s and logged its first new step ({first}) "
+        f"{t_first - t_kill:.1f}s after the SIGKILL"
+    )
     assert first == done + 1
     assert done - restart_ckpt <= 3  # train.checkpoint_every
     assert summary_of(out)["final_step"] == 12
@@ -78,8 +91,12 @@ def s3():
     from tests.support.services import moto_s3
 
     with moto_s3("ckpts") as (url, env):
-        yield env, s3fs.S3FileSystem(key="testing", secret="testing",
-                                     client_kwargs={"endpoint_url": url, "region_name": "us-east-1"})
+        yield (
+            env,
+            s3fs.S3FileSystem(
+                key="testing", secret="testing", client_kwargs={"endpoint_url": url, "region_name": "us-east-1"}
+            ),
+        )
 
 
 @pytest.mark.slow
@@ -139,8 +156,21 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
 @pytest.mark.timeout(60)
 def test_an_unreachable_ray_address_fails_fast(tmp_path):
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={tmp_path / 'r'}",
-                           "ray.address=127.0.0.1:1"], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "configs/experiment/demo.yaml",
+            f"output_dir={tmp_path / 'r'}",
+            "ray.address=127.0.0.1:1",
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot reach a Ray cluster at 127.0.0.1:1" in proc.stderr
     assert time.time() - t0 < 30
@@ -150,17 +180,38 @@ def test_an_unreachable_ray_address_fails_fast(tmp_path):
 @pytest.mark.timeout(120)
 def test_more_gpus_than_the_cluster_has_fails_before_any_worker_starts(tmp_path):
     out = tmp_path / "r"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}",
-                           "ray.use_gpu=true", "ray.num_workers=2"], cwd=ROOT, env=job_env(), capture_output=True, text=True,
-                          timeout=110)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "configs/experiment/demo.yaml",
+            f"output_dir={out}",
+            "ray.use_gpu=true",
+            "ray.num_workers=2",
+        ],
+        cwd=ROOT,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "ray.num_workers: 2 GPU workers asked, the cluster has 0 GPUs" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "corpus").exists()
 
 
 def _outage_job(out, srv, jobs, *extra) -> Job:
-    job = Job(out, "eval.enabled=true", "eval.fewshot.0.shots=[1,5]", "eval.fewshot.0.seeds=1", "eval.poll_seconds=0.5",
-              "tracking.system_metrics=false", f"tracking.uri={srv.uri}", *extra)
+    job = Job(
+        out,
+        "eval.enabled=true",
+        "eval.fewshot.0.shots=[1,5]",
+        "eval.fewshot.0.seeds=1",
+        "eval.poll_seconds=0.5",
+        "tracking.system_metrics=false",
+        f"tracking.uri={srv.uri}",
+        *extra,
+    )
     jobs.append(job)
     return job
 
@@ -188,7 +239,9 @@ def test_an_mlflow_server_killed_mid_run_and_back_before_the_end_gets_everything
         job = _outage_job(out, srv, jobs)
         job.wait_for(lambda: any(s >= 2 for _, s in job.steps()), 200, "step 2")
         srv.stop()  # down for several checkpoints and their evaluations
-        job.wait_for(lambda: (out / "evals" / "step_00000006" / "fewshot-digits.json").exists(), 200, "step 6 evaluated")
+        job.wait_for(
+            lambda: (out / "evals" / "step_00000006" / "fewshot-digits.json").exists(), 200, "step 6 evaluated"
+        )
         srv.start()
         rc = job.wait(300)
         assert rc == 0, job.text()[-6000:]
@@ -200,7 +253,9 @@ def test_an_mlflow_server_killed_mid_run_and_back_before_the_end_gets_everything
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_an_mlflow_server_still_down_at_the_end_exits_4_and_sync_delivers_everything_once(tmp_path, jobs, mlflow_servers):
+def test_an_mlflow_server_still_down_at_the_end_exits_4_and_sync_delivers_everything_once(
+    tmp_path, jobs, mlflow_servers
+):
 
     srv = mlflow_servers(tmp_path / "mlflow")
     try:
@@ -215,7 +270,9 @@ def test_an_mlflow_server_still_down_at_the_end_exits_4_and_sync_delivers_everyt
         sync = re.findall(r"python -m pipeline\.evaluate sync .*", text)[-1].split()  # the job's last word
         srv.start()
         for _ in range(2):  # the second finds nothing left and duplicates nothing
-            proc = subprocess.run([sys.executable, *sync[1:]], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=180)
+            proc = subprocess.run(
+                [sys.executable, *sync[1:]], cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=180
+            )
             assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
         _assert_all_in_mlflow(srv, out)
     finally:

@@ -30,14 +30,30 @@ def resized(tmp_path_factory, ranks) -> dict:
 
     def phase(stage: int, dumps: dict, **extra) -> dict:
         """The same command for every world size (``extra``: where it stops), with its state dumps."""
-        ov = overrides(root / f"Z{stage}", shards, uri, **{"deepspeed.zero_stage": stage, "train.ema.decay": 0.7,
-                                                            "train.checkpoint_every": 2, "data.order": "canonical",
-                                                            **extra})
+        ov = overrides(
+            root / f"Z{stage}",
+            shards,
+            uri,
+            **{
+                "deepspeed.zero_stage": stage,
+                "train.ema.decay": 0.7,
+                "train.checkpoint_every": 2,
+                "data.order": "canonical",
+                **extra,
+            },
+        )
         return {"name": f"Z{stage}", "overrides": ov, **{k: str(root / f"Z{stage}_{v}.pt") for k, v in dumps.items()}}
 
-    two = run_phases(ranks, 2, [phase(z, {"save_saved": "saved4"}, **{"train.stop_at_step": 4}) for z in STAGES], root / "two", 600)
-    one = run_phases(ranks, 1, [phase(z, {"save_resumed": "resumed4", "save_saved": "saved6"}, **{"train.stop_at_step": 6})
-                         for z in STAGES], root / "one", 600)
+    two = run_phases(
+        ranks, 2, [phase(z, {"save_saved": "saved4"}, **{"train.stop_at_step": 4}) for z in STAGES], root / "two", 600
+    )
+    one = run_phases(
+        ranks,
+        1,
+        [phase(z, {"save_resumed": "resumed4", "save_saved": "saved6"}, **{"train.stop_at_step": 6}) for z in STAGES],
+        root / "one",
+        600,
+    )
     back = run_phases(ranks, 2, [phase(z, {"save_resumed": "resumed6"}) for z in STAGES], root / "back", 600)
     return {"root": root, "two": two, "one": one, "back": back, "config": lambda stage: phase(stage, {})["overrides"]}
 
@@ -57,8 +73,11 @@ def _assert_same_state(root, before: str, after: str) -> None:
 
 
 def _conversion_line(log: str, tag: str, saved: int, now: int) -> str:
-    lines = [line for line in log.splitlines()
-             if f"checkpoint {tag} saved at world size {saved}, resuming at {now}: converted to universal in" in line]
+    lines = [
+        line
+        for line in log.splitlines()
+        if f"checkpoint {tag} saved at world size {saved}, resuming at {now}: converted to universal in" in line
+    ]
     assert len(lines) >= 1, f"no conversion line for {tag} ({saved} -> {now} ranks)"
     return lines[0]
 
@@ -77,8 +96,13 @@ def test_a_rerun_on_fewer_ranks_converts_by_itself_and_resumes_with_identical_we
     _conversion_line((root / "one" / "log_Z1.txt").read_text(), TAG4, 2, 1)
     assert one["summary"]["run_id"] == two["summary"]["run_id"], "the same MLflow run goes on"
     # the conversion lives beside the run's tags, never listed, published or pruned as one of them
-    assert RunDir(str(root / name)).checkpoints.complete_tags() == ["step_00000000", "step_00000002", TAG4, TAG6,
-                                                                    "step_00000008"]
+    assert RunDir(str(root / name)).checkpoints.complete_tags() == [
+        "step_00000000",
+        "step_00000002",
+        TAG4,
+        TAG6,
+        "step_00000008",
+    ]
     assert checkpoint.is_universal(root / name / "checkpoints" / checkpoint.UNIVERSAL / TAG6)
 
 
@@ -99,7 +123,9 @@ def _tag(ckpt_dir, tag: str, world_size: int | None, universal: bool = False):
 
     tag_dir = ckpt_dir / tag
     (tag_dir / "zero" if universal else tag_dir).mkdir(parents=True)
-    (tag_dir / "meta.json").write_text(json.dumps({"step": 4, "files": {}, **({"world_size": world_size} if world_size else {})}))
+    (tag_dir / "meta.json").write_text(
+        json.dumps({"step": 4, "files": {}, **({"world_size": world_size} if world_size else {})})
+    )
     (tag_dir / "COMPLETE").write_text("")
     return tag_dir
 
@@ -141,9 +167,21 @@ def test_in_the_canonical_order_every_step_across_both_resizes_takes_the_samples
         for step, micro_batches in steps.items():
             logged.setdefault(step, Counter()).update(k for keys in micro_batches for k in keys)
     assert sorted(logged) == list(range(8)) and all(sum(c.values()) == 16 for c in logged.values())
-    spec = StreamSpec(index_url=cfg.data.train, rank=0, world_size=1, num_workers=0, batch_size=4, image_size=16,
-                      num_classes=4, seed=cfg.train.seed, shuffle_block=cfg.data.shuffle_block, crop_area=(0.8, 1.0),
-                      flip=True, streams=16, global_batch=16)
+    spec = StreamSpec(
+        index_url=cfg.data.train,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        batch_size=4,
+        image_size=16,
+        num_classes=4,
+        seed=cfg.train.seed,
+        shuffle_block=cfg.data.shuffle_block,
+        crop_area=(0.8, 1.0),
+        flip=True,
+        streams=16,
+        global_batch=16,
+    )
     one_rank = train_stream(spec)
     for step in range(8):
         expected = Counter(k for _ in range(4) for k in next(one_rank)["keys"])
@@ -151,16 +189,31 @@ def test_in_the_canonical_order_every_step_across_both_resizes_takes_the_samples
 
 
 @pytest.mark.timeout(900)
-def test_in_the_canonical_order_a_run_resized_2_to_1_ranks_follows_the_loss_curve_of_a_fixed_2_rank_run(tmp_path, ranks):
+def test_in_the_canonical_order_a_run_resized_2_to_1_ranks_follows_the_loss_curve_of_a_fixed_2_rank_run(
+    tmp_path, ranks
+):
     """Without dropout (whose masks are per rank), the only difference left is the order of
     the gradient sums: the curves agree to fp32 rounding, before the resize to the bit."""
     shards = write_shards(tmp_path / "shards", num_classes=4, per_shard=[40, 40, 40])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def phase(name: str, **extra) -> dict:
-        return {"name": name, "overrides": overrides(tmp_path / name, shards, uri, **{
-            "deepspeed.zero_stage": 2, "model.dropout": 0.0, "data.order": "canonical", "train.checkpoint_every": 4,
-            "train.precision": "fp32", **extra})}
+        return {
+            "name": name,
+            "overrides": overrides(
+                tmp_path / name,
+                shards,
+                uri,
+                **{
+                    "deepspeed.zero_stage": 2,
+                    "model.dropout": 0.0,
+                    "data.order": "canonical",
+                    "train.checkpoint_every": 4,
+                    "train.precision": "fp32",
+                    **extra,
+                },
+            ),
+        }
 
     two = run_phases(ranks, 2, [phase("fixed"), phase("resized", **{"train.stop_at_step": 4})], tmp_path / "two", 600)
     one = run_phases(ranks, 1, [phase("resized")], tmp_path / "one", 600)

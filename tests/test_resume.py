@@ -23,9 +23,17 @@ from tests.support.phases import checkpoint_to_universal, keys_by_step, override
 WORKER = ROOT / "tests" / "workers" / "train_phases.py"
 TAG4, TAG8 = "step_00000004", "step_00000008"
 # Every AugReg knob on, under ZeRO-3 with activation checkpointing, a checkpoint every step.
-AUGREG = {"deepspeed.zero_stage": 3, "model.grad_checkpointing": True, "model.drop_path": 0.2, "aug.preset": "light2",
-          "aug.randaug_layers": 2, "aug.randaug_magnitude": 10, "aug.mixup_alpha": 0.2, "train.ema.decay": 0.7,
-          "train.checkpoint_every": 1}
+AUGREG = {
+    "deepspeed.zero_stage": 3,
+    "model.grad_checkpointing": True,
+    "model.drop_path": 0.2,
+    "aug.preset": "light2",
+    "aug.randaug_layers": 2,
+    "aug.randaug_magnitude": 10,
+    "aug.mixup_alpha": 0.2,
+    "train.ema.decay": 0.7,
+    "train.checkpoint_every": 1,
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +48,49 @@ def runs(tmp_path_factory, shards, ranks) -> dict:
     root = tmp_path_factory.mktemp("resume")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     ov = lambda name, **kw: overrides(root / name, shards, uri, **kw)  # noqa: E731
-    first = run_phases(ranks, 2, [
-        {"name": "A", "overrides": ov("A")},
-        {"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
-        *({"name": f"Z{z}", "overrides": ov(f"Z{z}", **{"train.stop_at_step": 4, "deepspeed.zero_stage": z})} for z in (2, 3)),
-        {"name": "AUG", "overrides": ov("AUG", **AUGREG)},
-        {"name": "AUGB", "overrides": ov("AUGB", **AUGREG, **{"train.stop_at_step": 4})},
-    ], root)
-    second = run_phases(ranks, 2, [{"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
-                            {"name": "AUGB", "overrides": ov("AUGB", **AUGREG, **{"train.stop_at_step": 4})}], root / "rerun")
+    first = run_phases(
+        ranks,
+        2,
+        [
+            {"name": "A", "overrides": ov("A")},
+            {"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
+            *(
+                {"name": f"Z{z}", "overrides": ov(f"Z{z}", **{"train.stop_at_step": 4, "deepspeed.zero_stage": z})}
+                for z in (2, 3)
+            ),
+            {"name": "AUG", "overrides": ov("AUG", **AUGREG)},
+            {"name": "AUGB", "overrides": ov("AUGB", **AUGREG, **{"train.stop_at_step": 4})},
+        ],
+        root,
+    )
+    second = run_phases(
+        ranks,
+        2,
+        [
+            {"name": "B", "overrides": ov("B", **{"train.stop_at_step": 4})},
+            {"name": "AUGB", "overrides": ov("AUGB", **AUGREG, **{"train.stop_at_step": 4})},
+        ],
+        root / "rerun",
+    )
     with ThreadPoolExecutor(2) as pool:
-        converted = pool.map(lambda z: checkpoint_to_universal(str(root / f"Z{z}" / "checkpoints"), TAG4,
-                                                               str(root / f"Z{z}_universal")), (2, 3))
+        converted = pool.map(
+            lambda z: checkpoint_to_universal(str(root / f"Z{z}" / "checkpoints"), TAG4, str(root / f"Z{z}_universal")),
+            (2, 3),
+        )
         universal = dict(zip((2, 3), converted, strict=True))
-    one_rank = run_phases(ranks, 1, [
-        {"name": f"U{z}", "overrides": ov(f"U{z}", **{"deepspeed.zero_stage": z, "train.resume_from": universal[z]}),
-         "check_load": {"ckpt_dir": str(root / f"Z{z}" / "checkpoints"), "tag": TAG4}}
-        for z in (2, 3)
-    ], root / "one_rank")
+    one_rank = run_phases(
+        ranks,
+        1,
+        [
+            {
+                "name": f"U{z}",
+                "overrides": ov(f"U{z}", **{"deepspeed.zero_stage": z, "train.resume_from": universal[z]}),
+                "check_load": {"ckpt_dir": str(root / f"Z{z}" / "checkpoints"), "tag": TAG4},
+            }
+            for z in (2, 3)
+        ],
+        root / "one_rank",
+    )
     return {"root": root, "first": first, "second": second, "one_rank": one_rank, "universal": universal}
 
 
@@ -99,14 +132,18 @@ def test_with_randaugment_mixup_drop_path_and_ema_a_stopped_and_rerun_training_i
     for rank in (0, 1):
         assert [b[rank][s] for s in range(8)] == [a[rank][s] for s in range(8)], f"rank {rank}"
     assert runs["second"]["AUGB"]["summary"]["step"] == 8 and runs["first"]["AUGB"]["summary"]["step"] == 4
-    assert runs["second"]["AUGB"]["loss_history"] == runs["first"]["AUG"]["loss_history"], "same augmented batches, same losses"
+    assert runs["second"]["AUGB"]["loss_history"] == runs["first"]["AUG"]["loss_history"], (
+        "same augmented batches, same losses"
+    )
     dirs = [str(runs["root"] / name / "checkpoints") for name in ("AUG", "AUGB")]
     for variant in ("raw", "ema"):
         w_a, w_b = (checkpoint.load_fp32_weights(d, TAG8, variant) for d in dirs)
         assert sorted(w_a) == sorted(w_b)
         assert all(torch.equal(w_a[k], w_b[k]) for k in w_a), f"{variant} weights differ after the resume"
-    assert not torch.equal(checkpoint.load_fp32_weights(dirs[0], TAG8, "ema")["head.weight"],
-                           checkpoint.load_fp32_weights(dirs[0], TAG8)["head.weight"])
+    assert not torch.equal(
+        checkpoint.load_fp32_weights(dirs[0], TAG8, "ema")["head.weight"],
+        checkpoint.load_fp32_weights(dirs[0], TAG8)["head.weight"],
+    )
 
 
 @pytest.mark.timeout(600)
@@ -136,8 +173,23 @@ def test_the_evaluator_reports_a_checkpoints_ema_weights_as_their_own_variant(ru
     from pipeline.evaluate.runner import evaluate_checkpoint, evaluated
     from pipeline.rundir import RunDir
 
-    eval_cfg = OmegaConf.create({"fewshot": [{"name": "tiny", "train": shards, "test": shards, "shots": [1, 5], "seeds": 2,
-                                              "l2": 1024.0, "batch_size": 64, "crop_ratio": 1.0}], "finetune": []})
+    eval_cfg = OmegaConf.create(
+        {
+            "fewshot": [
+                {
+                    "name": "tiny",
+                    "train": shards,
+                    "test": shards,
+                    "shots": [1, 5],
+                    "seeds": 2,
+                    "l2": 1024.0,
+                    "batch_size": 64,
+                    "crop_ratio": 1.0,
+                }
+            ],
+            "finetune": [],
+        }
+    )
     run = RunDir(str(runs["root"] / "AUG"))
     assert TAG8 not in evaluated(run, eval_cfg)
     res = evaluate_checkpoint(eval_cfg, str(runs["root"] / "AUG" / "checkpoints"), TAG8, run)
@@ -179,9 +231,22 @@ def test_on_another_world_size_the_data_stream_starts_the_next_pass(runs, shards
     stream starts the pass after the furthest one begun (documented in checkpoint.load)."""
     from pipeline.data import StreamSpec, TrainStream
 
-    spec = StreamSpec(index_url=shards, rank=0, world_size=1, num_workers=2, batch_size=4, image_size=16, num_classes=4,
-                      seed=0, shuffle_block=24, crop_area=(0.8, 1.0), flip=True)
-    stream = TrainStream(spec, {"batches": 0, "positions": {"0": [1, 0], "1": [1, 0]}, "world_size": 1, "num_workers": 2})
+    spec = StreamSpec(
+        index_url=shards,
+        rank=0,
+        world_size=1,
+        num_workers=2,
+        batch_size=4,
+        image_size=16,
+        num_classes=4,
+        seed=0,
+        shuffle_block=24,
+        crop_area=(0.8, 1.0),
+        flip=True,
+    )
+    stream = TrainStream(
+        spec, {"batches": 0, "positions": {"0": [1, 0], "1": [1, 0]}, "world_size": 1, "num_workers": 2}
+    )
     expected = [next(stream)["keys"] for _ in range(16)]  # steps 4-7, four micro-batches each on one rank
     for stage in (2, 3):
         got = keys_by_step(runs["root"] / f"U{stage}")[0]
@@ -198,8 +263,9 @@ def test_a_rerun_resumes_from_its_own_checkpoint_before_train_resume_from(tmp_pa
     universal = tmp_path / "universal" / "step_00000004"
     (universal / "zero").mkdir(parents=True)
     (universal / "COMPLETE").write_text("")
-    cfg = load_config(None, ["data.train=unused", "train.steps=8", f"output_dir={tmp_path / 'run'}",
-                             f"train.resume_from={universal}"])
+    cfg = load_config(
+        None, ["data.train=unused", "train.steps=8", f"output_dir={tmp_path / 'run'}", f"train.resume_from={universal}"]
+    )
 
     def source():
         return resume_source(staging_dir(cfg.output_dir), RunDir(cfg.run_dir), cfg.train.resume_from)
@@ -223,8 +289,12 @@ def test_a_checkpoint_from_another_tracking_store_starts_a_new_mlflow_run(tmp_pa
     assert run_to_resume(None, here, {"mlflow_run_id": "abc"}) == "abc", "checkpoints from before the uri was kept"
     assert run_to_resume(None, here, {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) is None
     assert run_to_resume(None, here, {}) is None
-    assert run_to_resume("set-by-the-driver", here,
-                                 {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}) == "set-by-the-driver"
+    assert (
+        run_to_resume(
+            "set-by-the-driver", here, {"mlflow_run_id": "abc", "mlflow_uri": "sqlite:////elsewhere/mlflow.db"}
+        )
+        == "set-by-the-driver"
+    )
 
 
 def test_the_zero_to_fp32_script_in_a_checkpoint_dir_runs_in_our_venv(runs, tmp_path):
@@ -233,8 +303,13 @@ def test_the_zero_to_fp32_script_in_a_checkpoint_dir_runs_in_our_venv(runs, tmp_
     script = ckpt_dir / "zero_to_fp32.py"
     assert script.is_file()
     out = tmp_path / "fp32"
-    proc = subprocess.run([sys.executable, str(script), str(ckpt_dir), str(out), "--tag", TAG4, "--safe_serialization"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, str(script), str(ckpt_dir), str(out), "--tag", TAG4, "--safe_serialization"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 

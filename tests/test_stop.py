@@ -16,8 +16,12 @@ from tests.support import ROOT
 
 
 def test_the_shell_launchers_and_python_name_the_same_exit_statuses():
-    out = subprocess.run(["bash", "-c", f"source {ROOT}/launch/common.sh; set | grep '^EXIT_'"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        ["bash", "-c", f"source {ROOT}/launch/common.sh; set | grep '^EXIT_'"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert dict(line.split("=") for line in out.split()) == {f"EXIT_{e.name}": str(e.value) for e in Exit}
     launchers = [ROOT / "launch" / n for n in ("pretrain.sh", "train_dist.sh", "slurm/pretrain.sbatch")]
     for path in launchers:
@@ -28,11 +32,16 @@ def test_the_shell_launchers_and_python_name_the_same_exit_statuses():
 
 @pytest.mark.timeout(60)
 def test_a_signal_is_one_stop_request_and_a_second_one_exits_at_once():
-    code = ("import sys, time; from pipeline.stop import StopRequest; import signal\n"
-            "s = StopRequest((signal.SIGTERM, signal.SIGINT), on_request=lambda n: print('stop', n, flush=True), exit_on_repeat=True)\n"
-            "print('ready', flush=True)\n"
-            "while True: time.sleep(0.05)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from pipeline.stop import StopRequest; import signal\n"
+        "s = StopRequest((signal.SIGTERM, signal.SIGINT), on_request=lambda n: print('stop', n, flush=True), "
+        "exit_on_repeat=True)\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(0.05)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
@@ -76,10 +85,25 @@ def test_a_torchrun_run_ends_its_mlflow_run_killed_after_a_stop_and_finished_at_
     out, status = tmp_path / "run", tmp_path / "status"
 
     def train() -> tuple[int, dict]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "pipeline.train", str(DEMO), *guard_run_overrides(out, shards, "train.steps=4")]
-        proc = ranks.run(cmd, env={**ranks_env(), "PIPELINE_STATUS_FILE": str(status)}, cwd=ROOT, capture_output=True,
-                         text=True, timeout=180)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "pipeline.train",
+            str(DEMO),
+            *guard_run_overrides(out, shards, "train.steps=4"),
+        ]
+        proc = ranks.run(
+            cmd,
+            env={**ranks_env(), "PIPELINE_STATUS_FILE": str(status)},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         lines = [line for line in proc.stdout.splitlines() if line.startswith('{"step"')]
         assert lines, proc.stdout[-3000:] + proc.stderr[-5000:]
         return int(status.read_text()), json.loads(lines[0])

@@ -32,8 +32,18 @@ def test_an_outage_loses_nothing_and_duplicates_nothing(mlflow_server, tmp_path)
     t0 = time.time()
     for step in range(5, 10):  # training goes on
         tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step)
-    cfg = load_config(None, ["data.train=x", f"output_dir={tmp_path}", "train.steps=1", "ray.num_workers=1",
-                             "train.global_batch_size=64", f"tracking.uri={mlflow_server.uri}", f"tracking.spool_dir={spool}"])
+    cfg = load_config(
+        None,
+        [
+            "data.train=x",
+            f"output_dir={tmp_path}",
+            "train.steps=1",
+            "ray.num_workers=1",
+            "train.global_batch_size=64",
+            f"tracking.uri={mlflow_server.uri}",
+            f"tracking.spool_dir={spool}",
+        ],
+    )
     resumed = Tracker.start(cfg, run_id=run_id)  # a restarted rank 0 resumes its run offline
     resumed.log_metrics({"train/lr": 0.5}, 9)
     tracker.log_text("l2: 1024\n", "notes/eval_config.yaml")  # an artifact, from a temp file the spool copies
@@ -66,7 +76,9 @@ def test_replaying_a_spool_twice_lands_every_write_once(mlflow_server, tmp_path)
     exp_id, run_id = new_run(client, "replay")
     spool = tmp_path / "spool"
     tracker = Tracker(mlflow_server.uri, run_id, spool_dir=str(spool))
-    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "metrics": [["acc", 0.25, 1000, 3]]})
+    tracker.journal.append(
+        {"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "metrics": [["acc", 0.25, 1000, 3]]}
+    )
     tracker.log_metrics({"top1": 0.75}, 3)  # spooled: earlier writes wait
     tracker.log_params({"shots": [1, 5]})
     tracker.set_tags({"phase": "replayed"})
@@ -101,8 +113,18 @@ def test_system_metrics_of_the_training_run_land_in_the_run(mlflow_server, tmp_p
     from pipeline.step_metrics import system_monitor
 
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-    cfg = load_config(None, ["data.train=x", f"output_dir={tmp_path}", "train.steps=1", "ray.num_workers=1",
-                             "train.global_batch_size=64", f"tracking.uri={mlflow_server.uri}", "tracking.experiment=sysmetrics"])
+    cfg = load_config(
+        None,
+        [
+            "data.train=x",
+            f"output_dir={tmp_path}",
+            "train.steps=1",
+            "ray.num_workers=1",
+            "train.global_batch_size=64",
+            f"tracking.uri={mlflow_server.uri}",
+            "tracking.experiment=sysmetrics",
+        ],
+    )
     tracker = Tracker.start(cfg)
     monitor = system_monitor(cfg.tracking.system_metrics, tracker)
     assert monitor is not None
@@ -120,8 +142,12 @@ def test_a_refused_write_is_set_aside_not_retried_forever(mlflow_server, tmp_pat
     spool = tmp_path / "spool"
     tracker = Tracker(mlflow_server.uri, run_id, spool_dir=str(spool))
     tracker.log_params({"optim.lr": 0.001})
-    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "params": [["optim.lr", "0.5"]]})
-    tracker.journal.append({"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "metrics": [["acc", 0.5, 1000, 1]]})
+    tracker.journal.append(
+        {"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "params": [["optim.lr", "0.5"]]}
+    )
+    tracker.journal.append(
+        {"op": "log_batch", "run": run_id, "uri": mlflow_server.uri, "metrics": [["acc", 0.5, 1000, 1]]}
+    )
     assert tracker.flush(timeout=10)
     assert client.get_run(run_id).data.params["optim.lr"] == "0.001"
     assert [m.step for m in client.get_metric_history(run_id, "acc")] == [1]

@@ -20,8 +20,14 @@ WORKER = ROOT / "tests" / "workers" / "ds_check.py"
 def torchrun(ranks, nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # each run's own sqlite store
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
     proc = ranks.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
@@ -29,10 +35,21 @@ def torchrun(ranks, nproc: int, args: list[str], timeout: int = 240) -> subproce
 
 def tiny_overrides(out: Path, shards: str, **extra) -> list[str]:
     base = {
-        "model.name": "vit_tiny_test", "data.train": shards, "output_dir": str(out), "train.steps": 8,
-        "train.global_batch_size": 16, "data.micro_batch_size": 4, "optim.warmup_steps": 2, "optim.lr": 3e-3,
-        "train.log_every": 1, "train.checkpoint_every": 4, "train.loss": "softmax", "data.num_workers": 1,
-        "tracking.system_metrics": False, "data.crop_min_area": 0.8, "data.flip": False,
+        "model.name": "vit_tiny_test",
+        "data.train": shards,
+        "output_dir": str(out),
+        "train.steps": 8,
+        "train.global_batch_size": 16,
+        "data.micro_batch_size": 4,
+        "optim.warmup_steps": 2,
+        "optim.lr": 3e-3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 4,
+        "train.loss": "softmax",
+        "data.num_workers": 1,
+        "tracking.system_metrics": False,
+        "data.crop_min_area": 0.8,
+        "data.flip": False,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -47,7 +64,11 @@ def shards(tmp_path_factory) -> str:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_rank_zero_bf16_trains_saves_and_reloads_identically(tmp_path, shards, stage, ranks):
     result = tmp_path / "result.json"
-    torchrun(ranks, 2, [str(WORKER), str(result), *tiny_overrides(tmp_path / "run", shards, **{"deepspeed.zero_stage": stage})])
+    torchrun(
+        ranks,
+        2,
+        [str(WORKER), str(result), *tiny_overrides(tmp_path / "run", shards, **{"deepspeed.zero_stage": stage})],
+    )
     r = json.loads(result.read_text())
     assert r["zero_stage"] == stage and r["bf16"] and r["world"] == 2
     assert r["summary"]["step"] == 8

@@ -25,6 +25,8 @@ from tests.support.services import free_port
 
 STEPS = (0, 100, 200, 300, 400)
 SHOTS = {0: 0.38, 100: 0.52, 200: 0.59, 300: 0.63, 400: 0.65}  # digits 10-shot, as the demo measured
+
+
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory) -> dict:
     """A pre-training run with `train/loss` and `fewshot/digits/10shot` step metrics and two
@@ -39,8 +41,17 @@ def logged_run(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("mlflow")
     db = out / "mlflow.db"
-    cfg = load_config(None, ["data.train=unused", f"output_dir={out}", "train.steps=400", "name=ui-demo",
-                             f"tracking.uri=sqlite:///{db}", "tracking.experiment=vit-ui-test"])
+    cfg = load_config(
+        None,
+        [
+            "data.train=unused",
+            f"output_dir={out}",
+            "train.steps=400",
+            "name=ui-demo",
+            f"tracking.uri=sqlite:///{db}",
+            "tracking.experiment=vit-ui-test",
+        ],
+    )
     parent = Tracker.start(cfg)
     parent.log_params({"model.name": "vit_demo", "train.steps": 400})
     run = RunDir(str(out / "run"))
@@ -49,9 +60,18 @@ def logged_run(tmp_path_factory) -> dict:
     children = []
     for step in (0, 400):  # evaluation records shown the way the job shows them
         tag = f"step_{step:08d}"
-        record = record_of("fewshot_linear", "digits", tag, step, f"{run.url}/checkpoints/{tag}", {"shots": [10]},
-                           {"10shot": SHOTS[step]}, {"fewshot/digits/10shot": SHOTS[step]}, np.eye(10, dtype=int) * 5,
-                           f"digits 10-shot at {tag}")
+        record = record_of(
+            "fewshot_linear",
+            "digits",
+            tag,
+            step,
+            f"{run.url}/checkpoints/{tag}",
+            {"shots": [10]},
+            {"10shot": SHOTS[step]},
+            {"fewshot/digits/10shot": SHOTS[step]},
+            np.eye(10, dtype=int) * 5,
+            f"digits 10-shot at {tag}",
+        )
         run.write_eval_record(tag, "fewshot-digits", record)
         assert publish(run, parent.uri, parent.run_id, tag, "fewshot-digits", run.eval_record(tag, "fewshot-digits"))
         children.append((f"fewshot-digits-{tag}", run.shown_in_mlflow(tag, "fewshot-digits")))
@@ -73,9 +93,23 @@ def mlflow_ui(logged_run, tmp_path_factory) -> str:
     # No job-runner processes (MLflow 3 starts seven otherwise): this server only serves the UI.
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{logged_run['db']}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{logged_run['db']}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:

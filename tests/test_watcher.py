@@ -59,10 +59,31 @@ def test_no_partial_checkpoint_and_none_twice_across_watcher_restarts(mlflow_ser
 
     (ckdir / "step_00000002" / checkpoint.MARKER).write_text("")  # the save completes
     (tmp_path / "eval.yaml").write_text(OmegaConf.to_yaml({"eval": cfg}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "PIPELINE_MLFLOW_SPOOL": str(tmp_path / "spool2")}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "watch", str(ckdir), str(tmp_path / "eval.yaml"),
-                           "--once", "--no-ray", "--tracking-uri", mlflow_server.uri],  # the run id comes from meta.json
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DS_ACCELERATOR": "cpu",
+        "PIPELINE_MLFLOW_SPOOL": str(tmp_path / "spool2"),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate",
+            "watch",
+            str(ckdir),
+            str(tmp_path / "eval.yaml"),
+            "--once",
+            "--no-ray",
+            "--tracking-uri",
+            mlflow_server.uri,
+        ],  # the run id comes from meta.json
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     submitted = [line for line in proc.stderr.splitlines() if "evaluating checkpoint" in line]
     assert len(submitted) == 1 and submitted[0].endswith("step_00000002"), submitted
@@ -88,11 +109,20 @@ def test_each_evaluation_is_a_child_run_with_artifacts_and_a_parent_step_metric(
         assert child.info.status == "FINISHED"
         assert child.data.tags["eval.checkpoint_step"] == "4" and child.data.tags["eval.dataset"] == "digits"
         assert child.data.tags["eval.checkpoint_path"] == f"{ckpts}/step_00000004"
-        assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"confusion_matrix.png", "eval_config.yaml"}, protocol
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} == {
+            "confusion_matrix.png",
+            "eval_config.yaml",
+        }, protocol
     fs, ft = children["fewshot_linear"].data, children["finetune"].data
     assert 0 < fs.metrics["5shot"] <= 1 and fs.params["shots"] == "[1, 5]"
-    assert 0 <= ft.metrics["top1"] <= 1 and ft.params["image_size"] == "24" and ft.metrics["best_lr"] == pytest.approx(0.1)
-    assert [m.step for m in client.get_metric_history(children["finetune"].info.run_id, "train_loss/final")] == [1, 2, 3]
+    assert (
+        0 <= ft.metrics["top1"] <= 1 and ft.params["image_size"] == "24" and ft.metrics["best_lr"] == pytest.approx(0.1)
+    )
+    assert [m.step for m in client.get_metric_history(children["finetune"].info.run_id, "train_loss/final")] == [
+        1,
+        2,
+        3,
+    ]
     for key in ("fewshot/digits/1shot", "fewshot/digits/5shot", "finetune/digits/top1"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [4], key
     assert [a.path for a in client.list_artifacts(run_id, "transfer")] == ["transfer/fewshot_vs_step.png"]
@@ -104,7 +134,9 @@ def test_each_evaluation_is_a_child_run_with_artifacts_and_a_parent_step_metric(
 
 
 @pytest.mark.timeout(120)
-def test_a_remote_checkpoint_dir_is_copied_locally_and_only_complete_ones_are_evaluated(mlflow_server, digits, ckpts, tmp_path):
+def test_a_remote_checkpoint_dir_is_copied_locally_and_only_complete_ones_are_evaluated(
+    mlflow_server, digits, ckpts, tmp_path
+):
     import fsspec
 
     client = MlflowClient(mlflow_server.uri)
@@ -125,8 +157,9 @@ def test_a_remote_checkpoint_dir_is_copied_locally_and_only_complete_ones_are_ev
 
 
 @pytest.mark.timeout(300)
-def test_evaluations_made_while_mlflow_is_down_are_kept_and_shown_once_when_it_is_back(digits, ckpts, tmp_path,
-                                                                                       mlflow_servers):
+def test_evaluations_made_while_mlflow_is_down_are_kept_and_shown_once_when_it_is_back(
+    digits, ckpts, tmp_path, mlflow_servers
+):
     srv = mlflow_servers(tmp_path / "outage_server")
     try:
         client = MlflowClient(srv.uri)
@@ -142,8 +175,17 @@ def test_evaluations_made_while_mlflow_is_down_are_kept_and_shown_once_when_it_i
         assert sorted(watcher.unshown) == [("step_00000000", "fewshot-digits"), ("step_00000002", "fewshot-digits")]
 
         srv.start()
-        sync = [sys.executable, "-m", "pipeline.evaluate", "sync", str(tmp_path / "run"), "--tracking-uri", srv.uri,
-                "--spool-dir", str(tmp_path / "no-spool")]
+        sync = [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate",
+            "sync",
+            str(tmp_path / "run"),
+            "--tracking-uri",
+            srv.uri,
+            "--spool-dir",
+            str(tmp_path / "no-spool"),
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         for _ in range(2):  # a second sync finds nothing to do and duplicates nothing
             proc = subprocess.run(sync, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -169,7 +211,8 @@ def test_final_weights_are_logged_as_safetensors_and_registered_once(mlflow_serv
     files = {a.path for a in client.list_artifacts(run_id, "final_weights")}  # an MLflow Model (tests/test_handoff.py)
     assert {"final_weights/MLmodel", "final_weights/artifacts", "final_weights/README.md"} <= files
     assert {a.path for a in client.list_artifacts(run_id, "final_weights/artifacts")} >= {
-        f"final_weights/artifacts/{name}" for name in ("model.safetensors", "config.yaml", "meta.json")}
+        f"final_weights/artifacts/{name}" for name in ("model.safetensors", "config.yaml", "meta.json")
+    }
     (version,) = client.search_model_versions("name='vit-tiny-test'")
     assert version.run_id == run_id and version.source == f"{client.get_run(run_id).info.artifact_uri}/final_weights"
     path = client.download_artifacts(run_id, "final_weights/artifacts/model.safetensors", str(tmp_path))

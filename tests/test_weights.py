@@ -32,8 +32,11 @@ def _gelu(x, approximate=False):
 def flax_forward(p, images_nhwc, big_vision=False, approximate_gelu=False):
     """The ViT forward pass read straight off the flax layout, in float64 numpy."""
     p = {k: v.astype(np.float64) for k, v in p.items()}
-    mha, mlp, ln2 = ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1") if big_vision else (
-        "MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    mha, mlp, ln2 = (
+        ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
+        if big_vision
+        else ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
+    )
     n, h, w, c = images_nhwc.shape
     patches = images_nhwc.reshape(n, h // PATCH, PATCH, w // PATCH, PATCH, c).transpose(0, 1, 3, 2, 4, 5)
     x = np.einsum("nijabc,abcd->nijd", patches, p["embedding/kernel"]) + p["embedding/bias"]  # VALID conv, HWIO
@@ -50,8 +53,10 @@ def flax_forward(p, images_nhwc, big_vision=False, approximate_gelu=False):
     for i in range(DEPTH):
         b = f"Transformer/encoderblock_{i}/"
         y = _ln(x, p[b + "LayerNorm_0/scale"], p[b + "LayerNorm_0/bias"])
-        q, k, v = (np.einsum("nld,dhk->nlhk", y, p[b + f"{mha}/{m}/kernel"]) + p[b + f"{mha}/{m}/bias"]
-                   for m in ("query", "key", "value"))
+        q, k, v = (
+            np.einsum("nld,dhk->nlhk", y, p[b + f"{mha}/{m}/kernel"]) + p[b + f"{mha}/{m}/bias"]
+            for m in ("query", "key", "value")
+        )
         logits = np.einsum("nqhk,nlhk->nhql", q / math.sqrt(D // HEADS), k)
         att = np.exp(logits - logits.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
@@ -104,25 +109,38 @@ def test_big_vision_npz_gives_the_logits_of_its_own_layout(tmp_path, images, sca
     if scanned:  # scan_layers: one stacked "encoderblock" with a leading depth axis
         saved = {k: v for k, v in p.items() if "encoderblock_" not in k}
         for name in {k.split("/", 2)[2] for k in p if "encoderblock_" in k}:
-            saved[f"Transformer/encoderblock/{name}"] = np.stack([p[f"Transformer/encoderblock_{i}/{name}"] for i in range(DEPTH)])
+            saved[f"Transformer/encoderblock/{name}"] = np.stack(
+                [p[f"Transformer/encoderblock_{i}/{name}"] for i in range(DEPTH)]
+            )
     np.savez(tmp_path / "bv.npz", **{f"params/{k}": v for k, v in saved.items()})
     model = load_pretrained(str(tmp_path / "bv.npz"))
-    assert np.allclose(_logits(model, images), flax_forward(p, images.astype(np.float64), big_vision=True), atol=1e-4, rtol=1e-4)
+    assert np.allclose(
+        _logits(model, images), flax_forward(p, images.astype(np.float64), big_vision=True), atol=1e-4, rtol=1e-4
+    )
 
 
 def timm_state(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The same parameters under timm's names and torch layouts (as timm's _load_weights maps them)."""
-    s = {"patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1), "patch_embed.proj.bias": p["embedding/bias"],
-         "cls_token": p["cls"], "pos_embed": p["Transformer/posembed_input/pos_embedding"],
-         "norm.weight": p["Transformer/encoder_norm/scale"], "norm.bias": p["Transformer/encoder_norm/bias"],
-         "pre_logits.fc.weight": p["pre_logits/kernel"].T, "pre_logits.fc.bias": p["pre_logits/bias"],
-         "head.weight": p["head/kernel"].T, "head.bias": p["head/bias"]}
+    s = {
+        "patch_embed.proj.weight": p["embedding/kernel"].transpose(3, 2, 0, 1),
+        "patch_embed.proj.bias": p["embedding/bias"],
+        "cls_token": p["cls"],
+        "pos_embed": p["Transformer/posembed_input/pos_embedding"],
+        "norm.weight": p["Transformer/encoder_norm/scale"],
+        "norm.bias": p["Transformer/encoder_norm/bias"],
+        "pre_logits.fc.weight": p["pre_logits/kernel"].T,
+        "pre_logits.fc.bias": p["pre_logits/bias"],
+        "head.weight": p["head/kernel"].T,
+        "head.bias": p["head/bias"],
+    }
     for i in range(DEPTH):
         b, t = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
         m = b + "MultiHeadDotProductAttention_1/"
         s[t + "norm1.weight"], s[t + "norm1.bias"] = p[b + "LayerNorm_0/scale"], p[b + "LayerNorm_0/bias"]
         s[t + "norm2.weight"], s[t + "norm2.bias"] = p[b + "LayerNorm_2/scale"], p[b + "LayerNorm_2/bias"]
-        s[t + "attn.qkv.weight"] = np.concatenate([p[m + f"{n}/kernel"].reshape(D, D).T for n in ("query", "key", "value")])
+        s[t + "attn.qkv.weight"] = np.concatenate(
+            [p[m + f"{n}/kernel"].reshape(D, D).T for n in ("query", "key", "value")]
+        )
         s[t + "attn.qkv.bias"] = np.concatenate([p[m + f"{n}/bias"].reshape(-1) for n in ("query", "key", "value")])
         s[t + "attn.proj.weight"], s[t + "attn.proj.bias"] = p[m + "out/kernel"].reshape(D, D).T, p[m + "out/bias"]
         for r in (0, 1):
@@ -172,7 +190,8 @@ def _saved_npz(tmp_path, p: dict[str, np.ndarray], name: str = "w.npz") -> str:
 
 
 def _source_model(heads: int = 16) -> torch.nn.Module:
-    """A one-block, gap-pooled model of ViT-B's width with 16 heads (timm's vit_base_patch16_gap_224 has 16, the paper's B 12)."""
+    """A one-block, gap-pooled model of ViT-B's width with 16 heads (timm's vit_base_patch16_gap_224
+    has 16, the paper's B 12)."""
     from pipeline.model import create_model
 
     torch.manual_seed(0)
@@ -208,8 +227,11 @@ def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tmp_path):
         load_pretrained(path)
     state = _source_model().state_dict()
     state["blocks.0.mlp.fc2.weight"] = state["blocks.0.mlp.fc2.weight"][:, :100]
-    with pytest.raises(WeightsError, match=r"model\.safetensors: blocks\.0\.mlp\.fc2\.weight has shape \(768, 100\), "
-                       r".* needs \(768, 3072\)"):
+    with pytest.raises(
+        WeightsError,
+        match=r"model\.safetensors: blocks\.0\.mlp\.fc2\.weight has shape \(768, 100\), "
+        r".* needs \(768, 3072\)",
+    ):
         load_pretrained(_timm_file(tmp_path, state), heads=16)
 
 
@@ -242,9 +264,16 @@ def test_junk_files_are_not_a_vit_checkpoint(tmp_path):
 def test_flax_files_carry_their_head_count(tmp_path):
     p = flax_params(np.random.default_rng(9))
     path = _saved_npz(tmp_path, p)
-    assert load_pretrained(path).spec.heads == HEADS == p["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
-    with pytest.raises(WeightsError, match=r"w\.npz: heads=6 was asked, but block 0's .*query/kernel is shaped "
-                       r"\(width, heads, head_dim\) = \(48, 4, 12\)"):
+    assert (
+        load_pretrained(path).spec.heads
+        == HEADS
+        == p["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"].shape[1]
+    )
+    with pytest.raises(
+        WeightsError,
+        match=r"w\.npz: heads=6 was asked, but block 0's .*query/kernel is shaped "
+        r"\(width, heads, head_dim\) = \(48, 4, 12\)",
+    ):
         load_pretrained(path, heads=6)
 
 

@@ -68,11 +68,26 @@ class _StepDataset(torch.utils.data.IterableDataset):
             pixels = images.numpy()
             labels, keys = [], []
             for c in mine:
-                positions[c], skipped = _take(spec, readers[c], len(keys) + per, pixels, labels, keys,
-                                              lambda p, c=c: seeded_rng(spec.seed, 0x5EED, c, p[0], p[1]), skipped)
+                positions[c], skipped = _take(
+                    spec,
+                    readers[c],
+                    len(keys) + per,
+                    pixels,
+                    labels,
+                    keys,
+                    lambda p, c=c: seeded_rng(spec.seed, 0x5EED, c, p[0], p[1]),
+                    skipped,
+                )
             targets = batch_tensor((len(keys), spec.num_classes), torch.float32, shared)
-            yield {"images": images, "targets": multi_hot(labels, spec.num_classes, targets), "keys": keys,
-                   "streams": mine, "positions": [positions[c] for c in mine], "worker": worker, "skipped": skipped}
+            yield {
+                "images": images,
+                "targets": multi_hot(labels, spec.num_classes, targets),
+                "keys": keys,
+                "streams": mine,
+                "positions": [positions[c] for c in mine],
+                "worker": worker,
+                "skipped": skipped,
+            }
 
 
 class CanonicalStream(_StepCount):
@@ -90,17 +105,28 @@ class CanonicalStream(_StepCount):
 
     def __init__(self, spec: StreamSpec, state: dict | None = None):
         streams, world = spec.streams, spec.world_size
-        if streams <= 0 or streams % world or spec.global_batch % streams or (spec.global_batch // world) % spec.batch_size:
-            raise ValueError(f"{streams} canonical streams cannot feed a global batch of {spec.global_batch} on {world} ranks "
-                             f"in micro-batches of {spec.batch_size} (streams must divide the global batch, and the world "
-                             "size the streams)")
+        if (
+            streams <= 0
+            or streams % world
+            or spec.global_batch % streams
+            or (spec.global_batch // world) % spec.batch_size
+        ):
+            raise ValueError(
+                f"{streams} canonical streams cannot feed a global batch of {spec.global_batch} on {world} ranks "
+                f"in micro-batches of {spec.batch_size} (streams must divide the global batch, and the world "
+                "size the streams)"
+            )
         self.spec = spec
         state = state or {}
         self.positions = {c: (0, 0) for c in rank_streams(streams, spec.rank, world)}
         if state and state.get("streams") != streams:
             nxt = 1 + max((p[0] for p in _saved_positions(state)), default=-1)
-            log.warning("data stream saved %s, now %d canonical streams: starting pass %d fresh",
-                        f"with {state['streams']} canonical streams" if state.get("streams") else "in reader order", streams, nxt)
+            log.warning(
+                "data stream saved %s, now %d canonical streams: starting pass %d fresh",
+                f"with {state['streams']} canonical streams" if state.get("streams") else "in reader order",
+                streams,
+                nxt,
+            )
             self.positions = {c: (nxt, 0) for c in self.positions}
         elif state:
             saved = {int(c): tuple(p) for c, p in state["positions"].items()}
@@ -110,8 +136,11 @@ class CanonicalStream(_StepCount):
         self.per_step = spec.per_step  # micro-batches a step
         self.workers = max(1, spec.num_workers)
         self.loader = torch.utils.data.DataLoader(
-            _StepDataset(spec, dict(self.positions)), batch_size=None, num_workers=spec.num_workers,
-            persistent_workers=False, prefetch_factor=2 if spec.num_workers else None,
+            _StepDataset(spec, dict(self.positions)),
+            batch_size=None,
+            num_workers=spec.num_workers,
+            persistent_workers=False,
+            prefetch_factor=2 if spec.num_workers else None,
         )
         self._iter = iter(self.loader)
         self._queue: list[dict] = []
@@ -127,16 +156,22 @@ class CanonicalStream(_StepCount):
         chunks = [next(self._iter) for _ in range(self.workers)]
         per = self.spec.global_batch // self.spec.streams
         rows = sorted((c, chunk, i) for chunk in chunks for i, c in enumerate(chunk["streams"]))
-        images = torch.cat([chunk["images"][i * per:(i + 1) * per] for _, chunk, i in rows])
-        targets = torch.cat([chunk["targets"][i * per:(i + 1) * per] for _, chunk, i in rows])
-        keys = [k for _, chunk, i in rows for k in chunk["keys"][i * per:(i + 1) * per]]
+        images = torch.cat([chunk["images"][i * per : (i + 1) * per] for _, chunk, i in rows])
+        targets = torch.cat([chunk["targets"][i * per : (i + 1) * per] for _, chunk, i in rows])
+        keys = [k for _, chunk, i in rows for k in chunk["keys"][i * per : (i + 1) * per]]
         for chunk in chunks:
             self._skipped[int(chunk["worker"])] = int(chunk["skipped"])
             for c, pos in zip(chunk["streams"], chunk["positions"], strict=True):
                 self._pending[int(c)] = tuple(int(x) for x in pos)
         m = self.spec.batch_size
-        self._queue = [{"images": images[k * m:(k + 1) * m], "targets": targets[k * m:(k + 1) * m],
-                        "keys": keys[k * m:(k + 1) * m]} for k in range(self.per_step)]
+        self._queue = [
+            {
+                "images": images[k * m : (k + 1) * m],
+                "targets": targets[k * m : (k + 1) * m],
+                "keys": keys[k * m : (k + 1) * m],
+            }
+            for k in range(self.per_step)
+        ]
 
     def __next__(self) -> dict:
         if not self._queue:
@@ -179,8 +214,14 @@ def merge_states(states: list[dict]) -> dict:
     else:
         positions = {str(i): list(p) for i, p in enumerate(p for s in states for p in _saved_positions(s))}
     steps = {"steps": max(int(s["steps"]) for s in states)} if all("steps" in s for s in states) else {}
-    return {"batches": 0, **steps, "positions": positions, "world_size": first.get("world_size"),
-            "num_workers": first.get("num_workers"), **({"streams": first["streams"]} if first.get("streams") else {})}
+    return {
+        "batches": 0,
+        **steps,
+        "positions": positions,
+        "world_size": first.get("world_size"),
+        "num_workers": first.get("num_workers"),
+        **({"streams": first["streams"]} if first.get("streams") else {}),
+    }
 
 
 def train_stream(spec: StreamSpec, state: dict | None = None) -> TrainStream | CanonicalStream:

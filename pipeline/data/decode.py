@@ -25,7 +25,9 @@ def sample_labels(sample: dict) -> list[int]:
     return [int(sample["cls"])]
 
 
-def inception_crop_box(width: int, height: int, rng: random.Random, area: tuple[float, float]) -> tuple[int, int, int, int]:
+def inception_crop_box(
+    width: int, height: int, rng: random.Random, area: tuple[float, float]
+) -> tuple[int, int, int, int]:
     """A random crop of ``area`` fraction and aspect ratio in [3/4, 4/3] (Inception style)."""
     for _ in range(10):
         target = width * height * rng.uniform(*area)

@@ -1,5 +1,4 @@
-"""Evaluation sets: every sample of a split in index order, centre-cropped, in batches.
-"""
+"""Evaluation sets: every sample of a split in index order, centre-cropped, in batches."""
 
 from __future__ import annotations
 
@@ -17,14 +16,19 @@ log = logging.getLogger(__name__)
 
 
 def iter_eval_batches(
-    index_url: str, image_size: int, batch_size: int, crop_ratio: float = 0.875,
-    keep: Callable[[str], bool] | None = None, raw: bool = False,
+    index_url: str,
+    image_size: int,
+    batch_size: int,
+    crop_ratio: float = 0.875,
+    keep: Callable[[str], bool] | None = None,
+    raw: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample of a split in index order (those whose key ``keep`` accepts):
     ``(images, first label)``, images in [-1, 1] NCHW, or uint8 NHWC when ``raw``.
 
     Corrupt samples are skipped with a warning.
     """
+
     def batch(images: list[np.ndarray], labels: list[int]):
         x = torch.from_numpy(np.stack(images))
         return (x if raw else to_model_input(x)), torch.tensor(labels)

@@ -1,5 +1,4 @@
-"""The shard index that data_prep writes (its ``shardlist``, classes and totals).
-"""
+"""The shard index that data_prep writes (its ``shardlist``, classes and totals)."""
 
 from __future__ import annotations
 
@@ -36,7 +35,10 @@ class ShardIndex:
             data = json.load(f)
         base = url.rsplit("/", 1)[0] if "/" in url else "."
         shards = tuple(
-            (s["url"] if "://" in s["url"] or s["url"].startswith("/") else posixpath.join(base, s["url"]), int(s["nsamples"]))
+            (
+                s["url"] if "://" in s["url"] or s["url"].startswith("/") else posixpath.join(base, s["url"]),
+                int(s["nsamples"]),
+            )
             for s in data["shardlist"]
             if int(s["nsamples"]) > 0
         )

@@ -49,7 +49,9 @@ def make_units(index: ShardIndex, num_readers: int) -> list[Unit]:
     """
     share = index.num_samples / num_readers
     if share < 1:
-        raise ValueError(f"{index.url}: {index.num_samples} samples cannot feed {num_readers} readers (ranks x workers)")
+        raise ValueError(
+            f"{index.url}: {index.num_samples} samples cannot feed {num_readers} readers (ranks x workers)"
+        )
     units = []
     for url, n in index.shards:
         stride = max(1, math.ceil(n / share - 1e-9))

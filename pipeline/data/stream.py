@@ -80,7 +80,9 @@ def _train_sample(spec: StreamSpec, sample: dict, rng: random.Random, pass_idx: 
 
 
 def _log_skip(sample: dict, error: Exception, skipped: int) -> None:
-    log.warning("skipping sample %s of %s (%s); %d skipped so far", sample.get("__key__"), sample.get("__url__"), error, skipped)
+    log.warning(
+        "skipping sample %s of %s (%s); %d skipped so far", sample.get("__key__"), sample.get("__url__"), error, skipped
+    )
 
 
 def _take(spec: StreamSpec, stream, upto: int, pixels: np.ndarray, labels: list, keys: list, rng_of, skipped: int):
@@ -129,8 +131,16 @@ class _ReaderDataset(torch.utils.data.IterableDataset):
             images = batch_tensor((spec.batch_size, spec.image_size, spec.image_size, 3), torch.uint8, shared)
             pixels = images.numpy()  # each image is written into the batch as soon as it is decoded
             labels, keys = [], []
-            pos, skipped = _take(spec, stream, spec.batch_size, pixels, labels, keys,
-                                 lambda p: seeded_rng(spec.seed, reader, p[0], p[1]), skipped)
+            pos, skipped = _take(
+                spec,
+                stream,
+                spec.batch_size,
+                pixels,
+                labels,
+                keys,
+                lambda p: seeded_rng(spec.seed, reader, p[0], p[1]),
+                skipped,
+            )
             targets = batch_tensor((spec.batch_size, spec.num_classes), torch.float32, shared)
             yield {
                 "images": images,
@@ -168,10 +178,17 @@ class TrainStream(_StepCount):
         self.spec = spec
         state = state or {}
         steps = _saved_steps(state, spec)
-        if state and ((state.get("world_size"), state.get("num_workers")) != (spec.world_size, spec.num_workers)
-                      or state.get("streams")):  # saved in the canonical order
-            log.warning("data stream saved with world %s x workers %s, now %s x %s: starting the next pass fresh",
-                        state.get("world_size"), state.get("num_workers"), spec.world_size, spec.num_workers)
+        if state and (
+            (state.get("world_size"), state.get("num_workers")) != (spec.world_size, spec.num_workers)
+            or state.get("streams")
+        ):  # saved in the canonical order
+            log.warning(
+                "data stream saved with world %s x workers %s, now %s x %s: starting the next pass fresh",
+                state.get("world_size"),
+                state.get("num_workers"),
+                spec.world_size,
+                spec.num_workers,
+            )
             nxt = 1 + max((p[0] for p in state.get("positions", {}).values()), default=-1)
             state = {"batches": 0, "positions": {w: (nxt, 0) for w in range(max(1, spec.num_workers))}}
         self.batches = int(state.get("batches", 0))

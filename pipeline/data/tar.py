@@ -34,12 +34,12 @@ def _tar_text(field: bytes) -> str:
 def _pax_records(data: bytes) -> dict[str, str]:
     """``"%d %s=%s\\n"`` records (POSIX.1-2008) of a pax header's data."""
     out, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1].isdigit():
+    while pos < len(data) and data[pos : pos + 1].isdigit():
         space = data.index(b" ", pos)
         length = int(data[pos:space])
         if length <= 0:
             raise ValueError("pax record of length 0")
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         pos += length
     return out

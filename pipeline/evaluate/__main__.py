@@ -66,8 +66,9 @@ def _meta_and_config(url: str, tag: str) -> tuple[dict, DictConfig | None]:
         data = fs.cat_file(f"{base}/{CONFIG_FILE}")
         entry = (meta.get("files") or {}).get(CONFIG_FILE) if isinstance(meta, dict) else None
         if entry is not None and hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-            raise CorruptCheckpoint(f"{url}/{tag}/{CONFIG_FILE}: sha256 differs from the manifest's (the file is corrupt "
-                                    "or was altered)")
+            raise CorruptCheckpoint(
+                f"{url}/{tag}/{CONFIG_FILE}: sha256 differs from the manifest's (the file is corrupt or was altered)"
+            )
         try:
             cfg = OmegaConf.create(data.decode())
         except (OmegaConfBaseException, UnicodeDecodeError, ValueError) as e:
@@ -102,8 +103,18 @@ def _connect_ray(cfg: DictConfig) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in ("DS_ACCELERATOR", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                      "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL") if k in os.environ}
+    env = {
+        k: os.environ[k]
+        for k in (
+            "DS_ACCELERATOR",
+            "MLFLOW_TRACKING_URI",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_ENDPOINT_URL",
+            "FSSPEC_S3_ENDPOINT_URL",
+        )
+        if k in os.environ
+    }
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address, runtime_env={"env_vars": env}, **({} if address else {"dashboard_host": "127.0.0.1"}))
 
@@ -150,8 +161,11 @@ def cmd_watch(args) -> int:
     for tag, err in watcher.failed.items():
         print(f"evaluation of {tag} failed: {err}", file=sys.stderr)
     if watcher.unshown:
-        print(f"{len(watcher.unshown)} evaluation(s) not in MLflow yet (kept in {run.url}); deliver them with: "
-              f"python -m pipeline.evaluate sync {run.url}", file=sys.stderr)
+        print(
+            f"{len(watcher.unshown)} evaluation(s) not in MLflow yet (kept in {run.url}); deliver them with: "
+            f"python -m pipeline.evaluate sync {run.url}",
+            file=sys.stderr,
+        )
     return 1 if watcher.failed or watcher.unshown else 0
 
 
@@ -192,7 +206,10 @@ def cmd_sync(args) -> int:
             raise ConfigError(f"sync: no MLflow run id or tracking URI for {run.url} (pass --run-id / --tracking-uri)")
         claims = OmegaConf.select(saved, "eval.claims") or LeaseConfig()  # the run's own; an older run has none
         left = publish_pending(run, uri, run_id, claims)
-        print(f"{run.url}: {'every evaluation is in MLflow' if not left else f'{len(left)} evaluation(s) still not in MLflow at {uri}'}")
+        state = (
+            "every evaluation is in MLflow" if not left else f"{len(left)} evaluation(s) still not in MLflow at {uri}"
+        )
+        print(f"{run.url}: {state}")
         ok = not left
     directory = args.spool_dir or default_spool_dir()
     delivered = deliver_orphans(directory)
@@ -268,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.checkpoint import CorruptCheckpoint
 
     try:
-        return {"watch": cmd_watch, "checkpoint": cmd_checkpoint, "sync": cmd_sync, "pretrained": cmd_pretrained}[args.command](args)
+        return {"watch": cmd_watch, "checkpoint": cmd_checkpoint, "sync": cmd_sync, "pretrained": cmd_pretrained}[
+            args.command
+        ](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -208,14 +208,34 @@ def evaluate(fs: DictConfig, weights) -> Result:
     test_x, test_y = extract_features(model, iter_eval_batches(fs.test, image_size, fs.batch_size, fs.crop_ratio))
     res = ridge_fewshot(train_x, train_y, test_x, test_y, shots=tuple(fs.shots), seeds=fs.seeds, l2=fs.l2)
     seconds = time.time() - t0
-    log.info("fewshot %s at %s: %s (%.1fs)", fs.name, weights.label, {k: round(v["mean"], 4) for k, v in res.items()}, seconds)
+    log.info(
+        "fewshot %s at %s: %s (%.1fs)",
+        fs.name,
+        weights.label,
+        {k: round(v["mean"], 4) for k, v in res.items()},
+        seconds,
+    )
     k, cm = best_shot_confusion(res, train_x, train_y, test_x, test_y, l2=fs.l2)
     metrics = {"seconds": seconds}
     for shots, r in res.items():
         metrics[f"{shots}shot"] = r["mean"]
         metrics[f"{shots}shot_std"] = r["std"]
-    params = {"shots": list(fs.shots), "seeds": fs.seeds, "l2": fs.l2, "train": fs.train, "test": fs.test,
-              "train_samples": len(train_y), "test_samples": len(test_y), "feature_dim": int(train_x.shape[1])}
+    params = {
+        "shots": list(fs.shots),
+        "seeds": fs.seeds,
+        "l2": fs.l2,
+        "train": fs.train,
+        "test": fs.test,
+        "train_samples": len(train_y),
+        "test_samples": len(test_y),
+        "feature_dim": int(train_x.shape[1]),
+    }
     prefix = metric_prefix("fewshot", fs.name, weights.variant)
-    return Result(metrics, params, {f"{prefix}/{s}shot": r["mean"] for s, r in res.items()}, cm,
-                  f"{fs.name} {k}-shot (seed 0) at {weights.label}", summary=res)
+    return Result(
+        metrics,
+        params,
+        {f"{prefix}/{s}shot": r["mean"] for s, r in res.items()},
+        cm,
+        f"{fs.name} {k}-shot (seed 0) at {weights.label}",
+        summary=res,
+    )

@@ -70,9 +70,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_for_finetune(ckpt_dir: str | None, tag: str | None, num_classes: int, image_size: int,
-                      interpolation: str = "bilinear", dropout: float = 0.0, init: str | None = None,
-                      variant: str = "raw", heads: int | None = None) -> VisionTransformer:
+def load_for_finetune(
+    ckpt_dir: str | None,
+    tag: str | None,
+    num_classes: int,
+    image_size: int,
+    interpolation: str = "bilinear",
+    dropout: float = 0.0,
+    init: str | None = None,
+    variant: str = "raw",
+    heads: int | None = None,
+) -> VisionTransformer:
     """A complete checkpoint's model at ``image_size`` with a new zero-init ``num_classes`` head.
 
     The consolidated fp32 weights are loaded strictly, position embeddings interpolated to
@@ -84,18 +92,21 @@ def load_for_finetune(ckpt_dir: str | None, tag: str | None, num_classes: int, i
     if init:
         from pipeline.weights import load_pretrained
 
-        model = load_pretrained(init, img_size=image_size, interpolation=interpolation, dropout=dropout,
-                                heads=heads)
+        model = load_pretrained(init, img_size=image_size, interpolation=interpolation, dropout=dropout, heads=heads)
         model.reset_head(num_classes)
         return model
     tag_dir = Path(ckpt_dir) / tag
     cfg, meta = checkpoint.saved_config(tag_dir)
     patch = get_spec(cfg.model.name, patch_size=cfg.model.patch_size).patch_size
     if image_size % patch:
-        raise ValueError(f"fine-tuning image_size {image_size} is not a multiple of the patch size {patch} of {tag_dir}")
+        raise ValueError(
+            f"fine-tuning image_size {image_size} is not a multiple of the patch size {patch} of {tag_dir}"
+        )
     model = from_config(cfg.model, meta["num_classes"], img_size=image_size, dropout=dropout)
     state = checkpoint.load_fp32_weights(ckpt_dir, tag, variant)
-    state["pos_embed"] = resize_pos_embed(state["pos_embed"], image_size // patch, model.num_prefix_tokens, interpolation)
+    state["pos_embed"] = resize_pos_embed(
+        state["pos_embed"], image_size // patch, model.num_prefix_tokens, interpolation
+    )
     model.load_state_dict(state)
     model.reset_head(num_classes)
     return model
@@ -106,8 +117,9 @@ def in_dev(key: str, fraction: float, seed: int = 0) -> bool:
     return fraction > 0 and zlib.crc32(f"{seed}/{key}".encode()) / 2**32 < fraction
 
 
-def eval_batches(index_url: str, image_size: int, batch_size: int, crop_ratio: float,
-                 dev_fraction: float = 0.0, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    index_url: str, image_size: int, batch_size: int, crop_ratio: float, dev_fraction: float = 0.0, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample of a split (only its dev part when ``dev_fraction`` > 0), in index order, uint8 NHWC."""
     keep = (lambda key: in_dev(key, dev_fraction, seed)) if dev_fraction > 0 else None
     return iter_eval_batches(index_url, image_size, batch_size, crop_ratio, keep=keep, raw=True)
@@ -139,12 +151,22 @@ def build_engine(model: torch.nn.Module, ft: DictConfig, lr: float):
     config = ds_config(ft.batch_size, micro, 1, ft.grad_clip, ft.precision, {"stage": ft.zero_stage})
     if ft.zero_stage:
         config["zero_allow_untested_optimizer"] = True
-    engine, _ = initialize(model, optimizer, lambda s: warmup_decay(s, ft.warmup_steps, ft.steps, "cosine", 0.0), config)
+    engine, _ = initialize(
+        model, optimizer, lambda s: warmup_decay(s, ft.warmup_steps, ft.steps, "cosine", 0.0), config
+    )
     return engine
 
 
-def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: float, device: torch.device,
-              label: str, num_classes: int, ema_out: dict | None = None) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
+def train_run(
+    model: torch.nn.Module,
+    ft: DictConfig,
+    lr: float,
+    dev_fraction: float,
+    device: torch.device,
+    label: str,
+    num_classes: int,
+    ema_out: dict | None = None,
+) -> tuple[torch.nn.Module, list[tuple[int, float]]]:
     """Fine-tune ``model`` for ``ft.steps`` at ``lr`` on the train split less its dev part,
     read by pre-training's stream (``pipeline.data.TrainStream``: block shuffle, inception
     crop, flip); the trained module and (step, mean loss) points.
@@ -156,10 +178,20 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
     engine = build_engine(model, ft, lr)
     ema = EMA(engine.module, ft.ema_decay, optimizer=engine.optimizer) if ft.ema_decay and ema_out is not None else None
     micro = ft.micro_batch_size or ft.batch_size
-    spec = StreamSpec(index_url=ft.train, rank=0, world_size=1, num_workers=ft.num_workers, batch_size=micro,
-                      image_size=ft.image_size, num_classes=num_classes, seed=ft.seed, shuffle_block=max(1, ft.shuffle_buffer),
-                      crop_area=(ft.crop_min_area, 1.0), flip=ft.flip,
-                      skip_key=functools.partial(in_dev, fraction=dev_fraction, seed=ft.seed) if dev_fraction > 0 else None)
+    spec = StreamSpec(
+        index_url=ft.train,
+        rank=0,
+        world_size=1,
+        num_workers=ft.num_workers,
+        batch_size=micro,
+        image_size=ft.image_size,
+        num_classes=num_classes,
+        seed=ft.seed,
+        shuffle_block=max(1, ft.shuffle_buffer),
+        crop_area=(ft.crop_min_area, 1.0),
+        flip=ft.flip,
+        skip_key=functools.partial(in_dev, fraction=dev_fraction, seed=ft.seed) if dev_fraction > 0 else None,
+    )
     stream = TrainStream(spec)
     loss_of = functools.partial(loss_fn, kind="softmax")
     dtype = DTYPES[ft.precision]
@@ -175,8 +207,16 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
         if step != before and (step % every == 0 or step == ft.steps):
             mean = float(np.mean(window))
             curve.append((step, mean))
-            log.info("finetune %s %s step %d/%d loss %.4f lr %.2e images/s %.1f", ft.name, label, step, ft.steps, mean,
-                     engine.get_lr()[0], len(window) * micro / (time.time() - t0))
+            log.info(
+                "finetune %s %s step %d/%d loss %.4f lr %.2e images/s %.1f",
+                ft.name,
+                label,
+                step,
+                ft.steps,
+                mean,
+                engine.get_lr()[0],
+                len(window) * micro / (time.time() - t0),
+            )
             window, t0 = [], time.time()
     del stream
     if ema is not None:
@@ -189,8 +229,14 @@ def train_run(model: torch.nn.Module, ft: DictConfig, lr: float, dev_fraction: f
     return module, curve
 
 
-def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: str | None = None,
-                  variant: str = "raw", heads: int | None = None) -> dict:
+def finetune_eval(
+    ft: DictConfig,
+    ckpt_dir: str | None,
+    tag: str | None,
+    init: str | None = None,
+    variant: str = "raw",
+    heads: int | None = None,
+) -> dict:
     """Fine-tune one checkpoint (its ``variant`` weights: ``raw`` or ``ema``; or published
     weights ``init`` with ``heads`` where the file does not record them) on one dataset: lr
     picked on dev, top-1 on the test split.
@@ -205,15 +251,21 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
         check_stored_size(split, ft.image_size, f"eval.finetune[{ft.name}]")
     _, _, device = dist_setup(standalone=True)
     num_classes = ft.num_classes or ShardIndex.load(ft.train).num_classes
-    base = load_for_finetune(ckpt_dir, tag, num_classes, ft.image_size, ft.pos_embed_interpolation, ft.dropout, init, variant,
-                             heads)
+    base = load_for_finetune(
+        ckpt_dir, tag, num_classes, ft.image_size, ft.pos_embed_interpolation, ft.dropout, init, variant, heads
+    )
     lrs = [float(x) for x in ft.lrs]
     dev_top1, curves, kept = {}, {}, None
     if len(lrs) > 1 and ft.dev_fraction > 0:
         for lr in lrs:
-            module, curves[f"lr_{lr:g}"] = train_run(copy.deepcopy(base).to(device), ft, lr, ft.dev_fraction, device, f"lr {lr:g}",
-                                                     num_classes)
-            pred, y = predict(module, eval_batches(ft.train, ft.image_size, ft.eval_batch_size, ft.crop_ratio, ft.dev_fraction, ft.seed), device)
+            module, curves[f"lr_{lr:g}"] = train_run(
+                copy.deepcopy(base).to(device), ft, lr, ft.dev_fraction, device, f"lr {lr:g}", num_classes
+            )
+            pred, y = predict(
+                module,
+                eval_batches(ft.train, ft.image_size, ft.eval_batch_size, ft.crop_ratio, ft.dev_fraction, ft.seed),
+                device,
+            )
             dev_top1[lr] = float(np.mean(pred == y)) if len(y) else 0.0
             log.info("finetune %s at %s: lr %g dev top-1 %.4f (%d dev images)", ft.name, tag, lr, dev_top1[lr], len(y))
             if not ft.final_on_full_train and dev_top1[lr] == max(dev_top1.values()):
@@ -222,8 +274,9 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
     best = max(dev_top1, key=dev_top1.get) if dev_top1 else lrs[0]
     ema: dict = {}
     if kept is None or ft.ema_decay:  # the final run is where the EMA is kept
-        kept, curves["final"] = train_run(copy.deepcopy(base).to(device), ft, best, 0.0, device, f"final lr {best:g}",
-                                          num_classes, ema)
+        kept, curves["final"] = train_run(
+            copy.deepcopy(base).to(device), ft, best, 0.0, device, f"final lr {best:g}", num_classes, ema
+        )
     pred, y = predict(kept, eval_batches(ft.test, ft.image_size, ft.eval_batch_size, ft.crop_ratio), device)
     top1 = float(np.mean(pred == y)) if len(y) else 0.0
     extra = {}
@@ -234,9 +287,15 @@ def finetune_eval(ft: DictConfig, ckpt_dir: str | None, tag: str | None, init: s
         log.info("finetune %s at %s: EMA (decay %g) test top-1 %.4f", ft.name, tag, ft.ema_decay, extra["top1_ema"])
     log.info("finetune %s at %s: test top-1 %.4f at lr %g (%.0fs)", ft.name, tag, top1, best, time.time() - t_start)
     return {
-        "top1": top1, "best_lr": best, "dev_top1": dev_top1, "curves": curves, "num_classes": num_classes,
-        "confusion": confusion_matrix(y, pred, num_classes), "test_samples": int(len(y)),
-        "seconds": time.time() - t_start, **extra,
+        "top1": top1,
+        "best_lr": best,
+        "dev_top1": dev_top1,
+        "curves": curves,
+        "num_classes": num_classes,
+        "confusion": confusion_matrix(y, pred, num_classes),
+        "test_samples": int(len(y)),
+        "seconds": time.time() - t_start,
+        **extra,
     }
 
 
@@ -249,8 +308,9 @@ def evaluate(ft: DictConfig, weights) -> Result:
     from pipeline.evaluate.record import metric_prefix
     from pipeline.evaluate.runner import Result
 
-    res = finetune_eval(ft, weights.ckpt_dir, weights.tag, init=weights.init, variant=weights.variant,
-                        heads=weights.heads)
+    res = finetune_eval(
+        ft, weights.ckpt_dir, weights.tag, init=weights.init, variant=weights.variant, heads=weights.heads
+    )
     metrics = {"top1": res["top1"], "best_lr": res["best_lr"], "seconds": res["seconds"]}
     prefix = metric_prefix("finetune", ft.name, weights.variant)
     step_metrics = {f"{prefix}/top1": res["top1"]}
@@ -259,10 +319,15 @@ def evaluate(ft: DictConfig, weights) -> Result:
     metrics.update({f"dev_top1_lr_{lr:g}": acc for lr, acc in res["dev_top1"].items()})
     params = {k: v for k, v in OmegaConf.to_container(ft).items() if k != "name"}
     params.update(num_classes=res["num_classes"], test_samples=res["test_samples"])
-    return Result(metrics, params, step_metrics, res["confusion"],
-                  f"{ft.name} fine-tuned at lr {res['best_lr']:g} from {weights.label}",
-                  curves={label: [[int(s), float(v)] for s, v in curve] for label, curve in res["curves"].items()},
-                  summary=res)
+    return Result(
+        metrics,
+        params,
+        step_metrics,
+        res["confusion"],
+        f"{ft.name} fine-tuned at lr {res['best_lr']:g} from {weights.label}",
+        curves={label: [[int(s), float(v)] for s, v in curve] for label, curve in res["curves"].items()},
+        summary=res,
+    )
 
 
 def check(ft: DictConfig) -> None:
@@ -273,7 +338,10 @@ def check(ft: DictConfig) -> None:
         (ft.steps > 0, "steps must be positive"),
         (0 <= ft.warmup_steps, "warmup_steps must be >= 0"),
         (len(ft.lrs) > 0 and all(lr > 0 for lr in ft.lrs), f"lrs must be positive values, got {list(ft.lrs)}"),
-        (ft.batch_size > 0 and ft.batch_size % micro == 0, f"batch_size {ft.batch_size} is not a multiple of micro_batch_size {micro}"),
+        (
+            ft.batch_size > 0 and ft.batch_size % micro == 0,
+            f"batch_size {ft.batch_size} is not a multiple of micro_batch_size {micro}",
+        ),
         (0 <= ft.dev_fraction < 1, f"dev_fraction must be in [0, 1), got {ft.dev_fraction}"),
         (ft.precision != "fp16", "precision must be bf16 or fp32 (fp16 needs a loss scale fine-tuning does not keep)"),
         (ft.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0-3, got {ft.zero_stage}"),
@@ -321,9 +389,19 @@ def check_stored_size(index_url: str, image_size: int, key: str, samples: int = 
             f"{key}: {index_url} stores images shrunk below the fine-tuning resolution {image_size} "
             f"({len(shrunk)} of the first {seen} samples; e.g. {k}: shorter side {stored}, originally {original}); "
             f"every crop would be upsampled. Prepare the split again with image.size >= {image_size} "
-            "(or image.resize_mode=none) in its data_prep config")
+            "(or image.resize_mode=none) in its data_prep config"
+        )
     if unknown:
-        log.warning("%s: %s has %d of the first %d images with a shorter side under the fine-tuning resolution %d "
-                    "(e.g. %s: %d px) and no recorded original size: if data_prep shrank them, prepare the split "
-                    "again at >= %d px", key, index_url, len(unknown), seen, image_size, unknown[0][0], unknown[0][1],
-                    image_size)
+        log.warning(
+            "%s: %s has %d of the first %d images with a shorter side under the fine-tuning resolution %d "
+            "(e.g. %s: %d px) and no recorded original size: if data_prep shrank them, prepare the split "
+            "again at >= %d px",
+            key,
+            index_url,
+            len(unknown),
+            seen,
+            image_size,
+            unknown[0][0],
+            unknown[0][1],
+            image_size,
+        )

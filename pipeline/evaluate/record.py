@@ -47,13 +47,37 @@ def metric_prefix(evaluator: str, dataset: str, variant: str = "raw") -> str:
     return f"{evaluator}/{dataset}" if variant == "raw" else f"{evaluator}/{variant}/{dataset}"
 
 
-def record_of(protocol: str, dataset: str, tag: str, step: int, where: str, params: dict, metrics: dict,
-              parent_metrics: dict, confusion: np.ndarray, title: str, curves: dict | None = None, config_yaml: str = "",
-              variant: str = "raw") -> dict:
-    return {"protocol": protocol, "dataset": dataset, "variant": variant, "tag": tag, "step": step, "where": where, "params": params,
-            "metrics": {k: float(v) for k, v in metrics.items()}, "parent_metrics": {k: float(v) for k, v in parent_metrics.items()},
-            "confusion": np.asarray(confusion).astype(int).tolist(), "title": title, "curves": curves or {},
-            "config_yaml": config_yaml, "time_ms": int(time.time() * 1000)}
+def record_of(
+    protocol: str,
+    dataset: str,
+    tag: str,
+    step: int,
+    where: str,
+    params: dict,
+    metrics: dict,
+    parent_metrics: dict,
+    confusion: np.ndarray,
+    title: str,
+    curves: dict | None = None,
+    config_yaml: str = "",
+    variant: str = "raw",
+) -> dict:
+    return {
+        "protocol": protocol,
+        "dataset": dataset,
+        "variant": variant,
+        "tag": tag,
+        "step": step,
+        "where": where,
+        "params": params,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "parent_metrics": {k: float(v) for k, v in parent_metrics.items()},
+        "confusion": np.asarray(confusion).astype(int).tolist(),
+        "title": title,
+        "curves": curves or {},
+        "config_yaml": config_yaml,
+        "time_ms": int(time.time() * 1000),
+    }
 
 
 def publish(run: RunDir, uri: str, parent_run_id: str, tag: str, name: str, record: dict, timeout_s: int = 10) -> bool:
@@ -70,8 +94,12 @@ def publish(run: RunDir, uri: str, parent_run_id: str, tag: str, name: str, reco
     try:
         parent = client.get_run(parent_run_id)
         exp = parent.info.experiment_id
-        found = client.search_runs([exp], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
-                                   f"tags.`{CHECKPOINT_TAG}` = '{tag}' and tags.`{EVAL_NAME_TAG}` = '{name}'", max_results=5)
+        found = client.search_runs(
+            [exp],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and "
+            f"tags.`{CHECKPOINT_TAG}` = '{tag}' and tags.`{EVAL_NAME_TAG}` = '{name}'",
+            max_results=5,
+        )
         finished = [r for r in found if r.info.status == "FINISHED"]
         if finished:
             run.mark_shown_in_mlflow(tag, name, finished[0].info.run_id)
@@ -80,44 +108,63 @@ def publish(run: RunDir, uri: str, parent_run_id: str, tag: str, name: str, reco
         if found:
             child_id = found[0].info.run_id
         else:
-            tags = {PARENT_TAG: parent_run_id, CHECKPOINT_TAG: tag, EVAL_NAME_TAG: name, "eval.checkpoint_step": str(record["step"]),
-                    "eval.checkpoint_path": record["where"], "eval.dataset": record["dataset"], "eval.protocol": record["protocol"],
-                    VARIANT_TAG: record.get("variant", "raw")}
+            tags = {
+                PARENT_TAG: parent_run_id,
+                CHECKPOINT_TAG: tag,
+                EVAL_NAME_TAG: name,
+                "eval.checkpoint_step": str(record["step"]),
+                "eval.checkpoint_path": record["where"],
+                "eval.dataset": record["dataset"],
+                "eval.protocol": record["protocol"],
+                VARIANT_TAG: record.get("variant", "raw"),
+            }
             child_id = client.create_run(exp, start_time=ts, tags=tags, run_name=f"{name}-{tag}").info.run_id
         params = [Param(k, _param_value(v)) for k, v in record["params"].items()]
         metrics = [Metric(k, v, ts, record["step"]) for k, v in record["metrics"].items()]
         for label, curve in record.get("curves", {}).items():  # fine-tuning loss curves, x = fine-tuning step
             metrics += [Metric(f"train_loss/{label}", float(loss), ts, int(s)) for s, loss in curve]
         for i in range(0, max(len(params), len(metrics), 1), 100):
-            client.log_batch(child_id, metrics=metrics[i:i + 100], params=params[i:i + 100], tags=[])
+            client.log_batch(child_id, metrics=metrics[i : i + 100], params=params[i : i + 100], tags=[])
         with tempfile.TemporaryDirectory() as d:
             if record.get("config_yaml"):
                 (Path(d) / "eval_config.yaml").write_text(record["config_yaml"])
                 client.log_artifact(child_id, str(Path(d) / "eval_config.yaml"))
-            png = plot_confusion(np.asarray(record["confusion"]), record["title"], str(Path(d) / "confusion_matrix.png"))
+            png = plot_confusion(
+                np.asarray(record["confusion"]), record["title"], str(Path(d) / "confusion_matrix.png")
+            )
             client.log_artifact(child_id, png)
-        client.log_batch(parent_run_id, metrics=[Metric(k, v, ts, record["step"]) for k, v in record["parent_metrics"].items()],
-                         tags=[RunTag("pipeline.last_evaluated", tag)])
+        client.log_batch(
+            parent_run_id,
+            metrics=[Metric(k, v, ts, record["step"]) for k, v in record["parent_metrics"].items()],
+            tags=[RunTag("pipeline.last_evaluated", tag)],
+        )
         client.set_terminated(child_id, "FINISHED", end_time=ts)
     except Exception as e:
         log.warning("evaluation %s of %s not shown in MLflow yet (%s); it is kept in %s", name, tag, _short(e), run.url)
         return False
     run.mark_shown_in_mlflow(tag, name, child_id)
     try:
-        plot_transfer(client, parent_run_id, sorted({k for r in run.eval_records().values() for rec in r.values()
-                                                     for k in rec["parent_metrics"]}))
+        plot_transfer(
+            client,
+            parent_run_id,
+            sorted({k for r in run.eval_records().values() for rec in r.values() for k in rec["parent_metrics"]}),
+        )
     except Exception as e:  # the next publish redraws it
         log.warning("transfer plot not refreshed: %s", _short(e))
     return True
 
 
-def publish_pending(run: RunDir, uri: str | None, parent_run_id: str | None, claims, timeout_s: int = 10) -> list[tuple[str, str]]:
+def publish_pending(
+    run: RunDir, uri: str | None, parent_run_id: str | None, claims, timeout_s: int = 10
+) -> list[tuple[str, str]]:
     """Publish every record not yet in MLflow, each under its claim (``claims``: the claims'
     ``LeaseConfig``); returns ``(tag, name)`` of those still not shown (or being shown elsewhere)."""
     left = []
     for tag, name, rec in run.unshown_evals():
         with claimed(run, tag, [name], claims) as mine:
-            if not (name in mine and uri and parent_run_id and publish(run, uri, parent_run_id, tag, name, rec, timeout_s)):
+            if not (
+                name in mine and uri and parent_run_id and publish(run, uri, parent_run_id, tag, name, rec, timeout_s)
+            ):
                 left.append((tag, name))
     return left
 
@@ -160,8 +207,15 @@ def plot_confusion(cm: np.ndarray, title: str, path: str) -> str:
         for i in range(n):
             for j in range(n):
                 if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if cm[i, j] > cm.max() / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black",
+                    )
     acc = np.trace(cm) / max(1, cm.sum())
     ax.set_title(f"{title}\ntop-1 {acc:.3f}", fontsize=9)
     ax.set_xlabel("predicted")

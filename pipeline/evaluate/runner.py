@@ -98,8 +98,15 @@ class Weights:
     blocks compiled when enabled (``pipeline.compile``), for feature extraction, with the compile
     time and recompilations watched (``compile_metrics``; a storm is a warning)."""
 
-    def __init__(self, ckpt_dir: str | None = None, tag: str | None = None, init: str | None = None,
-                 variant: str = "raw", heads: int | None = None, compile: DictConfig | None = None):
+    def __init__(
+        self,
+        ckpt_dir: str | None = None,
+        tag: str | None = None,
+        init: str | None = None,
+        variant: str = "raw",
+        heads: int | None = None,
+        compile: DictConfig | None = None,
+    ):
         self.ckpt_dir, self.tag, self.init, self.variant, self.heads = ckpt_dir, tag, init, variant, heads
         self.compile = compile
         self._loaded: tuple[torch.nn.Module, int] | None = None
@@ -136,8 +143,13 @@ class Weights:
     def release(self) -> None:
         if self._watch is not None:
             m = self._watch.metrics()
-            log.info("eval.compile: %s: %.1f s compiling, %d recompilations%s", self.label, m["compile/seconds"],
-                     m["compile/recompiles"], "".join(f"; {c} (x{n})" for c, n in self._watch.reasons.most_common(3)))
+            log.info(
+                "eval.compile: %s: %.1f s compiling, %d recompilations%s",
+                self.label,
+                m["compile/seconds"],
+                m["compile/recompiles"],
+                "".join(f"; {c} (x{n})" for c, n in self._watch.reasons.most_common(3)),
+            )
             self._watch.close()
             self._watch = None
         self._loaded = None
@@ -164,15 +176,20 @@ def evaluated(run: RunDir, eval_cfg: DictConfig) -> set[str]:
     variant they hold (the run's own records: readable with MLflow down)."""
     raw = {eval_name(n, spec.name) for n, spec in wanted(eval_cfg)}
     ema = {eval_name(n, spec.name, "ema") for n, spec in wanted(eval_cfg)}
-    return {tag for tag, recs in run.eval_records().items()
-            if raw <= set(recs) and (ema <= set(recs) or not _has_ema(run, tag))}
+    return {
+        tag
+        for tag, recs in run.eval_records().items()
+        if raw <= set(recs) and (ema <= set(recs) or not _has_ema(run, tag))
+    }
 
 
 def left_to_others(run: RunDir, eval_cfg: DictConfig, tag: str) -> bool:
     """Whether every evaluation of ``tag`` that has no record is claimed by another live
     evaluator (read only: a watcher then neither submits nor fetches the checkpoint)."""
     variants = ("raw", "ema") if _has_ema(run, tag) else ("raw",)
-    todo = {eval_name(n, spec.name, v) for n, spec in wanted(eval_cfg) for v in variants} - set(run.eval_records().get(tag, {}))
+    todo = {eval_name(n, spec.name, v) for n, spec in wanted(eval_cfg) for v in variants} - set(
+        run.eval_records().get(tag, {})
+    )
     return all((owner := owner_of(run.claim_url(tag, name))) is not None and not owner.free() for name in todo)
 
 
@@ -218,8 +235,15 @@ def run_evaluators(eval_cfg: DictConfig, weights: Weights, skip: set[str] = froz
     return out
 
 
-def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunDir, tracking_uri: str | None = None,
-                        parent_run_id: str | None = None, source: str | None = None) -> dict:
+def evaluate_checkpoint(
+    eval_cfg: DictConfig,
+    ckpt_dir: str,
+    tag: str,
+    run: RunDir,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    source: str | None = None,
+) -> dict:
     """Run every configured evaluation of one (local) checkpoint not yet recorded in ``run``,
     for each weights variant it holds (``raw``; ``ema`` when trained with an EMA); record each
     in the run dir, then show it in MLflow when tracking.
@@ -238,13 +262,26 @@ def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunD
 
     def keep(variant: str):
         def keep(n: str, spec: DictConfig, result: Result) -> None:
-            record = record_of(evaluator(n).PROTOCOL, spec.name, tag, step, where, result.params, result.metrics,
-                               result.step_metrics, result.confusion, result.title, curves=result.curves,
-                               config_yaml=OmegaConf.to_yaml(spec, resolve=True), variant=variant)
+            record = record_of(
+                evaluator(n).PROTOCOL,
+                spec.name,
+                tag,
+                step,
+                where,
+                result.params,
+                result.metrics,
+                result.step_metrics,
+                result.confusion,
+                result.title,
+                curves=result.curves,
+                config_yaml=OmegaConf.to_yaml(spec, resolve=True),
+                variant=variant,
+            )
             name = eval_name(n, spec.name, variant)
             run.write_eval_record(tag, name, record)
             if tracking_uri and parent_run_id:
                 publish(run, tracking_uri, parent_run_id, tag, name, run.eval_record(tag, name))
+
         return keep
 
     names = {eval_name(n, spec.name, v) for n, spec in wanted(eval_cfg) for v in variants}
@@ -254,8 +291,7 @@ def evaluate_checkpoint(eval_cfg: DictConfig, ckpt_dir: str, tag: str, run: RunD
         recorded = set(run.eval_records().get(tag, {}))  # records written before the claims were ours
         for variant in variants:  # the checkpoint's own weights, then its EMA's (their results under "ema")
             weights = Weights(ckpt_dir, tag, variant=variant, compile=eval_cfg.get("compile", None))
-            out = run_evaluators(eval_cfg, weights, skip=names - (mine - recorded),
-                                 keep=keep(variant))
+            out = run_evaluators(eval_cfg, weights, skip=names - (mine - recorded), keep=keep(variant))
             if variant == "raw":
                 results.update(out)
             else:

@@ -47,7 +47,9 @@ def evaluate_tag(eval_cfg: DictConfig, run_url: str, tag: str, uri: str | None, 
 def _remote_eval(eval_cfg: dict, run_url: str, tag: str, uri: str | None, run_id: str | None) -> dict:
     import os
 
-    logging.basicConfig(level=logging.WARNING if os.environ.get("PIPELINE_QUIET") else logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if os.environ.get("PIPELINE_QUIET") else logging.INFO, format="%(asctime)s %(message)s"
+    )
     return evaluate_tag(OmegaConf.create(eval_cfg), run_url, tag, uri, run_id)
 
 
@@ -58,8 +60,14 @@ class Watcher:
     watcher without a cluster, and tests).
     """
 
-    def __init__(self, eval_cfg: DictConfig, run: RunDir, tracking_uri: str | None, parent_run_id: str | None,
-                 use_ray: bool = True):
+    def __init__(
+        self,
+        eval_cfg: DictConfig,
+        run: RunDir,
+        tracking_uri: str | None,
+        parent_run_id: str | None,
+        use_ray: bool = True,
+    ):
         self.eval_cfg, self.run = eval_cfg, run
         self.uri, self.run_id = tracking_uri, parent_run_id
         self.use_ray = use_ray
@@ -98,7 +106,9 @@ class Watcher:
             else:
                 self._run_inline(tag)
         self._collect(timeout=0)
-        self.unshown = publish_pending(self.run, self.uri, self.run_id, self.eval_cfg.claims) if self.uri and self.run_id else []
+        self.unshown = (
+            publish_pending(self.run, self.uri, self.run_id, self.eval_cfg.claims) if self.uri and self.run_id else []
+        )
 
     def _run_inline(self, tag: str) -> None:
         try:

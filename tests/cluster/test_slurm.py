@@ -23,9 +23,18 @@ from tests.support.slurm import Slurm, cannot_run_slurm, slurm_cluster
 pytestmark = [pytest.mark.slow]
 
 PRETRAIN = str(ROOT / "launch" / "pretrain.sh")
-TINY = ["demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.global_batch_size=32",
-        "data.micro_batch_size=16", "optim.warmup_steps=1", "train.log_every=1", "tracking.system_metrics=false",
-        "data.num_workers=0", "ray.num_workers=2"]
+TINY = [
+    "demo.classes=10",
+    "demo.per_class=16",
+    "prep.0.shard_size=64",
+    "train.global_batch_size=32",
+    "data.micro_batch_size=16",
+    "optim.warmup_steps=1",
+    "train.log_every=1",
+    "tracking.system_metrics=false",
+    "data.num_workers=0",
+    "ray.num_workers=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +47,14 @@ def slurm(tmp_path_factory):
     with slurm_cluster(logs) as cluster:
         # TORCH_EXTENSIONS_DIR: DeepSpeed's CPU ops built once for this venv (the default cache is
         # shared with other venvs on the machine, which rebuild it for theirs and hold its lock).
-        cluster.env.update(RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0",
-                           PRETRAIN_RAY_TMPDIR=cluster.hosts[0].disk,
-                           TORCH_EXTENSIONS_DIR=str(ROOT / ".venv" / "torch_extensions"))
+        cluster.env.update(
+            RAY_AUTH_MODE="disabled",
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+            RAY_DEDUP_LOGS="0",
+            PRETRAIN_RAY_TMPDIR=cluster.hosts[0].disk,
+            TORCH_EXTENSIONS_DIR=str(ROOT / ".venv" / "torch_extensions"),
+        )
         for k in [k for k in cluster.env if k.startswith("MLFLOW_") or k == "RAY_ADDRESS"]:
             del cluster.env[k]
         yield cluster
@@ -49,8 +63,9 @@ def slurm(tmp_path_factory):
 def _submit(slurm: Slurm, shared: Path, *args: str) -> tuple[str, Path]:
     """pretrain.sh --slurm from the login node; returns the job id and its log."""
     env = {**slurm.env, "MLFLOW_TRACKING_URI": f"sqlite:///{shared}/mlflow.db"}
-    r = subprocess_run([PRETRAIN, "--slurm", *args, f"output_dir={slurm.hosts[0].disk}/run",
-                        f"ray.storage_path={shared}/runs"], env)
+    r = subprocess_run(
+        [PRETRAIN, "--slurm", *args, f"output_dir={slurm.hosts[0].disk}/run", f"ray.storage_path={shared}/runs"], env
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
     return job, ROOT / "runs" / "slurm" / f"vit-pretrain-{job}.out"
@@ -82,21 +97,35 @@ def _mlflow_steps(shared: Path, run_dir: Path) -> tuple[list[int], object]:
 
 
 def _complete_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    return sorted(
+        int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()
+    )
 
 
 @pytest.mark.timeout(420)
 def test_pretrain_slurm_runs_the_demo_across_both_nodes_to_a_successful_end(slurm, tmp_path):
     t0 = time.time()
-    job, log = _submit(slurm, tmp_path, "--sbatch-args", "--nodes=2 --time=20", *TINY, "train.steps=2",
-                       "train.checkpoint_every=2", "eval.fewshot.0.shots=[1,5]", "eval.fewshot.0.seeds=1",
-                       "eval.poll_seconds=0.5", "eval.num_cpus=1")
+    job, log = _submit(
+        slurm,
+        tmp_path,
+        "--sbatch-args",
+        "--nodes=2 --time=20",
+        *TINY,
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "eval.fewshot.0.shots=[1,5]",
+        "eval.fewshot.0.seeds=1",
+        "eval.poll_seconds=0.5",
+        "eval.num_cpus=1",
+    )
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 380)
     wall = time.time() - t0
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-6000:]
-    print(f"\nSLURM demo (2 nodes, 2 steps, few-shot on steps 0 and 2): {wall:.0f}s from sbatch to COMPLETED; "
-          + " | ".join(x.strip() for x in text.splitlines() if x.startswith("few-shot")))
+    print(
+        f"\nSLURM demo (2 nodes, 2 steps, few-shot on steps 0 and 2): {wall:.0f}s from sbatch to COMPLETED; "
+        + " | ".join(x.strip() for x in text.splitlines() if x.startswith("few-shot"))
+    )
     assert "ray cluster ready: 2 node(s)" in text
     ips = set(re.findall(r"training worker rank \d on node \w+ \(([\d.]+)\)", text))
     assert ips == {h.addr for h in slurm.hosts}, f"the two training workers ran on {ips}"
@@ -109,8 +138,17 @@ def test_pretrain_slurm_runs_the_demo_across_both_nodes_to_a_successful_end(slur
 
 @pytest.mark.timeout(600)
 def test_scancel_term_stops_at_the_next_step_with_a_checkpoint_and_requeue_finishes_the_run(slurm, tmp_path):
-    job, log = _submit(slurm, tmp_path, "--requeue", "--sbatch-args", "--nodes=2 --time=20", *TINY, "train.steps=40",
-                       "train.checkpoint_every=25", "eval.enabled=false")
+    job, log = _submit(
+        slurm,
+        tmp_path,
+        "--requeue",
+        "--sbatch-args",
+        "--nodes=2 --time=20",
+        *TINY,
+        "train.steps=40",
+        "train.checkpoint_every=25",
+        "eval.enabled=false",
+    )
     steps_seen = r"step (\d+)/40 loss"
     _wait_log(log, r"step [3-9]/40 loss", slurm, job, 300)
     logged = max(int(s) for s in re.findall(steps_seen, log.read_text()))
@@ -128,29 +166,55 @@ def test_scancel_term_stops_at_the_next_step_with_a_checkpoint_and_requeue_finis
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now+3")
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
     text = log.read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (
         text[-6000:] + "\n" + slurm.diagnose(job)
-    print(f"\nscancel --signal=TERM after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
-          f"steps lost {max(0, logged - stopped)}; requeued, resumed and finished")
+    )
+    print(
+        f"\nscancel --signal=TERM after step {logged}: last periodic checkpoint step 0, stop checkpoint step "
+        f"{stopped}, "
+        f"steps lost {max(0, logged - stopped)}; requeued, resumed and finished"
+    )
     assert stopped >= logged and stopped % 25 != 0
-    assert f"step_{stopped:08d} at step {stopped}" in text[len(first):]  # "resumed from <scratch>/step_... at step ..."
+    assert (
+        f"step_{stopped:08d} at step {stopped}" in text[len(first) :]
+    )  # "resumed from <scratch>/step_... at step ..."
     steps, run = _mlflow_steps(tmp_path, run_dir)
     assert steps == list(range(1, 41)) and run.info.status == "FINISHED"
 
 
 def _train_dist(slurm: Slurm, shards: str, shared: Path, *args: str, job_name: str = "train-dist") -> list[str]:
-    return ["srun", "--nodes=2", "--ntasks-per-node=1", "--time=5", f"--job-name={job_name}",
-            str(ROOT / "launch" / "train_dist.sh"), "--nproc", "1",
-            "configs/experiment/demo.yaml", f"data.train={shards}", "model.num_classes=4", "train.global_batch_size=16",
-            "data.micro_batch_size=8", "data.num_workers=0", "tracking.system_metrics=false", "eval.enabled=false",
-            "demo.enabled=false", "prep=[]", "train.log_every=1", f"output_dir={slurm.hosts[0].disk}/dist",
-            f"ray.storage_path={shared}/runs", f"tracking.uri=sqlite:///{shared}/mlflow.db", *args]
+    return [
+        "srun",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--time=5",
+        f"--job-name={job_name}",
+        str(ROOT / "launch" / "train_dist.sh"),
+        "--nproc",
+        "1",
+        "configs/experiment/demo.yaml",
+        f"data.train={shards}",
+        "model.num_classes=4",
+        "train.global_batch_size=16",
+        "data.micro_batch_size=8",
+        "data.num_workers=0",
+        "tracking.system_metrics=false",
+        "eval.enabled=false",
+        "demo.enabled=false",
+        "prep=[]",
+        "train.log_every=1",
+        f"output_dir={slurm.hosts[0].disk}/dist",
+        f"ray.storage_path={shared}/runs",
+        f"tracking.uri=sqlite:///{shared}/mlflow.db",
+        *args,
+    ]
 
 
 @pytest.mark.timeout(300)
 def test_train_dist_under_srun_trains_across_two_nodes_and_checkpoints(slurm, tiny_shards, tmp_path):
-    r = subprocess_run(_train_dist(slurm, tiny_shards, tmp_path, "train.steps=3", "train.checkpoint_every=3"), slurm.env,
-                       timeout=280)
+    r = subprocess_run(
+        _train_dist(slurm, tiny_shards, tmp_path, "train.steps=3", "train.checkpoint_every=3"), slurm.env, timeout=280
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d" in r.stdout
     run_dir = tmp_path / "runs" / "demo"
@@ -164,8 +228,14 @@ def test_scancel_term_stops_train_dist_under_srun_at_the_next_step_with_a_checkp
 
     log = tmp_path / "srun.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(_train_dist(slurm, tiny_shards, tmp_path, "train.steps=1000", "train.checkpoint_every=50",
-                                            job_name="dist-stop"), env=slurm.env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            _train_dist(
+                slurm, tiny_shards, tmp_path, "train.steps=1000", "train.checkpoint_every=50", job_name="dist-stop"
+            ),
+            env=slurm.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         end = time.time() + 200
         while not re.search(r"step [3-9]/1000 loss", log.read_text()):
@@ -179,8 +249,10 @@ def test_scancel_term_stops_train_dist_under_srun_at_the_next_step_with_a_checkp
             proc.kill()
     text = log.read_text()
     stopped = _complete_steps(tmp_path / "runs" / "demo")[-1]
-    print(f"\nscancel --signal=TERM to train_dist.sh under srun after step {logged}: last periodic checkpoint step 0, "
-          f"stop checkpoint step {stopped}, steps lost {max(0, logged - stopped)}")
+    print(
+        f"\nscancel --signal=TERM to train_dist.sh under srun after step {logged}: last periodic checkpoint step 0, "
+        f"stop checkpoint step {stopped}, steps lost {max(0, logged - stopped)}"
+    )
     assert "to resume, rerun the same command" in text
     assert stopped >= logged and stopped % 50 != 0
     assert rc == 3, text[-4000:]

@@ -16,9 +16,19 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 # Headless, no sandbox (root in a container), no network beyond 127.0.0.1, no first-run UI.
 # --run-all-compositor-stages-before-draw: without it the charts, drawn only once in view, stay
 # spinners under --virtual-time-budget (seen with Chromium 156 and MLflow 3.17).
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--hide-scrollbars", "--run-all-compositor-stages-before-draw"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--run-all-compositor-stages-before-draw",
+]
 
 
 WINDOW = "--window-size=1600,1300"  # tall enough that every chart is in view: charts out of view stay spinners
@@ -43,8 +53,7 @@ def render(chromium: str, url: str, shot: str) -> str:
     (ARTIFACTS / f"{shot}.html").write_text(dom.stdout)
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={RENDER_MS}", WINDOW]
-        subprocess.run([chromium, *flags, f"--screenshot={png}", url],
-                       capture_output=True, timeout=120, check=True)
+        subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, timeout=120, check=True)
     assert png.stat().st_size > 10_000, f"{png}: an empty screenshot"
     print(f"screenshot of {url}: {png}")
     return dom.stdout

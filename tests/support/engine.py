@@ -17,12 +17,34 @@ def tiny_engine(out: Path, tiny_shards: str):
     from pipeline.recipe import build_engine
 
     _, _, device = dist_setup(standalone=True)
-    cfg = load_config(None, ["model.name=vit_tiny_test", f"data.train={tiny_shards}", f"output_dir={out}", "train.steps=10",
-                             "train.global_batch_size=8", "data.micro_batch_size=8", "ray.num_workers=1",
-                             "deepspeed.zero_stage=2", "train.precision=fp32"])
+    cfg = load_config(
+        None,
+        [
+            "model.name=vit_tiny_test",
+            f"data.train={tiny_shards}",
+            f"output_dir={out}",
+            "train.steps=10",
+            "train.global_batch_size=8",
+            "data.micro_batch_size=8",
+            "ray.num_workers=1",
+            "deepspeed.zero_stage=2",
+            "train.precision=fp32",
+        ],
+    )
     engine, _ = build_engine(cfg, 4, 10, 1, device)
-    spec = StreamSpec(index_url=tiny_shards, rank=0, world_size=1, num_workers=0, batch_size=8, image_size=16, num_classes=4,
-                      seed=0, shuffle_block=16, crop_area=(0.5, 1.0), flip=True)
+    spec = StreamSpec(
+        index_url=tiny_shards,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        batch_size=8,
+        image_size=16,
+        num_classes=4,
+        seed=0,
+        shuffle_block=16,
+        crop_area=(0.5, 1.0),
+        flip=True,
+    )
     return engine, TrainStream(spec), to_yaml(cfg), device
 
 

@@ -75,12 +75,27 @@ class Host:
         """(Re)start the holder, which owns this host's mount namespace: a fresh, empty disk."""
         hosts = "127.0.0.1 localhost\\n" + "".join(f"{a} {n}\\n" for n, a in self.peers.items())
         self.holder = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, "unshare", "-m", "-u", "--propagation", "private", "sh", "-c",
-             f"hostname {self.name} && mount -t tmpfs none {self.disk} && "
-             f"printf '{hosts}' > {self.disk}/hosts && "
-             f"mount --bind {self.disk}/hosts /etc/hosts && "
-             "echo ready && exec sleep infinity"],
-            stdout=subprocess.PIPE, text=True, start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.name,
+                "unshare",
+                "-m",
+                "-u",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f"hostname {self.name} && mount -t tmpfs none {self.disk} && "
+                f"printf '{hosts}' > {self.disk}/hosts && "
+                f"mount --bind {self.disk}/hosts /etc/hosts && "
+                "echo ready && exec sleep infinity",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         assert self.holder.stdout.readline().strip() == "ready"
 
     def _enter(self, cmd: list[str]) -> list[str]:
@@ -88,8 +103,9 @@ class Host:
 
     def popen(self, cmd: list[str], env: dict, log: str) -> subprocess.Popen:
         out = open(self.logs / f"{self.name}-{log}.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen(self._enter(cmd), env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            self._enter(cmd), env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 

@@ -16,9 +16,16 @@ from tests.support import ROOT
 from tests.support.tiers import kill_family
 
 TINY = [
-    "demo.classes=10", "demo.per_class=16", "prep.0.shard_size=64", "train.global_batch_size=32",
-    "data.micro_batch_size=16", "optim.warmup_steps=1", "train.log_every=1", "eval.enabled=false",
-    "train.steps=12", "train.checkpoint_every=3",
+    "demo.classes=10",
+    "demo.per_class=16",
+    "prep.0.shard_size=64",
+    "train.global_batch_size=32",
+    "data.micro_batch_size=16",
+    "optim.warmup_steps=1",
+    "train.log_every=1",
+    "eval.enabled=false",
+    "train.steps=12",
+    "train.checkpoint_every=3",
     "tracking.pytorch_flavor=false",  # the final model's torch.export flavor: tests/test_handoff.py
 ]
 
@@ -38,8 +45,22 @@ class Job:
 
     def __init__(self, out, *overrides, env=None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.run", "configs/experiment/demo.yaml", f"output_dir={out}", *TINY, *overrides],
-            cwd=ROOT, env=env or job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "pipeline.run",
+                "configs/experiment/demo.yaml",
+                f"output_dir={out}",
+                *TINY,
+                *overrides,
+            ],
+            cwd=ROOT,
+            env=env or job_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[tuple[float, str]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -57,9 +78,11 @@ class Job:
     def wait_for(self, pred, timeout: float, what: str):
         end = time.time() + timeout
         while time.time() < end:
-            if (v := pred()):
+            if v := pred():
                 return v
-            assert self.proc.poll() is None, f"job ended (rc {self.proc.returncode}) before {what}:\n{self.text()[-6000:]}"
+            assert self.proc.poll() is None, (
+                f"job ended (rc {self.proc.returncode}) before {what}:\n{self.text()[-6000:]}"
+            )
             time.sleep(0.2)
         raise AssertionError(f"no {what} in {timeout}s:\n{self.text()[-6000:]}")
 
@@ -98,4 +121,3 @@ def assert_one_run_with_steps(out, last: int, run_dir=None):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(1, last + 1)), (key, steps)
     return client.get_run(run_id)
-

@@ -50,12 +50,19 @@ def evaluate(spec: DictConfig, weights):
 
     model, image_size = weights.model()
     t0 = time.time()
-    train_x, train_y = extract_features(model, iter_eval_batches(spec.train, image_size, spec.batch_size, spec.crop_ratio))
+    train_x, train_y = extract_features(
+        model, iter_eval_batches(spec.train, image_size, spec.batch_size, spec.crop_ratio)
+    )
     test_x, test_y = extract_features(model, iter_eval_batches(spec.test, image_size, spec.batch_size, spec.crop_ratio))
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     pred = knn_predict(train_x, train_y, test_x, spec.k, num_classes)
     top1 = float(np.mean(pred == test_y))
     prefix = metric_prefix("knn_probe", spec.name, weights.variant)
-    return Result({"top1": top1, "seconds": time.time() - t0}, {"k": spec.k, "train": spec.train, "test": spec.test},
-                  {f"{prefix}/top1": top1}, confusion_matrix(test_y, pred, num_classes),
-                  f"{spec.name} {spec.k}-NN at {weights.label}", summary={"top1": top1})
+    return Result(
+        {"top1": top1, "seconds": time.time() - t0},
+        {"k": spec.k, "train": spec.train, "test": spec.test},
+        {f"{prefix}/top1": top1},
+        confusion_matrix(test_y, pred, num_classes),
+        f"{spec.name} {spec.k}-NN at {weights.label}",
+        summary={"top1": top1},
+    )

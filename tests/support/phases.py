@@ -26,8 +26,16 @@ def run_phases(procs, nproc: int, phases: list[dict], workdir: Path, timeout: in
     plan, result = workdir / f"plan_{phases[0]['name']}.json", workdir / f"result_{phases[0]['name']}.json"
     plan.write_text(json.dumps({"phases": phases}))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           str(WORKER), str(plan), str(result)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(WORKER),
+        str(plan),
+        str(result),
+    ]
     proc = procs.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     (workdir / f"log_{phases[0]['name']}.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -41,11 +49,25 @@ def overrides(out: Path, shards: str, mlflow_uri: str, **extra) -> list[str]:
     (30 samples per reader) and mid-block; step 8 crosses into the next pass.
     """
     base = {
-        "model.name": "vit_tiny_test", "model.dropout": 0.1, "data.train": shards, "output_dir": str(out),
-        "train.steps": 8, "train.global_batch_size": 16, "data.micro_batch_size": 4, "optim.warmup_steps": 2,
-        "optim.lr": 3e-3, "train.log_every": 1, "train.checkpoint_every": 4, "train.loss": "softmax",
-        "data.num_workers": 2, "data.shuffle_block": 24, "data.crop_min_area": 0.8, "data.flip": True,
-        "train.log_sample_keys": True, "tracking.system_metrics": False, "tracking.uri": mlflow_uri,
+        "model.name": "vit_tiny_test",
+        "model.dropout": 0.1,
+        "data.train": shards,
+        "output_dir": str(out),
+        "train.steps": 8,
+        "train.global_batch_size": 16,
+        "data.micro_batch_size": 4,
+        "optim.warmup_steps": 2,
+        "optim.lr": 3e-3,
+        "train.log_every": 1,
+        "train.checkpoint_every": 4,
+        "train.loss": "softmax",
+        "data.num_workers": 2,
+        "data.shuffle_block": 24,
+        "data.crop_min_area": 0.8,
+        "data.flip": True,
+        "train.log_sample_keys": True,
+        "tracking.system_metrics": False,
+        "tracking.uri": mlflow_uri,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -72,11 +94,27 @@ def ranks_env() -> dict:
 
 def guard_run_overrides(out: Path, shards: str, *extra: str) -> list[str]:
     """12 steps of a tiny ViT, 2 micro-batches a rank a step, a checkpoint every 4."""
-    return [f"data.train={shards}", f"output_dir={out}", "model.name=vit_tiny_test", "model.num_classes=0", "train.steps=12",
-            "train.global_batch_size=16", "data.micro_batch_size=4", "optim.warmup_steps=2", "optim.lr=3e-3",
-            "train.log_every=1", "train.checkpoint_every=4", "data.num_workers=1", "tracking.system_metrics=false",
-            "data.crop_min_area=0.8", "eval.enabled=false", "demo.enabled=false", "prep=[]", "train.log_sample_keys=true",
-            *extra]
+    return [
+        f"data.train={shards}",
+        f"output_dir={out}",
+        "model.name=vit_tiny_test",
+        "model.num_classes=0",
+        "train.steps=12",
+        "train.global_batch_size=16",
+        "data.micro_batch_size=4",
+        "optim.warmup_steps=2",
+        "optim.lr=3e-3",
+        "train.log_every=1",
+        "train.checkpoint_every=4",
+        "data.num_workers=1",
+        "tracking.system_metrics=false",
+        "data.crop_min_area=0.8",
+        "eval.enabled=false",
+        "demo.enabled=false",
+        "prep=[]",
+        "train.log_sample_keys=true",
+        *extra,
+    ]
 
 
 def checkpoint_to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:

@@ -55,14 +55,25 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return out
 
 
-
 # A config that plans on Ray whatever the source size (data_prep.plan_ray).
-def on_ray(source, output, range_bytes: int = 64 << 20, max_tasks: int = 0,
-           bucket_bytes: int = 128 << 20, folders_per_task: int = 100, **kw):
+def on_ray(
+    source,
+    output,
+    range_bytes: int = 64 << 20,
+    max_tasks: int = 0,
+    bucket_bytes: int = 128 << 20,
+    folders_per_task: int = 100,
+    **kw,
+):
     cfg = cfg_for(source, output, **kw)
-    cfg.planning = PlanningConfig(on_ray_bytes=1, on_ray_folders=1, range_bytes=range_bytes,
-                                  max_tasks=max_tasks, bucket_bytes=bucket_bytes,
-                                  folders_per_task=folders_per_task)
+    cfg.planning = PlanningConfig(
+        on_ray_bytes=1,
+        on_ray_folders=1,
+        range_bytes=range_bytes,
+        max_tasks=max_tasks,
+        bucket_bytes=bucket_bytes,
+        folders_per_task=folders_per_task,
+    )
     return cfg
 
 
@@ -75,8 +86,9 @@ PER_CLASS = 8
 ODD_NAMES = ("a.b.c photo.jpg", "caf\u00e9 \u00fc\u00f1\u00ee.jpeg", "x y.JPG")
 
 
-def jpeg(w: int = 40, h: int = 30, seed: int = 0, mode: str = "RGB", quality: int = 90,
-         exif_orientation: int | None = None) -> bytes:
+def jpeg(
+    w: int = 40, h: int = 30, seed: int = 0, mode: str = "RGB", quality: int = 90, exif_orientation: int | None = None
+) -> bytes:
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
     out = io.BytesIO()
@@ -89,8 +101,7 @@ def jpeg(w: int = 40, h: int = 30, seed: int = 0, mode: str = "RGB", quality: in
     return out.getvalue()
 
 
-def make_folders(root: Path, per_class: int = PER_CLASS, classes=CLASSES, w: int = 40,
-                 h: int = 30) -> list[Path]:
+def make_folders(root: Path, per_class: int = PER_CLASS, classes=CLASSES, w: int = 40, h: int = 30) -> list[Path]:
     """Class folders of small noisy JPEGs; a few names have dots, spaces and accents."""
     paths = []
     for c, name in enumerate(classes):

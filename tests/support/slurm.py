@@ -4,8 +4,9 @@ slurmctld and ``slurmd -N <host 1>`` run on host 1, ``slurmd -N <host 2>`` on ho
 (``tests/support/hosts.py``: own addresses, host names and private disks; the repository is shared,
 as the sbatch script assumes). A munged of its own (own key and socket) authenticates them;
 every file of the cluster lives in one temp dir. Job ids start at a random number: the
-sbatch script's logs (``runs/slurm/%x-%j.out``) of another session are not appended to. The client commands (sbatch, srun, scancel,
-scontrol) find it through ``$SLURM_CONF``. Only what was started here is stopped, by pid.
+sbatch script's logs (``runs/slurm/%x-%j.out``) of another session are not appended to. The
+client commands (sbatch, srun, scancel, scontrol) find it through ``$SLURM_CONF``. Only what was
+started here is stopped, by pid.
 """
 
 from __future__ import annotations
@@ -121,13 +122,35 @@ def slurm_cluster(logs: Path, kill_wait: int = 30) -> Iterator[Slurm]:
             key.chmod(0o400)
             munge_sock = d / "munge.sock"
             munged = subprocess.Popen(
-                ["munged", "--foreground", "--force", f"--socket={munge_sock}", f"--key-file={key}", f"--pid-file={d}/munged.pid",
-                 f"--seed-file={d}/munged.seed", f"--log-file={d}/munged.log"],
-                stdout=subprocess.DEVNULL, stderr=open(logs / "munged.log", "w"), start_new_session=True)  # noqa: SIM115
+                [
+                    "munged",
+                    "--foreground",
+                    "--force",
+                    f"--socket={munge_sock}",
+                    f"--key-file={key}",
+                    f"--pid-file={d}/munged.pid",
+                    f"--seed-file={d}/munged.seed",
+                    f"--log-file={d}/munged.log",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=open(logs / "munged.log", "w"),
+                start_new_session=True,
+            )  # noqa: SIM115
             _wait_for(munge_sock.exists, 20, "munged's socket", munged)
             conf = d / "slurm.conf"
-            conf.write_text(SLURM_CONF.format(tag=tag, n1=h1.name, a1=h1.addr, n2=h2.name, a2=h2.addr, munge=munge_sock, d=d,
-                                              kill_wait=kill_wait, first_job=int(tag, 16) % 900000 + 1000))
+            conf.write_text(
+                SLURM_CONF.format(
+                    tag=tag,
+                    n1=h1.name,
+                    a1=h1.addr,
+                    n2=h2.name,
+                    a2=h2.addr,
+                    munge=munge_sock,
+                    d=d,
+                    kill_wait=kill_wait,
+                    first_job=int(tag, 16) % 900000 + 1000,
+                )
+            )
             (d / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
             (d / "state").mkdir()
             env = {**os.environ, "SLURM_CONF": str(conf)}
@@ -144,8 +167,12 @@ def slurm_cluster(logs: Path, kill_wait: int = 30) -> Iterator[Slurm]:
                 if r.returncode == 0 and len(states) == 2 and set(states.values()) == {"idle"}:
                     break
                 if time.time() > end or ctld.poll() is not None:
-                    raise RuntimeError(f"the SLURM cluster did not come up: {r.stdout}{r.stderr}\n"
-                                       + (d / "slurmctld.log").read_text()[-3000:] if (d / "slurmctld.log").exists() else "")
+                    raise RuntimeError(
+                        f"the SLURM cluster did not come up: {r.stdout}{r.stderr}\n"
+                        + (d / "slurmctld.log").read_text()[-3000:]
+                        if (d / "slurmctld.log").exists()
+                        else ""
+                    )
                 time.sleep(0.5)
             yield cluster
     finally:

@@ -50,8 +50,7 @@ def tier_of(fixturenames: list[str]) -> str:
 
 # Rough seconds a test of each tier takes on an idle 2-core machine (bench/RESULTS.md, "The test
 # suite"): used only to hand the longest groups to pytest-xdist's workers first.
-TIER_SECONDS = {"unit": 0.5, "service": 5, "ray": 2, "ranks": 14, "browser": 9, "job": 65, "cluster": 80,
-                "install": 85}
+TIER_SECONDS = {"unit": 0.5, "service": 5, "ray": 2, "ranks": 14, "browser": 9, "job": 65, "cluster": 80, "install": 85}
 
 
 CLUSTER_DIR = "tests/cluster/"
@@ -77,8 +76,12 @@ def schedule(items, tiers: dict[str, str]) -> list:
     for n, item in enumerate(items):
         weight[group_of(item.nodeid)] += TIER_SECONDS[tiers[item.nodeid]]
         first.setdefault(group_of(item.nodeid), n)
-    return [items[n] for n in sorted(range(len(items)), key=lambda n: (-weight[group_of(items[n].nodeid)],
-                                                                       first[group_of(items[n].nodeid)], n))]
+    return [
+        items[n]
+        for n in sorted(
+            range(len(items)), key=lambda n: (-weight[group_of(items[n].nodeid)], first[group_of(items[n].nodeid)], n)
+        )
+    ]
 
 
 class GroupScheduling(LoadScopeScheduling):
@@ -105,8 +108,9 @@ class Processes:
         self.started.append(proc)
         return proc
 
-    def run(self, cmd, *, timeout: float, capture_output: bool = False, input=None, check: bool = False,
-            **kwargs) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd, *, timeout: float, capture_output: bool = False, input=None, check: bool = False, **kwargs
+    ) -> subprocess.CompletedProcess:
         if capture_output:
             kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if input is not None:

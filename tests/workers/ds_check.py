@@ -38,19 +38,36 @@ def main() -> None:
     trained = full_params(engine)
     index = ShardIndex.load(cfg.data.train)
     ckpt_dir = str(Path(cfg.output_dir) / "checkpoints")
-    fresh, _ = build_engine(cfg, cfg.model.num_classes or index.num_classes, total_steps(cfg, index.num_samples), world, device)
+    fresh, _ = build_engine(
+        cfg, cfg.model.num_classes or index.num_classes, total_steps(cfg, index.num_samples), world, device
+    )
     before = full_params(fresh)
     checkpoint.load(fresh, ckpt_dir, checkpoint.latest_tag(ckpt_dir))
     loaded = full_params(fresh)
     diffs = {k: (trained[k] - loaded[k]).abs().max().item() for k in trained}
     changed = max((trained[k] - before[k]).abs().max().item() for k in trained)
     if rank == 0:
-        losses = [m.value for m in sorted(Tracker(Tracker.start(cfg, summary["run_id"]).uri, summary["run_id"]).metric_history("train/loss"), key=lambda m: m.step)]
-        Path(result_path).write_text(json.dumps({
-            "summary": summary, "max_diff": max(diffs.values()), "changed_by_training": changed, "losses": losses,
-            "zero_stage": engine.zero_optimization_stage(), "bf16": engine.bfloat16_enabled(), "world": world,
-            "tags": checkpoint.complete_tags(ckpt_dir),
-        }))
+        losses = [
+            m.value
+            for m in sorted(
+                Tracker(Tracker.start(cfg, summary["run_id"]).uri, summary["run_id"]).metric_history("train/loss"),
+                key=lambda m: m.step,
+            )
+        ]
+        Path(result_path).write_text(
+            json.dumps(
+                {
+                    "summary": summary,
+                    "max_diff": max(diffs.values()),
+                    "changed_by_training": changed,
+                    "losses": losses,
+                    "zero_stage": engine.zero_optimization_stage(),
+                    "bf16": engine.bfloat16_enabled(),
+                    "world": world,
+                    "tags": checkpoint.complete_tags(ckpt_dir),
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -61,11 +61,15 @@ def _spy_sanity_check(real):
     # The engine's own sanity check is where DeepSpeed refuses a precision the device lacks;
     # record what it parsed first, so a refused fp16 run still shows its loss-scale settings.
     def check(self):
-        SEEN.setdefault("engine_precision", []).append({
-            "fp16": self.fp16_enabled(), "bf16": self.bfloat16_enabled(), "loss_scale": self.loss_scale(),
-            "dynamic_loss_scale": self.dynamic_loss_scale(),
-            "dynamic_loss_scale_args": {str(k): v for k, v in (self.dynamic_loss_scale_args() or {}).items()},
-        })
+        SEEN.setdefault("engine_precision", []).append(
+            {
+                "fp16": self.fp16_enabled(),
+                "bf16": self.bfloat16_enabled(),
+                "loss_scale": self.loss_scale(),
+                "dynamic_loss_scale": self.dynamic_loss_scale(),
+                "dynamic_loss_scale_args": {str(k): v for k, v in (self.dynamic_loss_scale_args() or {}).items()},
+            }
+        )
         return real(self)
 
     return check
@@ -73,6 +77,7 @@ def _spy_sanity_check(real):
 
 def _spy_state(real, key: str):
     """Wrap a CheckpointManager method: afterwards, dump the tracked state where the phase says."""
+
     def method(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
         if DUMP.get(key) and self.engine.global_steps > 0:  # Adam has no moments before its first step
@@ -105,7 +110,9 @@ def full_state(engine, ema=None) -> dict[str, dict[str, torch.Tensor]]:
         engine.optimizer._lazy_init_hp_params_optimizer_state()
     state = {"fp32": full_fp32(engine)}
     for key in ("exp_avg", "exp_avg_sq"):
-        state[key] = {k: safe_get_full_optimizer_state(p, key).detach().float().cpu().clone() for k, p in params.items()}
+        state[key] = {
+            k: safe_get_full_optimizer_state(p, key).detach().float().cpu().clone() for k, p in params.items()
+        }
     if ema is not None:
         state["ema"] = {k: v.detach().float().cpu().clone() for k, v in ema.full_state_dict().items()}
     state["step"] = {"global_steps": torch.tensor(engine.global_steps)}
@@ -124,17 +131,27 @@ def check_load(cfg, ckpt_dir: str, tag: str) -> dict:
     _, world, device = dist_setup()
     index = ShardIndex.load(cfg.data.train)
     src = Path(cfg.train.resume_from)
-    engine, _ = build_engine(cfg, cfg.model.num_classes or index.num_classes, total_steps(cfg, index.num_samples), world, device,
-                             load_universal=checkpoint.is_universal(src))
+    engine, _ = build_engine(
+        cfg,
+        cfg.model.num_classes or index.num_classes,
+        total_steps(cfg, index.num_samples),
+        world,
+        device,
+        load_universal=checkpoint.is_universal(src),
+    )
     meta, rank_state = checkpoint.load(engine, str(src.parent), src.name)
     master, module = full_fp32(engine), full_module(engine)
     reference = checkpoint.load_fp32_weights(ckpt_dir, tag)
     out = {
         "names_match": sorted(master) == sorted(reference),
         "fp32_max_diff": max((master[k] - reference[k]).abs().max().item() for k in reference),
-        "module_max_diff": max((module[k].float() - reference[k].to(module[k].dtype).float()).abs().max().item() for k in reference),
+        "module_max_diff": max(
+            (module[k].float() - reference[k].to(module[k].dtype).float()).abs().max().item() for k in reference
+        ),
         "module_dtype": str(next(iter(module.values())).dtype),
-        "global_steps": engine.global_steps, "meta_step": meta.get("step"), "rank_state": rank_state is not None,
+        "global_steps": engine.global_steps,
+        "meta_step": meta.get("step"),
+        "rank_state": rank_state is not None,
         "lr": engine.lr_scheduler.get_last_lr()[0] if engine.lr_scheduler else None,
     }
     engine.destroy()
@@ -162,12 +179,18 @@ def run_phase(phase: dict) -> dict:
         traceback.print_exc()
         raise
     engine = trainer.engine
-    out.update(SEEN, summary=summary, zero_stage=engine.zero_optimization_stage(), bf16=engine.bfloat16_enabled(),
-               fp16=engine.fp16_enabled(), world=dist.get_world_size(),
-               param_dtype=str(next(engine.module.parameters()).dtype),
-               optimizer=type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
-               offload_optimizer=offload_device(engine.zero_offload_optimizer()),
-               offload_param=offload_device(engine.zero_offload_param()))
+    out.update(
+        SEEN,
+        summary=summary,
+        zero_stage=engine.zero_optimization_stage(),
+        bf16=engine.bfloat16_enabled(),
+        fp16=engine.fp16_enabled(),
+        world=dist.get_world_size(),
+        param_dtype=str(next(engine.module.parameters()).dtype),
+        optimizer=type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
+        offload_optimizer=offload_device(engine.zero_offload_optimizer()),
+        offload_param=offload_device(engine.zero_offload_param()),
+    )
     if "save_fp32" in phase:
         weights = full_fp32(engine)
         if dist.get_rank() == 0:
