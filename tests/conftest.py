@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.data import write_shards
 from tests.support.services import MlflowServer, moto_s3
-from tests.support.tiers import TIERS, GroupScheduling, Processes, TierReport, schedule, tier_of
+from tests.support.tiers import TIERS, GroupScheduling, Processes, TierReport, schedule, tier_of, turn
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -38,6 +38,14 @@ def pytest_collection_modifyitems(config, items):
     items[:] = schedule(items, tiers)
     for item in items:
         item.add_marker(getattr(pytest.mark, tiers[item.nodeid]))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Job and cluster tests take turns across the xdist workers (``tests/support/tiers.py:
+    turn``); outermost, so that waiting for a turn is not part of a test's timeout."""
+    with turn(item):
+        yield
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -16,9 +16,12 @@ The inner loop is ``pytest -m "not (job or cluster or install)"``; CI runs every
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
+import tempfile
 from collections import defaultdict
 
 import psutil
@@ -65,23 +68,53 @@ def group_of(nodeid: str) -> str:
 
 
 def schedule(items, tiers: dict[str, str]) -> list:
-    """The tests reordered longest group first (by ``TIER_SECONDS``), each group's own order kept,
-    so that no long group starts last on a worker. A ``cluster`` test outside ``tests/cluster/``
-    is refused: it would run beside the other machine-wide tests."""
+    """The tests in the order pytest-xdist's workers should take their groups, each group's own
+    order kept. Groups with an exclusive-tier test (``EXCLUSIVE``, which take turns) form one
+    lane and the rest another, each longest first (by ``TIER_SECONDS``); the queue interleaves
+    the two lanes by their expected start times, so one worker runs the exclusive groups while
+    the other runs the rest beside them. A ``cluster`` test outside ``tests/cluster/`` is
+    refused: it would run beside the other machine-wide tests."""
     misplaced = [i.nodeid for i in items if tiers[i.nodeid] == "cluster" and not i.nodeid.startswith(CLUSTER_DIR)]
     if misplaced:
         raise pytest.UsageError(f"cluster-tier tests belong in {CLUSTER_DIR} (run one at a time): {misplaced}")
     weight: dict[str, float] = defaultdict(float)
-    first: dict[str, int] = {}
-    for n, item in enumerate(items):
-        weight[group_of(item.nodeid)] += TIER_SECONDS[tiers[item.nodeid]]
-        first.setdefault(group_of(item.nodeid), n)
-    return [
-        items[n]
-        for n in sorted(
-            range(len(items)), key=lambda n: (-weight[group_of(items[n].nodeid)], first[group_of(items[n].nodeid)], n)
-        )
-    ]
+    exclusive: set[str] = set()
+    members: dict[str, list] = defaultdict(list)
+    for item in items:
+        group = group_of(item.nodeid)
+        weight[group] += TIER_SECONDS[tiers[item.nodeid]]
+        members[group].append(item)
+        if tiers[item.nodeid] in EXCLUSIVE:
+            exclusive.add(group)
+    start: dict[str, tuple[float, int]] = {}
+    for lane, groups in enumerate((exclusive, set(members) - exclusive)):
+        t = 0.0
+        for group in sorted(groups, key=lambda g: -weight[g]):
+            start[group] = (t, lane)
+            t += weight[group]
+    return [item for group in sorted(members, key=lambda g: start[g]) for item in members[group]]
+
+
+# The tiers whose tests take the whole machine (several process trees, waits with deadlines):
+# under pytest-xdist they take turns, while the other worker runs lighter tests beside them.
+EXCLUSIVE = ("job", "cluster")
+
+
+@contextlib.contextmanager
+def turn(item):
+    """Hold the machine-wide turn of the exclusive tiers while ``item`` runs (setup, call and
+    teardown, and so its module's fixtures too), when it is one of them and pytest-xdist's
+    workers share this machine; the wait for the turn is outside the test's timeout."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run is None or not any(item.get_closest_marker(t) for t in EXCLUSIVE):
+        yield
+        return
+    with open(os.path.join(tempfile.gettempdir(), f"vit-tests-{run}.turn"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class GroupScheduling(LoadScopeScheduling):
