@@ -87,12 +87,13 @@ def schedule(items, tiers: dict[str, str]) -> list:
         if tiers[item.nodeid] in EXCLUSIVE:
             exclusive.add(group)
     start: dict[str, tuple[float, int]] = {}
-    for lane, groups in enumerate((exclusive, set(members) - exclusive)):
+    order = list(members)  # collection order: ties break the same way in every worker
+    for lane, groups in enumerate(([g for g in order if g in exclusive], [g for g in order if g not in exclusive])):
         t = 0.0
-        for group in sorted(groups, key=lambda g: -weight[g]):
+        for group in sorted(groups, key=lambda g: (-weight[g], order.index(g))):
             start[group] = (t, lane)
             t += weight[group]
-    return [item for group in sorted(members, key=lambda g: start[g]) for item in members[group]]
+    return [item for group in sorted(order, key=lambda g: (*start[g], order.index(g))) for item in members[group]]
 
 
 # The tiers whose tests take the whole machine (several process trees, waits with deadlines):
