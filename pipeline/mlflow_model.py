@@ -30,7 +30,7 @@ from pipeline.serving import ViTImages
 ARCH_FILE = "arch.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What the served model imports of this package (pipeline.serving's imports): the model carries these only.
-SERVING_MODULES = ("__init__.py", "serving.py", "model.py", "data.py", "augment.py")
+SERVING_MODULES = ("__init__.py", "serving.py", "model.py", "data", "augment.py")  # data: a package
 
 
 def signature(export: Export):
@@ -89,7 +89,10 @@ def save(export: Export, path: str, pytorch_flavor: bool = True) -> str:
         code = Path(tmp) / "code" / "pipeline"
         code.mkdir(parents=True)
         for name in SERVING_MODULES:
-            shutil.copy2(PACKAGE_DIR / name, code / name)
+            if (PACKAGE_DIR / name).is_dir():
+                shutil.copytree(PACKAGE_DIR / name, code / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(PACKAGE_DIR / name, code / name)
         mlflow.pyfunc.save_model(
             path,
             python_model=ViTImages(),
