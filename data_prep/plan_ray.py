@@ -533,19 +533,6 @@ def _range_lines(fs, r: Range, lines: _LineCounter) -> Iterator[bytes]:
             yield line
 
 
-@ray.remote(num_cpus=1)
-def _sort_task(
-    work: str,
-    b: int,
-    rids: list[int],
-    index: dict[str, int],
-    n_classes: int,
-    estimates: bool,
-    storage_options: dict[str, Any],
-) -> dict[str, Any]:
-    return sort_bucket(work, b, rids, index, n_classes, estimates, storage_options)
-
-
 def sort_bucket(
     work: str,
     b: int,
@@ -625,3 +612,6 @@ def write_cuts(
         sink(shard_name(cut.split, cut.index) + ".jsonl", data)
         out[(cut.split, cut.index)] = (len(rows), sum(int(est) for est, _ in rows))
     return out
+
+
+_sort_task = ray.remote(num_cpus=1)(sort_bucket)  # sort_bucket as a Ray task of one CPU
