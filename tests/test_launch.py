@@ -411,6 +411,10 @@ def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(r
         *TINY,
         "train.log_every=1",
         "train.checkpoint_every=50",
+        # 4 micro-batches a step (about 0.4 s here): `ray job stop` takes 3-6 s to reach the
+        # driver (the CLI's start-up), which at one micro-batch a step reached step 50, the
+        # periodic checkpoint, on a busy machine
+        "train.global_batch_size=64",
         f"output_dir={tmp_path}/run",
     ]
     with log.open("w") as out:
