@@ -113,7 +113,7 @@ def wait_nodes(url: str, n: int, timeout: float, pid: int | None = None) -> int:
                 return 0
         except Exception as e:  # the dashboard is still starting
             last_error = e
-        time.sleep(2)
+        time.sleep(0.5)
     detail = f"; last error: {last_error}" if last_error and not alive else ""
     print(f"error: {len(alive)} of {n} Ray nodes joined {url} within {timeout:g}s{detail}", file=sys.stderr)
     return 1

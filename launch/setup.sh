@@ -108,4 +108,12 @@ fi
 if [ "$dev" = 1 ]; then echo "setup.sh: installed (pip freeze):"; sed 's/^/  /' "$venv/freeze.txt"; fi
 size=$(du -sm "$venv" | cut -f1)
 "$py" -c "import torch, deepspeed, ray, mlflow, webdataset; print(f'ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}, mlflow {mlflow.__version__}')"
-echo "setup.sh: $venv is ${size} MB, set up in $(( $(date +%s) - start )) s; exact versions in $venv/freeze.txt"
+done_line="setup.sh: $(cd "$venv" && pwd) is ${size} MB, set up in $(( $(date +%s) - start )) s; exact versions in $venv/freeze.txt"
+echo "$done_line"
+# What this run was asked to do and its last line: tests/test_setup.py checks a fresh --locked
+# venv that CI has just built (from these very files) instead of building a second one.
+{
+  echo "fresh=$fresh locked=$locked dev=$dev"
+  sha256sum launch/setup.sh requirements.lock pyproject.toml
+  echo "$done_line"
+} >"$venv/setup-record"

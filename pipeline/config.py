@@ -315,6 +315,11 @@ class RayConfig:
     # min_workers..num_workers, shrinks when hosts are lost and grows back when they return.
     min_workers: int | None = None
     grow_wait_s: float = 30.0  # how long rank 0 waits at a checkpoint for a group with room to grow (pipeline.elastic)
+    # How often Ray Train's controller polls its workers ($RAY_TRAIN_HEALTH_CHECK_INTERVAL_S):
+    # it learns of the end of training, a lost worker or room to grow only at a poll, and the
+    # end takes a few polls. None: Ray's (2 s, or the variable when set); a small group can poll
+    # often, a group of hundreds of workers should keep Ray's.
+    poll_interval_s: float | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
@@ -455,6 +460,11 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.data.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(cfg.ray.num_workers > 0, "ray.num_workers", "must be positive")
+    require(
+        cfg.ray.poll_interval_s is None or cfg.ray.poll_interval_s > 0,
+        "ray.poll_interval_s",
+        f"must be positive (or null: Ray's), got {cfg.ray.poll_interval_s}",
+    )
     batch_split(cfg, cfg.ray.num_workers)
     _validate_elastic(cfg)
     sizes = range(cfg.ray.num_workers if cfg.ray.min_workers is None else cfg.ray.min_workers, cfg.ray.num_workers + 1)

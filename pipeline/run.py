@@ -259,6 +259,8 @@ def fit(cfg: DictConfig):
 
         fs, storage = fsspec.core.url_to_fs(storage)
         storage_fs = PyFileSystem(FSSpecHandler(fs))
+    if cfg.ray.poll_interval_s is not None:  # read from the driver's environment when the controller starts
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.ray.poll_interval_s)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=OmegaConf.to_container(cfg, resolve=True),

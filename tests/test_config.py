@@ -50,6 +50,7 @@ def test_demo_composes_includes_and_overrides():
         ("optim.schedule=step", "optim.schedule"),
         ("model.pool=max", "model.pool"),
         ("ray.backend=mpi", "ray.backend"),
+        ("ray.poll_interval_s=0", "ray.poll_interval_s"),
         ("prep.0.image.resample=cubic", "prep.0.image.resample"),
     ],
 )
