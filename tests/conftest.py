@@ -42,9 +42,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
-    """A cluster test runs while no job test does, and no job test while it does, across the
-    xdist workers (``tests/support/tiers.py: turn``); outermost, so that waiting for a turn is
-    not part of a test's timeout."""
+    """Job and cluster tests take turns across the xdist workers (``tests/support/tiers.py:
+    turn``); outermost, so that waiting for a turn is not part of a test's timeout."""
     with turn(item):
         yield
 

@@ -53,16 +53,7 @@ def tier_of(fixturenames: list[str]) -> str:
 
 # Rough seconds a test of each tier takes on an idle 2-core machine (bench/RESULTS.md, "The test
 # suite"): used only to hand the longest groups to pytest-xdist's workers first.
-TIER_SECONDS = {
-    "unit": 0.5,
-    "service": 5,
-    "ray": 2,
-    "ranks": 14,
-    "browser": 9,
-    "job": 65,
-    "cluster": 120,
-    "install": 85,
-}
+TIER_SECONDS = {"unit": 0.5, "service": 5, "ray": 2, "ranks": 14, "browser": 9, "job": 65, "cluster": 80, "install": 85}
 
 
 CLUSTER_DIR = "tests/cluster/"
@@ -78,65 +69,49 @@ def group_of(nodeid: str) -> str:
 
 def schedule(items, tiers: dict[str, str]) -> list:
     """The tests in the order pytest-xdist's workers should take their groups, each group's own
-    order kept. The cluster group goes first, to one worker; the other worker takes the groups
-    without a job test meanwhile (job tests wait while a cluster test runs: ``turn``), longest
-    first (by ``TIER_SECONDS``) until they cover the cluster group's expected time; then every
-    group left, longest first, to whichever worker is free. A ``cluster`` test outside
-    ``tests/cluster/`` is refused: it would run beside the other machine-wide tests."""
+    order kept. Groups with an exclusive-tier test (``EXCLUSIVE``, which take turns) form one
+    lane and the rest another, each longest first (by ``TIER_SECONDS``); the queue interleaves
+    the two lanes by their expected start times, so one worker runs the exclusive groups while
+    the other runs the rest beside them. A ``cluster`` test outside ``tests/cluster/`` is
+    refused: it would run beside the other machine-wide tests."""
     misplaced = [i.nodeid for i in items if tiers[i.nodeid] == "cluster" and not i.nodeid.startswith(CLUSTER_DIR)]
     if misplaced:
         raise pytest.UsageError(f"cluster-tier tests belong in {CLUSTER_DIR} (run one at a time): {misplaced}")
     weight: dict[str, float] = defaultdict(float)
-    kind: dict[str, str] = defaultdict(lambda: "other")
+    exclusive: set[str] = set()
     members: dict[str, list] = defaultdict(list)
     for item in items:
         group = group_of(item.nodeid)
         weight[group] += TIER_SECONDS[tiers[item.nodeid]]
         members[group].append(item)
-        if tiers[item.nodeid] == "cluster":
-            kind[group] = "cluster"
-        elif tiers[item.nodeid] == "job" and kind[group] != "cluster":
-            kind[group] = "job"
+        if tiers[item.nodeid] in EXCLUSIVE:
+            exclusive.add(group)
+    start: dict[str, tuple[float, int]] = {}
     order = list(members)  # collection order: ties break the same way in every worker
-
-    def longest_first(groups):
-        return sorted(groups, key=lambda g: (-weight[g], order.index(g)))
-
-    queue = longest_first(g for g in order if kind[g] == "cluster")
-    others = longest_first(g for g in order if kind[g] == "other")
-    budget, covered = sum(weight[g] for g in queue), 0.0
-    while others and covered < budget:
-        covered += weight[others[0]]
-        queue.append(others.pop(0))
-    queue += longest_first([*others, *(g for g in order if kind[g] == "job")])
-    return [item for group in queue for item in members[group]]
+    for lane, groups in enumerate(([g for g in order if g in exclusive], [g for g in order if g not in exclusive])):
+        t = 0.0
+        for group in sorted(groups, key=lambda g: (-weight[g], order.index(g))):
+            start[group] = (t, lane)
+            t += weight[group]
+    return [item for group in sorted(order, key=lambda g: (*start[g], order.index(g))) for item in members[group]]
 
 
-# Tests that take the whole machine (network-namespace hosts, SLURM: machine-wide state, waits
-# with deadlines) run alone among the heavy ones: a cluster test waits for the job tests that
-# run, and they for it. Job tests (a launcher's own Ray cluster, process trees) run beside each
-# other and beside everything else.
-EXCLUSIVE = ("cluster",)
-SHARED = ("job",)
+# The tiers whose tests take the whole machine (several process trees, waits with deadlines):
+# under pytest-xdist they take turns, while the other worker runs lighter tests beside them.
+EXCLUSIVE = ("job", "cluster")
 
 
 @contextlib.contextmanager
 def turn(item):
-    """Hold the machine-wide turn while ``item`` runs (setup, call and teardown, and so its
-    module's fixtures too): exclusive for a cluster test, shared for a job test, when
-    pytest-xdist's workers share this machine; the wait for it is outside the test's timeout."""
+    """Hold the machine-wide turn of the exclusive tiers while ``item`` runs (setup, call and
+    teardown, and so its module's fixtures too), when it is one of them and pytest-xdist's
+    workers share this machine; the wait for the turn is outside the test's timeout."""
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if any(item.get_closest_marker(t) for t in EXCLUSIVE):
-        mode = fcntl.LOCK_EX
-    elif any(item.get_closest_marker(t) for t in SHARED):
-        mode = fcntl.LOCK_SH
-    else:
-        mode = None
-    if run is None or mode is None:
+    if run is None or not any(item.get_closest_marker(t) for t in EXCLUSIVE):
         yield
         return
     with open(os.path.join(tempfile.gettempdir(), f"vit-tests-{run}.turn"), "w") as lock:
-        fcntl.flock(lock, mode)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
