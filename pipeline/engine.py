@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import sys
 from collections.abc import Callable
@@ -70,9 +71,20 @@ def _own_extensions_dir() -> None:
     """Build DeepSpeed's JIT ops (the CPU shm comm op, CPU Adam) inside this virtualenv, not in
     the user-wide ~/.cache/torch_extensions: two environments sharing that folder rebuild the
     ops in turn, and a process killed mid-build there leaves a lock that makes every later
-    process of every environment wait forever. $TORCH_EXTENSIONS_DIR, when set, wins."""
-    if sys.prefix != sys.base_prefix:
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    process of every environment wait forever. $TORCH_EXTENSIONS_DIR, when set, wins.
+
+    And with this virtualenv's ninja (DeepSpeed installs it), put first on PATH: torch runs the
+    first ``ninja`` on PATH, and a machine's own ninja of another version takes the other's
+    build log for a foreign one and rebuilds the op from scratch. Processes with and without
+    the venv's ``bin`` on PATH (a launcher's, Ray's, a test's) then rebuilt it in turn: 12
+    times, 45-70 s each, in one run of the test suite here."""
+    if sys.prefix == sys.base_prefix:
+        return
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    bindir = os.path.join(sys.prefix, "bin")
+    ours, found = os.path.join(bindir, "ninja"), shutil.which("ninja")
+    if os.path.exists(ours) and not (found and os.path.samefile(found, ours)):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
 def _free_port() -> int:

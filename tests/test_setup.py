@@ -4,6 +4,7 @@ present, stays small, and records the exact versions it installed."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -92,3 +93,19 @@ def test_setup_into_a_fresh_venv_keeps_the_cpu_torch_and_stays_small(fresh_venv)
 def test_setup_rejects_an_unknown_option():
     proc = subprocess.run([str(ROOT / "launch" / "setup.sh"), "--nope"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "--nope" in proc.stderr
+
+
+def test_deepspeeds_ops_build_with_the_venvs_ninja_whatever_comes_first_on_path(monkeypatch):
+    """torch runs the first ``ninja`` on PATH; the machine's own (1.11 here) and the venv's (1.13)
+    each read the other's build log as foreign and rebuild the op from scratch, so processes with
+    and without the venv's ``bin`` on PATH rebuilt DeepSpeed's shm op in turn (12 times in one
+    suite run). ``dist_setup`` puts the venv's ninja first."""
+    from pipeline.engine import _own_extensions_dir
+
+    ours = Path(sys.prefix) / "bin" / "ninja"
+    assert ours.exists(), "DeepSpeed's dependency ninja is not in this venv"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    _own_extensions_dir()
+    assert Path(shutil.which("ninja")).samefile(ours)
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
