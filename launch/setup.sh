@@ -89,10 +89,9 @@ if [ "$dev" = 1 ]; then system_packages; fi
 # leaves a lock that stalls every later one.
 if ! has_gpu; then
   for op in ShareMemCommBuilder CPUAdamBuilder; do
-    # with the venv's ninja first on PATH, as pipeline.engine runs it: another ninja version
-    # would read this build's log as foreign and build again
-    PATH="$(cd "$venv" && pwd)/bin:$PATH" DS_ACCELERATOR=cpu "$py" -c "import os, sys
-os.environ.setdefault('TORCH_EXTENSIONS_DIR', os.path.join(sys.prefix, 'torch_extensions'))
+    # where and with which ninja training builds them (pipeline.engine._own_extensions_dir)
+    DS_ACCELERATOR=cpu "$py" -c "from pipeline.engine import _own_extensions_dir
+_own_extensions_dir()
 from deepspeed.accelerator import get_accelerator
 get_accelerator().create_op_builder('$op').load(verbose=False)" >"$venv/build_$op.log" 2>&1 &
   done

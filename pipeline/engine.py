@@ -77,7 +77,8 @@ def _own_extensions_dir() -> None:
     first ``ninja`` on PATH, and a machine's own ninja of another version takes the other's
     build log for a foreign one and rebuilds the op from scratch. Processes with and without
     the venv's ``bin`` on PATH (a launcher's, Ray's, a test's) then rebuilt it in turn: 12
-    times, 45-70 s each, in one run of the test suite here."""
+    times, 28-72 s each, in one run of the test suite here. ``launch/setup.sh`` builds the ops
+    through this too."""
     if sys.prefix == sys.base_prefix:
         return
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
