@@ -15,11 +15,13 @@ against measurements (bench/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -360,75 +362,19 @@ def make_plan(cfg, sbatch_args: str = "", cal: dict | None = None) -> dict:
     params = vit_params(spec, classes_for_count, m.representation_size, str(m.pool))
     flops = train_flops(spec, classes_for_count, m.representation_size, m.grad_checkpointing)
     world, micro, glob = target.world, cfg.data.micro_batch_size, t.global_batch_size
-    ema = t.ema.decay > 0
-    precision = str(t.precision)
-
-    def act(b: int, recompute: bool) -> float:
-        return activation_bytes(spec, b, classes_for_count, str(m.pool), precision, m.dropout > 0, recompute)
-
     budget = target.memory_gib * GIB * cfg.plan.memory_fraction
     ips = images_per_second(flops, target.peak_tflops, target.mfu) if target.peak_tflops else 0.0
     compute_s = step_seconds(glob, world, ips) if ips else 0.0
     link = 0.0 if target.device == "cpu" else (cfg.plan.network_gbps if target.nodes > 1 else cfg.plan.nvlink_gbps)
     accum = glob / (micro * world)
-
-    def step_s(stage: int) -> float:
-        """Compute plus communication, overlapped only with deepspeed.overlap_comm."""
-        comm = (
-            comm_bytes_per_step(params, stage, world, max(1, round(accum)), precision, m.grad_checkpointing)
-            / (link * 1e9)
-            if link
-            else 0.0
-        )
-        return max(compute_s, comm) if d.overlap_comm else compute_s + comm
-
-    stages = {}
-    for stage in (0, 1, 2, 3):
-        states = model_state_bytes(
-            params,
-            stage,
-            world,
-            precision,
-            d.offload_optimizer and stage >= 1,
-            d.offload_param and stage == 3,
-            ema,
-            d.reduce_bucket_size,
-        )
-        fixed = sum(states["device"].values())
-        total = fixed + act(micro, m.grad_checkpointing)
-        stages[str(stage)] = {  # str: the same keys in the dict and its JSON
-            "device_gib": {k: v / GIB for k, v in states["device"].items()},
-            "host_gib": sum(states["host"].values()) / GIB,
-            "activations_gib": act(micro, m.grad_checkpointing) / GIB,
-            "activations_other_gib": act(micro, not m.grad_checkpointing) / GIB,
-            "total_gib": total / GIB,
-            "fits": total <= budget,
-            "largest_micro_batch": largest_micro_batch(budget, fixed, act(1, m.grad_checkpointing)),
-            "step_s": step_s(stage),
-        }
+    step_s = functools.partial(_step_s, cfg, params, world, accum, compute_s, link)
+    stages = _memory_stages(cfg, spec, params, world, classes_for_count, budget, step_s)
     steps = train_steps(t.steps, t.epochs, samples, glob)
     step = step_s(d.zero_stage)
     wall_s = steps * step
-    ckpts = (steps // t.checkpoint_every) + (1 if t.checkpoint_at_start else 0) if steps else 0
-    ckpt = checkpoint_bytes(params, d.zero_stage, precision, ema)
-    kept = t.keep_checkpoints or ckpts
-    eval_images = cfg.plan.eval_images
-    eval_flops = flops_per_image(spec, 0, training=False) * eval_images * (2 if ema else 1)
-    eval_gpu_s = eval_flops / (target.mfu * target.peak_tflops * 1e12) if ips and eval_images else 0.0
+    checkpoints, evaluation = _checkpoints_and_eval(cfg, spec, params, steps, ips, target)
     return {
-        "config": {
-            "model": m.name,
-            "zero_stage": d.zero_stage,
-            "offload_optimizer": d.offload_optimizer,
-            "offload_param": d.offload_param,
-            "overlap_comm": d.overlap_comm,
-            "precision": precision,
-            "micro_batch_size": micro,
-            "global_batch_size": glob,
-            "grad_accumulation": accum,
-            "grad_checkpointing": m.grad_checkpointing,
-            "ema": ema,
-        },
+        "config": _config_section(cfg, accum),
         "target": {**asdict(target), "world": world},
         "model": {
             "params": params,
@@ -457,18 +403,106 @@ def make_plan(cfg, sbatch_args: str = "", cal: dict | None = None) -> dict:
             else 0.0,
             "cores_per_device_available": target.cores_per_node / target.per_node,
         },
-        "checkpoints": {
-            "count": ckpts,
-            "gb_per_tag": ckpt / 1e9,
-            "upload_s": ckpt / (cfg.plan.storage_gbps * 1e9),
-            "storage_gb": ckpt * kept / 1e9,
-        },
-        "eval": {
-            "images_per_checkpoint": eval_images,
-            "device_s_per_checkpoint": eval_gpu_s,
-            "device_hours_total": eval_gpu_s * ckpts / 3600,
-        },
+        "checkpoints": checkpoints,
+        "eval": evaluation,
     }
+
+
+def _config_section(cfg, accum: float) -> dict:
+    """The settings the plan is for (the plan's ``config`` section); ``accum``: micro-batches per step."""
+    m, d, t = cfg.model, cfg.deepspeed, cfg.train
+    return {
+        "model": m.name,
+        "zero_stage": d.zero_stage,
+        "offload_optimizer": d.offload_optimizer,
+        "offload_param": d.offload_param,
+        "overlap_comm": d.overlap_comm,
+        "precision": str(t.precision),
+        "micro_batch_size": cfg.data.micro_batch_size,
+        "global_batch_size": t.global_batch_size,
+        "grad_accumulation": accum,
+        "grad_checkpointing": m.grad_checkpointing,
+        "ema": t.ema.decay > 0,
+    }
+
+
+def _step_s(cfg, params: int, world: int, accum: float, compute_s: float, link: float, stage: int) -> float:
+    """Seconds of one optimizer step at ZeRO ``stage``: ``compute_s`` plus the step's communication
+    over ``link`` GB/s, overlapped only with deepspeed.overlap_comm."""
+    recompute, precision = cfg.model.grad_checkpointing, str(cfg.train.precision)
+    comm = (
+        comm_bytes_per_step(params, stage, world, max(1, round(accum)), precision, recompute) / (link * 1e9)
+        if link
+        else 0.0
+    )
+    return max(compute_s, comm) if cfg.deepspeed.overlap_comm else compute_s + comm
+
+
+def _memory_stages(
+    cfg, spec: ViTSpec, params: int, world: int, num_classes: int, budget: float, step_s: Callable[[int], float]
+) -> dict[str, dict]:
+    """The memory table, by ZeRO stage ("0" to "3"): each rank's model states on the device and
+    the host, its activations at the configured micro-batch (also with activation checkpointing
+    switched the other way), whether that fits ``budget`` bytes, the largest micro-batch that
+    does, and ``step_s`` of the stage."""
+    m, d, t = cfg.model, cfg.deepspeed, cfg.train
+    micro, precision, ema = cfg.data.micro_batch_size, str(t.precision), t.ema.decay > 0
+
+    def act(b: int, recompute: bool) -> float:
+        return activation_bytes(spec, b, num_classes, str(m.pool), precision, m.dropout > 0, recompute)
+
+    stages = {}
+    for stage in (0, 1, 2, 3):
+        states = model_state_bytes(
+            params,
+            stage,
+            world,
+            precision,
+            d.offload_optimizer and stage >= 1,
+            d.offload_param and stage == 3,
+            ema,
+            d.reduce_bucket_size,
+        )
+        fixed = sum(states["device"].values())
+        total = fixed + act(micro, m.grad_checkpointing)
+        stages[str(stage)] = {  # str: the same keys in the dict and its JSON
+            "device_gib": {k: v / GIB for k, v in states["device"].items()},
+            "host_gib": sum(states["host"].values()) / GIB,
+            "activations_gib": act(micro, m.grad_checkpointing) / GIB,
+            "activations_other_gib": act(micro, not m.grad_checkpointing) / GIB,
+            "total_gib": total / GIB,
+            "fits": total <= budget,
+            "largest_micro_batch": largest_micro_batch(budget, fixed, act(1, m.grad_checkpointing)),
+            "step_s": step_s(stage),
+        }
+    return stages
+
+
+def _checkpoints_and_eval(
+    cfg, spec: ViTSpec, params: int, steps: int, ips: float, target: Target
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The plan's ``checkpoints`` (tags, size, upload time, storage kept) and ``eval`` (device time
+    per checkpoint and for all of them) sections for a run of ``steps``; no evaluation time
+    without a compute rate (``ips``, images/s per device, 0)."""
+    t, ema = cfg.train, cfg.train.ema.decay > 0
+    ckpts = (steps // t.checkpoint_every) + (1 if t.checkpoint_at_start else 0) if steps else 0
+    ckpt = checkpoint_bytes(params, cfg.deepspeed.zero_stage, str(t.precision), ema)
+    kept = t.keep_checkpoints or ckpts
+    eval_images = cfg.plan.eval_images
+    eval_flops = flops_per_image(spec, 0, training=False) * eval_images * (2 if ema else 1)
+    eval_gpu_s = eval_flops / (target.mfu * target.peak_tflops * 1e12) if ips and eval_images else 0.0
+    checkpoints = {
+        "count": ckpts,
+        "gb_per_tag": ckpt / 1e9,
+        "upload_s": ckpt / (cfg.plan.storage_gbps * 1e9),
+        "storage_gb": ckpt * kept / 1e9,
+    }
+    evaluation = {
+        "images_per_checkpoint": eval_images,
+        "device_s_per_checkpoint": eval_gpu_s,
+        "device_hours_total": eval_gpu_s * ckpts / 3600,
+    }
+    return checkpoints, evaluation
 
 
 def splits(global_batch: int, world: int, largest: int) -> int:

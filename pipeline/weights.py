@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import fields
 
 import fsspec
@@ -180,11 +181,37 @@ def _from_flax(w: _Arrays, layout: str, heads: int | None) -> tuple[dict[str, to
         raise WeightsError(
             f"{w.path}: attention-pooling (MAP head) checkpoints are not supported: our model pools by token or gap"
         )
-    mha, mlp, ln2 = (
+    mha, mlp, ln2 = names = (
         ("MultiHeadDotProductAttention_0", "MlpBlock_0", "LayerNorm_1")
         if layout == "big_vision"
         else ("MultiHeadDotProductAttention_1", "MlpBlock_3", "LayerNorm_2")
     )
+    depth, block = _flax_blocks(w)
+    kernel = w.get("embedding/kernel", (None, None, 3, None))  # (ph, pw, in, D)
+    width, patch = kernel.shape[-1], kernel.shape[0]
+    w.what = f"a {layout} ViT of width {width} (embedding/kernel)"
+    q = f"{mha}/query/kernel"
+    num_heads, head_dim = block(0, q, (width, None, None)).shape[1:]  # (D, heads, head_dim): the file says
+    if num_heads * head_dim != width or (heads is not None and heads != num_heads):
+        asked = f"heads={heads} was asked, but " if heads is not None else ""
+        raise WeightsError(
+            f"{w.path}: {asked}block 0's {q} is shaped (width, heads, head_dim) = {(width, num_heads, head_dim)}"
+            + ("" if num_heads * head_dim == width else f": {num_heads} x {head_dim} is not the width {width}")
+        )
+    mlp_dim = block(0, f"{mlp}/Dense_0/kernel", (width, None)).shape[1]
+    w.what = f"a {layout} ViT of width {width}, {num_heads} heads, MLP {mlp_dim}"
+    sd, pool, grid = _flax_embedding(w, layout, kernel)
+    spec = ViTSpec(width=width, depth=depth, heads=num_heads, mlp_dim=mlp_dim, patch_size=patch, img_size=grid * patch)
+    for i in range(depth):
+        sd.update(_flax_block(block, i, names, spec))
+    head, representation, num_classes = _flax_head(w, width)
+    sd.update(head)
+    return sd, _kwargs(spec, pool, representation, num_classes, layout)
+
+
+def _flax_blocks(w: _Arrays) -> tuple[int, Callable[[int, str, tuple], np.ndarray]]:
+    """(depth, ``block(i, name, shape)``: block ``i``'s array ``name``) of the encoder, whether
+    its blocks are stacked on a leading depth axis (scan_layers) or one key each."""
     scanned = "Transformer/encoderblock/LayerNorm_0/scale" in w
     if scanned:
         depth = w.get("Transformer/encoderblock/LayerNorm_0/scale", (None, None)).shape[0]
@@ -199,20 +226,13 @@ def _from_flax(w: _Arrays, layout: str, heads: int | None) -> tuple[dict[str, to
             return w.get(f"Transformer/encoderblock/{name}", shape, index=i)
         return w.get(f"Transformer/encoderblock_{i}/{name}", shape)
 
-    kernel = w.get("embedding/kernel", (None, None, 3, None))  # (ph, pw, in, D)
-    width, patch = kernel.shape[-1], kernel.shape[0]
-    w.what = f"a {layout} ViT of width {width} (embedding/kernel)"
-    q = f"{mha}/query/kernel"
-    num_heads, head_dim = block(0, q, (width, None, None)).shape[1:]  # (D, heads, head_dim): the file says
-    if num_heads * head_dim != width or (heads is not None and heads != num_heads):
-        asked = f"heads={heads} was asked, but " if heads is not None else ""
-        raise WeightsError(
-            f"{w.path}: {asked}block 0's {q} is shaped (width, heads, head_dim) = {(width, num_heads, head_dim)}"
-            + ("" if num_heads * head_dim == width else f": {num_heads} x {head_dim} is not the width {width}")
-        )
-    mlp_dim = block(0, f"{mlp}/Dense_0/kernel", (width, None)).shape[1]
-    w.what = f"a {layout} ViT of width {width}, {num_heads} heads, MLP {mlp_dim}"
-    D, H, hd, M = width, num_heads, head_dim, mlp_dim
+    return depth, block
+
+
+def _flax_embedding(w: _Arrays, layout: str, kernel: np.ndarray) -> tuple[dict[str, torch.Tensor], str, int]:
+    """(the patch embedding, class token and position embedding in our names, pooling, grid
+    side) of the file whose ``embedding/kernel`` is ``kernel``."""
+    D = kernel.shape[-1]
     sd = {
         "patch_embed.proj.weight": _t(kernel.transpose(3, 2, 0, 1)),
         "patch_embed.proj.bias": _t(w.get("embedding/bias", (D,))),
@@ -226,28 +246,46 @@ def _from_flax(w: _Arrays, layout: str, heads: int | None) -> tuple[dict[str, to
         if layout == "big_vision":  # big_vision adds no position embedding to the class token: a zero row is the same
             pos = np.concatenate([np.zeros((1, 1, D), np.float32), pos], axis=1)
     sd["pos_embed"] = _t(pos)
-    for i in range(depth):
-        p = f"blocks.{i}."
-        sd[p + "norm1.weight"], sd[p + "norm1.bias"] = (
-            _t(block(i, "LayerNorm_0/scale", (D,))),
-            _t(block(i, "LayerNorm_0/bias", (D,))),
-        )
-        qkv = ("query", "key", "value")
-        sd[p + "attn.qkv.weight"] = _t(
-            np.concatenate([block(i, f"{mha}/{n}/kernel", (D, H, hd)).reshape(D, D).T for n in qkv])
-        )
-        sd[p + "attn.qkv.bias"] = _t(np.concatenate([block(i, f"{mha}/{n}/bias", (H, hd)).reshape(-1) for n in qkv]))
-        sd[p + "attn.proj.weight"] = _t(block(i, f"{mha}/out/kernel", (H, hd, D)).reshape(D, D).T)
-        sd[p + "attn.proj.bias"] = _t(block(i, f"{mha}/out/bias", (D,)))
-        sd[p + "norm2.weight"], sd[p + "norm2.bias"] = (
-            _t(block(i, f"{ln2}/scale", (D,))),
-            _t(block(i, f"{ln2}/bias", (D,))),
-        )
-        for r, (n_in, n_out) in enumerate(((D, M), (M, D))):
-            sd[p + f"mlp.fc{r + 1}.weight"] = _t(block(i, f"{mlp}/Dense_{r}/kernel", (n_in, n_out)).T)
-            sd[p + f"mlp.fc{r + 1}.bias"] = _t(block(i, f"{mlp}/Dense_{r}/bias", (n_out,)))
-    sd["norm.weight"] = _t(w.get("Transformer/encoder_norm/scale", (D,)))
-    sd["norm.bias"] = _t(w.get("Transformer/encoder_norm/bias", (D,)))
+    return sd, pool, grid
+
+
+def _flax_block(
+    block: Callable[[int, str, tuple], np.ndarray], i: int, names: tuple[str, str, str], spec: ViTSpec
+) -> dict[str, torch.Tensor]:
+    """Encoder block ``i`` in our names; ``names``: its attention, MLP and second LayerNorm."""
+    mha, mlp, ln2 = names
+    D, H, M = spec.width, spec.heads, spec.mlp_dim
+    hd = D // H
+    p, sd = f"blocks.{i}.", {}
+    sd[p + "norm1.weight"], sd[p + "norm1.bias"] = (
+        _t(block(i, "LayerNorm_0/scale", (D,))),
+        _t(block(i, "LayerNorm_0/bias", (D,))),
+    )
+    qkv = ("query", "key", "value")
+    sd[p + "attn.qkv.weight"] = _t(
+        np.concatenate([block(i, f"{mha}/{n}/kernel", (D, H, hd)).reshape(D, D).T for n in qkv])
+    )
+    sd[p + "attn.qkv.bias"] = _t(np.concatenate([block(i, f"{mha}/{n}/bias", (H, hd)).reshape(-1) for n in qkv]))
+    sd[p + "attn.proj.weight"] = _t(block(i, f"{mha}/out/kernel", (H, hd, D)).reshape(D, D).T)
+    sd[p + "attn.proj.bias"] = _t(block(i, f"{mha}/out/bias", (D,)))
+    sd[p + "norm2.weight"], sd[p + "norm2.bias"] = (
+        _t(block(i, f"{ln2}/scale", (D,))),
+        _t(block(i, f"{ln2}/bias", (D,))),
+    )
+    for r, (n_in, n_out) in enumerate(((D, M), (M, D))):
+        sd[p + f"mlp.fc{r + 1}.weight"] = _t(block(i, f"{mlp}/Dense_{r}/kernel", (n_in, n_out)).T)
+        sd[p + f"mlp.fc{r + 1}.bias"] = _t(block(i, f"{mlp}/Dense_{r}/bias", (n_out,)))
+    return sd
+
+
+def _flax_head(w: _Arrays, width: int) -> tuple[dict[str, torch.Tensor], int | None, int]:
+    """(the final LayerNorm, pre-logits and head in our names, the pre-logits size or None, the
+    classes or 0) of a model of ``width``."""
+    D = width
+    sd = {
+        "norm.weight": _t(w.get("Transformer/encoder_norm/scale", (D,))),
+        "norm.bias": _t(w.get("Transformer/encoder_norm/bias", (D,))),
+    }
     representation = None
     if "pre_logits/kernel" in w:
         representation = w.get("pre_logits/kernel", (D, None)).shape[-1]
@@ -260,8 +298,7 @@ def _from_flax(w: _Arrays, layout: str, heads: int | None) -> tuple[dict[str, to
             _t(w.get("head/kernel", (representation or D, num_classes)).T),
             _t(w.get("head/bias", (num_classes,))),
         )
-    spec = ViTSpec(width=D, depth=depth, heads=H, mlp_dim=M, patch_size=patch, img_size=grid * patch)
-    return sd, _kwargs(spec, pool, representation, num_classes, layout)
+    return sd, representation, num_classes
 
 
 def _from_timm(w: _Arrays, heads: int | None) -> tuple[dict[str, torch.Tensor], dict]:
