@@ -431,3 +431,31 @@ def test_a_second_live_run_over_the_same_scratch_dir_is_refused_before_it_writes
     finally:
         lease.release()
     assert claim_scratch(str(scratch), RunDir(str(storage / "fp32"))) is None, "once the first run ended"
+
+
+@pytest.mark.timeout(120)
+def test_a_crash_in_a_run_no_driver_owns_ends_its_mlflow_run_failed(tmp_path, tiny_shards):
+    """Under torchrun or the deepspeed launcher (``owns_run``) training rank 0 ends the MLflow run
+    however training ends: here the report of a checkpoint raises (a crash), and the run is
+    FAILED, not left RUNNING. (KILLED after a stop and FINISHED: tests/test_stop.py; FAILED after a
+    divergence: tests/test_guard.py.)"""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.engine import dist_setup
+    from pipeline.train import train
+
+    out = tmp_path / "crash" / "run"
+    cfg = train_cfg(out, str(tiny_shards))
+
+    def report(metrics: dict) -> None:
+        if metrics["step"] == 2:
+            raise RuntimeError("the report of step 2 failed")
+
+    dist_setup(standalone=True)
+    with pytest.raises(RuntimeError, match="the report of step 2 failed"):
+        train(cfg, on_checkpoint=report, owns_run=True)
+    # without a driver the run's MLflow id lives in its checkpoints (a rerun continues that run)
+    run_id = json.loads((Path(cfg.run_dir) / "checkpoints" / tag_for(2) / "meta.json").read_text())["mlflow_run_id"]
+    run = MlflowClient(cfg.tracking.uri).get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert sorted(m.step for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, "train/loss")) == [1, 2]
