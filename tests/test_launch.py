@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
+from tests.support.jobs import processes_mentioning
 from tests.support.services import free_port
 
 PRETRAIN = ROOT / "launch" / "pretrain.sh"
@@ -61,18 +62,6 @@ def pretrain(*args: str, env: dict[str, str], timeout: float = 60, job=None) -> 
     """launch/pretrain.sh; through the ``job`` fixture when it starts a real job."""
     run = job.run if job is not None else subprocess.run
     return run([str(PRETRAIN), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in line:
-            found.append(line)
-    return found
 
 
 @pytest.mark.timeout(30)
@@ -360,44 +349,6 @@ def _last_step(log: Path) -> int:
 def _latest_complete_step(ckpt_dir: Path) -> int:
     tags = sorted(p.name for p in ckpt_dir.glob("step_*") if (p / "COMPLETE").exists())
     return int(tags[-1].removeprefix("step_"))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_sigterm_to_local_pretrain_checkpoints_the_current_step_exits_3_and_stops_its_cluster(ray_tmp, tmp_path, job):
-    log = tmp_path / "pretrain.log"
-    run = [str(PRETRAIN), *TINY, "train.log_every=1", "train.checkpoint_every=50", f"output_dir={tmp_path}/run"]
-    with log.open("w") as out:
-        proc = job.popen([*run, "train.steps=1000"], env=launch_env(ray_tmp), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_step(proc, log, 3)
-        [temp_dir] = ray_tmp.iterdir()
-        assert processes_mentioning(str(temp_dir))
-        logged = _last_step(log)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(200) == 3, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert "to resume, rerun the same command" in log.read_text()
-    stopped = _latest_complete_step(tmp_path / "run" / "checkpoints")
-    print(
-        f"\nSIGTERM to launch/pretrain.sh after step {logged}: last periodic checkpoint step 0, stop checkpoint "
-        f"step {stopped}, steps lost {max(0, logged - stopped)}"
-    )
-    assert stopped >= logged and stopped % 50 != 0  # the step it was at, not the last periodic one
-    assert list(ray_tmp.iterdir()) == []
-    leftovers = [str(temp_dir), f"output_dir={tmp_path}/run"]  # Ray's processes, the job's driver
-    deadline = time.monotonic() + 20
-    while any(map(processes_mentioning, leftovers)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not any(map(processes_mentioning, leftovers))
-
-    again = job.run(
-        [*run, f"train.steps={stopped + 2}"], env=launch_env(ray_tmp), capture_output=True, text=True, timeout=240
-    )
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"resumed from {tmp_path}/run/checkpoints/step_{stopped:08d}" in again.stdout + again.stderr
 
 
 @pytest.mark.slow

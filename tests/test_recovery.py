@@ -2,9 +2,10 @@
 
 - a training worker SIGKILLed mid-run: the worker group restarts, resumes from the latest
   checkpoint, the same MLflow run gets every step exactly once;
-- SIGTERM to the driver: checkpoint at the next step boundary, exit status 3 and how to resume;
-  with the checkpoints on S3 (moto) and the local ones deleted, the rerun resumes from S3; then
-  the driver is SIGKILLed and a rerun of the same command resumes the same MLflow run;
+- SIGTERM to ``launch/pretrain.sh`` (its own local cluster): checkpoint at the step it is at,
+  exit status 3 and how to resume, the cluster stopped; with the checkpoints on S3 (moto) and
+  the local ones deleted, the rerun resumes from S3; then the driver is SIGKILLed and a rerun
+  through ``launch/pretrain.sh`` resumes the same MLflow run;
 - an unsatisfiable config or an unreachable Ray address fails fast with a clear error.
 """
 
@@ -12,17 +13,29 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.support import ROOT
-from tests.support.jobs import Job, assert_one_run_with_steps, job_env, mlflow_of, summary_of
+from tests.support.jobs import (
+    PRETRAIN,
+    Job,
+    assert_one_run_with_steps,
+    job_env,
+    mlflow_of,
+    processes_mentioning,
+    summary_of,
+)
 
 
 @pytest.fixture
@@ -100,23 +113,48 @@ def s3():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(330)
-def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a_driver_kill(tmp_path, jobs, s3):
+@pytest.mark.timeout(420)
+def test_sigterm_to_pretrain_sh_checkpoints_stops_its_cluster_and_reruns_resume_from_s3_and_after_a_driver_kill(
+    tmp_path, jobs, s3
+):
     env, fs = s3
     os.environ.update(env)  # this process reads the run dir on S3 too (restored after the test)
     out = tmp_path / "run"
     run_dir = "s3://ckpts/ray/demo"  # <ray.storage_path>/<name>: the run's records
-    args = (out, "ray.storage_path=s3://ckpts/ray")
-    job = Job(*args, env=job_env(**env))
+    # No periodic checkpoint but step 0's before the end: a stop checkpoint is the stop's own.
+    args = (out, "ray.storage_path=s3://ckpts/ray", "train.steps=30", "train.checkpoint_every=50")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ptr.", dir="/tmp"))  # short, for Ray's socket paths
+    # launch/pretrain.sh starts a local cluster of its own (its temp dir under ray_tmp), with a
+    # token in the environment rather than in ~/.ray
+    local = job_env(
+        **env, RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_AUTH_MODE="token", PRETRAIN_RAY_TMPDIR=str(ray_tmp)
+    )
+    try:
+        _sigterm_resume_and_driver_kill(out, run_dir, args, fs, jobs, ray_tmp, env, local)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _sigterm_resume_and_driver_kill(out, run_dir, args, fs, jobs, ray_tmp, env, local) -> None:
+    # SIGTERM to launch/pretrain.sh (a local cluster): the job checkpoints the step it is at, and
+    # the launcher exits 3 and stops the cluster it started.
+    job = Job(*args, env=local, launcher=PRETRAIN)
     jobs.append(job)
     job.wait_for(lambda: any(s >= 4 for _, s in job.steps()), 150, "step 4")
+    [temp_dir] = ray_tmp.iterdir()
+    assert processes_mentioning(str(temp_dir))
+    logged = max(s for _, s in job.steps())
     job.proc.send_signal(signal.SIGTERM)
-    rc = job.wait(90)
+    rc = job.wait(120)
     text = job.text()
     assert rc == 3, text[-6000:]
     assert "to resume, rerun the same command" in text
     stopped = summary_of(run_dir)["final_step"]
-    assert 4 <= stopped < 12
+    print(
+        f"\nSIGTERM to launch/pretrain.sh after step {logged}: last periodic checkpoint step 0, stop checkpoint "
+        f"step {stopped}, steps lost {max(0, logged - stopped)}"
+    )
+    assert logged <= stopped < 30  # the step it was at, not the last periodic one (0)
     tag = f"step_{stopped:08d}"
     assert (out / "checkpoints" / tag / "COMPLETE").exists()
     fs.invalidate_cache()
@@ -124,10 +162,14 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
     assert not fs.exists("ckpts/ray/demo/STOP")
     client, run_id = mlflow_of(out, run_dir)
     assert client.get_run(run_id).info.status == "KILLED"
+    assert list(ray_tmp.iterdir()) == []
+    leftovers = [str(temp_dir), f"output_dir={out}"]  # Ray's processes, the job's driver
+    deadline = time.monotonic() + 20
+    while any(map(processes_mentioning, leftovers)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not any(map(processes_mentioning, leftovers))
 
-    # Another node (no local checkpoints): the rerun of the same command resumes from S3.
-    import shutil
-
+    # Another node (no local checkpoints): the rerun of the same job resumes from S3.
     shutil.rmtree(out / "checkpoints")
     again = Job(*args, env=job_env(**env))
     jobs.append(again)
@@ -137,20 +179,20 @@ def test_sigterm_to_the_driver_checkpoints_and_reruns_resume_from_s3_and_after_a
     assert min(s for _, s in again.steps()) == stopped + 1
 
     # Now the driver dies (SIGKILL; its job's workers die with it): rerunning the same command
-    # resumes the same MLflow run from the latest complete checkpoint.
+    # through launch/pretrain.sh resumes the same MLflow run from the latest complete checkpoint.
     os.kill(again.proc.pid, signal.SIGKILL)
     again.proc.wait(10)
     time.sleep(2)
     again.kill()  # what is left of the local cluster (the machine it ran on is gone)
-    third = Job(*args, env=job_env(**env))
+    third = Job(*args, env=local, launcher=PRETRAIN)
     jobs.append(third)
-    assert third.wait(150) == 0, third.text()[-6000:]
-    assert "resumed from" in third.text()
-    assert summary_of(run_dir)["final_step"] == 12
-    run = assert_one_run_with_steps(out, 12, run_dir)
+    assert third.wait(180) == 0, third.text()[-6000:]
+    assert f"resumed from {out / 'checkpoints'}/{tag}" in third.text()
+    assert summary_of(run_dir)["final_step"] == 30
+    run = assert_one_run_with_steps(out, 30, run_dir)
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     fs.invalidate_cache()
-    assert fs.exists("ckpts/ray/demo/checkpoints/step_00000012/COMPLETE"), fs.find("ckpts/ray/demo/checkpoints")
+    assert fs.exists("ckpts/ray/demo/checkpoints/step_00000030/COMPLETE"), fs.find("ckpts/ray/demo/checkpoints")
 
 
 @pytest.mark.timeout(60)

@@ -1,5 +1,5 @@
-"""``python -m pipeline.run`` as a process of its own: its output lines with their arrival
-time, and everything it started killed by pid at the end."""
+"""``python -m pipeline.run`` (or ``launch/pretrain.sh``) as a process of its own: its output
+lines with their arrival time, and everything it started killed by pid at the end."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -40,15 +41,17 @@ def job_env(**extra) -> dict:
     return env
 
 
-class Job:
-    """``python -m pipeline.run`` in its own session; its output lines kept with their arrival time."""
+PRETRAIN = str(ROOT / "launch" / "pretrain.sh")
 
-    def __init__(self, out, *overrides, env=None):
+
+class Job:
+    """``python -m pipeline.run`` in its own session (or ``launcher``, e.g. :data:`PRETRAIN`, given
+    the same arguments); its output lines kept with their arrival time."""
+
+    def __init__(self, out, *overrides, env=None, launcher: str | None = None):
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "pipeline.run",
+                *([launcher] if launcher else [sys.executable, "-m", "pipeline.run"]),
                 "configs/experiment/demo.yaml",
                 f"output_dir={out}",
                 *TINY,
@@ -121,3 +124,16 @@ def assert_one_run_with_steps(out, last: int, run_dir=None):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(1, last + 1)), (key, steps)
     return client.get_run(run_id)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """The command lines of this machine's processes that contain ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
