@@ -39,12 +39,17 @@ fi
 py=$venv/bin/python
 "$py" -m pip install -q --upgrade "pip<27"
 
+# --no-compile: pip byte-compiles every module it installs (most of ray's, mlflow's and torch's
+# are never imported here), over a minute of a 2-core machine's setup; Python compiles and
+# caches the modules that are imported on their first import instead.
+install=("$py" -m pip install -q --no-compile)
+
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 if ! "$py" -c "import torch" 2>/dev/null; then
   if has_gpu; then
-    "$py" -m pip install -q "torch>=2.4,<2.15"
+    "${install[@]}" "torch>=2.4,<2.15"
   else
-    "$py" -m pip install -q "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    "${install[@]}" "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   fi
 fi
 
@@ -59,7 +64,7 @@ fi
 
 extra=""
 if [ "$dev" = 1 ]; then extra="[dev]"; fi
-"$py" -m pip install -q -c "$constraints" -e ".$extra"
+"${install[@]}" -c "$constraints" -e ".$extra"
 # The system packages of the test tiers that need them (shellcheck: the launch scripts' lint;
 # slurm-wlm and munge: the real SLURM of the cluster tier; chromium: the browser tier). Only
 # as root with apt-get; elsewhere those tests skip and pytest's last lines say which and why.
