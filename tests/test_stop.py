@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -67,10 +68,12 @@ def test_a_worker_sees_a_sigterm_as_a_stop_request():
 
 
 @pytest.mark.timeout(400)
-def test_a_torchrun_run_ends_its_mlflow_run_killed_after_a_stop_and_finished_at_its_end(tmp_path, ranks):
-    """Without a driver (torchrun, launch/train_dist.sh) training rank 0 owns the MLflow run and
-    ends it as ``pipeline.run`` does: KILLED after a stop, FINISHED at the last step (FAILED
-    after a divergence: tests/test_guard.py), the same run across the rerun."""
+def test_a_run_without_a_driver_ends_its_mlflow_run_killed_after_a_stop_and_finished_at_its_end(tmp_path, ranks):
+    """Without a driver (torchrun, the deepspeed launcher, launch/train_dist.sh) training rank 0
+    owns the MLflow run and ends it as ``pipeline.run`` does: KILLED after a stop (under
+    torchrun), FINISHED at the last step (the rerun, under the deepspeed launcher), the same run
+    across the rerun (FAILED after a divergence: tests/test_guard.py; after a crash:
+    tests/test_faults.py)."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -84,18 +87,14 @@ def test_a_torchrun_run_ends_its_mlflow_run_killed_after_a_stop_and_finished_at_
     shards = write_shards(tmp_path / "shards", num_classes=4, per_shard=[40, 40, 40])
     out, status = tmp_path / "run", tmp_path / "status"
 
-    def train() -> tuple[int, dict]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "pipeline.train",
-            str(DEMO),
-            *guard_run_overrides(out, shards, "train.steps=4"),
-        ]
+    def train(launcher: str) -> tuple[int, dict]:
+        cmd = {
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"],
+            "deepspeed": [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"],
+        }[launcher]
+        port = f"--master_port={free_port()}"
+        cmd = [*cmd, port, "--module" if launcher == "deepspeed" else "-m", "pipeline.train", str(DEMO)]
+        cmd += guard_run_overrides(out, shards, "train.steps=4")
         proc = ranks.run(
             cmd,
             env={**ranks_env(), "PIPELINE_STATUS_FILE": str(status)},
@@ -110,12 +109,12 @@ def test_a_torchrun_run_ends_its_mlflow_run_killed_after_a_stop_and_finished_at_
 
     run = RunDir(str(out))
     run.request_stop("the test: stop at the first step")
-    code, stopped = train()
+    code, stopped = train("torchrun")
     assert code == Exit.STOPPED and stopped["step"] == 1 and stopped["preempted"]
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_run(stopped["run_id"]).info.status == "KILLED"
 
     run.clear_stop()
-    code, finished = train()
+    code, finished = train("deepspeed")
     assert code == Exit.OK and finished["step"] == 4 and finished["run_id"] == stopped["run_id"]
     assert client.get_run(finished["run_id"]).info.status == "FINISHED"
