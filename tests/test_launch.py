@@ -304,16 +304,6 @@ def ray_head():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_job_round_trip_on_an_existing_cluster(ray_head, tmp_path, job):
-    r = pretrain("--address", ray_head, *TINY, f"output_dir={tmp_path}/run", env=launch_env(), timeout=280, job=job)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "pre-training summary" in r.stdout
-    assert f"outputs: {tmp_path}/run" in r.stdout
-    assert (tmp_path / "run" / "summary.json").is_file()
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_jobs_exit_code_is_the_launchers(ray_head, tmp_path, job):
     # Valid config, impossible on a 2-CPU cluster: pipeline.run exits 2 once connected.
@@ -331,11 +321,11 @@ def test_the_jobs_exit_code_is_the_launchers(ray_head, tmp_path, job):
     assert "ray.cpus_per_worker" in r.stdout
 
 
-_STEP = re.compile(r"step (\d+)/1000 loss")
+_STEP = re.compile(r"step (\d+)/\d+ loss")
 
 
 def _wait_for_step(proc: subprocess.Popen, log: Path, n: int, timeout: float = 240) -> None:
-    """Until the job's log shows training step ``n`` (of a 1000-step run); the job must live."""
+    """Until the job's log shows training step ``n``; the job must live."""
     deadline = time.monotonic() + timeout
     while not any(int(s) >= n for s in _STEP.findall(log.read_text())) and time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -444,12 +434,13 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and_logs_each_step_once(
+def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and_finishes_logging_each_step_once(
     ray_head, tmp_path, job
 ):
     """The driver of a running --address job is SIGKILLed (Ray marks the job FAILED while its
     lease's heartbeat is still fresh): the rerun does not follow the dead job, it takes the run
-    over, resumes from the last checkpoint and logs every step once."""
+    over, resumes from the last checkpoint, logs every step once and ends the job on the existing
+    cluster with exit 0, its summary and its outputs."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -466,7 +457,7 @@ def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and
         "train.log_every=1",
         "train.checkpoint_every=5",
         f"output_dir={out}",
-        "train.steps=1000",
+        "train.steps=40",
     ]
     with log.open("w") as sink:
         first = job.popen(run, env=launch_env(), stdout=sink, stderr=subprocess.STDOUT)
@@ -489,13 +480,6 @@ def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and
             assert line, text[-3000:]
             text += line
         t_step = time.monotonic()
-        subprocess.run(
-            [sys.executable, "-m", "pipeline.rundir", "stop", str(out)],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
         rest, _ = again.communicate(timeout=240)
     finally:
         for proc in (first, again):
@@ -506,8 +490,10 @@ def test_a_rerun_after_the_jobs_driver_was_killed_takes_the_run_over_at_once_and
         -3000:
     ]
     assert "following it" not in text and f"its Ray job {submission} has ended" in text, text[-3000:]
-    assert again.returncode == 3, text[-3000:]  # its own job's status: stopped with a checkpoint
+    assert again.returncode == 0, text[-3000:]  # its own job's status: finished
+    assert "pre-training summary" in text and f"outputs: {out}" in text
+    assert (out / "summary.json").is_file()
     run_id = RunDir(str(out)).mlflow_run_id
     steps = [m.step for m in MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_metric_history(run_id, "train/loss")]
-    assert sorted(steps) == list(range(1, max(steps) + 1)), steps  # each step once, none missing
+    assert sorted(steps) == list(range(1, 41)), steps  # each step once, none missing
     print(f"\ndriver SIGKILLed after step 7: the rerun's first trained step {t_step - t_kill:.1f} s after the kill")
