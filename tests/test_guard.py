@@ -29,6 +29,7 @@ from pipeline.config import ConfigError, GuardConfig, load_config
 from pipeline.stop import Exit
 from tests.support import DEMO, ROOT
 from tests.support.data import write_shards
+from tests.support.jobs import PRETRAIN
 from tests.support.phases import guard_run_overrides, ranks_env
 from tests.support.services import free_port
 
@@ -298,7 +299,7 @@ def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status
     overrides = [o for o in guard_run_overrides(out, shards, *never_ends) if o != "prep=[]"]
     env = {**ranks_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     proc = job.run(
-        [str(ROOT / "launch" / "pretrain.sh"), str(DEMO), *overrides],
+        [PRETRAIN, str(DEMO), *overrides],
         env=env,
         cwd=ROOT,
         capture_output=True,

@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
-from tests.support.jobs import processes_mentioning
+from tests.support.jobs import PRETRAIN, processes_mentioning
 from tests.support.services import free_port
 
-PRETRAIN = ROOT / "launch" / "pretrain.sh"
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 # The tiniest real pre-training job: 400 glyphs, 2 steps of one worker, no evaluation.
 TINY = [

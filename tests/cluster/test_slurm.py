@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
+from tests.support.jobs import PRETRAIN
 from tests.support.slurm import Slurm, cannot_run_slurm, slurm_cluster
 
 pytestmark = [pytest.mark.slow]
 
-PRETRAIN = str(ROOT / "launch" / "pretrain.sh")
 TINY = [
     "demo.classes=10",
     "demo.per_class=16",
