@@ -114,6 +114,7 @@ class StepMetrics:
                 mem.item(),
             )
             self.tracker.log_metrics(metrics, step)
+            self.tracker.note_logged_step(step)
             self.logged_upto = step
         self.restart(step)
 
@@ -147,12 +148,20 @@ def peak_flops(peak_tflops: float, device_name: str | None) -> float:
 
 
 def last_logged_step(tracker: Tracker) -> int:
-    """The highest step of ``train/loss`` already in the run; 0 when the store cannot be read."""
+    """The highest step of ``train/loss`` already logged to the run: in the store, or noted on
+    this host by an earlier rank 0 (:meth:`Tracker.note_logged_step`), which is all there is to
+    go by when the server cannot be asked (a worker restarted during an outage)."""
+    noted = tracker.logged_step_noted()
     try:
-        return max((m.step for m in tracker.metric_history("train/loss")), default=0)
-    except Exception as e:  # an unreachable server: log everything, the store keeps the last value
-        log.warning("could not read the logged steps of run %s: %s", tracker.run_id, e)
-        return 0
+        return max(noted, max((m.step for m in tracker.metric_history("train/loss")), default=0))
+    except Exception as e:  # an unreachable server: what this host noted, else log everything
+        log.warning(
+            "could not read the logged steps of run %s (%s); %s",
+            tracker.run_id,
+            e,
+            f"this host logged up to step {noted}" if noted else "logging every step",
+        )
+        return noted
 
 
 def eta(steps_left: int, steps_per_s: float) -> str:

@@ -121,18 +121,22 @@ class Tracker:
         return self._run_id
 
     @classmethod
-    def start(cls, cfg, run_id: str | None = None) -> Tracker:
+    def start(cls, cfg, run_id: str | None = None, owner: bool = True) -> Tracker:
         """Create the pre-training run, or resume ``run_id`` (or ``cfg.tracking.run_id``).
 
         Resuming works while the server is away (the status change is spooled); creating a
-        run needs the server, since its id goes into every checkpoint.
+        run needs the server, since its id goes into every checkpoint. Only the run's
+        ``owner`` (the driver, or rank 0 where no driver is) marks a resumed run RUNNING: a
+        rank's spooled status change, delivered after the driver ended the run, would undo
+        the end (seen with a worker restarted while the server was away).
         """
         configure_http(cfg.tracking.http_timeout_s, cfg.tracking.http_max_retries)
         uri = tracking_uri(cfg)
         run_id = run_id or cfg.tracking.run_id
         if run_id:
             tracker = cls(uri, run_id, spool_dir(cfg), cfg.tracking.flush_timeout_s)
-            tracker._write({"op": "update_run", "run": run_id, "status": "RUNNING"})
+            if owner:
+                tracker._write({"op": "update_run", "run": run_id, "status": "RUNNING"})
             return tracker
         client = _client(uri)
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -201,6 +205,28 @@ class Tracker:
                     j.path_hint(),
                 )
                 j.append(record)
+
+    def note_logged_step(self, step: int) -> None:
+        """Note, beside the spool, that the run's step metrics are logged up to ``step`` (a
+        restarted rank 0 on this host reads it when the server is away: :meth:`logged_step_noted`)."""
+        path = self._logged_step_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(str(int(step)))
+            os.replace(tmp, path)
+        except OSError as e:  # a note for a later restart; never stop training for it
+            log.warning("could not note the logged step in %s: %s", path, e)
+
+    def logged_step_noted(self) -> int:
+        """The step noted by :meth:`note_logged_step` on this host for this run; 0 when none."""
+        try:
+            return int(self._logged_step_path().read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _logged_step_path(self) -> Path:
+        return self.journal.dir / f"{self._run_id}.logged_step"
 
     def metric_history(self, key: str) -> list:
         """The run's history of metric ``key`` (needs the server)."""

@@ -359,7 +359,7 @@ class Trainer:
         cfg = self.cfg
         if self.rank == 0:
             run_id = run_to_resume(cfg.tracking.run_id, tracking_uri(cfg), self.meta)
-            self.tracker = Tracker.start(cfg, run_id=run_id)
+            self.tracker = Tracker.start(cfg, run_id=run_id, owner=self.owns_run)
             self._open.callback(self._end_run)
             if not run_id:
                 self.tracker.log_params(to_flat_dict(cfg))

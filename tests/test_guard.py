@@ -7,9 +7,9 @@ its data stream made NaN), so a rollback's data skip moves past them as past bad
 - a sustained one (ZeRO-3, bf16): rolled back to the checkpoint before it, the batches since
   then skipped (the same keys an untouched stream delivers next); a run killed right after the
   decision resumes, skips the same batches and ends bit-identical to the uninterrupted one;
-- one that never ends: after ``max_rollbacks`` the run stops with ``Exit.DIVERGED``, through
-  ``launch/pretrain.sh`` (Ray; nothing after the fault published or evaluated) and through
-  ``launch/train_dist.sh`` (torchrun).
+- one that never ends: after ``max_rollbacks`` the run stops with ``Exit.DIVERGED`` through
+  ``launch/train_dist.sh`` (torchrun); through ``launch/pretrain.sh`` (Ray; nothing after the
+  fault published or evaluated) in tests/test_recovery.py, with the other whole jobs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pipeline.config import ConfigError, GuardConfig, load_config
 from pipeline.stop import Exit
 from tests.support import DEMO, ROOT
 from tests.support.data import write_shards
-from tests.support.jobs import PRETRAIN
 from tests.support.phases import guard_run_overrides, ranks_env
 from tests.support.services import free_port
 
@@ -273,59 +272,6 @@ def _untouched_stream(shards: str, rank: int, start: int, end: int) -> list[dict
     stream = TrainStream(spec)
     batches = [next(stream) for _ in range(end)]
     return batches[start:]
-
-
-@pytest.mark.timeout(330)
-def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status(tmp_path, shards, job):
-    out = tmp_path / "run"
-    never_ends = [
-        "train.guard.fault.kind=nan",
-        "train.guard.fault.start=13",
-        "train.guard.fault.end=1000",
-        "train.guard.max_rollbacks=1",
-        "eval.enabled=true",
-        "eval.fewshot.0.shots=[1]",
-        "eval.fewshot.0.seeds=1",
-        "eval.poll_seconds=0.5",
-        "demo.enabled=true",
-        "demo.classes=4",
-        "demo.per_class=8",
-        "ray.num_workers=2",
-        "prep.0.shard_size=64",
-        f"ray.storage_path={tmp_path / 'runs'}",
-        "name=diverges",
-    ]
-    # the demo's digits evaluation, with the tiny shards above as the training set
-    overrides = [o for o in guard_run_overrides(out, shards, *never_ends) if o != "prep=[]"]
-    env = {**ranks_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    proc = job.run(
-        [PRETRAIN, str(DEMO), *overrides],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == Exit.DIVERGED, text[-6000:]
-    run_dir = tmp_path / "runs" / "diverges"
-    assert (
-        "diverged: unhealthy steps [5, 6, 7] (non-finite loss), after 1 rollbacks (train.guard.max_rollbacks)" in text
-    )
-    assert f"resumes from {run_dir}/checkpoints/step_00000004" in text
-    assert "guard rollback      : steps 7-9 (non-finite loss) rolled back to step 4, 80 samples skipped" in text
-    assert _tags(run_dir) == [0, 4]  # nothing after the fault was published...
-    evaluated = sorted(p.parent.name for p in (run_dir / "evals").glob("*/*.json"))
-    assert evaluated and set(evaluated) <= {"step_00000000", "step_00000004"}  # ...or evaluated
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["guard"]["diverged"]["resume_from"] == "step_00000004" and len(summary["guard"]["rollbacks"]) == 1
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(summary["run_id"])
-    assert run.info.status == "FAILED"
-    assert run.data.tags["guard.rollback.1"].startswith("steps 7-9 (non-finite loss) rolled back to step 4")
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "guard/rollback_to_step")] == [4.0]
 
 
 @pytest.mark.timeout(260)

@@ -341,53 +341,14 @@ def _latest_complete_step(ckpt_dir: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_ray_job_stop_in_address_mode_checkpoints_the_current_step_and_exits_3(ray_head, tmp_path, job):
-    log = tmp_path / "pretrain.log"
-    run = [
-        str(PRETRAIN),
-        "--address",
-        ray_head,
-        *TINY,
-        "train.log_every=1",
-        "train.checkpoint_every=50",
-        # 4 micro-batches a step (about 0.4 s here): `ray job stop` takes 3-6 s to reach the
-        # driver (the CLI's start-up), which at one micro-batch a step reached step 50, the
-        # periodic checkpoint, on a busy machine
-        "train.global_batch_size=64",
-        f"output_dir={tmp_path}/run",
-    ]
-    with log.open("w") as out:
-        proc = job.popen([*run, "train.steps=1000"], env=launch_env(), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_for_step(proc, log, 3)
-        logged = _last_step(log)
-        submission = re.search(r"--submission-id (pretrain-\S+)", log.read_text()).group(1)
-        subprocess.run(
-            [RAY, "job", "stop", "--address", ray_head, submission],
-            env=launch_env(),
-            capture_output=True,
-            timeout=200,
-            check=True,
-        )
-        assert proc.wait(100) == 3, log.read_text()[-4000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert "to resume, rerun the same command" in log.read_text()
-    stopped = _latest_complete_step(tmp_path / "run" / "checkpoints")
-    print(
-        f"\nray job stop after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
-        f"steps lost {max(0, logged - stopped)}"
-    )
-    assert stopped >= logged and stopped % 50 != 0
-
-
-@pytest.mark.slow
 @pytest.mark.timeout(500)
-def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_of_submitting_another(
+def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_and_ray_job_stop_checkpoints_it_exits_3(
     ray_head, tmp_path, job
 ):
+    """The client that submitted an --address job dies (its ssh session dropped): the rerun of the
+    same command follows the live job instead of submitting another; ``ray job stop`` then
+    checkpoints the step the job is at (not a periodic one) and the follower exits 3, the job's
+    status, with how to resume."""
     log = tmp_path / "pretrain.log"
     run = [
         str(PRETRAIN),
@@ -395,7 +356,8 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
         ray_head,
         *TINY,
         "train.log_every=1",
-        "train.checkpoint_every=50",
+        # no periodic checkpoint but step 0's before the end: a checkpoint after the stop is its own
+        "train.checkpoint_every=1000",
         f"output_dir={tmp_path}/run",
         "train.steps=1000",
     ]
@@ -413,12 +375,13 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
             line = again.stdout.readline()
             assert line, followed[-3000:]
             followed += line
+        logged = max(int(s) for s in _STEP.findall(followed))
         subprocess.run(
-            [sys.executable, "-m", "pipeline.rundir", "stop", f"{tmp_path}/run"],
-            cwd=ROOT,
-            check=True,
+            [RAY, "job", "stop", "--address", ray_head, submission],
+            env=launch_env(),
             capture_output=True,
-            timeout=60,
+            timeout=200,
+            check=True,
         )
         rest, _ = again.communicate(timeout=200)
     finally:
@@ -429,6 +392,13 @@ def test_a_rerun_after_the_submitting_client_died_follows_the_live_job_instead_o
     assert f"is owned by job {submission} of this cluster" in text and "following it" in text, text[-3000:]
     assert "job submit" not in text  # no second job
     assert again.returncode == 3, text[-3000:]  # the followed job's status: stopped with a checkpoint
+    assert "to resume, rerun the same command" in text
+    stopped = _latest_complete_step(tmp_path / "run" / "checkpoints")
+    print(
+        f"\nray job stop after step {logged}: last periodic checkpoint step 0, stop checkpoint step {stopped}, "
+        f"steps lost {max(0, logged - stopped)}"
+    )
+    assert stopped >= logged and stopped % 1000 != 0
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """One run, one writer (``pipeline.lease``): the lease on a local dir and on S3 (moto), the
-driver that refuses a run a live job owns and takes over an expired one, and evaluations
-claimed once."""
+driver that refuses a run a live job owns, and evaluations claimed once. The whole jobs that
+take over an expired lease and a stopped owner's are in tests/test_recovery.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.lease import Fence, Lease, LeaseHeld
 from pipeline.stop import Exit
+from tests.support.jobs import fabricated_lease
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -147,19 +148,6 @@ def test_the_renewal_thread_keeps_a_lease_alive_past_its_expiry(lease_url):
 # ---------------------------------------------------------------- the driver (python -m pipeline.run)
 
 
-def _fabricated(url: str, expiry_s: float) -> Lease:
-    """A lease taken by this test process, as another job's driver would hold it."""
-    lease = Lease(
-        url,
-        heartbeat_s=expiry_s / 4,
-        expiry_s=expiry_s,
-        job_id="raysubmit_other",
-        cluster="10.0.0.9:6379",
-    )
-    lease.acquire()
-    return lease
-
-
 @pytest.mark.timeout(120)
 def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ray_starts(tmp_path, capsys):
     import ray
@@ -169,7 +157,7 @@ def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ra
     from tests.support.jobs import TINY
 
     out = tmp_path / "run"
-    owner = _fabricated(str(out / "LEASE"), expiry_s=60)
+    owner = fabricated_lease(str(out / "LEASE"), expiry_s=60)
     t0 = time.time()
     assert main([str(ROOT / "configs" / "experiment" / "demo.yaml"), f"output_dir={out}", *TINY]) == 2
     took = time.time() - t0
@@ -183,72 +171,6 @@ def test_a_run_a_live_job_owns_is_refused_with_exit_2_naming_the_owner_before_ra
     assert not ray.is_initialized() and not (out / "corpus").exists() and not (out / "mlflow_run_id").exists()
     assert owner.holds()  # untouched
     print(f"\nrefused in {took:.1f}s")
-
-
-@pytest.fixture
-def jobs():
-    from tests.support.jobs import Job
-
-    started: list[Job] = []
-    yield Job, started
-    for job in started:
-        job.kill()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(480)
-def test_an_expired_lease_then_an_owner_stopped_past_its_expiry_are_taken_over_and_on_sigcont_it_writes_nothing(
-    tmp_path, jobs
-):
-    import os
-    import signal
-
-    from tests.support.jobs import assert_one_run_with_steps, mlflow_of, summary_of
-
-    Job, started = jobs
-    out = tmp_path / "run"
-    gone = _fabricated(str(out / "LEASE"), expiry_s=1)  # a driver that died without releasing
-    time.sleep(1.2)
-    args = (out, "lease.heartbeat_s=1", "lease.expiry_s=4", "train.steps=60")
-    first = Job(*args)
-    started.append(first)
-    first.wait_for(lambda: any(s >= 3 for _, s in first.steps()), 200, "step 3")
-    assert f"took over {out} from Ray job raysubmit_other of cluster 10.0.0.9:6379" in first.text()
-    assert not gone.renew()
-    os.kill(first.proc.pid, signal.SIGSTOP)  # the driver, the lease's holder: its workers go on
-    t_stop = time.time()
-    time.sleep(4.5)  # past lease.expiry_s
-
-    second = Job(*args)
-    started.append(second)
-    t_took = second.wait_for(
-        lambda: next((t for t, line in second.lines if "took over" in line), None), 120, "takeover"
-    )
-    t_step = second.wait_for(lambda: next((t for t, _ in second.steps()), None), 200, "a step of the new owner")
-    assert re.search(rf"took over {out} from a process on host \S+ \(pid {first.proc.pid}\)", second.text())
-    assert second.wait(300) == 0, second.text()[-6000:]
-    summary = (out / "summary.json").read_text()
-    client, run_id = mlflow_of(out)
-    assert client.get_run(run_id).info.status == "FINISHED"
-
-    # The old owner comes back: it finds the lease another's.
-    os.kill(first.proc.pid, signal.SIGCONT)
-    rc = first.wait(120)
-    text = first.text()
-    print(
-        f"\nowner stopped at {t_stop:.0f}; the next launch, started {4.5:.1f}s later, took over after "
-        f"{t_took - t_stop:.1f}s and logged its first step after {t_step - t_stop:.1f}s"
-    )
-    assert rc == Exit.LOST, text[-6000:]
-    # Its ranks stopped on the lease (they trained on while the driver was frozen), then its driver.
-    assert "lease names another owner" in text and "with no checkpoint or metric" in text
-    assert "lease lost" in text and "stopped without writing" in text
-    assert (out / "summary.json").read_text() == summary  # the new owner's, untouched
-    assert summary_of(out)["final_step"] == 60
-    # Every step once: the old ranks stopped without logging.
-    run = assert_one_run_with_steps(out, 60)
-    assert run.info.status == "FINISHED"
-    assert not (out / "LEASE").exists()  # released by the new owner, not recreated by the old
 
 
 # ---------------------------------------------------------------- launch/train_dist.sh (torchrun): rank 0 owns the run
@@ -270,7 +192,7 @@ def test_train_dist_refuses_a_run_a_live_job_owns_and_owns_the_run_it_trains_and
     out = tmp_path / "run"
     cmd = [str(ROOT / "launch" / "train_dist.sh"), "--nproc", "2", str(DEMO), *guard_run_overrides(out, shards)]
 
-    owner = _fabricated(str(out / "LEASE"), expiry_s=120)
+    owner = fabricated_lease(str(out / "LEASE"), expiry_s=120)
     refused = ranks.run(cmd, env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == Exit.CONFIG, refused.stdout[-3000:] + refused.stderr[-5000:]
     assert f"is owned by Ray job raysubmit_other of cluster 10.0.0.9:6379 on host {owner.me.host}" in refused.stderr

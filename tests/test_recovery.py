@@ -1,16 +1,27 @@
 """Failure recovery of the Ray job (``python -m pipeline.run``), tiny and real: Ray, DeepSpeed, MLflow.
 
-- a training worker SIGKILLed mid-run: the worker group restarts, resumes from the latest
-  checkpoint, the same MLflow run gets every step exactly once;
+- a training worker SIGKILLed mid-run and the MLflow server down from then on for several
+  checkpoints: the worker group restarts and resumes from the latest checkpoint, and once the
+  server is back the same MLflow run gets every step and evaluation exactly once; a server
+  still down at the end: exit 4, and ``pipeline.evaluate sync`` delivers everything once;
 - SIGTERM to ``launch/pretrain.sh`` (its own local cluster): checkpoint at the step it is at,
   exit status 3 and how to resume, the cluster stopped; with the checkpoints on S3 (moto) and
   the local ones deleted, the rerun resumes from S3; then the driver is SIGKILLed and a rerun
   through ``launch/pretrain.sh`` resumes the same MLflow run;
-- an unsatisfiable config or an unreachable Ray address fails fast with a clear error.
+- an unsatisfiable config or an unreachable Ray address fails fast with a clear error;
+- a launch takes over an expired lease, then the run of a driver stopped (SIGSTOP) past its
+  lease's expiry; the old driver, continued, writes nothing (``pipeline.lease``);
+- a divergence that outlasts the rollbacks stops ``launch/pretrain.sh`` with its own exit
+  status (``pipeline.guard``; the guard's other tests are in tests/test_guard.py).
+
+The whole jobs of the lease and the guard are here, away from those modules' lighter tests, so
+that the jobs, which take turns, are one group of the test scheduler (tests/support/tiers.py)
+and the lighter tests run beside them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -26,16 +37,20 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.support import ROOT
+from pipeline.stop import Exit
+from tests.support import DEMO, ROOT
+from tests.support.data import write_shards
 from tests.support.jobs import (
     PRETRAIN,
     Job,
     assert_one_run_with_steps,
+    fabricated_lease,
     job_env,
     mlflow_of,
     processes_mentioning,
     summary_of,
 )
+from tests.support.phases import guard_run_overrides, ranks_env
 
 
 @pytest.fixture
@@ -44,50 +59,6 @@ def jobs():
     yield started
     for job in started:
         job.kill()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(200)
-def test_a_sigkilled_worker_is_restarted_and_resumes_without_duplicate_metrics(tmp_path, jobs):
-    out = tmp_path / "run"
-    job = Job(out, "ray.max_failures=2")
-    jobs.append(job)
-    job.wait_for(
-        lambda: (out / "checkpoints" / "step_00000003" / "COMPLETE").exists() and any(s >= 4 for _, s in job.steps()),
-        150,
-        "step 3 checkpoint",
-    )
-    workers = job.wait_for(
-        lambda: [
-            p
-            for p in psutil.Process(job.proc.pid).children(recursive=True)
-            if "ray::RayTrainWorker" in " ".join(_cmdline(p))
-        ],
-        10,
-        "RayTrainWorker",
-    )
-    killed_at_step = max(s for _, s in job.steps())
-    t_kill = time.time()
-    workers[-1].send_signal(signal.SIGKILL)
-
-    assert job.wait(150) == 0, job.text()[-6000:]
-    # The restarted group's "resumed from" line splits the output: steps done before the kill, then new ones.
-    t_resumed, restart_ckpt = next(
-        (t, int(m.group(1))) for t, line in job.lines if (m := re.search(r"resumed from \S+/step_(\d+)", line))
-    )
-    done = max(s for t, s in job.steps() if t < t_resumed)
-    t_first, first = next((t, s) for t, s in job.steps() if t > t_resumed)
-    print(
-        f"\nSIGKILL after step {done} (last logged before the restart; {killed_at_step} when the kill was sent); "
-        f"resumed from checkpoint step {restart_ckpt}: {done - restart_ckpt} steps lost and redone (not logged again); "
-        f"restarted group resumed {t_resumed - t_kill:.1f}s and logged its first new step ({first}) "
-        f"{t_first - t_kill:.1f}s after the SIGKILL"
-    )
-    assert first == done + 1
-    assert done - restart_ckpt <= 3  # train.checkpoint_every
-    assert summary_of(out)["final_step"] == 12
-    run = assert_one_run_with_steps(out, 12)
-    assert run.info.status == "FINISHED"
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
@@ -269,18 +240,23 @@ def _assert_all_in_mlflow(srv, out):
     assert all(c.info.status == "FINISHED" for c in children)
     assert sorted(m.step for m in client.get_metric_history(run_id, "fewshot/digits/5shot")) == [0, 3, 6, 9, 12]
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 13))
+    return run_id
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_an_mlflow_server_killed_mid_run_and_back_before_the_end_gets_everything(tmp_path, jobs, mlflow_servers):
-
+def test_a_worker_sigkilled_and_the_mlflow_server_down_mid_run_restart_resume_and_mlflow_gets_everything_once(
+    tmp_path, jobs, mlflow_servers
+):
+    """Two faults in one run: a training worker SIGKILLed after the step 3 checkpoint (the group
+    restarts and resumes from the latest checkpoint, no step logged twice), then the MLflow server
+    down for the restart and several checkpoints and their evaluations, and back before the end."""
     srv = mlflow_servers(tmp_path / "mlflow")
     try:
         out = tmp_path / "run"
-        job = _outage_job(out, srv, jobs)
-        job.wait_for(lambda: any(s >= 2 for _, s in job.steps()), 200, "step 2")
-        srv.stop()  # down for several checkpoints and their evaluations
+        job = _outage_job(out, srv, jobs, "ray.max_failures=2")
+        t_kill, killed_at_step = _sigkill_a_worker_after_step_3(job, out)
+        srv.stop()  # down for the restart, the steps after it and several checkpoints' evaluations
         job.wait_for(
             lambda: (out / "evals" / "step_00000006" / "fewshot-digits.json").exists(), 200, "step 6 evaluated"
         )
@@ -288,9 +264,56 @@ def test_an_mlflow_server_killed_mid_run_and_back_before_the_end_gets_everything
         rc = job.wait(300)
         assert rc == 0, job.text()[-6000:]
         assert "NOT IN MLFLOW YET" not in job.text()
-        _assert_all_in_mlflow(srv, out)
+        _assert_resumed_without_repeats(job, t_kill, killed_at_step)
+        assert summary_of(out)["final_step"] == 12
+        run_id = _assert_all_in_mlflow(srv, out)
+        client = MlflowClient(srv.uri)
+        runs = client.search_runs([client.get_run(run_id).info.experiment_id])
+        assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [run_id]  # one parent
+        assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         srv.stop()
+
+
+def _sigkill_a_worker_after_step_3(job: Job, out: Path) -> tuple[float, int]:
+    """SIGKILL one training worker once the step 3 checkpoint is complete and step 4 logged:
+    (when, the last step logged then)."""
+    job.wait_for(
+        lambda: (out / "checkpoints" / "step_00000003" / "COMPLETE").exists() and any(s >= 4 for _, s in job.steps()),
+        150,
+        "step 3 checkpoint",
+    )
+    workers = job.wait_for(
+        lambda: [
+            p
+            for p in psutil.Process(job.proc.pid).children(recursive=True)
+            if "ray::RayTrainWorker" in " ".join(_cmdline(p))
+        ],
+        10,
+        "RayTrainWorker",
+    )
+    killed_at_step = max(s for _, s in job.steps())
+    t_kill = time.time()
+    workers[-1].send_signal(signal.SIGKILL)
+    return t_kill, killed_at_step
+
+
+def _assert_resumed_without_repeats(job: Job, t_kill: float, killed_at_step: int) -> None:
+    """The restarted group's "resumed from" line splits the output: the steps done before the
+    kill, then new ones; at most a checkpoint interval (3) is lost and redone, and not logged again."""
+    t_resumed, restart_ckpt = next(
+        (t, int(m.group(1))) for t, line in job.lines if (m := re.search(r"resumed from \S+/step_(\d+)", line))
+    )
+    done = max(s for t, s in job.steps() if t < t_resumed)
+    t_first, first = next((t, s) for t, s in job.steps() if t > t_resumed)
+    print(
+        f"\nSIGKILL after step {done} (last logged before the restart; {killed_at_step} when the kill was sent); "
+        f"resumed from checkpoint step {restart_ckpt}: {done - restart_ckpt} steps lost and redone (not logged again); "
+        f"restarted group resumed {t_resumed - t_kill:.1f}s and logged its first new step ({first}) "
+        f"{t_first - t_kill:.1f}s after the SIGKILL"
+    )
+    assert first == done + 1
+    assert done - restart_ckpt <= 3  # train.checkpoint_every
 
 
 @pytest.mark.slow
@@ -319,3 +342,122 @@ def test_an_mlflow_server_still_down_at_the_end_exits_4_and_sync_delivers_everyt
         _assert_all_in_mlflow(srv, out)
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- a driver stopped past its lease's expiry
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_an_expired_lease_then_an_owner_stopped_past_its_expiry_are_taken_over_and_on_sigcont_it_writes_nothing(
+    tmp_path, jobs
+):
+    started = jobs
+    out = tmp_path / "run"
+    gone = fabricated_lease(str(out / "LEASE"), expiry_s=1)  # a driver that died without releasing
+    time.sleep(1.2)
+    args = (out, "lease.heartbeat_s=1", "lease.expiry_s=4", "train.steps=60")
+    first = Job(*args)
+    started.append(first)
+    first.wait_for(lambda: any(s >= 3 for _, s in first.steps()), 200, "step 3")
+    assert f"took over {out} from Ray job raysubmit_other of cluster 10.0.0.9:6379" in first.text()
+    assert not gone.renew()
+    os.kill(first.proc.pid, signal.SIGSTOP)  # the driver, the lease's holder: its workers go on
+    t_stop = time.time()
+    time.sleep(4.5)  # past lease.expiry_s
+
+    second = Job(*args)
+    started.append(second)
+    t_took = second.wait_for(
+        lambda: next((t for t, line in second.lines if "took over" in line), None), 120, "takeover"
+    )
+    t_step = second.wait_for(lambda: next((t for t, _ in second.steps()), None), 200, "a step of the new owner")
+    assert re.search(rf"took over {out} from a process on host \S+ \(pid {first.proc.pid}\)", second.text())
+    assert second.wait(300) == 0, second.text()[-6000:]
+    summary = (out / "summary.json").read_text()
+    client, run_id = mlflow_of(out)
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    # The old owner comes back: it finds the lease another's.
+    os.kill(first.proc.pid, signal.SIGCONT)
+    rc = first.wait(120)
+    text = first.text()
+    print(
+        f"\nowner stopped at {t_stop:.0f}; the next launch, started {4.5:.1f}s later, took over after "
+        f"{t_took - t_stop:.1f}s and logged its first step after {t_step - t_stop:.1f}s"
+    )
+    assert rc == Exit.LOST, text[-6000:]
+    # Its ranks stopped on the lease (they trained on while the driver was frozen), then its driver.
+    assert "lease names another owner" in text and "with no checkpoint or metric" in text
+    assert "lease lost" in text and "stopped without writing" in text
+    assert (out / "summary.json").read_text() == summary  # the new owner's, untouched
+    assert summary_of(out)["final_step"] == 60
+    # Every step once: the old ranks stopped without logging.
+    run = assert_one_run_with_steps(out, 60)
+    assert run.info.status == "FINISHED"
+    assert not (out / "LEASE").exists()  # released by the new owner, not recreated by the old
+
+
+# ---------------------------------------------------------------- a divergence the rollbacks cannot outlast
+
+
+@pytest.fixture(scope="module")
+def guard_shards(tmp_path_factory) -> str:
+    return write_shards(tmp_path_factory.mktemp("guard_shards"), num_classes=4, per_shard=[40, 40, 40])
+
+
+@pytest.mark.timeout(330)
+def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status(tmp_path, guard_shards, job):
+    out = tmp_path / "run"
+    never_ends = [
+        "train.guard.fault.kind=nan",
+        "train.guard.fault.start=13",
+        "train.guard.fault.end=1000",
+        "train.guard.max_rollbacks=1",
+        "eval.enabled=true",
+        "eval.fewshot.0.shots=[1]",
+        "eval.fewshot.0.seeds=1",
+        "eval.poll_seconds=0.5",
+        "demo.enabled=true",
+        "demo.classes=4",
+        "demo.per_class=8",
+        "ray.num_workers=2",
+        "prep.0.shard_size=64",
+        f"ray.storage_path={tmp_path / 'runs'}",
+        "name=diverges",
+    ]
+    # the demo's digits evaluation, with the tiny shards above as the training set
+    overrides = [o for o in guard_run_overrides(out, guard_shards, *never_ends) if o != "prep=[]"]
+    env = {**ranks_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = job.run(
+        [PRETRAIN, str(DEMO), *overrides],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == Exit.DIVERGED, text[-6000:]
+    run_dir = tmp_path / "runs" / "diverges"
+    assert (
+        "diverged: unhealthy steps [5, 6, 7] (non-finite loss), after 1 rollbacks (train.guard.max_rollbacks)" in text
+    )
+    assert f"resumes from {run_dir}/checkpoints/step_00000004" in text
+    assert "guard rollback      : steps 7-9 (non-finite loss) rolled back to step 4, 80 samples skipped" in text
+    assert _tags(run_dir) == [0, 4]  # nothing after the fault was published...
+    evaluated = sorted(p.parent.name for p in (run_dir / "evals").glob("*/*.json"))
+    assert evaluated and set(evaluated) <= {"step_00000000", "step_00000004"}  # ...or evaluated
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["guard"]["diverged"]["resume_from"] == "step_00000004" and len(summary["guard"]["rollbacks"]) == 1
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["guard.rollback.1"].startswith("steps 7-9 (non-finite loss) rolled back to step 4")
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "guard/rollback_to_step")] == [4.0]
+
+
+def _tags(out: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*/COMPLETE"))

@@ -73,7 +73,7 @@ def test_a_run_without_a_driver_ends_its_mlflow_run_killed_after_a_stop_and_fini
     owns the MLflow run and ends it as ``pipeline.run`` does: KILLED after a stop (under
     torchrun), FINISHED at the last step (the rerun, under the deepspeed launcher), the same run
     across the rerun (FAILED after a divergence: tests/test_guard.py; after a crash:
-    tests/test_faults.py)."""
+    tests/test_faults.py). The stop is requested, and withdrawn, with ``python -m pipeline.rundir``."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -107,14 +107,19 @@ def test_a_run_without_a_driver_ends_its_mlflow_run_killed_after_a_stop_and_fini
         assert lines, proc.stdout[-3000:] + proc.stderr[-5000:]
         return int(status.read_text()), json.loads(lines[0])
 
-    run = RunDir(str(out))
-    run.request_stop("the test: stop at the first step")
+    def rundir(*args: str) -> str:  # the run dir's command line, as an operator (and the launchers) use it
+        cli = [sys.executable, "-m", "pipeline.rundir", *args]
+        return subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+
+    assert rundir("stop", str(out), "the test: stop at the first step") == f"stop requested: {out}/STOP\n"
+    assert RunDir(str(out)).stop_requested()
     code, stopped = train("torchrun")
     assert code == Exit.STOPPED and stopped["step"] == 1 and stopped["preempted"]
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     assert client.get_run(stopped["run_id"]).info.status == "KILLED"
 
-    run.clear_stop()
+    rundir("clear-stop", str(out))
+    assert not RunDir(str(out)).stop_requested()
     code, finished = train("deepspeed")
     assert code == Exit.OK and finished["step"] == 4 and finished["run_id"] == stopped["run_id"]
     assert client.get_run(finished["run_id"]).info.status == "FINISHED"

@@ -153,3 +153,39 @@ def test_a_refused_write_is_set_aside_not_retried_forever(mlflow_server, tmp_pat
     assert [m.step for m in client.get_metric_history(run_id, "acc")] == [1]
     rejected = [json.loads(line) for f in spool.glob("*.rejected") for line in f.read_text().splitlines()]
     assert [r["params"] for r in rejected] == [[["optim.lr", "0.5"]]]
+
+
+@pytest.mark.timeout(60)
+def test_only_the_runs_owner_marks_a_resumed_run_running(mlflow_server, tmp_path):
+    """A rank under a driver resumes the driver's run without a status write: spooled while the
+    server was away and delivered after the driver ended the run, it would undo the end."""
+    client = MlflowClient(mlflow_server.uri)
+    _, run_id = new_run(client, "owner")
+    client.set_terminated(run_id, "FINISHED")
+    cfg = load_config(
+        None,
+        ["data.train=x", f"output_dir={tmp_path}", f"tracking.uri={mlflow_server.uri}", "train.steps=1"],
+    )
+    rank = Tracker.start(cfg, run_id=run_id, owner=False)
+    rank.log_metrics({"train/loss": 1.0}, 1)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    Tracker.start(cfg, run_id=run_id)  # the driver's (or the owning rank's) resume
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_rank_0_goes_by_the_step_this_host_noted_when_the_server_is_away(tmp_path):
+    """Steps logged before a worker restart are not logged again by the restarted rank 0, even
+    when it cannot read the run's history (the server is down): it goes by this host's note."""
+    from pipeline.step_metrics import last_logged_step
+    from pipeline.tracking import configure_http
+    from tests.support.services import free_port
+
+    configure_http(2, 0)
+    away = f"http://127.0.0.1:{free_port()}"
+    spool = str(tmp_path / "spool")
+    first = Tracker(away, "run-1", spool)
+    assert last_logged_step(first) == 0
+    first.note_logged_step(5)
+    assert last_logged_step(Tracker(away, "run-1", spool)) == 5  # the restarted rank 0, same host and run
+    assert last_logged_step(Tracker(away, "run-2", spool)) == 0  # another run's note is not this run's

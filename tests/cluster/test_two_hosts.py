@@ -75,6 +75,15 @@ def two_hosts(tmp_path_factory):
             {"AWS_ENDPOINT_URL": s3, "FSSPEC_S3_ENDPOINT_URL": s3, "MLFLOW_TRACKING_URI": f"http://{h1.addr}:5000"}
         )
         ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+        # The head's GCS checks each node's health every second instead of every 3 s (Ray's
+        # default), still declaring it dead after 5 failed checks in a row: a lost host is seen
+        # in about 5 s instead of 15 (a slow answer is not a failure until 10 s, the timeout).
+        # Right after a host is lost, Ray Train still counts its resources (its autoscaling
+        # coordinator refreshes every 20 s) and starts the elastic group there at the old size,
+        # which waits out the worker group's start timeout before it is sized again: 30 s here
+        # instead of Ray's 60 (a group starts in 8-15 s on these hosts).
+        env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
+        head_env = {**env, "RAY_health_check_period_ms": "1000"}
         head = h1.popen(
             [
                 ray,
@@ -95,7 +104,7 @@ def two_hosts(tmp_path_factory):
                 "false",
                 "--disable-usage-stats",
             ],
-            env,
+            head_env,
             "ray-head",
         )
         wait_port(h1.addr, 6379, 90, "ray head", head)

@@ -137,3 +137,18 @@ def processes_mentioning(text: str) -> list[str]:
         if text in line:
             found.append(line)
     return found
+
+
+def fabricated_lease(url: str, expiry_s: float):
+    """A lease taken by this test process, as another job's driver would hold it."""
+    from pipeline.lease import Lease
+
+    lease = Lease(
+        url,
+        heartbeat_s=expiry_s / 4,
+        expiry_s=expiry_s,
+        job_id="raysubmit_other",
+        cluster="10.0.0.9:6379",
+    )
+    lease.acquire()
+    return lease

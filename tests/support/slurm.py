@@ -73,6 +73,9 @@ class Slurm:
         raise TimeoutError(f"job {job_id} not in {states} within {timeout}s: {info}")
 
 
+# sched_interval=2: the main scheduler tests the pending jobs every 2 s instead of every 60 s, so a
+# requeued job starts once its BeginTime has passed (no event triggers a pass on this idle
+# cluster; the backfill scheduler skips its passes while nothing changed).
 SLURM_CONF = """\
 ClusterName=t{tag}
 FirstJobId={first_job}
@@ -95,6 +98,7 @@ SelectTypeParameters=CR_CPU
 ReturnToService=2
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
