@@ -270,6 +270,7 @@ def test_a_worker_sigkilled_and_the_mlflow_server_down_mid_run_restart_resume_an
         client = MlflowClient(srv.uri)
         runs = client.search_runs([client.get_run(run_id).info.experiment_id])
         assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [run_id]  # one parent
+        assert sorted(m.step for m in client.get_metric_history(run_id, "train/lr")) == list(range(1, 13))
         assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         srv.stop()
