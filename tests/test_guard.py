@@ -29,6 +29,7 @@ from pipeline.config import ConfigError, GuardConfig, load_config
 from pipeline.stop import Exit
 from tests.support import DEMO, ROOT
 from tests.support.data import write_shards
+from tests.support.jobs import complete_steps
 from tests.support.phases import guard_run_overrides, ranks_env
 from tests.support.services import free_port
 
@@ -132,10 +133,6 @@ def _summary(proc) -> dict:
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"step"')))
 
 
-def _tags(out: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*/COMPLETE"))
-
-
 def _keys(out: Path, rank: int = 0) -> list[dict]:
     return [json.loads(line) for line in (out / f"sample_keys_rank{rank}.jsonl").read_text().splitlines()]
 
@@ -157,7 +154,7 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(tmp_path, shards, ra
     assert s["guard"] == {"skipped_steps": 1, "rollbacks": [], "diverged": None}
     assert "step 7 unhealthy (non-finite loss" in proc.stderr
     # step 8's checkpoint falls within bad_window (20) of step 7; the healthy last step is saved
-    assert _tags(out) == [0, 4, 12]
+    assert complete_steps(out) == [0, 4, 12]
     weights = _weights(out, 12)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -186,7 +183,7 @@ def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_afte
         "samples_skipped": 80,
     }
     assert s["step"] == 12 and s["guard"]["diverged"] is None and math.isfinite(s["loss"])
-    assert _tags(whole) == [0, 4, 8, 12]
+    assert complete_steps(whole) == [0, 4, 8, 12]
     for rank in (0, 1):
         lines = _keys(whole, rank)
         assert [r["step"] for r in lines] == [s for s in range(9) for _ in (0, 1)] + [
@@ -196,7 +193,8 @@ def test_a_rollback_skips_the_data_since_its_checkpoint_and_replays_exactly_afte
 
     killed = tmp_path / "killed"
     proc = _torchrun(ranks, killed, shards, *fault, "train.guard.fault.exit_after_rollback=true", expect=1)
-    assert guard.read_record(_rundir(killed))["rollbacks"] == [event] and _tags(killed) == [0, 4], proc.stderr[-3000:]
+    rollbacks = guard.read_record(_rundir(killed))["rollbacks"]
+    assert rollbacks == [event] and complete_steps(killed) == [0, 4], proc.stderr[-3000:]
     again = _torchrun(ranks, killed, shards, *fault)
     assert "replaying a rollback this checkpoint did not see: steps 7-9" in again.stderr
     assert _summary(again)["loss"] == s["loss"]
@@ -222,7 +220,7 @@ def test_a_rollback_replayed_after_a_resize_skips_the_same_samples(tmp_path, sha
     assert (event["to_step"], event["at_step"], event["batches"], event["data_steps"]) == (4, 9, 18, 9)
     killed = tmp_path / "killed"
     _torchrun(ranks, killed, shards, *fault, "train.guard.fault.exit_after_rollback=true", expect=1)
-    assert guard.read_record(_rundir(killed))["rollbacks"] == [event] and _tags(killed) == [0, 4]
+    assert guard.read_record(_rundir(killed))["rollbacks"] == [event] and complete_steps(killed) == [0, 4]
     again = _torchrun(ranks, killed, shards, *fault, nproc=1)
     assert "resumes on 1 ranks, its checkpoint was saved by 2" in again.stderr
     assert "replaying a rollback this checkpoint did not see: steps 7-9" in again.stderr
@@ -295,7 +293,7 @@ def test_train_dist_exits_with_the_divergence_status_that_torchrun_hides(tmp_pat
     proc = ranks.run(cmd, env=ranks_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == Exit.DIVERGED, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "diverged: unhealthy steps [7, 8, 9] (non-finite loss), after 0 rollbacks" in proc.stderr
-    assert _tags(out) == [0, 4]
+    assert complete_steps(out) == [0, 4]
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(_summary(proc)["run_id"])

@@ -44,6 +44,7 @@ from tests.support.jobs import (
     PRETRAIN,
     Job,
     assert_one_run_with_steps,
+    complete_steps,
     fabricated_lease,
     job_env,
     mlflow_of,
@@ -446,7 +447,7 @@ def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status
     )
     assert f"resumes from {run_dir}/checkpoints/step_00000004" in text
     assert "guard rollback      : steps 7-9 (non-finite loss) rolled back to step 4, 80 samples skipped" in text
-    assert _tags(run_dir) == [0, 4]  # nothing after the fault was published...
+    assert complete_steps(run_dir) == [0, 4]  # nothing after the fault was published...
     evaluated = sorted(p.parent.name for p in (run_dir / "evals").glob("*/*.json"))
     assert evaluated and set(evaluated) <= {"step_00000000", "step_00000004"}  # ...or evaluated
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -458,7 +459,3 @@ def test_a_divergence_that_outlasts_the_rollbacks_stops_with_its_own_exit_status
     assert run.info.status == "FAILED"
     assert run.data.tags["guard.rollback.1"].startswith("steps 7-9 (non-finite loss) rolled back to step 4")
     assert [m.value for m in client.get_metric_history(run.info.run_id, "guard/rollback_to_step")] == [4.0]
-
-
-def _tags(out: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*/COMPLETE"))

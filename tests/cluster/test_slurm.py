@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
-from tests.support.jobs import PRETRAIN
+from tests.support.jobs import PRETRAIN, complete_steps
 from tests.support.slurm import Slurm, cannot_run_slurm, slurm_cluster
 
 pytestmark = [pytest.mark.slow]
@@ -100,12 +100,6 @@ def _mlflow_steps(shared: Path, run_dir: Path) -> tuple[list[int], object]:
     return sorted(m.step for m in client.get_metric_history(run_id, "train/loss")), client.get_run(run_id)
 
 
-def _complete_steps(run_dir: Path) -> list[int]:
-    return sorted(
-        int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()
-    )
-
-
 @pytest.mark.timeout(600)
 def test_pretrain_slurm_runs_the_demo_on_both_nodes_stops_on_scancel_term_and_requeue_finishes_it(slurm, tmp_path):
     """One job, two launches: the demo across both nodes (evaluated on each checkpoint), stopped by
@@ -132,7 +126,7 @@ def test_pretrain_slurm_runs_the_demo_on_both_nodes_stops_on_scancel_term_and_re
     requeued = _wait_log(log, r"requeueing job \d+: .*\(exit status (\d+)\)", slurm, job, 200)
     assert requeued.group(1) == "3", log.read_text()[-6000:]
     run_dir = tmp_path / "runs" / "demo"
-    stopped = _complete_steps(run_dir)[-1]
+    stopped = complete_steps(run_dir)[-1]
     first = log.read_text()
     assert "to resume, rerun the same command" in first
     # SLURM holds a requeued job for 2 minutes (BeginTime); let it start in 3 s, not now: slurmd
@@ -202,7 +196,7 @@ def test_train_dist_under_srun_trains_across_two_nodes_and_checkpoints(slurm, ti
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d" in r.stdout
     run_dir = tmp_path / "runs" / "demo"
-    assert _complete_steps(run_dir)[-1] == 3
+    assert complete_steps(run_dir)[-1] == 3
     assert json.loads((run_dir / "checkpoints" / "step_00000003" / "meta.json").read_text())["world_size"] == 2
 
 
@@ -232,7 +226,7 @@ def test_scancel_term_stops_train_dist_under_srun_at_the_next_step_with_a_checkp
         if proc.poll() is None:
             proc.kill()
     text = log.read_text()
-    stopped = _complete_steps(tmp_path / "runs" / "demo")[-1]
+    stopped = complete_steps(tmp_path / "runs" / "demo")[-1]
     print(
         f"\nscancel --signal=TERM to train_dist.sh under srun after step {logged}: last periodic checkpoint step 0, "
         f"stop checkpoint step {stopped}, steps lost {max(0, logged - stopped)}"

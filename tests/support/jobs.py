@@ -152,3 +152,8 @@ def fabricated_lease(url: str, expiry_s: float):
     )
     lease.acquire()
     return lease
+
+
+def complete_steps(run_dir) -> list[int]:
+    """The steps of the run's complete checkpoints (``checkpoints/step_*/COMPLETE``), in order."""
+    return sorted(int(p.parent.name.removeprefix("step_")) for p in Path(run_dir).glob("checkpoints/step_*/COMPLETE"))
