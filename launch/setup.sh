@@ -62,11 +62,6 @@ if [ "$locked" = 1 ]; then
   grep -v -i -E '^(torch|vit-pretrain)[ =]' requirements.lock >>"$constraints"
 fi
 
-extra=""
-if [ "$dev" = 1 ]; then extra="[dev]"; fi
-"${install[@]}" -c "$constraints" -e ".$extra"
-# (a few files that packages ship but never import do not compile, as under pip: not an error)
-"$py" -m compileall -q -j 0 "$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true
 # The system packages of the test tiers that need them (shellcheck: the launch scripts' lint;
 # slurm-wlm and munge: the real SLURM of the cluster tier; chromium: the browser tier). Only
 # as root with apt-get; elsewhere those tests skip and pytest's last lines say which and why.
@@ -89,21 +84,27 @@ system_packages() {
   fi
 }
 # DeepSpeed's CPU ops (the shared-memory comm op every CPU rank loads, CPU Adam for optimizer
-# offload), built once here, both at once and beside the system packages' install, into the
-# venv's torch_extensions (pipeline.engine points DeepSpeed there) rather than by the first
-# training processes: a process killed mid-build leaves a lock that stalls every later one.
-op_builds=()
+# offload) are built here, not by the first training processes: a process killed mid-build
+# leaves a lock that stalls every later one. They take minutes of compiler time, so DeepSpeed
+# goes in first and both builds run beside the install of everything else, from the repository
+# root (pipeline/ds_ops.py: into the venv's torch_extensions, with the venv's ninja, as training).
+ops=(ShareMemCommBuilder CPUAdamBuilder) op_builds=()
 if ! has_gpu; then
-  for op in ShareMemCommBuilder CPUAdamBuilder; do
-    # where and with which ninja training builds them (pipeline.engine._own_extensions_dir)
-    DS_ACCELERATOR=cpu "$py" -c "from pipeline.engine import _own_extensions_dir
-_own_extensions_dir()
-from deepspeed.accelerator import get_accelerator
-get_accelerator().create_op_builder('$op').load(verbose=False)" >"$venv/build_$op.log" 2>&1 &
+  deepspeed_req=$("$py" -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('deepspeed')))")
+  "${install[@]}" -c "$constraints" "$deepspeed_req"
+  for op in "${ops[@]}"; do
+    DS_ACCELERATOR=cpu "$py" -m pipeline.ds_ops "$op" >"$venv/build_$op.log" 2>&1 &
     op_builds+=($!)
   done
 fi
-if [ "$dev" = 1 ]; then system_packages; fi
+packages=()
+if [ "$dev" = 1 ]; then system_packages & packages+=($!); fi
+
+extra=""
+if [ "$dev" = 1 ]; then extra="[dev]"; fi
+"${install[@]}" -c "$constraints" -e ".$extra"
+# (a few files that packages ship but never import do not compile, as under pip: not an error)
+"$py" -m compileall -q -j 0 "$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true
 
 now=$("$py" -c "import torch; print(torch.__version__)")
 if [ "$now" != "$torch_version" ]; then
@@ -113,8 +114,14 @@ fi
 "$py" -m pip freeze --exclude-editable >"$venv/freeze.txt"
 if [ "$dev" = 1 ]; then echo "setup.sh: installed (pip freeze):"; sed 's/^/  /' "$venv/freeze.txt"; fi
 "$py" -c "import torch, deepspeed, ray, mlflow, webdataset; print(f'ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}, mlflow {mlflow.__version__}')"
-for pid in "${op_builds[@]}"; do
-  wait "$pid" || { echo "setup.sh: building DeepSpeed's CPU ops failed:" >&2; cat "$venv"/build_*.log >&2; exit 1; }
+for pid in "${packages[@]}"; do wait "$pid"; done
+# A build that failed (say, a package it imports replaced by the install beside it) goes again
+# now that the install is done; a second failure stops the setup with its log.
+for i in "${!op_builds[@]}"; do
+  wait "${op_builds[$i]}" && continue
+  op=${ops[$i]}
+  DS_ACCELERATOR=cpu "$py" -m pipeline.ds_ops "$op" >"$venv/build_$op.log" 2>&1 ||
+    { echo "setup.sh: building DeepSpeed's $op failed:" >&2; cat "$venv/build_$op.log" >&2; exit 1; }
 done
 
 size=$(du -sm "$venv" | cut -f1)

@@ -32,9 +32,6 @@ import torch
 
 log = logging.getLogger("pipeline.compile")
 
-MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
-CUDAGRAPH_MODES = ("max-autotune",)  # CUDA graphs: static parameter addresses, which ZeRO-3 does not keep
-BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: debugging a graph without inductor's code
 RECOMPILES_LOGGER = "torch._dynamo.guards.__recompiles"
 
 

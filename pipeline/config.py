@@ -9,6 +9,7 @@ value of the wrong type fails at once, naming the key, before any worker starts.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,12 @@ class GuardConfig:
     skip_extra_steps: int = 0  # a rollback skips the data since its checkpoint and this many steps more
     max_rollbacks: int = 3  # the next trouble stops the run (exit status 5)
     fault: GuardFaultConfig = field(default_factory=GuardFaultConfig)
+
+
+# train.compile / eval.compile (pipeline.compile): torch.compile's modes and backends
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("max-autotune",)  # CUDA graphs: static parameter addresses, which ZeRO-3 does not keep
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: debugging a graph without inductor's code
 
 
 @dataclass
@@ -414,7 +421,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def validate(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; each failure names its key."""
-    from pipeline.model import VARIANTS
+    from pipeline.variants import VARIANTS
 
     require(
         cfg.model.name in VARIANTS,
@@ -514,12 +521,11 @@ def _validate_guard(cfg: DictConfig) -> None:
 
 def _validate_compile(cfg: DictConfig) -> None:
     """Compilation settings, and the combinations that cannot work, refused before anything starts."""
-    from pipeline.compile import BACKENDS, CUDAGRAPH_MODES, MODES
-
     for key in ("train.compile", "eval.compile"):
         c = OmegaConf.select(cfg, key)
-        require(c.mode in MODES, f"{key}.mode", f"must be one of {', '.join(MODES)}, got {c.mode!r}")
-        require(c.backend in BACKENDS, f"{key}.backend", f"must be one of {', '.join(BACKENDS)}, got {c.backend!r}")
+        modes, backends = ", ".join(COMPILE_MODES), ", ".join(COMPILE_BACKENDS)
+        require(c.mode in COMPILE_MODES, f"{key}.mode", f"must be one of {modes}, got {c.mode!r}")
+        require(c.backend in COMPILE_BACKENDS, f"{key}.backend", f"must be one of {backends}, got {c.backend!r}")
         require(c.max_recompiles >= 0, f"{key}.max_recompiles", f"must be >= 0, got {c.max_recompiles}")
     c = cfg.train.compile
     require(
@@ -691,10 +697,19 @@ def batch_split(cfg: DictConfig, world_size: int) -> int:
     return glob // per_step
 
 
+def default_streams(global_batch: int, micro_batch: int) -> int:
+    """``data.streams`` when not set: a function of the batch sizes alone, never of the world
+    size or the loader workers, so that every run of a config reads the same order.
+
+    Each stream gives ``micro_batch / gcd(micro_batch, 8)`` samples a step, so a rank has at
+    least ``gcd(micro_batch, 8)`` streams per micro-batch for its loader workers to share, and
+    the count is a multiple of global / micro, which every possible world size divides.
+    """
+    return global_batch // (micro_batch // math.gcd(micro_batch, 8))
+
+
 def data_streams(cfg: DictConfig, world_size: int) -> int:
     """The canonical streams of ``data.order=canonical`` at this world size (0 for reader order)."""
-    from pipeline.data import default_streams
-
     if cfg.data.order != Order.canonical:
         return 0
     glob, micro = cfg.train.global_batch_size, cfg.data.micro_batch_size

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import socket
-import sys
 from collections.abc import Callable
 
 import torch
@@ -22,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.data import to_model_input
+from pipeline.ds_ops import own_extensions_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,7 +30,7 @@ def dist_setup(standalone: bool = False) -> tuple[int, int, torch.device]:
     describes (torchrun, the deepspeed launcher, Ray Train set the env). ``standalone`` makes a
     one-rank group on a free local port when there is none (an evaluation task); there, a
     group of more than one rank is an error."""
-    _own_extensions_dir()
+    own_extensions_dir()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -65,27 +64,6 @@ def dist_setup(standalone: bool = False) -> tuple[int, int, torch.device]:
     else:
         device = torch.device(accel.device_name())
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def _own_extensions_dir() -> None:
-    """Build DeepSpeed's JIT ops (the CPU shm comm op, CPU Adam) inside this virtualenv, not in
-    the user-wide ~/.cache/torch_extensions: two environments sharing that folder rebuild the
-    ops in turn, and a process killed mid-build there leaves a lock that makes every later
-    process of every environment wait forever. $TORCH_EXTENSIONS_DIR, when set, wins.
-
-    And with this virtualenv's ninja (DeepSpeed installs it), put first on PATH: torch runs the
-    first ``ninja`` on PATH, and a machine's own ninja of another version takes the other's
-    build log for a foreign one and rebuilds the op from scratch. Processes with and without
-    the venv's ``bin`` on PATH (a launcher's, Ray's, a test's) then rebuilt it in turn: 12
-    times, 28-72 s each, in one run of the test suite here. ``launch/setup.sh`` builds the ops
-    through this too."""
-    if sys.prefix == sys.base_prefix:
-        return
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    bindir = os.path.join(sys.prefix, "bin")
-    ours, found = os.path.join(bindir, "ninja"), shutil.which("ninja")
-    if os.path.exists(ours) and not (found and os.path.samefile(found, ours)):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
 def _free_port() -> int:

@@ -100,12 +100,12 @@ def test_deepspeeds_ops_build_with_the_venvs_ninja_whatever_comes_first_on_path(
     each read the other's build log as foreign and rebuild the op from scratch, so processes with
     and without the venv's ``bin`` on PATH rebuilt DeepSpeed's shm op in turn (12 times in one
     suite run). ``dist_setup`` puts the venv's ninja first."""
-    from pipeline.engine import _own_extensions_dir
+    from pipeline.ds_ops import own_extensions_dir
 
     ours = Path(sys.prefix) / "bin" / "ninja"
     assert ours.exists(), "DeepSpeed's dependency ninja is not in this venv"
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    _own_extensions_dir()
+    own_extensions_dir()
     assert Path(shutil.which("ninja")).samefile(ours)
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")

@@ -11,9 +11,9 @@
 The names below are the package's API; import them from ``pipeline.data``.
 """
 
+from pipeline.config import default_streams  # defined with the config, whose check needs no torch
 from pipeline.data.canonical import (
     CanonicalStream,
-    default_streams,
     merge_states,
     rank_streams,
     train_stream,

@@ -6,7 +6,6 @@ loss curve of a fixed-size run).
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -23,17 +22,6 @@ from pipeline.data.stream import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def default_streams(global_batch: int, micro_batch: int) -> int:
-    """``data.streams`` when not set: a function of the batch sizes alone, never of the world
-    size or the loader workers, so that every run of a config reads the same order.
-
-    Each stream gives ``micro_batch / gcd(micro_batch, 8)`` samples a step, so a rank has at
-    least ``gcd(micro_batch, 8)`` streams per micro-batch for its loader workers to share, and
-    the count is a multiple of global / micro, which every possible world size divides.
-    """
-    return global_batch // (micro_batch // math.gcd(micro_batch, 8))
 
 
 def rank_streams(streams: int, rank: int, world_size: int) -> list[int]:
