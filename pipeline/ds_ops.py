@@ -1,4 +1,5 @@
-"""Where and with which ninja DeepSpeed's JIT ops are built, and building them ahead of time.
+"""Importing DeepSpeed, where and with which ninja its JIT ops are built, and building them ahead
+of time.
 
 Standard library only until the build itself, so that ``launch/setup.sh`` can start the builds
 from the repository root as soon as torch and DeepSpeed are installed (``python -m
@@ -31,6 +32,23 @@ def own_extensions_dir() -> None:
     ours, found = os.path.join(bindir, "ninja"), shutil.which("ninja")
     if os.path.exists(ours) and not (found and os.path.samefile(found, ours)):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def import_deepspeed():
+    """``import deepspeed``, without the MLflow import that DeepSpeed's autotuner (which this
+    pipeline does not use) makes when DeepSpeed is imported: a second of CPU in every training
+    rank, most of which never log (``pipeline.tracking`` imports MLflow at its first write).
+    Where MLflow is already imported, or DeepSpeed is, this is the plain import."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: the autotuner goes without
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
 
 
 def build(name: str) -> None:

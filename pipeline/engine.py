@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.data import to_model_input
-from pipeline.ds_ops import own_extensions_dir
+from pipeline.ds_ops import import_deepspeed, own_extensions_dir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -31,7 +31,7 @@ def dist_setup(standalone: bool = False) -> tuple[int, int, torch.device]:
     one-rank group on a free local port when there is none (an evaluation task); there, a
     group of more than one rank is an error."""
     own_extensions_dir()
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     accel = get_accelerator()

@@ -18,6 +18,9 @@ pipeline.evaluate sync`` does it by hand).
 The journal carries only what MLflow cannot do itself, a queue of writes that survives the
 process: the training run's params, step metrics, artifacts and status. Evaluations do not
 use it; their records in the run dir are their queue (``pipeline.evaluate.record``).
+
+MLflow itself is imported at the first write, not with this module: the training ranks other
+than 0 never log, and each would otherwise pay a second of CPU to import it.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -306,12 +309,16 @@ _CLIENTS: dict[str, MlflowClient] = {}
 
 def _client(uri: str) -> MlflowClient:
     if uri not in _CLIENTS:
+        from mlflow.tracking import MlflowClient
+
         _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
     return _CLIENTS[uri]
 
 
 def _apply(record: dict) -> None:
     """Perform one write; idempotent, so a replayed record lands once."""
+    from mlflow.entities import Metric, Param, RunTag
+
     client = _client(record["uri"])
     op = record["op"]
     run = record["run"]
@@ -345,6 +352,8 @@ def _apply(record: dict) -> None:
 def _register(client: MlflowClient, run_id: str, name: str, artifact_path: str) -> None:
     # The artifacts' own URI, as mlflow.register_model resolves a runs:/ URI: a server that
     # proxies artifacts cannot resolve runs:/ itself, and its registry page would show no schema.
+    from mlflow.exceptions import MlflowException
+
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
     try:
         client.create_registered_model(name)
@@ -388,6 +397,8 @@ class _Permanent(Exception):
 
 def _transient(e: BaseException) -> bool:
     """Worth retrying later: the server (or the network, or the store) is away, not the request wrong."""
+    from mlflow.exceptions import MlflowException
+
     if isinstance(e, MlflowException):
         # Connection refused, timeouts and exhausted retries come as INTERNAL_ERROR too.
         return e.error_code in _TRANSIENT_CODES
