@@ -578,6 +578,8 @@ def to_universal(ckpt_dir: str, tag: str, out_dir: str) -> str:
         [
             sys.executable,
             "-m",
+            "pipeline.ds_ops",  # DeepSpeed's script, DeepSpeed imported without MLflow
+            "-m",
             "deepspeed.checkpoint.ds_to_universal",
             "--input_folder",
             str(src),

@@ -60,6 +60,21 @@ def build(name: str) -> None:
     get_accelerator().create_op_builder(name).load(verbose=False)
 
 
-if __name__ == "__main__":
-    for op in sys.argv[1:]:
+def main(argv: list[str]) -> None:
+    """``python -m pipeline.ds_ops OP ...`` builds the ops of those builders; ``python -m
+    pipeline.ds_ops -m MODULE ARG ...`` runs one of DeepSpeed's scripts (say
+    ``deepspeed.checkpoint.ds_to_universal``) as ``python -m`` would, DeepSpeed imported
+    without MLflow."""
+    if argv[:1] == ["-m"]:
+        import runpy
+
+        import_deepspeed()
+        sys.argv = argv[1:]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        return
+    for op in argv:
         build(op)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -9,17 +9,19 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.data import ShardIndex
+from pipeline.ds_ops import import_deepspeed
 from pipeline.engine import dist_setup
 from pipeline.recipe import build_engine, total_steps
 from pipeline.tracking import Tracker
 from pipeline.trainer import Trainer
+
+deepspeed = import_deepspeed()  # as training imports it: without MLflow, which only rank 0 uses
 
 
 def full_params(engine) -> dict[str, torch.Tensor]:

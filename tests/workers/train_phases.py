@@ -30,20 +30,25 @@ import sys
 import traceback
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.data import ShardIndex
+from pipeline.ds_ops import import_deepspeed
 from pipeline.engine import dist_setup
 from pipeline.recipe import build_engine, total_steps
 from pipeline.tracking import tracking_uri
 from pipeline.trainer import Trainer
+
+# As training imports it (pipeline.engine.dist_setup): without MLflow, which only rank 0 uses.
+deepspeed = import_deepspeed()
+DeepSpeedEngine = deepspeed.runtime.engine.DeepSpeedEngine
+safe_get_full_fp32_param, safe_get_full_optimizer_state = (
+    deepspeed.utils.safe_get_full_fp32_param,
+    deepspeed.utils.safe_get_full_optimizer_state,
+)
 
 SEEN: dict = {}  # what the current phase handed to DeepSpeed and what DeepSpeed made of it
 DUMP: dict = {}  # where the current phase wants the engine's state after a resume or a save
@@ -196,6 +201,8 @@ def run_phase(phase: dict) -> dict:
         if dist.get_rank() == 0:
             torch.save(weights, phase["save_fp32"])
     if dist.get_rank() == 0:
+        from mlflow.tracking import MlflowClient
+
         history = MlflowClient(tracking_uri(cfg)).get_metric_history(summary["run_id"], "train/loss")
         out["loss_history"] = sorted([m.step, m.value] for m in history)
     engine.destroy()
