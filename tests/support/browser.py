@@ -46,14 +46,15 @@ def render(chromium: str, url: str, shot: str) -> str:
     ARTIFACTS.mkdir(exist_ok=True)
     png = ARTIFACTS / f"{shot}.png"
     png.unlink(missing_ok=True)
+    # One render gives both: Chromium's headless command handler takes the DOM and the
+    # screenshot of the same loaded page.
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={RENDER_MS}", WINDOW]
-        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        dom = subprocess.run(
+            [chromium, *flags, "--dump-dom", f"--screenshot={png}", url], capture_output=True, text=True, timeout=120
+        )
         assert dom.returncode == 0, dom.stderr[-2000:]
     (ARTIFACTS / f"{shot}.html").write_text(dom.stdout)
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={RENDER_MS}", WINDOW]
-        subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, timeout=120, check=True)
     assert png.stat().st_size > 10_000, f"{png}: an empty screenshot"
     print(f"screenshot of {url}: {png}")
     return dom.stdout
