@@ -4,6 +4,9 @@ modules it needs, whether an import sits at the top of a file or inside a functi
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.support import ROOT
@@ -86,3 +89,39 @@ def test_the_import_graph_of_pipeline_and_data_prep_has_no_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]
+
+
+def _modules_after(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter holds after running ``code`` (from the repo root)."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sorted(sys.modules)))"],
+        cwd=ROOT,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    return {m.split(".")[0] for m in out}
+
+
+def test_checking_a_config_imports_no_torch():
+    """``launch/validate.py`` runs before every launch: 0.26 s without torch, 2.0 s with it."""
+    loaded = _modules_after(
+        "import sys, runpy\n"
+        "sys.argv = ['validate.py', '--print', 'name', 'configs/experiment/demo.yaml']\n"
+        "try:\n    runpy.run_path('launch/validate.py', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    assert not e.code, e.code"
+    )
+    assert "omegaconf" in loaded and "torch" not in loaded
+
+
+def test_a_training_rank_imports_deepspeed_without_mlflow_which_still_imports_after():
+    """Ranks other than 0 never log: neither the trainer's modules nor DeepSpeed (its autotuner)
+    import MLflow for them; rank 0's first write imports it as usual."""
+    assert "mlflow" not in _modules_after(
+        "import pipeline.train\nfrom pipeline.ds_ops import import_deepspeed\nimport_deepspeed()"
+    )
+    assert "mlflow" in _modules_after(
+        "from pipeline.ds_ops import import_deepspeed\nimport_deepspeed()\nimport mlflow.tracking"
+    )
