@@ -527,6 +527,9 @@ def load_fp32_weights(ckpt_dir: str, tag: str, variant: str = "raw") -> dict[str
         return ema[0]
     check_files(tag_dir, [n for n in _payload(tag_dir) if n.endswith(".pt") and not n.startswith("rank_")])
     if any(tag_dir.glob("*optim_states.pt")):
+        from pipeline.ds_ops import import_deepspeed
+
+        import_deepspeed()  # not MLflow with it: an evaluation task that publishes nothing needs none
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

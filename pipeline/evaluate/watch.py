@@ -7,8 +7,9 @@ open evaluations others hold is left to them. The run dir is any fsspec URL (a l
 ``s3://...``, see ``pipeline.rundir``); a task on a host that cannot see it as a local path
 copies the checkpoint into a temp dir first. A checkpoint is evaluated only once its marker
 exists, and never twice: what was evaluated is the run dir's records, so the watcher
-survives its own restart and MLflow outages alike. Records MLflow did not take are
-published again at every poll and by :meth:`Watcher.finish`.
+survives its own restart and MLflow outages alike. The watcher is what shows records in
+MLflow: its Ray tasks only write them, and every poll (and :meth:`Watcher.finish`) publishes
+each record MLflow does not have yet, those of finished tasks and those it did not take before.
 """
 
 from __future__ import annotations
@@ -44,13 +45,16 @@ def evaluate_tag(eval_cfg: DictConfig, run_url: str, tag: str, uri: str | None, 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _remote_eval(eval_cfg: dict, run_url: str, tag: str, uri: str | None, run_id: str | None) -> dict:
+def _remote_eval(eval_cfg: dict, run_url: str, tag: str) -> dict:
+    """The Ray task: evaluate ``tag`` and write its records to the run dir. The watcher that
+    submitted it shows them in MLflow (``publish_pending`` at its next poll), so an evaluation's
+    worker needs no MLflow client (nor its import: about 2 CPU-seconds per task)."""
     import os
 
     logging.basicConfig(
         level=logging.WARNING if os.environ.get("PIPELINE_QUIET") else logging.INFO, format="%(asctime)s %(message)s"
     )
-    return evaluate_tag(OmegaConf.create(eval_cfg), run_url, tag, uri, run_id)
+    return evaluate_tag(OmegaConf.create(eval_cfg), run_url, tag, None, None)
 
 
 class Watcher:
@@ -101,7 +105,7 @@ class Watcher:
                 continue
             log.info("evaluating checkpoint %s/%s", self.run.checkpoints.url, tag)
             if self.use_ray:
-                ref = self.task.remote(OmegaConf.to_container(self.eval_cfg), self.run.url, tag, self.uri, self.run_id)
+                ref = self.task.remote(OmegaConf.to_container(self.eval_cfg), self.run.url, tag)
                 self.pending[ref] = tag
             else:
                 self._run_inline(tag)
