@@ -6,13 +6,14 @@ well in-process (tests on `memory://`, benchmarks).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-import webdataset as wds
 from fsspec import AbstractFileSystem
 from fsspec.core import split_protocol
 
@@ -80,7 +81,7 @@ def _write_shard(
     try:
         with staged_file(fs, join(root, name + ".tar")) as f:
             out = _HashingWriter(f)
-            writer = wds.TarWriter(out, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER, mode=TAR_MODE)
+            writer = TarShard(out)
             samples = _processed(cfg, records, with_hash, test_sets)
             for seen, (rec, img, match) in enumerate(samples, 1):
                 if isinstance(img, SampleError):
@@ -222,6 +223,29 @@ def _sample(rec: dict[str, Any], jpeg: bytes, width: int, height: int, h: int | 
         "cls": str(rec["labels"][0]).encode("ascii"),
         "json": json.dumps(meta).encode("utf-8"),
     }
+
+
+class TarShard:
+    """A webdataset tar written with the standard library: each sample's files as members
+    ``<key>.<extension>``, extensions in sorted order, with fixed header fields. The bytes are
+    those of webdataset's ``TarWriter(encoder=False, mtime=TAR_MTIME, user=TAR_USER,
+    group=TAR_USER, mode=TAR_MODE)`` (tests/test_data_prep.py compares them), which this does
+    not use because importing webdataset imports torch: a second of CPU in every shard task."""
+
+    def __init__(self, f: BinaryIO):
+        self.tar = tarfile.open(fileobj=f, mode="w|")
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            data = sample[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, TAR_MODE
+            info.uname = info.gname = TAR_USER
+            self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.tar.close()
 
 
 class _HashingWriter:

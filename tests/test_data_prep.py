@@ -256,6 +256,35 @@ def test_the_whole_job_runs_in_process_on_memory_storage():
     mem.rm("/mp", recursive=True)
 
 
+def test_shards_have_the_bytes_webdatasets_own_tar_writer_gives_and_a_task_imports_no_torch(tmp_path):
+    """data_prep writes its tars with the standard library (``data_prep.shard.TarShard``):
+    webdataset's writer would bring torch into every shard task."""
+    from data_prep.shard import TAR_MODE, TAR_MTIME, TAR_USER, TarShard
+
+    meta = json.dumps({"k": "\u00e9"}).encode()
+    samples = [{"__key__": f"{i:09d}", "jpg": jpeg(seed=i), "cls": b"3", "json": meta} for i in range(5)]
+    samples.append({"__key__": "a" * 120, "jpg": b"", "txt": b"x" * 600_000, "cls": b"0"})  # long name, empty, big
+    ours, theirs = io.BytesIO(), io.BytesIO()
+    writer = TarShard(ours)
+    for sample in samples:
+        writer.write(sample)
+    writer.close()
+    reference = wds.TarWriter(theirs, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_USER, mode=TAR_MODE)
+    for sample in samples:
+        reference.write(sample)
+    reference.close()
+    assert ours.getvalue() == theirs.getvalue()
+    probe = "import sys, data_prep.job, data_prep.shard; print(sorted({'torch', 'webdataset'} & set(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]"
+
+
 def missing_manifest(root: Path, n: int, good_every: int = 0) -> Path:
     """A JSONL manifest of `n` paths that do not exist, but every `good_every`-th, which
     is a real JPEG."""
