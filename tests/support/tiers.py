@@ -68,11 +68,13 @@ def group_of(nodeid: str) -> str:
 
 
 def schedule(items, tiers: dict[str, str]) -> list:
-    """The tests in the order pytest-xdist's workers should take their groups, each group's own
-    order kept. Groups with an exclusive-tier test (``EXCLUSIVE``, which take turns) form one
-    lane and the rest another, each longest first (by ``TIER_SECONDS``); the queue interleaves
-    the two lanes by their expected start times, so one worker runs the exclusive groups while
-    the other runs the rest beside them. A ``cluster`` test outside ``tests/cluster/`` is
+    """The tests in the order of the queue that ``GroupScheduling`` serves from both ends, each
+    group's own order kept: first the groups with an exclusive-tier test (``EXCLUSIVE``, which
+    take turns), longest first (by ``TIER_SECONDS``), which the first worker takes from the
+    front; then the other groups, shortest first, so that the other worker, taking from the
+    back, starts with the longest. One worker runs the exclusive groups one after another while
+    the other runs the rest beside them, never waiting for a turn; whichever runs out first
+    goes on with what is left at its end. A ``cluster`` test outside ``tests/cluster/`` is
     refused: it would run beside the other machine-wide tests."""
     misplaced = [i.nodeid for i in items if tiers[i.nodeid] == "cluster" and not i.nodeid.startswith(CLUSTER_DIR)]
     if misplaced:
@@ -86,14 +88,10 @@ def schedule(items, tiers: dict[str, str]) -> list:
         members[group].append(item)
         if tiers[item.nodeid] in EXCLUSIVE:
             exclusive.add(group)
-    start: dict[str, tuple[float, int]] = {}
     order = list(members)  # collection order: ties break the same way in every worker
-    for lane, groups in enumerate(([g for g in order if g in exclusive], [g for g in order if g not in exclusive])):
-        t = 0.0
-        for group in sorted(groups, key=lambda g: (-weight[g], order.index(g))):
-            start[group] = (t, lane)
-            t += weight[group]
-    return [item for group in sorted(order, key=lambda g: (*start[g], order.index(g))) for item in members[group]]
+    front = sorted((g for g in order if g in exclusive), key=lambda g: (-weight[g], order.index(g)))
+    back = sorted((g for g in order if g not in exclusive), key=lambda g: (weight[g], -order.index(g)))
+    return [item for group in front + back for item in members[group]]
 
 
 # The tiers whose tests take the whole machine (several process trees, waits with deadlines):
@@ -120,10 +118,21 @@ def turn(item):
 
 class GroupScheduling(LoadScopeScheduling):
     """pytest-xdist's scope scheduling with ``group_of`` as the scope (its ``loadgroup`` marks
-    do not reach the scheduler under pytest 9.2, whose node ids are no longer strings)."""
+    do not reach the scheduler under pytest 9.2, whose node ids are no longer strings), and the
+    queue that ``schedule`` ordered served from both ends: the first worker takes its next
+    group from the front (the exclusive groups), the others from the back. (pytest-xdist's own
+    takes every group from the front: a worker done with the other groups took an exclusive
+    one and waited for its turn while the first worker's cluster test sat out Ray's timeouts,
+    90 s with both cores mostly idle.)"""
 
     def _split_scope(self, nodeid: str) -> str:
         return group_of(nodeid)
+
+    def _assign_work_unit(self, node) -> None:
+        scope, work_unit = self.workqueue.popitem(last=node is not self.nodes[0])
+        self.assigned_work.setdefault(node, {})[scope] = work_unit
+        collection = self.registered_collections[node]
+        node.send_runtest_some([collection.index(nodeid) for nodeid, done in work_unit.items() if not done])
 
 
 class Processes:
