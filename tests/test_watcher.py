@@ -133,6 +133,39 @@ def test_each_evaluation_is_a_child_run_with_artifacts_and_a_parent_step_metric(
     assert len(child_runs(client, run_id)) == 2
 
 
+@pytest.mark.timeout(180)
+def test_an_evaluation_task_writes_records_without_mlflow_and_its_watcher_shows_them(
+    mlflow_server, digits, ckpts, tmp_path
+):
+    """The Ray task's body (``_remote_eval``), in a fresh interpreter as in a Ray worker, writes
+    the record and never imports MLflow; the watcher's next poll makes it a child run."""
+    client = MlflowClient(mlflow_server.uri)
+    _, run_id = new_run(client, "task")
+    run = RunDir(str(tmp_path / "run"))
+    copy_tags(ckpts, tmp_path / "run" / "checkpoints", ["step_00000004"], run_id)
+    cfg = eval_cfg(digits)
+    OmegaConf.save(cfg, tmp_path / "eval.yaml")
+    code = (
+        "import sys\nfrom omegaconf import OmegaConf\nfrom pipeline.evaluate.watch import _remote_eval\n"
+        f"out = _remote_eval(OmegaConf.to_container(OmegaConf.load({str(tmp_path / 'eval.yaml')!r})), "
+        f"{run.url!r}, 'step_00000004')\n"
+        "print(sorted(out['fewshot']), 'mlflow' in sys.modules)"
+    )
+    task = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=150, check=True
+    )
+    assert task.stdout.split("\n")[-2] == "['digits'] False", task.stdout[-2000:] + task.stderr[-2000:]
+    assert set(run.eval_records()["step_00000004"]) == {"fewshot-digits"}
+    assert child_runs(client, run_id) == []  # the task showed nothing
+
+    watcher = Watcher(cfg, run, mlflow_server.uri, run_id, use_ray=False)
+    watcher.poll()
+    assert watcher.results == {} and watcher.unshown == []  # nothing to evaluate, all shown
+    [child] = child_runs(client, run_id)
+    assert child.info.status == "FINISHED" and child.data.tags["eval.checkpoint_step"] == "4"
+    assert [m.step for m in client.get_metric_history(run_id, "fewshot/digits/5shot")] == [4]
+
+
 @pytest.mark.timeout(120)
 def test_a_remote_checkpoint_dir_is_copied_locally_and_only_complete_ones_are_evaluated(
     mlflow_server, digits, ckpts, tmp_path
