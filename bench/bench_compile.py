@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_compile.py [--models vit_demo,vit_b16] [--img 32,224]
         [--micro 64,4] [--precisions fp32,bf16] [--zero 2] [--rounds 3] [--steps 3] [--threads 1]
+        [--loop engine|plain]
 
 One process, one rank (a one-rank gloo group, DS_ACCELERATOR=cpu, ``--threads`` torch threads).
 For each model and precision the same engine (``pipeline.recipe.build_engine``: ZeRO
@@ -9,9 +10,11 @@ For each model and precision the same engine (``pipeline.recipe.build_engine``: 
 with ``train.compile.enabled=true`` (each block's forward compiled by inductor,
 ``pipeline.compile``), and both train on the same in-memory batches. The first step of each
 is timed alone (the compiled one includes compiling, from dynamo's callbacks), then each
-round times ``--steps`` steps of each, order alternating. The table ends with the ratio
-compiled / eager throughput per CPU-second (steady on a shared machine; the wall-time ratio
-beside it) and the loss of both after the last step.
+round times ``--steps`` steps of each, order alternating. ``--loop plain`` times a plain PyTorch
+loop instead of the engine (the model, the sigmoid loss, clip 1, torch's AdamW over the
+pipeline's parameter groups; bf16 by autocast), as the issue's first quick measurement did.
+The table ends with the ratio compiled / eager throughput per CPU-second (steady on a shared
+machine; the wall-time ratio beside it) and the loss of both after the last step.
 """
 
 from __future__ import annotations
@@ -40,11 +43,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="steps per candidate per round")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--loop", choices=("engine", "plain"), default="engine")
     return p.parse_args(argv)
+
+
+def plain_step(name: str, img: int, precision: str, compiled: bool, args: argparse.Namespace):
+    """A plain PyTorch step on the CPU: no DeepSpeed, no ZeRO bookkeeping around the model."""
+    import contextlib
+
+    import torch
+
+    from pipeline.compile import compile_blocks
+    from pipeline.data import to_model_input
+    from pipeline.engine import loss_fn
+    from pipeline.model import create_model
+    from pipeline.recipe import param_groups
+
+    model = create_model(name, num_classes=args.classes, img_size=img)
+    if compiled:
+        compile_blocks(model, mode=args.mode)
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-3)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def step(images, targets):
+        with autocast():
+            logits = model(to_model_input(images, torch.float32))
+        loss = loss_fn(logits, targets, "sigmoid")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
 
 
 def make_step(name: str, img: int, micro: int, precision: str, compiled: bool, args: argparse.Namespace):
     import torch
+
+    if args.loop == "plain":
+        return plain_step(name, img, precision, compiled, args)
 
     from pipeline.config import load_config
     from pipeline.data import to_model_input
@@ -136,8 +175,9 @@ def report(args: argparse.Namespace, rows: list[dict]) -> None:
     import deepspeed
     import torch
 
+    loop = "a plain PyTorch loop" if args.loop == "plain" else f"DeepSpeed {deepspeed.__version__} ZeRO-{args.zero}"
     print(
-        f"\ntorch {torch.__version__}, DeepSpeed {deepspeed.__version__} ZeRO-{args.zero}, 1 rank, {args.threads} "
+        f"\ntorch {torch.__version__}, {loop}, 1 rank, {args.threads} "
         f"thread(s), compile mode {args.mode}; median of {args.rounds} rounds x {args.steps} steps after the first "
         "step; "
         f"{platform.processor() or platform.machine()}"
