@@ -55,7 +55,6 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$out/gpu_throughput.log" || true
     "$py" -c "import torch, deepspeed, omegaconf; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" \
       | tee -a "$out/gpu_throughput.log"
-    set -o pipefail
     "$py" bench/gpu_throughput.py "$@" 2>&1 | tee -a "$out/gpu_throughput.log"
     ;;
   *)
