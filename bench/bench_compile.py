@@ -48,35 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plain_step(name: str, img: int, precision: str, compiled: bool, args: argparse.Namespace):
-    """A plain PyTorch step on the CPU: no DeepSpeed, no ZeRO bookkeeping around the model."""
-    import contextlib
-
+    """gpu_throughput.py's plain PyTorch step on the CPU: no DeepSpeed, no ZeRO bookkeeping."""
     import torch
 
-    from pipeline.compile import compile_blocks
-    from pipeline.data import to_model_input
-    from pipeline.engine import loss_fn
-    from pipeline.model import create_model
-    from pipeline.recipe import param_groups
+    from bench.gpu_throughput import plain_step as gpu_plain_step
 
-    model = create_model(name, num_classes=args.classes, img_size=img)
-    if compiled:
-        compile_blocks(model, mode=args.mode)
-    model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-3)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-
-    def step(images, targets):
-        with autocast():
-            logits = model(to_model_input(images, torch.float32))
-        loss = loss_fn(logits, targets, "sigmoid")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    step = gpu_plain_step(name, args, torch.device("cpu"), compiled, precision=precision, img=img, mode=args.mode)
+    return lambda images, targets: step(images, targets).item()
 
 
 def make_step(name: str, img: int, micro: int, precision: str, compiled: bool, args: argparse.Namespace):

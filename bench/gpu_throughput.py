@@ -62,8 +62,19 @@ def data(batch: int, img: int, classes: int, device):
     return images, targets
 
 
-def plain_step(name: str, args: argparse.Namespace, device, compile_model: bool = False):
-    """A plain PyTorch training step: autocast bf16, sigmoid loss, clip 1, fused AdamW."""
+def plain_step(
+    name: str,
+    args: argparse.Namespace,
+    device,
+    compile_model: bool = False,
+    precision: str = "bf16",
+    img: int | None = None,
+    mode: str = "default",
+):
+    """A plain PyTorch training step: autocast bf16 (or fp32), sigmoid loss, clip 1, AdamW (fused
+    on CUDA). The step returns the loss tensor (no host sync). bench_compile.py's CPU loop too."""
+    import contextlib
+
     import torch
 
     from pipeline.compile import compile_blocks
@@ -72,20 +83,26 @@ def plain_step(name: str, args: argparse.Namespace, device, compile_model: bool 
     from pipeline.model import create_model
     from pipeline.recipe import param_groups
 
-    model = create_model(name, num_classes=args.classes, img_size=args.img).to(device)
+    model = create_model(name, num_classes=args.classes, img_size=img or args.img).to(device)
     if compile_model:
-        compile_blocks(model)
-    forward = model
-    optimizer = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-3, fused=True)
+        compile_blocks(model, mode=mode)
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.03), lr=1e-3, fused=device.type == "cuda")
+
+    def autocast():
+        if precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def step(images, targets):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = forward(to_model_input(images, torch.float32))
+        with autocast():
+            logits = model(to_model_input(images, torch.float32))
         loss = loss_fn(logits, targets, "sigmoid")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
 
     return step
 
